@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates (idempotently) the repo-local Python venv that holds libtorch (torch==2.11.0 from PyPI,
+# the exact version tch 0.24.0 links against) and the Python oracles the tests use.
+# Prints nothing but progress; re-running it skips whatever is already in place.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+python="${PYTHON:-python3}"
+
+TORCH_VERSION="2.11.0"
+ORACLES=(nibabel numpy safetensors)
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating venv at $venv"
+  "$python" -m venv "$venv"
+fi
+
+if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION (about 4.6 GB, a few minutes)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+
+missing=()
+for pkg in "${ORACLES[@]}"; do
+  "$venv/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing oracles: ${missing[*]}"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+fi
+echo "setup: venv ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
