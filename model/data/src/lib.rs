@@ -1,1 +1,23 @@
-//! placeholder
+//! fedtalent-data: everything between a hospital's dataset folder and a training batch.
+//!
+//! Arrays are [z, y, x] everywhere; spacings are [z, y, x] in mm. Affines map voxel (x, y, z)
+//! indices to world coordinates, as nibabel's `img.affine`.
+
+pub mod dataset;
+pub mod nifti_io;
+pub mod resample;
+pub mod stats;
+
+pub use dataset::{
+    check, Case, CheckReport, ClassRegion, ClassSummary, Dataset, Layout, Problem, SiteDataConfig,
+    ValCases,
+};
+pub use nifti_io::{
+    read_header, read_label_nifti, read_nifti, write_mask_nifti, NiftiIoError, SpatialHeader,
+    Volume,
+};
+pub use resample::{
+    anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing,
+    resample_probabilities, target_shape, Interp, LabelInterp,
+};
+pub use stats::{HuHistogram, Normalization};
