@@ -1,1 +1,15 @@
-//! placeholder
+//! fedtalent's scientific core: the MultiTalent networks (a generic 3D U-Net builder with the
+//! paper's presets), the per-class heads the federation moves around, the masked BCE + Dice loss,
+//! the training step (SGD Nesterov, poly lr, clipping, mixed precision) and model files.
+
+pub mod io;
+pub mod loss;
+pub mod network;
+pub mod optim;
+pub mod params;
+pub mod topology;
+pub mod train;
+
+pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
+pub use network::MultiTalentNet;
+pub use topology::{Layout, Stage, Topology};

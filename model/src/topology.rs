@@ -1,0 +1,221 @@
+//! Network topologies as data: the paper's two CNNs (`unet`, `resenc`) and a `tiny` one for CPU.
+//!
+//! The builder in [`crate::network`] is generic over this description; a preset is a value of
+//! [`Topology`], never a code path. The [`Layout`] picks the block type and the nnU-Net v1 state-dict
+//! naming scheme that a PyTorch user needs to load our files into nnU-Net's own classes.
+
+use serde::{Deserialize, Serialize};
+
+/// Which nnU-Net v1 network family the topology reproduces (block structure and tensor names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// `Generic_UNet`: plain conv-IN-LReLU stacks, conv bias, heads without bias.
+    GenericUnet,
+    /// `FabiansUNet`: stem + residual encoder blocks, no conv bias, one decoder conv per level,
+    /// heads with bias.
+    ResidualEncoder,
+}
+
+/// One resolution stage of the encoder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Output channels of the stage.
+    pub width: i64,
+    /// Stride (z, y, x) of the stage's first convolution; the decoder upsamples by the same factor.
+    pub stride: [i64; 3],
+    /// Kernel size (z, y, x) of every convolution of the stage (and of its decoder level).
+    pub kernel: [i64; 3],
+    /// Plain layout: convolutions in the stage. Residual layout: residual blocks in the stage.
+    pub depth: usize,
+}
+
+/// A complete description of a MultiTalent network, minus the class count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    pub name: String,
+    pub layout: Layout,
+    pub in_channels: i64,
+    pub stages: Vec<Stage>,
+    /// Convolutions per decoder level (2 for Generic_UNet, 1 for FabiansUNet).
+    pub decoder_convs: usize,
+    /// Deep-supervision loss weights, full resolution first, one per decoder level.
+    pub ds_weights: Vec<f64>,
+    /// Training patch (z, y, x) in voxels.
+    pub patch: [i64; 3],
+    /// Target spacing (z, y, x) in mm.
+    pub spacing: [f64; 3],
+}
+
+impl Topology {
+    /// Number of decoder levels = number of head levels = number of deep-supervision outputs.
+    pub fn levels(&self) -> usize {
+        self.stages.len() - 1
+    }
+
+    /// Total downsampling factor per axis; a patch must be divisible by it.
+    pub fn total_stride(&self) -> [i64; 3] {
+        let mut total = [1i64; 3];
+        for stage in &self.stages {
+            for (t, s) in total.iter_mut().zip(stage.stride) {
+                *t *= s;
+            }
+        }
+        total
+    }
+
+    /// Width of decoder level `level` (0 = full resolution).
+    pub fn level_width(&self, level: usize) -> i64 {
+        self.stages[level].width
+    }
+
+    /// Looks a preset up by name.
+    pub fn preset(name: &str) -> anyhow::Result<Topology> {
+        match name {
+            "unet" => Ok(unet()),
+            "resenc" => Ok(resenc()),
+            "tiny" => Ok(tiny()),
+            other => anyhow::bail!("unknown preset {other:?} (known: unet, resenc, tiny)"),
+        }
+    }
+
+    /// Checks the invariants the builder relies on, naming the offending field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.stages.len() >= 2, "topology {}: needs at least 2 stages", self.name);
+        anyhow::ensure!(
+            self.ds_weights.len() == self.levels(),
+            "topology {}: ds_weights has {} entries, expected one per decoder level ({})",
+            self.name,
+            self.ds_weights.len(),
+            self.levels()
+        );
+        for (i, stage) in self.stages.iter().enumerate() {
+            anyhow::ensure!(stage.width > 0 && stage.depth > 0, "topology {}: stage {i} is empty", self.name);
+            anyhow::ensure!(
+                stage.kernel.iter().all(|k| k % 2 == 1),
+                "topology {}: stage {i} kernel {:?} must be odd",
+                self.name,
+                stage.kernel
+            );
+        }
+        let total = self.total_stride();
+        for axis in 0..3 {
+            anyhow::ensure!(
+                self.patch[axis] % total[axis] == 0,
+                "topology {}: patch {:?} is not divisible by the total stride {:?}",
+                self.name,
+                self.patch,
+                total
+            );
+        }
+        Ok(())
+    }
+}
+
+fn stage(width: i64, stride: [i64; 3], kernel: [i64; 3], depth: usize) -> Stage {
+    Stage { width, stride, kernel, depth }
+}
+
+/// nnU-Net v1's weights: 1/2^i, the lowest-resolution output masked to 0, normalized.
+fn nnunet_v1_ds_weights(levels: usize, mask_lowest: bool) -> Vec<f64> {
+    let mut w: Vec<f64> = (0..levels).map(|i| 0.5f64.powi(i as i32)).collect();
+    if mask_lowest && levels > 1 {
+        w[levels - 1] = 0.0;
+    }
+    let sum: f64 = w.iter().sum();
+    w.iter().map(|x| x / sum).collect()
+}
+
+const K3: [i64; 3] = [3, 3, 3];
+
+/// MultiTalent's plain 3D U-Net (nnU-Net v1 `Generic_UNet` layout).
+pub fn unet() -> Topology {
+    Topology {
+        name: "unet".into(),
+        layout: Layout::GenericUnet,
+        in_channels: 1,
+        stages: vec![
+            stage(30, [1, 1, 1], K3, 2),
+            stage(60, [2, 2, 2], K3, 2),
+            stage(120, [2, 2, 2], K3, 2),
+            stage(240, [2, 2, 2], K3, 2),
+            stage(320, [2, 2, 2], K3, 2),
+            stage(320, [1, 2, 2], K3, 2),
+        ],
+        decoder_convs: 2,
+        ds_weights: nnunet_v1_ds_weights(5, true),
+        patch: [96, 192, 192],
+        spacing: [1.5, 1.0, 1.0],
+    }
+}
+
+/// MultiTalent's residual-encoder U-Net (nnU-Net v1 `FabiansUNet` layout).
+pub fn resenc() -> Topology {
+    Topology {
+        name: "resenc".into(),
+        layout: Layout::ResidualEncoder,
+        in_channels: 1,
+        stages: vec![
+            stage(30, [1, 1, 1], [1, 3, 3], 1),
+            stage(60, [1, 2, 2], K3, 2),
+            stage(120, [2, 2, 2], K3, 3),
+            stage(240, [2, 2, 2], K3, 4),
+            stage(320, [2, 2, 2], K3, 4),
+            stage(320, [2, 2, 2], K3, 4),
+        ],
+        decoder_convs: 1,
+        ds_weights: nnunet_v1_ds_weights(5, false),
+        patch: [96, 192, 192],
+        spacing: [1.5, 1.0, 1.0],
+    }
+}
+
+/// A small `Generic_UNet`-layout network for CPU tests and the demo.
+pub fn tiny() -> Topology {
+    Topology {
+        name: "tiny".into(),
+        layout: Layout::GenericUnet,
+        in_channels: 1,
+        stages: vec![
+            stage(8, [1, 1, 1], K3, 2),
+            stage(16, [2, 2, 2], K3, 2),
+            stage(32, [2, 2, 2], K3, 2),
+            stage(48, [1, 2, 2], K3, 2),
+        ],
+        decoder_convs: 2,
+        ds_weights: nnunet_v1_ds_weights(3, true),
+        patch: [32, 64, 64],
+        spacing: [3.0, 2.0, 2.0],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_deep_supervision_weights() {
+        let unet = unet().ds_weights;
+        let expected: Vec<f64> = [8.0, 4.0, 2.0, 1.0, 0.0].iter().map(|x| x / 15.0).collect();
+        assert_eq!(unet.len(), 5);
+        for (a, b) in unet.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        let resenc = resenc().ds_weights;
+        for (a, b) in resenc.iter().zip([16.0, 8.0, 4.0, 2.0, 1.0]) {
+            assert!((a - b / 31.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn presets_validate_and_bad_patch_is_named() {
+        for p in ["unet", "resenc", "tiny"] {
+            Topology::preset(p).unwrap().validate().unwrap();
+        }
+        let mut t = tiny();
+        t.patch = [30, 64, 64];
+        let err = t.validate().unwrap_err().to_string();
+        assert!(err.contains("not divisible"), "{err}");
+        assert!(Topology::preset("vnet").is_err());
+    }
+}
