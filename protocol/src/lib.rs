@@ -1,1 +1,37 @@
-//! placeholder
+//! fedtalent wire format (DESIGN.md §2.3).
+//!
+//! * [`messages`]: the control messages of a federation ([`Message`]), serde + bincode 2.
+//! * [`frame`]: each control message travels as one frame, a big-endian `u32` length followed by
+//!   the bincode payload; the length is checked against a cap (default [`MAX_FRAME_BYTES`])
+//!   before anything is allocated.
+//! * [`tensor`]: tensors travel on their own QUIC stream as a header frame (names, dtypes,
+//!   shapes, byte lengths), then the raw little-endian bytes of each tensor followed by its
+//!   SHA-256, then the SHA-256 of the whole set ([`TensorSet::digest`]), which names a model
+//!   version. Optional bf16 transport of f32 tensors.
+//! * [`quic`]: small helpers for framed request/response over QUIC streams.
+
+pub mod frame;
+pub mod messages;
+pub mod quic;
+pub mod tensor;
+
+pub use frame::{
+    decode_frame, decode_payload, encode_frame, encode_payload, read_frame, read_frame_opt,
+    write_frame, write_frame_capped, FrameError,
+};
+pub use messages::*;
+pub use tensor::{
+    bf16_bits_to_f32, bf16_to_f32_bytes, f32_to_bf16_bits, f32_to_bf16_bytes, recv_tensors,
+    recv_tensors_digest, send_tensors, DType, Manifest, RecvLimits, TensorError, TensorSet,
+    Transport, WireTensor,
+};
+
+/// Version of the federation protocol, sent in [`Message::Hello`]; a coordinator refuses a
+/// different one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN protocol identifier (TLS), `fedtalent/1`.
+pub const ALPN: &[u8] = b"fedtalent/1";
+
+/// Default cap on one control frame's payload: 1 MiB.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;

@@ -1,0 +1,674 @@
+//! Tensors on the wire.
+//!
+//! A tensor stream (normally its own QUIC stream) is:
+//! 1. a header frame (big-endian `u32` length + bincode of the stream header: per tensor the name,
+//!    dtype, shape, byte length, and whether the receiver widens it from bf16 to f32), capped
+//!    by [`RecvLimits::max_header_bytes`];
+//! 2. for each tensor in header order: its raw little-endian bytes (sent in 1 MiB chunks), then
+//!    the 32-byte SHA-256 of those bytes;
+//! 3. the 32-byte set digest ([`TensorSet::digest`] of what was sent).
+//!
+//! The set digest is SHA-256 over `"fedtalent-tensors/1\0"`, the tensor count (u64 LE), each
+//! tensor's canonical header (name length u64 LE, name bytes, dtype code u8, rank u64 LE, dims
+//! u64 LE, byte length u64 LE) and then each tensor's SHA-256 — so it is computed in one pass
+//! over the bytes and a receiver can name the tensor whose bytes were corrupted.
+//!
+//! The receiver checks every header entry (known name, dtype, shape, byte length =
+//! elements × dtype size, total under the cap) before allocating, and both digests before
+//! returning anything.
+
+use std::collections::{BTreeMap, HashSet};
+
+use ring::digest::{Context, SHA256};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{decode_value, read_payload, write_value_frame, FrameError};
+use crate::MAX_FRAME_BYTES;
+
+/// Size of the chunks the raw bytes are written in.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Longest tensor name accepted.
+pub const MAX_NAME_BYTES: usize = 512;
+/// Highest rank accepted.
+pub const MAX_RANK: usize = 8;
+const STREAM_MAGIC: u32 = 0x4654_5431; // "FTT1"
+const DIGEST_DOMAIN: &[u8] = b"fedtalent-tensors/1\0";
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::F64 | DType::I64 => 8,
+            DType::U8 | DType::Bool => 1,
+        }
+    }
+    /// Stable code used in the digest.
+    pub fn code(self) -> u8 {
+        match self {
+            DType::F32 => 1,
+            DType::F16 => 2,
+            DType::BF16 => 3,
+            DType::F64 => 4,
+            DType::I64 => 5,
+            DType::I32 => 6,
+            DType::U8 => 7,
+            DType::Bool => 8,
+        }
+    }
+}
+
+/// How f32 tensors travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Transport {
+    /// As they are.
+    #[default]
+    Native,
+    /// f32 tensors are rounded to bf16 (round-to-nearest-even) for the wire and widened back to
+    /// f32 on receipt; other dtypes travel as they are. Halves the traffic of an f32 model.
+    Bf16,
+}
+
+/// One tensor: name, dtype, shape and its raw little-endian bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+/// `elements(shape) × dtype size`, or None on overflow.
+pub fn byte_len_of(dtype: DType, shape: &[u64]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))?
+        .checked_mul(dtype.size() as u64)
+}
+
+impl WireTensor {
+    /// An f32 tensor from values (stored little-endian).
+    pub fn from_f32(name: impl Into<String>, shape: Vec<u64>, values: &[f32]) -> WireTensor {
+        let mut data = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        WireTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            data,
+        }
+    }
+
+    /// The values of an f32 tensor; None for another dtype or a bad byte length.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        if self.dtype != DType::F32 || self.data.len() % 4 != 0 {
+            return None;
+        }
+        Some(
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+
+    /// Number of elements given by the shape (None on overflow).
+    pub fn numel(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Whether `data.len()` equals elements × dtype size.
+    pub fn is_consistent(&self) -> bool {
+        byte_len_of(self.dtype, &self.shape) == Some(self.data.len() as u64)
+    }
+}
+
+/// Expected tensors: name → (dtype, shape) (dtype as used in memory, i.e. F32 for an f32 tensor
+/// sent with bf16 transport).
+pub type Manifest = BTreeMap<String, (DType, Vec<u64>)>;
+
+/// An ordered set of tensors (e.g. a model's state dict, or a site's update).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TensorSet {
+    pub tensors: Vec<WireTensor>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TensorHeader {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    byte_len: u64,
+    /// bf16 on the wire, f32 in memory.
+    widen_to_f32: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StreamHeader {
+    magic: u32,
+    tensors: Vec<TensorHeader>,
+}
+
+fn canonical_header(ctx: &mut Context, name: &str, dtype: DType, shape: &[u64], byte_len: u64) {
+    ctx.update(&(name.len() as u64).to_le_bytes());
+    ctx.update(name.as_bytes());
+    ctx.update(&[dtype.code()]);
+    ctx.update(&(shape.len() as u64).to_le_bytes());
+    for d in shape {
+        ctx.update(&d.to_le_bytes());
+    }
+    ctx.update(&byte_len.to_le_bytes());
+}
+
+fn set_digest_ctx(headers: &[TensorHeader]) -> Context {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(DIGEST_DOMAIN);
+    ctx.update(&(headers.len() as u64).to_le_bytes());
+    for h in headers {
+        canonical_header(&mut ctx, &h.name, h.dtype, &h.shape, h.byte_len);
+    }
+    ctx
+}
+
+impl TensorSet {
+    pub fn new(tensors: Vec<WireTensor>) -> TensorSet {
+        TensorSet { tensors }
+    }
+    pub fn push(&mut self, t: WireTensor) {
+        self.tensors.push(t);
+    }
+    pub fn get(&self, name: &str) -> Option<&WireTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    /// Sum of the tensors' byte lengths.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.data.len() as u64).sum()
+    }
+    /// The manifest (name → dtype, shape) of this set.
+    pub fn manifest(&self) -> Manifest {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), (t.dtype, t.shape.clone())))
+            .collect()
+    }
+
+    /// Hex SHA-256 of the set as it is (see the module docs for the canonical encoding). Names a
+    /// model version. Equal to what [`send_tensors`] returns with [`Transport::Native`].
+    pub fn digest(&self) -> String {
+        self.wire_digest(Transport::Native)
+    }
+
+    /// Hex SHA-256 of what [`send_tensors`] sends with `transport` (with bf16 transport, the
+    /// digest of the bf16-rounded f32 tensors).
+    pub fn wire_digest(&self, transport: Transport) -> String {
+        let headers = headers_for(self, transport);
+        let mut ctx = set_digest_ctx(&headers);
+        let mut buf = Vec::new();
+        for (t, h) in self.tensors.iter().zip(&headers) {
+            let mut tctx = Context::new(&SHA256);
+            if h.widen_to_f32 {
+                for chunk in t.data.chunks(CHUNK_BYTES) {
+                    f32_to_bf16_into(chunk, &mut buf);
+                    tctx.update(&buf);
+                }
+            } else {
+                tctx.update(&t.data);
+            }
+            ctx.update(tctx.finish().as_ref());
+        }
+        hex::encode(ctx.finish().as_ref())
+    }
+}
+
+fn headers_for(set: &TensorSet, transport: Transport) -> Vec<TensorHeader> {
+    set.tensors
+        .iter()
+        .map(|t| {
+            let widen = transport == Transport::Bf16 && t.dtype == DType::F32;
+            TensorHeader {
+                name: t.name.clone(),
+                dtype: if widen { DType::BF16 } else { t.dtype },
+                shape: t.shape.clone(),
+                byte_len: if widen {
+                    t.data.len() as u64 / 2
+                } else {
+                    t.data.len() as u64
+                },
+                widen_to_f32: widen,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16
+
+/// f32 → bf16 bits, round to nearest, ties to even; NaN stays a (quiet) NaN.
+pub fn f32_to_bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let rounding_bias = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding_bias) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+pub fn bf16_bits_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+fn f32_to_bf16_into(f32_le: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(f32_le.len() / 2);
+    for c in f32_le.chunks_exact(4) {
+        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        out.extend_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
+    }
+}
+
+/// Little-endian f32 bytes → little-endian bf16 bytes (a trailing partial element is dropped).
+pub fn f32_to_bf16_bytes(f32_le: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    f32_to_bf16_into(f32_le, &mut out);
+    out
+}
+
+/// Little-endian bf16 bytes → little-endian f32 bytes (a trailing odd byte is dropped).
+pub fn bf16_to_f32_bytes(bf16_le: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bf16_le.len() * 2);
+    for c in bf16_le.chunks_exact(2) {
+        out.extend_from_slice(&bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])).to_le_bytes());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// errors and limits
+
+/// Why a tensor stream was refused. Every variant about one tensor names it.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    #[error("tensor stream header: {0}")]
+    Header(#[source] FrameError),
+    #[error("tensor stream header: {0}")]
+    BadHeader(String),
+    #[error("tensor {name:?}: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("tensor {name:?} is not expected here")]
+    UnknownTensor { name: String },
+    #[error("tensor {name:?} appears twice")]
+    Duplicate { name: String },
+    #[error("expected tensor {name:?} is missing")]
+    Missing { name: String },
+    #[error("tensor {name:?}: dtype {got:?}, expected {expected:?}")]
+    WrongDType {
+        name: String,
+        expected: DType,
+        got: DType,
+    },
+    #[error("tensor {name:?}: shape {got:?}, expected {expected:?}")]
+    WrongShape {
+        name: String,
+        expected: Vec<u64>,
+        got: Vec<u64>,
+    },
+    #[error("tensor {name:?}: declared byte length {declared} does not equal shape × dtype size ({expected:?})")]
+    LengthMismatch {
+        name: String,
+        declared: u64,
+        expected: Option<u64>,
+    },
+    #[error("tensor payload of {total} bytes exceeds the cap of {cap} bytes")]
+    TooLarge { total: u64, cap: u64 },
+    #[error("{count} tensors exceed the cap of {cap}")]
+    TooMany { count: usize, cap: usize },
+    #[error("stream ended inside {name:?}: got {got} of {expected} bytes")]
+    Truncated {
+        name: String,
+        got: u64,
+        expected: u64,
+    },
+    #[error("tensor {name:?}: SHA-256 of the received bytes does not match the sender's")]
+    TensorDigestMismatch { name: String },
+    #[error("tensor set digest mismatch: sender says {sent}, received bytes give {computed}")]
+    DigestMismatch { sent: String, computed: String },
+    #[error("tensor set digest {received} is not the announced {announced}")]
+    NotAnnounced { announced: String, received: String },
+    #[error("i/o error on the tensor stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a receiver accepts.
+#[derive(Debug, Clone)]
+pub struct RecvLimits {
+    /// Cap on the sum of the tensors' sizes in memory (after widening bf16 → f32).
+    pub max_total_bytes: u64,
+    /// Cap on the number of tensors.
+    pub max_tensors: usize,
+    /// Cap on the header frame.
+    pub max_header_bytes: usize,
+    /// If set, every tensor must be listed here with this dtype and shape.
+    pub expected: Option<Manifest>,
+    /// With `expected`: every tensor of the manifest must be present.
+    pub require_all: bool,
+    /// If set, the set digest must equal this (e.g. `UpdateHeader::payload_digest`).
+    pub expected_digest: Option<String>,
+}
+
+impl Default for RecvLimits {
+    fn default() -> Self {
+        RecvLimits {
+            max_total_bytes: 2 << 30,
+            max_tensors: 4096,
+            max_header_bytes: MAX_FRAME_BYTES,
+            expected: None,
+            require_all: true,
+            expected_digest: None,
+        }
+    }
+}
+
+impl RecvLimits {
+    /// Limits expecting exactly the tensors of `manifest`, total capped at its size (+ slack
+    /// for nothing: the sizes are exact).
+    pub fn for_manifest(manifest: Manifest) -> RecvLimits {
+        let total: u64 = manifest
+            .values()
+            .map(|(d, s)| byte_len_of(*d, s).unwrap_or(u64::MAX))
+            .fold(0u64, |a, b| a.saturating_add(b));
+        RecvLimits {
+            max_total_bytes: total,
+            max_tensors: manifest.len(),
+            expected: Some(manifest),
+            ..RecvLimits::default()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// send / receive
+
+/// Streams `set` to `w` (header, chunks + per-tensor SHA-256, set digest) and returns the hex
+/// set digest of what was sent. Does not finish/close the stream. Refuses (before sending
+/// anything) a tensor whose byte length does not match its shape.
+pub async fn send_tensors<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    set: &TensorSet,
+    transport: Transport,
+) -> Result<String, TensorError> {
+    for t in &set.tensors {
+        if !t.is_consistent() {
+            return Err(TensorError::LengthMismatch {
+                name: t.name.clone(),
+                declared: t.data.len() as u64,
+                expected: byte_len_of(t.dtype, &t.shape),
+            });
+        }
+    }
+    let headers = headers_for(set, transport);
+    let header = StreamHeader {
+        magic: STREAM_MAGIC,
+        tensors: headers,
+    };
+    write_value_frame(w, &header, usize::MAX >> 1)
+        .await
+        .map_err(TensorError::Header)?;
+    let mut ctx = set_digest_ctx(&header.tensors);
+    let mut buf = Vec::with_capacity(CHUNK_BYTES / 2);
+    for (t, h) in set.tensors.iter().zip(&header.tensors) {
+        let mut tctx = Context::new(&SHA256);
+        if h.widen_to_f32 {
+            for chunk in t.data.chunks(CHUNK_BYTES) {
+                f32_to_bf16_into(chunk, &mut buf);
+                tctx.update(&buf);
+                w.write_all(&buf).await?;
+            }
+        } else {
+            for chunk in t.data.chunks(CHUNK_BYTES) {
+                tctx.update(chunk);
+                w.write_all(chunk).await?;
+            }
+        }
+        let td = tctx.finish();
+        w.write_all(td.as_ref()).await?;
+        ctx.update(td.as_ref());
+    }
+    let d = ctx.finish();
+    w.write_all(d.as_ref()).await?;
+    w.flush().await?;
+    Ok(hex::encode(d.as_ref()))
+}
+
+/// Receives a tensor stream, checks it against `limits` and both digests, and returns the
+/// tensors (bf16-transported ones widened back to f32).
+pub async fn recv_tensors<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    limits: &RecvLimits,
+) -> Result<TensorSet, TensorError> {
+    recv_tensors_digest(r, limits).await.map(|(s, _)| s)
+}
+
+fn validate_headers(headers: &[TensorHeader], limits: &RecvLimits) -> Result<(), TensorError> {
+    if headers.len() > limits.max_tensors {
+        return Err(TensorError::TooMany {
+            count: headers.len(),
+            cap: limits.max_tensors,
+        });
+    }
+    let mut seen = HashSet::with_capacity(headers.len());
+    let mut total: u64 = 0;
+    for h in headers {
+        let bad = |reason: String| TensorError::BadTensor {
+            name: h.name.clone(),
+            reason,
+        };
+        if h.name.is_empty() || h.name.len() > MAX_NAME_BYTES {
+            return Err(bad(format!(
+                "name length {} outside 1..={MAX_NAME_BYTES}",
+                h.name.len()
+            )));
+        }
+        if h.shape.len() > MAX_RANK {
+            return Err(bad(format!("rank {} above {MAX_RANK}", h.shape.len())));
+        }
+        if h.widen_to_f32 && h.dtype != DType::BF16 {
+            return Err(bad(format!(
+                "marked for bf16→f32 widening but sent as {:?}",
+                h.dtype
+            )));
+        }
+        if !seen.insert(h.name.as_str()) {
+            return Err(TensorError::Duplicate {
+                name: h.name.clone(),
+            });
+        }
+        let expected_len = byte_len_of(h.dtype, &h.shape);
+        if expected_len != Some(h.byte_len) {
+            return Err(TensorError::LengthMismatch {
+                name: h.name.clone(),
+                declared: h.byte_len,
+                expected: expected_len,
+            });
+        }
+        let mem_dtype = if h.widen_to_f32 { DType::F32 } else { h.dtype };
+        if let Some(m) = &limits.expected {
+            let Some((dt, shape)) = m.get(&h.name) else {
+                return Err(TensorError::UnknownTensor {
+                    name: h.name.clone(),
+                });
+            };
+            if *dt != mem_dtype {
+                return Err(TensorError::WrongDType {
+                    name: h.name.clone(),
+                    expected: *dt,
+                    got: mem_dtype,
+                });
+            }
+            if *shape != h.shape {
+                return Err(TensorError::WrongShape {
+                    name: h.name.clone(),
+                    expected: shape.clone(),
+                    got: h.shape.clone(),
+                });
+            }
+        }
+        let mem = if h.widen_to_f32 {
+            h.byte_len.saturating_mul(2)
+        } else {
+            h.byte_len
+        };
+        total = total.saturating_add(mem);
+        if total > limits.max_total_bytes {
+            return Err(TensorError::TooLarge {
+                total,
+                cap: limits.max_total_bytes,
+            });
+        }
+    }
+    if let (Some(m), true) = (&limits.expected, limits.require_all) {
+        if let Some(missing) = m.keys().find(|k| !seen.contains(k.as_str())) {
+            return Err(TensorError::Missing {
+                name: missing.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn read_exact_named<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    name: &str,
+) -> Result<(), TensorError> {
+    let mut got = 0usize;
+    while got < buf.len() {
+        let n = r.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return Err(TensorError::Truncated {
+                name: name.to_string(),
+                got: got as u64,
+                expected: buf.len() as u64,
+            });
+        }
+        got += n;
+    }
+    Ok(())
+}
+
+/// As [`recv_tensors`], also returning the hex set digest of what was received (the sender's
+/// [`TensorSet::wire_digest`]).
+pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    limits: &RecvLimits,
+) -> Result<(TensorSet, String), TensorError> {
+    let payload = read_payload(r, limits.max_header_bytes)
+        .await
+        .map_err(TensorError::Header)?
+        .ok_or(TensorError::Header(FrameError::Closed))?;
+    let header: StreamHeader = decode_value(&payload).map_err(TensorError::Header)?;
+    drop(payload);
+    if header.magic != STREAM_MAGIC {
+        return Err(TensorError::BadHeader(format!(
+            "bad magic {:#010x}",
+            header.magic
+        )));
+    }
+    validate_headers(&header.tensors, limits)?;
+
+    let mut ctx = set_digest_ctx(&header.tensors);
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for h in &header.tensors {
+        let mut data = vec![0u8; h.byte_len as usize];
+        let mut filled = 0usize;
+        let mut tctx = Context::new(&SHA256);
+        while filled < data.len() {
+            let end = (filled + CHUNK_BYTES).min(data.len());
+            let n = r.read(&mut data[filled..end]).await?;
+            if n == 0 {
+                return Err(TensorError::Truncated {
+                    name: h.name.clone(),
+                    got: filled as u64,
+                    expected: h.byte_len,
+                });
+            }
+            tctx.update(&data[filled..filled + n]);
+            filled += n;
+        }
+        let mut sent = [0u8; 32];
+        read_exact_named(r, &mut sent, &format!("{} (its SHA-256)", h.name)).await?;
+        let td = tctx.finish();
+        if td.as_ref() != sent {
+            return Err(TensorError::TensorDigestMismatch {
+                name: h.name.clone(),
+            });
+        }
+        ctx.update(td.as_ref());
+        tensors.push(data);
+    }
+    let mut sent = [0u8; 32];
+    read_exact_named(r, &mut sent, "<set digest>").await?;
+    let computed = hex::encode(ctx.finish().as_ref());
+    let sent = hex::encode(sent);
+    if computed != sent {
+        return Err(TensorError::DigestMismatch { sent, computed });
+    }
+    if let Some(announced) = &limits.expected_digest {
+        if !announced.eq_ignore_ascii_case(&computed) {
+            return Err(TensorError::NotAnnounced {
+                announced: announced.clone(),
+                received: computed,
+            });
+        }
+    }
+    let set = TensorSet {
+        tensors: header
+            .tensors
+            .into_iter()
+            .zip(tensors)
+            .map(|(h, data)| {
+                if h.widen_to_f32 {
+                    WireTensor {
+                        name: h.name,
+                        dtype: DType::F32,
+                        shape: h.shape,
+                        data: bf16_to_f32_bytes(&data),
+                    }
+                } else {
+                    WireTensor {
+                        name: h.name,
+                        dtype: h.dtype,
+                        shape: h.shape,
+                        data,
+                    }
+                }
+            })
+            .collect(),
+    };
+    Ok((set, computed))
+}
