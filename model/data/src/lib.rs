@@ -21,3 +21,17 @@ pub use resample::{
     resample_probabilities, target_shape, Interp, LabelInterp,
 };
 pub use stats::{HuHistogram, Normalization};
+
+pub mod augment;
+pub mod loader;
+pub mod preprocess;
+pub mod sampler;
+pub mod synth;
+
+pub use augment::{AugmentConfig, Augmenter};
+pub use loader::{Batch, BatchLoader, LoaderOptions};
+pub use preprocess::{
+    load_for_inference, preprocess_case, preprocess_cases, site_histogram, CaseMeta,
+    InferenceImage, PreprocessOptions, PreprocessedCase,
+};
+pub use synth::{generate_sites, GeneratedSite, SiteKind, SynthOptions};

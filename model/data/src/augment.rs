@@ -1,0 +1,374 @@
+//! Batched data augmentation on the training device (nnU-Net v1's default set and probabilities).
+//!
+//! Order as nnU-Net: spatial (rotation + scaling in one affine grid), Gaussian noise, Gaussian
+//! blur, brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring. Labels
+//! only follow the spatial transform (nearest) and the mirroring, so they stay integers from the
+//! input's label set. Per-sample decisions and parameters come from a seeded ChaCha RNG; the
+//! noise voxels come from torch's generator on the device.
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+/// Augmentation probabilities and ranges (defaults: nnU-Net v1).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AugmentConfig {
+    pub p_rotation: f64,
+    /// Maximum absolute rotation per axis, radians.
+    pub max_rotation: f64,
+    pub p_scale: f64,
+    pub scale_range: (f64, f64),
+    pub p_noise: f64,
+    pub noise_variance: (f64, f64),
+    pub p_blur: f64,
+    pub blur_sigma: (f64, f64),
+    pub p_brightness: f64,
+    pub brightness_range: (f64, f64),
+    pub p_contrast: f64,
+    pub contrast_range: (f64, f64),
+    pub p_low_res: f64,
+    pub low_res_zoom: (f64, f64),
+    pub p_gamma_inverted: f64,
+    pub p_gamma: f64,
+    pub gamma_range: (f64, f64),
+    pub p_mirror_per_axis: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            p_rotation: 0.2,
+            max_rotation: 30f64.to_radians(),
+            p_scale: 0.2,
+            scale_range: (0.7, 1.4),
+            p_noise: 0.1,
+            noise_variance: (0.0, 0.1),
+            p_blur: 0.2,
+            blur_sigma: (0.5, 1.0),
+            p_brightness: 0.15,
+            brightness_range: (0.75, 1.25),
+            p_contrast: 0.15,
+            contrast_range: (0.75, 1.25),
+            p_low_res: 0.25,
+            low_res_zoom: (0.5, 1.0),
+            p_gamma_inverted: 0.1,
+            p_gamma: 0.3,
+            gamma_range: (0.7, 1.5),
+            p_mirror_per_axis: 0.5,
+        }
+    }
+}
+
+/// Applies [`AugmentConfig`] to batches.
+pub struct Augmenter {
+    pub config: AugmentConfig,
+    rng: ChaCha8Rng,
+}
+
+/// nnU-Net's way to draw a factor from a range around 1: half the time below 1, else above.
+fn around_one<R: Rng>(rng: &mut R, (lo, hi): (f64, f64)) -> f64 {
+    if rng.gen_bool(0.5) && lo < 1.0 {
+        rng.gen_range(lo..1.0)
+    } else {
+        rng.gen_range(1.0f64.max(lo)..hi.max(1.0 + 1e-9))
+    }
+}
+
+fn rotation_xyz(ax: f64, ay: f64, az: f64) -> [[f64; 3]; 3] {
+    let (sx, cx) = ax.sin_cos();
+    let (sy, cy) = ay.sin_cos();
+    let (sz, cz) = az.sin_cos();
+    let rx = [[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]];
+    let ry = [[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]];
+    let rz = [[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]];
+    matmul3(&rz, &matmul3(&ry, &rx))
+}
+
+fn matmul3(a: &[[f64; 3]; 3], b: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| a[i][k] * b[k][j]).sum()))
+}
+
+/// `affine_grid` theta (normalized output coords -> normalized input coords, axes x, y, z) for
+/// a voxel-space transform `m` of a patch of `size_xyz` voxels: D⁻¹·M·D with D = diag(size/2).
+fn theta_for(m: &[[f64; 3]; 3], size_xyz: [f64; 3]) -> [f32; 12] {
+    let mut t = [0f32; 12];
+    for i in 0..3 {
+        for j in 0..3 {
+            t[i * 4 + j] = (m[i][j] * size_xyz[j] / size_xyz[i]) as f32;
+        }
+    }
+    t
+}
+
+fn per_sample(values: &[f64], device: Device) -> Tensor {
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Tensor::from_slice(&v)
+        .to_device(device)
+        .view([-1, 1, 1, 1, 1])
+}
+
+fn index_tensor(sel: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(sel).to_device(device)
+}
+
+impl Augmenter {
+    pub fn new(config: AugmentConfig, seed: u64) -> Self {
+        Augmenter {
+            config,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device.
+    pub fn apply(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            let (img, lab) = self.spatial(image, labels);
+            let img = self.noise(&img);
+            let img = self.blur(&img);
+            let img = self.brightness(&img);
+            let img = self.contrast(&img);
+            let img = self.low_resolution(&img);
+            let img = self.gamma(&img, true);
+            let img = self.gamma(&img, false);
+            self.mirror(&img, &lab)
+        })
+    }
+
+    fn batch(t: &Tensor) -> usize {
+        t.size()[0] as usize
+    }
+
+    fn spatial(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        let size = image.size();
+        let size_xyz = [size[4] as f64, size[3] as f64, size[2] as f64];
+        let c = self.config.clone();
+        let (mut sel, mut thetas) = (Vec::new(), Vec::new());
+        for b in 0..Self::batch(image) {
+            let rotate = self.rng.gen_bool(c.p_rotation);
+            let scale = self.rng.gen_bool(c.p_scale);
+            if !(rotate || scale) {
+                continue;
+            }
+            let mut angle = || self.rng.gen_range(-c.max_rotation..=c.max_rotation);
+            let r = if rotate {
+                rotation_xyz(angle(), angle(), angle())
+            } else {
+                rotation_xyz(0.0, 0.0, 0.0)
+            };
+            let s = if scale {
+                around_one(&mut self.rng, c.scale_range)
+            } else {
+                1.0
+            };
+            let m: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| r[i][j] * s));
+            sel.push(b as i64);
+            thetas.extend(theta_for(&m, size_xyz));
+        }
+        if sel.is_empty() {
+            return (image.shallow_clone(), labels.shallow_clone());
+        }
+        let device = image.device();
+        let n = sel.len() as i64;
+        let idx = index_tensor(&sel, device);
+        let theta = Tensor::from_slice(&thetas)
+            .to_device(device)
+            .view([n, 3, 4]);
+        let grid = Tensor::affine_grid_generator(&theta, [n, 1, size[2], size[3], size[4]], false);
+        // grid_sampler modes: interpolation 0 = bilinear (trilinear in 3D), 1 = nearest; padding 0 = zeros.
+        let img = image.index_select(0, &idx).grid_sampler(&grid, 0, 0, false);
+        let lab = labels
+            .index_select(0, &idx)
+            .to_kind(Kind::Float)
+            .grid_sampler(&grid, 1, 0, false)
+            .round()
+            .to_kind(Kind::Int64);
+        (
+            image.index_copy(0, &idx, &img),
+            labels.index_copy(0, &idx, &lab),
+        )
+    }
+
+    fn noise(&mut self, image: &Tensor) -> Tensor {
+        let c = &self.config;
+        let stds: Vec<f64> = (0..Self::batch(image))
+            .map(|_| {
+                if self.rng.gen_bool(c.p_noise) {
+                    self.rng
+                        .gen_range(c.noise_variance.0..=c.noise_variance.1)
+                        .sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if stds.iter().all(|&s| s == 0.0) {
+            return image.shallow_clone();
+        }
+        image + image.randn_like() * per_sample(&stds, image.device())
+    }
+
+    fn blur(&mut self, image: &Tensor) -> Tensor {
+        const RADIUS: i64 = 3; // covers 3 sigma for sigma <= 1
+        let c = &self.config;
+        let (mut sel, mut kernels) = (Vec::new(), Vec::new());
+        for b in 0..Self::batch(image) {
+            if self.rng.gen_bool(c.p_blur) {
+                let sigma = self.rng.gen_range(c.blur_sigma.0..=c.blur_sigma.1);
+                let w: Vec<f32> = (-RADIUS..=RADIUS)
+                    .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
+                    .collect();
+                let sum: f32 = w.iter().sum();
+                kernels.extend(w.into_iter().map(|v| v / sum));
+                sel.push(b as i64);
+            }
+        }
+        if sel.is_empty() {
+            return image.shallow_clone();
+        }
+        let device = image.device();
+        let n = sel.len() as i64;
+        let idx = index_tensor(&sel, device);
+        let k = Tensor::from_slice(&kernels).to_device(device);
+        let size = image.size();
+        // Samples as channels of one image so that a grouped convolution gives each its own sigma.
+        let mut x = image
+            .index_select(0, &idx)
+            .view([1, n, size[2], size[3], size[4]]);
+        let k_len = 2 * RADIUS + 1;
+        for (shape, pad) in [
+            ([n, 1, k_len, 1, 1], [0, 0, 0, 0, RADIUS, RADIUS]),
+            ([n, 1, 1, k_len, 1], [0, 0, RADIUS, RADIUS, 0, 0]),
+            ([n, 1, 1, 1, k_len], [RADIUS, RADIUS, 0, 0, 0, 0]),
+        ] {
+            let padded = x.pad(pad, "replicate", None);
+            x = padded.conv3d::<Tensor>(&k.view(shape), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], n);
+        }
+        image.index_copy(0, &idx, &x.view([n, 1, size[2], size[3], size[4]]))
+    }
+
+    fn factors(&mut self, n: usize, p: f64, range: (f64, f64)) -> Option<Vec<f64>> {
+        let f: Vec<f64> = (0..n)
+            .map(|_| {
+                if self.rng.gen_bool(p) {
+                    around_one(&mut self.rng, range)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        f.iter().any(|&v| v != 1.0).then_some(f)
+    }
+
+    fn brightness(&mut self, image: &Tensor) -> Tensor {
+        let (p, r) = (self.config.p_brightness, self.config.brightness_range);
+        match self.factors(Self::batch(image), p, r) {
+            // nnU-Net's brightness is multiplicative.
+            Some(f) => image * per_sample(&f, image.device()),
+            None => image.shallow_clone(),
+        }
+    }
+
+    fn contrast(&mut self, image: &Tensor) -> Tensor {
+        let (p, r) = (self.config.p_contrast, self.config.contrast_range);
+        let Some(f) = self.factors(Self::batch(image), p, r) else {
+            return image.shallow_clone();
+        };
+        let dims = [1i64, 2, 3, 4];
+        let mean = image.mean_dim(&dims[..], true, Kind::Float);
+        let (lo, hi) = (image.amin(&dims[..], true), image.amax(&dims[..], true));
+        // Preserve the range, as nnU-Net's ContrastAugmentationTransform(preserve_range=True).
+        ((image - &mean) * per_sample(&f, image.device()) + &mean)
+            .maximum(&lo)
+            .minimum(&hi)
+    }
+
+    fn low_resolution(&mut self, image: &Tensor) -> Tensor {
+        let size = image.size();
+        let mut out = image.shallow_clone();
+        for b in 0..Self::batch(image) {
+            if !self.rng.gen_bool(self.config.p_low_res) {
+                continue;
+            }
+            let zoom = self
+                .rng
+                .gen_range(self.config.low_res_zoom.0..=self.config.low_res_zoom.1);
+            let small: Vec<i64> = size[2..]
+                .iter()
+                .map(|&s| ((s as f64 * zoom).round() as i64).max(1))
+                .collect();
+            let x = out.narrow(0, b as i64, 1);
+            let down = x.upsample_nearest3d(&small, None::<f64>, None::<f64>, None::<f64>);
+            // nnU-Net upsamples with cubic splines; trilinear is the device-side equivalent.
+            let up =
+                down.upsample_trilinear3d(&size[2..], false, None::<f64>, None::<f64>, None::<f64>);
+            out = out.index_copy(0, &index_tensor(&[b as i64], image.device()), &up);
+        }
+        out
+    }
+
+    fn gamma(&mut self, image: &Tensor, invert: bool) -> Tensor {
+        let c = &self.config;
+        let p = if invert {
+            c.p_gamma_inverted
+        } else {
+            c.p_gamma
+        };
+        let (mut sel, mut gammas) = (Vec::new(), Vec::new());
+        for b in 0..Self::batch(image) {
+            if self.rng.gen_bool(p) {
+                gammas.push(around_one(&mut self.rng, c.gamma_range));
+                sel.push(b as i64);
+            }
+        }
+        if sel.is_empty() {
+            return image.shallow_clone();
+        }
+        let device = image.device();
+        let idx = index_tensor(&sel, device);
+        let sign = if invert { -1.0 } else { 1.0 };
+        let x = image.index_select(0, &idx) * sign;
+        let dims = [1i64, 2, 3, 4];
+        let (mean, std) = (
+            x.mean_dim(&dims[..], true, Kind::Float),
+            x.std_dim(&dims[..], false, true),
+        );
+        let lo = x.amin(&dims[..], true);
+        let range = x.amax(&dims[..], true) - &lo + 1e-7;
+        let y = ((&x - &lo) / &range)
+            .clamp_min(0.0)
+            .pow(&per_sample(&gammas, device))
+            * &range
+            + &lo;
+        // retain_stats: restore each sample's mean and std.
+        let (m2, s2) = (
+            y.mean_dim(&dims[..], true, Kind::Float),
+            y.std_dim(&dims[..], false, true),
+        );
+        let y = (y - &m2) / (s2 + 1e-8) * std + mean;
+        image.index_copy(0, &idx, &(y * sign))
+    }
+
+    fn mirror(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        let (mut imgs, mut labs) = (Vec::new(), Vec::new());
+        let mut any = false;
+        for b in 0..Self::batch(image) {
+            let axes: Vec<i64> = (2..5)
+                .filter(|_| self.rng.gen_bool(self.config.p_mirror_per_axis))
+                .collect();
+            let (i, l) = (image.narrow(0, b as i64, 1), labels.narrow(0, b as i64, 1));
+            if axes.is_empty() {
+                imgs.push(i);
+                labs.push(l);
+            } else {
+                any = true;
+                imgs.push(i.flip(&axes));
+                labs.push(l.flip(&axes));
+            }
+        }
+        if !any {
+            return (image.shallow_clone(), labels.shallow_clone());
+        }
+        (Tensor::cat(&imgs, 0), Tensor::cat(&labs, 0))
+    }
+}

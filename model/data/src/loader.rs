@@ -1,0 +1,227 @@
+//! The batch source: background threads cut patches from memory-mapped preprocessed cases while
+//! the device trains; augmentation then runs batched on the device.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::augment::{AugmentConfig, Augmenter};
+use crate::preprocess::PreprocessedCase;
+use crate::sampler::{sample_patch, CaseView, FOREGROUND_FRACTION};
+use crate::stats::Normalization;
+
+/// A training batch on the device.
+pub struct Batch {
+    /// [B, 1, Z, Y, X] float32.
+    pub image: Tensor,
+    /// [B, 1, Z, Y, X] int64 raw label values.
+    pub labels: Tensor,
+    /// Case id of each sample.
+    pub case_ids: Vec<String>,
+}
+
+/// Settings of a [`BatchLoader`].
+#[derive(Debug, Clone)]
+pub struct LoaderOptions {
+    pub patch: [usize; 3],
+    pub batch: usize,
+    pub normalization: Normalization,
+    pub seed: u64,
+    pub threads: usize,
+    pub device: Device,
+    /// `None` switches augmentation off (tests, evaluation).
+    pub augment: Option<AugmentConfig>,
+    pub foreground_fraction: f64,
+    /// Batches prepared ahead per thread.
+    pub prefetch: usize,
+}
+
+impl LoaderOptions {
+    pub fn new(
+        patch: [usize; 3],
+        batch: usize,
+        normalization: Normalization,
+        seed: u64,
+        threads: usize,
+        device: Device,
+    ) -> Self {
+        LoaderOptions {
+            patch,
+            batch,
+            normalization,
+            seed,
+            threads,
+            device,
+            augment: Some(AugmentConfig::default()),
+            foreground_fraction: FOREGROUND_FRACTION,
+            prefetch: 2,
+        }
+    }
+}
+
+/// A batch cut on the CPU, before it goes to the device.
+struct CpuBatch {
+    index: u64,
+    image: Vec<f32>,
+    labels: Vec<i64>,
+    case_ids: Vec<String>,
+}
+
+/// Produces batches forever (until dropped). Batch `i` depends only on the seed and `i`, whatever
+/// the number of threads; batches are delivered in order.
+pub struct BatchLoader {
+    opts: LoaderOptions,
+    rx: Option<Receiver<CpuBatch>>,
+    workers: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    pending: BTreeMap<u64, CpuBatch>,
+    next_index: u64,
+    augmenter: Option<Augmenter>,
+}
+
+fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) -> CpuBatch {
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let n: usize = opts.patch.iter().product();
+    let mut image = Vec::with_capacity(n * opts.batch);
+    let mut labels = Vec::with_capacity(n * opts.batch);
+    let mut case_ids = Vec::with_capacity(opts.batch);
+    for _ in 0..opts.batch {
+        let case = &cases[rng.gen_range(0..cases.len())];
+        let view = CaseView {
+            shape: case.meta.shape,
+            image: case.image(),
+            labels: case.labels(),
+            class_locations: &case.meta.class_locations,
+        };
+        let p = sample_patch(
+            &view,
+            opts.patch,
+            &opts.normalization,
+            opts.foreground_fraction,
+            &mut rng,
+        );
+        image.extend_from_slice(&p.image);
+        labels.extend(p.labels.iter().map(|&l| l as i64));
+        case_ids.push(case.meta.id.clone());
+    }
+    CpuBatch {
+        index,
+        image,
+        labels,
+        case_ids,
+    }
+}
+
+fn worker(
+    cases: Arc<Vec<PreprocessedCase>>,
+    opts: LoaderOptions,
+    counter: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tx: SyncSender<CpuBatch>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let index = counter.fetch_add(1, Ordering::Relaxed);
+        let batch = make_cpu_batch(&cases, &opts, index);
+        if tx.send(batch).is_err() {
+            break; // the loader was dropped
+        }
+    }
+}
+
+impl BatchLoader {
+    pub fn new(cases: Vec<PreprocessedCase>, opts: LoaderOptions) -> Result<BatchLoader> {
+        ensure!(!cases.is_empty(), "no preprocessed cases to sample from");
+        ensure!(
+            opts.batch > 0 && opts.patch.iter().all(|&p| p > 0),
+            "batch and patch must be positive"
+        );
+        let cases = Arc::new(cases);
+        let threads = opts.threads.max(1);
+        let (tx, rx) = sync_channel(opts.prefetch.max(1) * threads);
+        let stop = Arc::new(AtomicBool::new(false));
+        let counter = Arc::new(AtomicU64::new(0));
+        let workers = (0..threads)
+            .map(|t| {
+                let (cases, opts, counter, stop, tx) = (
+                    cases.clone(),
+                    opts.clone(),
+                    counter.clone(),
+                    stop.clone(),
+                    tx.clone(),
+                );
+                std::thread::Builder::new()
+                    .name(format!("fedtalent-loader-{t}"))
+                    .spawn(move || worker(cases, opts, counter, stop, tx))
+                    .map_err(|e| anyhow!("cannot start loader thread: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let augmenter = opts
+            .augment
+            .clone()
+            .map(|c| Augmenter::new(c, opts.seed.wrapping_add(1)));
+        Ok(BatchLoader {
+            opts,
+            rx: Some(rx),
+            workers,
+            stop,
+            pending: BTreeMap::new(),
+            next_index: 0,
+            augmenter,
+        })
+    }
+
+    /// Receives batches until the next one in order has arrived.
+    fn next_cpu_batch(&mut self) -> Result<CpuBatch> {
+        loop {
+            if let Some(b) = self.pending.remove(&self.next_index) {
+                self.next_index += 1;
+                return Ok(b);
+            }
+            let rx = self.rx.as_ref().expect("receiver lives until drop");
+            let b = rx
+                .recv()
+                .map_err(|_| anyhow!("all loader threads stopped"))?;
+            self.pending.insert(b.index, b);
+        }
+    }
+
+    /// The next batch on the device (augmented unless switched off).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let cpu = self.next_cpu_batch()?;
+        let [z, y, x] = self.opts.patch.map(|v| v as i64);
+        let shape = [self.opts.batch as i64, 1, z, y, x];
+        let device = self.opts.device;
+        let image = Tensor::from_slice(&cpu.image).view(shape).to_device(device);
+        let labels = Tensor::from_slice(&cpu.labels)
+            .view(shape)
+            .to_device(device);
+        let (image, labels) = match &mut self.augmenter {
+            Some(a) => a.apply(&image, &labels),
+            None => (image, labels),
+        };
+        debug_assert_eq!(labels.kind(), Kind::Int64);
+        Ok(Batch {
+            image,
+            labels,
+            case_ids: cpu.case_ids,
+        })
+    }
+}
+
+impl Drop for BatchLoader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver unblocks workers waiting in `send`.
+        self.rx.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}

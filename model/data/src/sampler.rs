@@ -1,0 +1,131 @@
+//! Patch sampling: uniform crops, plus foreground-centred crops (a random present class, then a
+//! random voxel of it), padded where the case is smaller than the patch.
+
+use rand::Rng;
+
+use crate::stats::Normalization;
+
+/// Fraction of samples centred on foreground (DESIGN.md §1.4).
+pub const FOREGROUND_FRACTION: f64 = 1.0 / 3.0;
+
+/// A case as the sampler sees it.
+pub struct CaseView<'a> {
+    pub shape: [usize; 3],
+    /// HU, [z, y, x] flattened.
+    pub image: &'a [f32],
+    pub labels: &'a [u16],
+    pub class_locations: &'a [Vec<[u32; 3]>],
+}
+
+/// One cut patch: normalized image and raw labels, [z, y, x] flattened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Patch {
+    pub image: Vec<f32>,
+    pub labels: Vec<u16>,
+    /// Start of the patch in case coordinates (negative where padded).
+    pub start: [i64; 3],
+    /// The foreground voxel the patch was centred on, if it was.
+    pub centred_on: Option<[usize; 3]>,
+}
+
+/// Range of valid patch starts along one axis: inside the volume when it is large enough, else
+/// any placement that keeps the whole volume extent inside the patch (padding around it).
+fn start_range(size: usize, patch: usize) -> (i64, i64) {
+    let (s, p) = (size as i64, patch as i64);
+    if s >= p {
+        (0, s - p)
+    } else {
+        (s - p, 0)
+    }
+}
+
+/// Chooses the patch start; centred on a foreground voxel when `foreground` and one exists.
+pub fn choose_start<R: Rng>(
+    case: &CaseView,
+    patch: [usize; 3],
+    foreground: bool,
+    rng: &mut R,
+) -> ([i64; 3], Option<[usize; 3]>) {
+    let present: Vec<&Vec<[u32; 3]>> = case
+        .class_locations
+        .iter()
+        .filter(|l| !l.is_empty())
+        .collect();
+    let centre = if foreground && !present.is_empty() {
+        let locs = present[rng.gen_range(0..present.len())];
+        let v = locs[rng.gen_range(0..locs.len())];
+        Some([v[0] as usize, v[1] as usize, v[2] as usize])
+    } else {
+        None
+    };
+    let start = std::array::from_fn(|a| {
+        let (lo, hi) = start_range(case.shape[a], patch[a]);
+        match centre {
+            Some(c) => (c[a] as i64 - patch[a] as i64 / 2).clamp(lo, hi),
+            None => rng.gen_range(lo..=hi),
+        }
+    });
+    (start, centre)
+}
+
+/// Cuts the patch at `start`, normalizing the image; outside the case the image is 0 (the
+/// normalized mean, as nnU-Net pads) and the labels are background.
+pub fn cut(
+    case: &CaseView,
+    patch: [usize; 3],
+    start: [i64; 3],
+    norm: &Normalization,
+) -> (Vec<f32>, Vec<u16>) {
+    let n = patch.iter().product();
+    let mut image = vec![0.0f32; n];
+    let mut labels = vec![0u16; n];
+    let [sz, sy, sx] = case.shape;
+    let x0 = start[2].max(0) as usize;
+    let x1 = ((start[2] + patch[2] as i64).min(sx as i64)).max(0) as usize;
+    if x1 <= x0 {
+        return (image, labels);
+    }
+    let px = (x0 as i64 - start[2]) as usize;
+    for pz in 0..patch[0] {
+        let z = start[0] + pz as i64;
+        if z < 0 || z >= sz as i64 {
+            continue;
+        }
+        for py in 0..patch[1] {
+            let y = start[1] + py as i64;
+            if y < 0 || y >= sy as i64 {
+                continue;
+            }
+            let src = (z as usize * sy + y as usize) * sx;
+            let dst = (pz * patch[1] + py) * patch[2] + px;
+            let len = x1 - x0;
+            for (d, &h) in image[dst..dst + len]
+                .iter_mut()
+                .zip(&case.image[src + x0..src + x1])
+            {
+                *d = norm.apply(h);
+            }
+            labels[dst..dst + len].copy_from_slice(&case.labels[src + x0..src + x1]);
+        }
+    }
+    (image, labels)
+}
+
+/// Samples one patch; it is foreground-centred with probability `foreground_fraction`.
+pub fn sample_patch<R: Rng>(
+    case: &CaseView,
+    patch: [usize; 3],
+    norm: &Normalization,
+    foreground_fraction: f64,
+    rng: &mut R,
+) -> Patch {
+    let foreground = rng.gen_bool(foreground_fraction.clamp(0.0, 1.0));
+    let (start, centred_on) = choose_start(case, patch, foreground, rng);
+    let (image, labels) = cut(case, patch, start, norm);
+    Patch {
+        image,
+        labels,
+        start,
+        centred_on,
+    }
+}
