@@ -4,6 +4,7 @@
 
 pub mod io;
 pub mod loss;
+pub mod manifest;
 pub mod network;
 pub mod optim;
 pub mod params;
@@ -11,5 +12,6 @@ pub mod topology;
 pub mod train;
 
 pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
+pub use manifest::{ClassInfo, CtNormalization, ModelManifest};
 pub use network::MultiTalentNet;
 pub use topology::{Layout, Stage, Topology};
