@@ -619,8 +619,12 @@ pub fn peer_site_name(conn: &quinn::Connection) -> Result<String> {
 
 /// A refusal reason of the client-certificate verifier; shows up in the TLS error
 /// ("invalid peer certificate: Other(...)") that quinn reports for the failed handshake.
-#[derive(Debug)]
 struct Refusal(String);
+impl fmt::Debug for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -641,7 +645,12 @@ fn describe_cert_error(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(c) => match c {
             C::UnknownIssuer => "not issued by the federation CA (unknown issuer)".into(),
             C::BadSignature => "bad signature (not issued by the federation CA)".into(),
-            C::Expired | C::ExpiredContext { .. } => format!("certificate expired ({c:?})"),
+            C::ExpiredContext { time, not_after } => format!(
+                "certificate expired (not after {}, now {})",
+                unix_date(*not_after),
+                unix_date(*time)
+            ),
+            C::Expired => "certificate expired".into(),
             C::NotValidYet | C::NotValidYetContext { .. } => {
                 format!("certificate not valid yet ({c:?})")
             }
@@ -653,6 +662,16 @@ fn describe_cert_error(e: &rustls::Error) -> String {
         },
         other => other.to_string(),
     }
+}
+
+fn unix_date(t: UnixTime) -> String {
+    OffsetDateTime::from_unix_timestamp(t.as_secs() as i64)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{}s since the epoch", t.as_secs()))
 }
 
 /// Client-certificate verifier of the coordinator: the chain must validate against the
@@ -686,7 +705,7 @@ impl ClientCertVerifier for FederationClientVerifier {
         {
             let claimed = claimed_name(end_entity);
             let reason = format!(
-                "client certificate of site {claimed:?} refused: {}",
+                "client certificate of site '{claimed}' refused: {}",
                 describe_cert_error(&e)
             );
             tracing::warn!(site = %claimed, "{reason}");
@@ -696,13 +715,13 @@ impl ClientCertVerifier for FederationClientVerifier {
             Ok(s) => s,
             Err(e) => {
                 let claimed = claimed_name(end_entity);
-                let reason = format!("client certificate of site {claimed:?} refused: {e}");
+                let reason = format!("client certificate of site '{claimed}' refused: {e}");
                 tracing::warn!(site = %claimed, "{reason}");
                 return Err(refuse(reason));
             }
         };
         if !self.allowlist.contains(&site) {
-            let reason = format!("site {site:?} is not on the federation allowlist");
+            let reason = format!("site '{site}' is not on the federation allowlist");
             tracing::warn!(site = %site, "{reason}");
             return Err(refuse(reason));
         }

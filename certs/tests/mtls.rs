@@ -1,0 +1,318 @@
+//! Mutual TLS over real quinn endpoints on 127.0.0.1: honest peers complete a round trip, each
+//! broken credential is refused at handshake time with a specific reason, and the server keeps
+//! serving honest peers afterwards.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedtalent_certs::*;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+use tokio::sync::mpsc;
+
+struct Pki {
+    ca: FederationCa,
+    coord_cert: String,
+    coord_key: String,
+}
+
+fn pki() -> Pki {
+    let ca = FederationCa::create("test federation CA").unwrap();
+    let (coord_cert, coord_key) = ca
+        .issue_coordinator(&["localhost".into(), "127.0.0.1".into()], 30)
+        .unwrap();
+    Pki {
+        ca,
+        coord_cert,
+        coord_key,
+    }
+}
+
+/// (cert, key) of a site, through the real keygen → CSR → sign path.
+fn site(ca: &FederationCa, name: &str) -> (String, String) {
+    let k = SiteKey::generate(name).unwrap();
+    let cert = ca.sign_site_csr(&k.csr_pem, 30).unwrap();
+    (cert, k.key_pem)
+}
+
+type Outcome = Result<String, String>;
+
+struct Server {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
+}
+
+impl Server {
+    async fn next_outcome(&mut self) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(10), self.outcomes.recv())
+            .await
+            .expect("server reported nothing within 10 s")
+            .expect("server loop ended")
+    }
+}
+
+/// A server that reports, per incoming connection, Ok(site) or Err(handshake error) and answers
+/// "ping" with "pong:<site>".
+fn start_server(p: &Pki, allowlist: Allowlist) -> Server {
+    let cfg = server_config(p.ca.cert_pem(), &p.coord_cert, &p.coord_key, allowlist).unwrap();
+    let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let (tx, outcomes) = mpsc::unbounded_channel();
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                    Ok(conn) => {
+                        let site = match peer_site_name(&conn) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(format!("peer_site_name: {e}")));
+                                return;
+                            }
+                        };
+                        let _ = tx.send(Ok(site.clone()));
+                        if let Ok((mut s, mut r)) = conn.accept_bi().await {
+                            if let Ok(req) = r.read_to_end(64).await {
+                                if req == b"ping" {
+                                    let _ = s.write_all(format!("pong:{site}").as_bytes()).await;
+                                    let _ = s.finish();
+                                }
+                            }
+                        }
+                        conn.closed().await;
+                    }
+                }
+            });
+        }
+    });
+    Server {
+        endpoint,
+        addr,
+        outcomes,
+    }
+}
+
+/// Connects and does one ping/pong; returns the reply or the client-side error.
+async fn round_trip(
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<String, String> {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let fut = async {
+        let conn = ep
+            .connect(addr, name)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        s.finish().map_err(|e| e.to_string())?;
+        let reply = r.read_to_end(64).await.map_err(|e| e.to_string())?;
+        conn.close(0u32.into(), b"done");
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    };
+    let res = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| Err("client timed out".into()));
+    ep.wait_idle().await;
+    res
+}
+
+async fn honest_round_trip(p: &Pki, server: &mut Server, name: &str) {
+    let (cert, key) = site(&p.ca, name);
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    let reply = round_trip(cfg, server.addr, "localhost").await;
+    assert_eq!(reply, Ok(format!("pong:{name}")));
+    assert_eq!(server.next_outcome().await, Ok(name.to_string()));
+}
+
+/// Asserts the next handshake is refused by the server with a reason containing `needle`, that
+/// the client's round trip failed, then that an honest peer still gets through.
+async fn expect_refused(
+    p: &Pki,
+    server: &mut Server,
+    client: Result<String, String>,
+    needle: &str,
+) {
+    assert!(
+        client.is_err(),
+        "client round trip should fail, got {client:?}"
+    );
+    let outcome = server.next_outcome().await;
+    let reason = outcome.expect_err("server should refuse the handshake");
+    assert!(
+        reason.contains(needle),
+        "refusal reason {reason:?} does not mention {needle:?}"
+    );
+    honest_round_trip(p, server, "alpha").await;
+}
+
+#[tokio::test]
+async fn honest_sites_round_trip() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha", "beta"]));
+    honest_round_trip(&p, &mut server, "alpha").await;
+    honest_round_trip(&p, &mut server, "beta").await;
+    // The coordinator's IP SAN works as server name too.
+    let (cert, key) = site(&p.ca, "alpha");
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    assert_eq!(
+        round_trip(cfg, server.addr, "127.0.0.1").await,
+        Ok("pong:alpha".into())
+    );
+    server.endpoint.close(0u32.into(), b"");
+}
+
+#[tokio::test]
+async fn client_cert_from_another_ca_is_refused() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let other = FederationCa::create("another CA").unwrap();
+    let (cert, key) = site(&other, "alpha");
+    // The client trusts our coordinator, but presents a certificate of the other CA.
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(
+        &p,
+        &mut server,
+        client,
+        "site 'alpha' refused: not issued by the federation CA",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn self_signed_client_cert_is_refused() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![site_san("alpha")]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "alpha");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    let cfg = client_config(p.ca.cert_pem(), &cert.pem(), &key.serialize_pem()).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(&p, &mut server, client, "not issued by the federation CA").await;
+}
+
+#[tokio::test]
+async fn expired_client_cert_is_refused() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let k = SiteKey::generate("alpha").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert =
+        p.ca.sign_site_csr_between(
+            &k.csr_pem,
+            now - time::Duration::days(10),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    let cfg = client_config(p.ca.cert_pem(), &cert, &k.key_pem).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(
+        &p,
+        &mut server,
+        client,
+        "site 'alpha' refused: certificate expired (not after",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn site_not_on_allowlist_is_refused_and_removal_locks_out() {
+    let p = pki();
+    let allow = Allowlist::new(["alpha", "beta"]);
+    let mut server = start_server(&p, allow.clone());
+    let (cert, key) = site(&p.ca, "mallory");
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(
+        &p,
+        &mut server,
+        client,
+        "site 'mallory' is not on the federation allowlist",
+    )
+    .await;
+
+    // beta gets in, is removed, and is locked out at its next handshake; alpha goes on.
+    honest_round_trip(&p, &mut server, "beta").await;
+    let (cert, key) = site(&p.ca, "beta");
+    assert!(allow.remove("beta"));
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    let client = round_trip(cfg.clone(), server.addr, "localhost").await;
+    expect_refused(
+        &p,
+        &mut server,
+        client,
+        "site 'beta' is not on the federation allowlist",
+    )
+    .await;
+    // Put back: accepted again, with the same certificate.
+    allow.replace(["alpha", "beta"]);
+    assert_eq!(
+        round_trip(cfg, server.addr, "localhost").await,
+        Ok("pong:beta".into())
+    );
+    assert_eq!(server.next_outcome().await, Ok("beta".into()));
+}
+
+#[tokio::test]
+async fn missing_client_cert_is_refused() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let cfg = client_config_without_client_auth(p.ca.cert_pem()).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(&p, &mut server, client, "peer sent no certificates").await;
+}
+
+#[tokio::test]
+async fn wrong_alpn_is_refused() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let (cert, key) = site(&p.ca, "alpha");
+    let cfg = client_config_with_alpn(p.ca.cert_pem(), &cert, &key, b"other/1").unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    expect_refused(
+        &p,
+        &mut server,
+        client,
+        "peer doesn't support any known protocol",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_refuses_wrong_server_name_and_foreign_coordinator() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let (cert, key) = site(&p.ca, "alpha");
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    let err = round_trip(cfg, server.addr, "coordinator.example")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("NotValidForName") || err.contains("not valid for"),
+        "{err}"
+    );
+    // A coordinator certified by another CA is refused by the site.
+    let other = FederationCa::create("impostor CA").unwrap();
+    let cfg = client_config(other.cert_pem(), &cert, &key).unwrap();
+    let err = round_trip(cfg, server.addr, "localhost").await.unwrap_err();
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("unknown issuer"),
+        "{err}"
+    );
+    // The server saw both handshakes fail (the client aborted them).
+    for _ in 0..2 {
+        assert!(server.next_outcome().await.is_err());
+    }
+    honest_round_trip(&p, &mut server, "alpha").await;
+}
