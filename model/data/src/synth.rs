@@ -228,7 +228,7 @@ struct Anatomy {
 fn sphere_in<R: Rng>(rng: &mut R, organ: &Blob, rmin: f64, rmax: f64) -> Blob {
     let r = rng.gen_range(rmin..rmax);
     let c: [f64; 3] =
-        std::array::from_fn(|i| organ.centre[i] + rng.gen_range(-0.5..0.5) * organ.radii[i]);
+        std::array::from_fn(|i| organ.centre[i] + rng.gen_range(-0.35..0.35) * organ.radii[i]);
     Blob {
         centre: c,
         radii: [r, r, r * 1.3],
@@ -252,7 +252,7 @@ impl Anatomy {
                 }
             })
             .collect();
-        let liver_tumours = (0..rng.gen_range(0..3))
+        let liver_tumours = (0..rng.gen_range(1..3))
             .map(|_| sphere_in(rng, &liver, 0.05, 0.11))
             .collect();
         let kidneys = [
