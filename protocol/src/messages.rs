@@ -204,6 +204,11 @@ pub enum Message {
     Heartbeat,
     Admin(AdminRequest),
     AdminReply(AdminReply),
+    /// coordinator → site, reply to a poll (`Heartbeat`) once the last round is complete.
+    Finished {
+        rounds: u32,
+        model_digest: String,
+    },
 }
 
 impl Message {
@@ -220,6 +225,7 @@ impl Message {
             Message::Heartbeat => "Heartbeat",
             Message::Admin(_) => "Admin",
             Message::AdminReply(_) => "AdminReply",
+            Message::Finished { .. } => "Finished",
         }
     }
 }

@@ -118,7 +118,7 @@ impl WireTensor {
 
     /// The values of an f32 tensor; None for another dtype or a bad byte length.
     pub fn to_f32(&self) -> Option<Vec<f32>> {
-        if self.dtype != DType::F32 || self.data.len() % 4 != 0 {
+        if self.dtype != DType::F32 || !self.data.len().is_multiple_of(4) {
             return None;
         }
         Some(

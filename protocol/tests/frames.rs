@@ -226,14 +226,14 @@ fn old_or_new_protocol_version_is_refused() {
 /// xorshift64*: deterministic pseudo-random bytes without extra dependencies.
 pub struct Rng(pub u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
 
@@ -249,7 +249,7 @@ fn random_and_mutated_bytes_never_panic() {
     let mut decoded_ok = 0;
     for i in 0..200_000u32 {
         let input = if i % 2 == 0 {
-            let n = (rng.next() % 300) as usize;
+            let n = (rng.next_u64() % 300) as usize;
             let mut b = rng.bytes(n);
             if n >= 4 && i % 4 == 0 {
                 // Plausible length prefix so the decoder gets past the framing.
@@ -257,10 +257,10 @@ fn random_and_mutated_bytes_never_panic() {
             }
             b
         } else {
-            let mut b = valid[(rng.next() as usize) % valid.len()].clone();
-            for _ in 0..1 + rng.next() % 4 {
-                let pos = 4 + (rng.next() as usize) % (b.len() - 4);
-                b[pos] = rng.next() as u8;
+            let mut b = valid[(rng.next_u64() as usize) % valid.len()].clone();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let pos = 4 + (rng.next_u64() as usize) % (b.len() - 4);
+                b[pos] = rng.next_u64() as u8;
             }
             b
         };

@@ -83,7 +83,10 @@ fn bf16_rounding_is_nearest_even() {
 
 /// Writes a stream whose header is exactly `entries` (same serde layout as the private header:
 /// magic, then (name, dtype, shape, byte_len, widen) per tensor), followed by `body`.
-fn raw_stream(entries: Vec<(&str, DType, Vec<u64>, u64, bool)>, body: &[u8]) -> Vec<u8> {
+/// (name, dtype, shape, byte_len, widen) of one header entry.
+type Entry<'a> = (&'a str, DType, Vec<u64>, u64, bool);
+
+fn raw_stream(entries: Vec<Entry<'_>>, body: &[u8]) -> Vec<u8> {
     let entries: Vec<(String, DType, Vec<u64>, u64, bool)> = entries
         .into_iter()
         .map(|(n, d, s, l, w)| (n.to_string(), d, s, l, w))
@@ -157,7 +160,7 @@ async fn header_checks_name_the_tensor() {
     let set = sample_set();
     let manifest = set.manifest();
     let strict = RecvLimits::for_manifest(manifest.clone());
-    let cases: Vec<(Vec<(&str, DType, Vec<u64>, u64, bool)>, RecvLimits, &str)> = vec![
+    let cases: Vec<(Vec<Entry<'_>>, RecvLimits, &str)> = vec![
         (vec![("conv.weight", DType::F32, vec![3, 4, 5], 239, false)], RecvLimits::default(),
          "tensor \"conv.weight\": declared byte length 239 does not equal shape × dtype size (Some(240))"),
         (vec![("evil.head", DType::F32, vec![3], 12, false)], strict.clone(),
