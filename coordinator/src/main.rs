@@ -1,1 +1,260 @@
-fn main() {}
+//! `coordinator`: the federation coordinator's command line.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fedtalent_coordinator::config::{self, FederationConfig, ADMIN_IDENTITY};
+use fedtalent_coordinator::pki::{self, ClientPki};
+use fedtalent_coordinator::server::{self, Coordinator};
+use fedtalent_coordinator::state::StateDir;
+use fedtalent_protocol::{AdminReply, AdminRequest, Message, StatusReport};
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "fedtalent federation coordinator: PKI, rounds, aggregation, export")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the federation CA, the coordinator and admin certificates, and a commented federation.toml.
+    Init {
+        /// Directory for federation.toml, pki/ and state/.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = "fedtalent")]
+        name: String,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// DNS names or IPs sites use to reach the coordinator (certificate SANs); the first one is
+        /// the name the operator's CLI verifies.
+        #[arg(long = "san", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        sans: Vec<String>,
+        /// Site names allowed to join, in class order (edit federation.toml later as needed).
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue a site certificate from its certificate request (`site-agent keygen`).
+    Sign {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+        /// The site's `.csr` file.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Where to write the certificate (default: next to the request, `.crt`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Run the federation: wait for sites, run rounds, checkpoint, resume after a restart.
+    Serve {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
+    /// Show progress: rounds, sites, latest per-class Dice (live from a running coordinator, else from disk).
+    Status {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
+    /// Start rounds on a coordinator configured with `launch = "manual"`.
+    Launch {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
+    /// Write the global model of the newest complete round (model.safetensors + model.json).
+    Export {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { dir, name, listen, sans, sites, days } => init(&dir, &name, listen, &sans, &sites, days),
+        Command::Sign { config, csr, out, days } => {
+            let config = FederationConfig::load(&config)?;
+            let out = out.unwrap_or_else(|| csr.with_extension("crt"));
+            let (site, path) = pki::sign(&config.federation.pki_dir, &csr, &out, days)?;
+            let listed = config.federation.sites.contains(&site);
+            println!("signed certificate for site {site:?}: {}", path.display());
+            println!("give the site this certificate and {}", config.federation.pki_dir.join(fedtalent_certs::CA_CERT_FILE).display());
+            if !listed {
+                println!("note: {site:?} is not in [federation].sites yet; add it there to let it join");
+            }
+            Ok(())
+        }
+        Command::Serve { config } => serve(&config),
+        Command::Status { config } => status(&config),
+        Command::Launch { config } => {
+            let config = FederationConfig::load(&config)?;
+            match admin_request(&config, AdminRequest::Launch { rounds: None })? {
+                Message::AdminReply(AdminReply::Done { message }) => Ok(println!("{message}")),
+                other => bail!("launch refused: {other:?}"),
+            }
+        }
+        Command::Export { config, out } => {
+            let config = FederationConfig::load(&config)?;
+            println!("{}", server::export_from_state(&config, &out)?);
+            Ok(())
+        }
+    }
+}
+
+fn init(dir: &Path, name: &str, listen: SocketAddr, sans: &[String], sites: &[String], days: u32) -> Result<()> {
+    let toml_path = dir.join("federation.toml");
+    if toml_path.exists() {
+        bail!("{} exists: refusing to overwrite it", toml_path.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = config::template(name, listen, sites);
+    let parsed: FederationConfig = toml::from_str(&text).context("internal: template does not parse")?;
+    parsed.validate().context("--sites")?;
+    pki::init(&dir.join("pki"), name, sans, days)?;
+    fedtalent_certs::write_atomic(&toml_path, text.as_bytes(), 0o644)?;
+    println!("federation {name:?} initialised in {}", dir.display());
+    println!("  config:      {}", toml_path.display());
+    println!("  CA:          {} (keep ca.key private)", dir.join("pki").join(fedtalent_certs::CA_CERT_FILE).display());
+    println!("  next: each site runs `site-agent keygen --site NAME`, you run `coordinator sign --csr NAME.csr`");
+    Ok(())
+}
+
+fn serve(config_path: &Path) -> Result<()> {
+    let config = FederationConfig::load(config_path)?;
+    let pki_dir = config.federation.pki_dir.clone();
+    let read = |f: &str| std::fs::read_to_string(pki_dir.join(f)).with_context(|| format!("reading {}", pki_dir.join(f).display()));
+    let (ca, cert, key) = (read(fedtalent_certs::CA_CERT_FILE)?, read(pki::COORDINATOR_CERT)?, read(pki::COORDINATOR_KEY)?);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let coordinator = Coordinator::open(config)?;
+        let server_config = fedtalent_certs::server_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
+        tokio::spawn(watch_allowlist(config_path.to_path_buf(), coordinator.clone()));
+        coordinator.serve(server_config).await
+    })
+}
+
+/// Re-reads `[federation].sites` every 2 s so that removing a site locks it out at its next
+/// handshake without restarting the coordinator.
+async fn watch_allowlist(path: PathBuf, coordinator: std::sync::Arc<Coordinator>) {
+    let mut last: Option<Vec<String>> = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        match FederationConfig::load(&path) {
+            Ok(c) if last.as_ref() != Some(&c.federation.sites) => {
+                let mut names = c.federation.sites.clone();
+                names.push(ADMIN_IDENTITY.into());
+                if last.is_some() {
+                    tracing::info!(sites = ?c.federation.sites, "allowlist reloaded from {}", path.display());
+                }
+                coordinator.allowlist.replace(names);
+                last = Some(c.federation.sites);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("keeping the current allowlist: {e:#}"),
+        }
+    }
+}
+
+fn status(config_path: &Path) -> Result<()> {
+    let config = FederationConfig::load(config_path)?;
+    match admin_request(&config, AdminRequest::Status) {
+        Ok(Message::AdminReply(AdminReply::Status(report))) => {
+            print_status(&report);
+            Ok(())
+        }
+        Ok(other) => bail!("unexpected reply {}", other.kind()),
+        Err(e) => {
+            eprintln!("coordinator not reachable ({e:#}); reading {}", config.federation.state_dir.display());
+            offline_status(&config)
+        }
+    }
+}
+
+fn print_status(r: &StatusReport) {
+    println!("federation {}: round {}/{} complete{}", r.federation, r.current_round, r.total_rounds, if r.running { ", a round is open" } else { "" });
+    println!("model digest {}", r.model_digest);
+    println!("{:<20} {:>9} {:>8} {:>7} {:>10} {:>10}", "site", "connected", "allowed", "cases", "last round", "loss");
+    for s in &r.sites {
+        let round = s.last_round.map_or("-".into(), |v| v.to_string());
+        let loss = s.last_train_loss.map_or("-".into(), |v| format!("{v:.4}"));
+        println!("{:<20} {:>9} {:>8} {:>7} {:>10} {:>10}", s.site, s.connected, s.allowed, s.n_cases, round, loss);
+    }
+    if !r.dice.is_empty() {
+        println!("{:<32} {:>7}", "class", "Dice");
+        for (class, dice) in &r.dice {
+            println!("{class:<32} {dice:>7.4}");
+        }
+    }
+}
+
+fn offline_status(config: &FederationConfig) -> Result<()> {
+    let state = StateDir::open(&config.federation.state_dir)?;
+    match state.latest()? {
+        Some((record, _)) => {
+            println!("federation {}: round {}/{} complete (digest {})", config.federation.name, record.round, config.plan.rounds, record.digest);
+            for c in &record.contributions {
+                println!("  {:<20} cases {:>5}  weight {:.4}  loss {:.4}", c.site, c.n_cases, c.weight, c.train_loss);
+            }
+        }
+        None => println!("federation {}: no round completed yet", config.federation.name),
+    }
+    let metrics = state.read_metrics()?;
+    let last_dice: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("dice").is_some()).collect();
+    if let Some(last_round) = last_dice.iter().filter_map(|m| m["round"].as_u64()).max() {
+        println!("Dice reported in round {last_round} (of the model of round {}):", last_round - 1);
+        for m in last_dice.iter().filter(|m| m["round"].as_u64() == Some(last_round)) {
+            println!("  {:<32} {:.4}", m["class"].as_str().unwrap_or("?"), m["dice"].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    Ok(())
+}
+
+/// One admin request to the running coordinator, authenticated with the admin certificate.
+fn admin_request(config: &FederationConfig, request: AdminRequest) -> Result<Message> {
+    let pki_dir = &config.federation.pki_dir;
+    let files = ClientPki::read(&pki_dir.join(fedtalent_certs::CA_CERT_FILE), &pki_dir.join(pki::ADMIN_CERT), &pki_dir.join(pki::ADMIN_KEY))?;
+    let server_name = pki::coordinator_server_name(pki_dir)?;
+    let mut addr = config.federation.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let client = fedtalent_certs::client_config(&files.ca_pem, &files.cert_pem, &files.key_pem)?;
+        let mut endpoint = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())?;
+        endpoint.set_default_client_config(client);
+        let connecting = endpoint.connect(addr, &server_name)?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
+            .await
+            .with_context(|| format!("no answer from {addr}"))??;
+        let reply = fedtalent_protocol::quic::request(&conn, &Message::Admin(request)).await?;
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        Ok(reply)
+    })
+}

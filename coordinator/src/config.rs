@@ -1,0 +1,174 @@
+//! `federation.toml`: the coordinator's configuration (written, commented, by `coordinator init`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The identity the operator's CLI (`status`, `launch`) presents; never a site.
+pub const ADMIN_IDENTITY: &str = "coordinator-admin";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    pub federation: FederationSection,
+    pub plan: PlanSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    pub name: String,
+    /// UDP address the coordinator listens on.
+    pub listen: SocketAddr,
+    /// Round checkpoints, metrics log, federation setup. Relative paths are relative to the
+    /// config file.
+    pub state_dir: PathBuf,
+    /// CA, coordinator and admin certificates.
+    pub pki_dir: PathBuf,
+    /// Allowed sites, in the order that fixes the global class order. Removing a site locks it
+    /// out at its next handshake.
+    pub sites: Vec<String>,
+    /// `auto`: rounds start once every listed site has registered; `manual`: on `coordinator launch`.
+    #[serde(default = "default_launch")]
+    pub launch: String,
+    /// Round checkpoints kept on disk.
+    #[serde(default = "default_keep")]
+    pub keep_rounds: usize,
+    /// Stop `serve` once the last round is checkpointed.
+    #[serde(default)]
+    pub exit_when_done: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSection {
+    pub preset: String,
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub batch: u32,
+    pub lr: f64,
+    pub eval_every: u32,
+    pub min_sites: u32,
+    pub round_deadline_s: u64,
+    #[serde(default = "default_dice")]
+    pub dice_mode: String,
+    #[serde(default)]
+    pub bf16_transport: bool,
+    /// Updates whose backbone moved farther than this (L2 over all backbone tensors) from the
+    /// round's global backbone are refused.
+    #[serde(default = "default_max_update_norm")]
+    pub max_update_norm: f64,
+}
+
+fn default_launch() -> String {
+    "auto".into()
+}
+fn default_keep() -> usize {
+    3
+}
+fn default_dice() -> String {
+    "batch".into()
+}
+fn default_max_update_norm() -> f64 {
+    1.0e4
+}
+
+impl FederationConfig {
+    /// Reads and validates a config; relative paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.federation.state_dir = base.join(&config.federation.state_dir);
+        config.federation.pki_dir = base.join(&config.federation.pki_dir);
+        config.validate().with_context(|| format!("invalid {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let f = &self.federation;
+        let p = &self.plan;
+        ensure!(!f.sites.is_empty(), "[federation].sites: no site listed");
+        for s in &f.sites {
+            fedtalent_certs::validate_site_name(s).with_context(|| format!("[federation].sites: {s:?}"))?;
+            ensure!(s != ADMIN_IDENTITY, "[federation].sites: {s:?} is reserved for the operator's CLI");
+        }
+        let mut sorted = f.sites.clone();
+        sorted.sort();
+        sorted.dedup();
+        ensure!(sorted.len() == f.sites.len(), "[federation].sites: a site is listed twice");
+        ensure!(matches!(f.launch.as_str(), "auto" | "manual"), "[federation].launch: {:?} is not auto | manual", f.launch);
+        ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
+        fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
+        ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
+        ensure!(p.batch >= 1, "[plan].batch must be at least 1");
+        ensure!(p.lr > 0.0 && p.lr.is_finite(), "[plan].lr must be positive");
+        ensure!(p.eval_every >= 1, "[plan].eval_every must be at least 1");
+        ensure!(
+            p.min_sites >= 1 && p.min_sites as usize <= f.sites.len(),
+            "[plan].min_sites = {} must be between 1 and the number of sites ({})",
+            p.min_sites,
+            f.sites.len()
+        );
+        ensure!(p.round_deadline_s >= 1, "[plan].round_deadline_s must be at least 1");
+        p.dice_mode.parse::<fedtalent_model::DiceMode>().context("[plan].dice_mode")?;
+        ensure!(p.max_update_norm > 0.0, "[plan].max_update_norm must be positive");
+        Ok(())
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.plan.rounds as u64 * self.plan.local_steps as u64
+    }
+}
+
+/// The commented template `coordinator init` writes.
+pub fn template(name: &str, listen: SocketAddr, sites: &[String]) -> String {
+    let sites = sites.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    format!(
+        r#"# fedtalent federation configuration (written by `coordinator init`).
+
+[federation]
+name = "{name}"
+# UDP address the coordinator listens on (open this UDP port in the firewall).
+listen = "{listen}"
+# Round checkpoints, metrics log (metrics.jsonl) and the federation setup.
+state_dir = "state"
+# Federation CA, coordinator and admin certificates. Keep ca.key offline if you can.
+pki_dir = "pki"
+# Sites allowed to join, in the order that fixes the global class order. Removing a site here
+# (and restarting `serve`) locks it out at its next handshake.
+sites = [{sites}]
+# auto: rounds start once every listed site has registered; manual: on `coordinator launch`.
+launch = "auto"
+# Round checkpoints kept on disk.
+keep_rounds = 3
+# Stop serving once the last round is checkpointed.
+exit_when_done = false
+
+[plan]
+# Network preset: unet (paper), resenc (paper), tiny (CPU tests and the demo).
+preset = "unet"
+rounds = 100
+# Local iterations per round and site, and the batch size.
+local_steps = 250
+batch = 2
+# SGD (momentum 0.99, Nesterov) base learning rate; poly decay over rounds x local_steps.
+lr = 0.01
+# Every eval_every rounds each site reports per-class Dice of the global model on its held-out cases.
+eval_every = 5
+# A round closes when every site reported or after round_deadline_s; it counts if at least
+# min_sites reported (weights renormalised over those).
+min_sites = 2
+round_deadline_s = 3600
+# batch: Dice pooled over the batch (the paper); per_sample: per sample, summed.
+dice_mode = "batch"
+# Send model tensors as bf16 (halves traffic).
+bf16_transport = false
+# Updates whose backbone moved farther than this (L2) from the global one are refused.
+max_update_norm = 10000.0
+"#
+    )
+}

@@ -1,0 +1,10 @@
+//! The fedtalent coordinator: federation PKI operator, round runner, aggregator and exporter.
+
+pub mod aggregate;
+pub mod config;
+pub mod pki;
+pub mod server;
+pub mod state;
+
+pub use config::FederationConfig;
+pub use server::Coordinator;

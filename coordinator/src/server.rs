@@ -1,0 +1,694 @@
+//! `coordinator serve`: accepts sites over QUIC + mutual TLS, registers them, runs rounds,
+//! validates and aggregates updates, checkpoints, and answers the operator's CLI.
+//!
+//! Every request is one bidirectional stream opened by the peer: `Hello` → `Welcome`;
+//! `Heartbeat` (a site's long poll for work) → `RoundStart` | `Heartbeat` | `Finished`;
+//! `ModelRequest` → tensor stream; `UpdateHeader` + tensor stream → `Ack`; `Admin` → `AdminReply`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fedtalent_certs::Allowlist;
+use fedtalent_model::wire::{self, Parts};
+use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
+use fedtalent_protocol::{
+    read_frame, recv_tensors_digest, send_tensors, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind,
+    GlobalClass, HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, Transport,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use tch::Device;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::aggregate::{self, Update};
+use crate::config::{FederationConfig, ADMIN_IDENTITY};
+use crate::state::{Contribution, RoundRecord, Setup, StateDir};
+
+/// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
+const POLL_WAIT: Duration = Duration::from_secs(10);
+
+struct Registration {
+    classes: Vec<ClassSpec>,
+    n_train: u32,
+    histogram: HuHistogram,
+    device: String,
+}
+
+struct OpenRound {
+    round: u32,
+    updates: BTreeMap<String, Update>,
+}
+
+#[derive(Default)]
+struct SiteState {
+    connections: usize,
+    last_round: Option<u32>,
+    last_loss: Option<f32>,
+}
+
+/// Everything that changes while serving, behind one lock (sections are short, no awaits).
+struct Inner {
+    registrations: BTreeMap<String, Registration>,
+    setup: Option<Setup>,
+    global: Option<MultiTalentNet>,
+    digest: String,
+    completed: u32,
+    open: Option<OpenRound>,
+    launched: bool,
+    sites: BTreeMap<String, SiteState>,
+    last_dice: BTreeMap<String, f32>,
+}
+
+pub struct Coordinator {
+    config: FederationConfig,
+    state: StateDir,
+    inner: Mutex<Inner>,
+    /// Bumped on every state change that a waiting request may care about.
+    changes: watch::Sender<u64>,
+    pub allowlist: Allowlist,
+}
+
+impl Coordinator {
+    /// Opens the state dir and resumes from the last complete round, if any.
+    pub fn open(config: FederationConfig) -> Result<Arc<Self>> {
+        let state = StateDir::open(&config.federation.state_dir)?;
+        let mut inner = Inner {
+            registrations: BTreeMap::new(),
+            setup: None,
+            global: None,
+            digest: String::new(),
+            completed: 0,
+            open: None,
+            launched: config.federation.launch == "auto",
+            sites: BTreeMap::new(),
+            last_dice: BTreeMap::new(),
+        };
+        if let Some(setup) = state.read_setup()? {
+            let (net, completed) = load_global(&config, &state, &setup)?;
+            inner.digest = wire::model_digest(&net, &all_rows(&setup));
+            inner.global = Some(net);
+            inner.completed = completed;
+            inner.setup = Some(setup);
+            info!(completed, digest = %inner.digest, "resumed federation from {}", state.root().display());
+        }
+        let mut allowed: Vec<String> = config.federation.sites.clone();
+        allowed.push(ADMIN_IDENTITY.to_string());
+        let (changes, _) = watch::channel(0);
+        Ok(Arc::new(Self { config, state, inner: Mutex::new(inner), changes, allowlist: Allowlist::new(allowed) }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Waits until `ready` returns Some or `timeout` passes.
+    async fn wait_for<T>(&self, timeout: Duration, mut ready: impl FnMut(&Inner) -> Option<T>) -> Option<T> {
+        let mut rx = self.changes.subscribe();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = ready(&self.lock()) {
+                return Some(v);
+            }
+            match tokio::time::timeout_at(until, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return ready(&self.lock()),
+            }
+        }
+    }
+
+    /// Serves until the federation is finished (with `exit_when_done`) or forever.
+    pub async fn serve(self: Arc<Self>, server_config: quinn::ServerConfig) -> Result<()> {
+        let endpoint = quinn::Endpoint::server(server_config, self.config.federation.listen)
+            .with_context(|| format!("listening on UDP {}", self.config.federation.listen))?;
+        info!(addr = %endpoint.local_addr()?, federation = %self.config.federation.name, "coordinator listening");
+        let rounds = tokio::spawn(self.clone().run_rounds());
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(self.clone().handle_connection(incoming));
+                }
+                _ = wait_finished(&rounds) => break,
+            }
+        }
+        let result = rounds.await.context("round task")?;
+        endpoint.close(0u32.into(), b"federation finished");
+        endpoint.wait_idle().await;
+        result
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // rounds
+
+    async fn run_rounds(self: Arc<Self>) -> Result<()> {
+        loop {
+            self.wait_for(Duration::from_secs(u64::MAX / 4), |i| (i.setup.is_some() && i.launched).then_some(())).await;
+            let round = self.lock().completed + 1;
+            if round > self.config.plan.rounds {
+                info!(rounds = self.config.plan.rounds, "federation finished");
+                self.changed();
+                if self.config.federation.exit_when_done {
+                    // Give polling sites a moment to hear `Finished`.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    return Ok(());
+                }
+                std::future::pending::<()>().await;
+            }
+            self.run_round(round).await?;
+        }
+    }
+
+    async fn run_round(&self, round: u32) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
+        self.lock().open = Some(OpenRound { round, updates: BTreeMap::new() });
+        self.changed();
+        info!(round, "round opened");
+        let expected = self.config.federation.sites.len();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.wait_for(wait, |i| i.open.as_ref().filter(|o| o.updates.len() == expected).map(|_| ())).await;
+        let open = self.lock().open.take().expect("the round task owns the open round");
+        self.changed();
+        let reported = open.updates.len();
+        if reported < self.config.plan.min_sites as usize {
+            warn!(round, reported, min_sites = self.config.plan.min_sites, "round closed without enough updates; it will be repeated");
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.close_round(open)?;
+        info!(round, reported, overhead_ms = started.elapsed().as_millis() as u64, "round aggregated and checkpointed");
+        Ok(())
+    }
+
+    /// Aggregates the round's updates, checkpoints atomically and logs metrics.
+    fn close_round(&self, open: OpenRound) -> Result<()> {
+        let mut inner = self.lock();
+        let setup = inner.setup.clone().expect("rounds run after setup");
+        let updates: Vec<&Update> = open.updates.values().collect();
+        let rows = row_lookup(&setup);
+        let global = inner.global.as_mut().expect("global model exists after setup");
+        let weights = aggregate::aggregate(global, &updates, &|id| rows.get(id).copied())?;
+        let digest = wire::model_digest(global, &all_rows(&setup));
+        let contributions: Vec<Contribution> = updates
+            .iter()
+            .zip(&weights)
+            .map(|(u, &weight)| Contribution {
+                site: u.site.clone(),
+                n_cases: u.n_cases,
+                weight,
+                train_loss: u.train_loss,
+                payload_digest: u.payload_digest.clone(),
+            })
+            .collect();
+        let record = RoundRecord { round: open.round, digest: digest.clone(), contributions, classes: setup.classes.clone(), unix_time: unix_now() };
+        self.state.write_checkpoint(global, &record, self.config.federation.keep_rounds)?;
+        self.state.append_metrics(&metric_lines(open.round, &updates, &weights))?;
+        for u in &updates {
+            for (class, dice) in &u.dice {
+                inner.last_dice.insert(class.clone(), *dice);
+            }
+            let site = inner.sites.entry(u.site.clone()).or_default();
+            site.last_round = Some(open.round);
+            site.last_loss = Some(u.train_loss);
+        }
+        inner.digest = digest;
+        inner.completed = open.round;
+        drop(inner);
+        self.changed();
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // connections and requests
+
+    async fn handle_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(%remote, "handshake refused: {e}");
+                return;
+            }
+        };
+        let peer = match fedtalent_certs::peer_site_name(&conn) {
+            Ok(name) => name,
+            Err(e) => {
+                warn!(%remote, "connection without a usable site certificate: {e}");
+                conn.close(1u32.into(), b"no site identity");
+                return;
+            }
+        };
+        info!(site = %peer, %remote, "connected");
+        self.lock().sites.entry(peer.clone()).or_default().connections += 1;
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    tokio::spawn(self.clone().handle_stream(peer.clone(), send, recv));
+                }
+                Err(e) => {
+                    info!(site = %peer, "disconnected: {e}");
+                    break;
+                }
+            }
+        }
+        let mut inner = self.lock();
+        if let Some(site) = inner.sites.get_mut(&peer) {
+            site.connections = site.connections.saturating_sub(1);
+        }
+    }
+
+    async fn handle_stream(self: Arc<Self>, peer: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let request = match read_frame(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(site = %peer, "refused a malformed request: {e}");
+                let _ = write_frame(&mut send, &refusal(ErrorKind::BadMessage, format!("malformed request: {e}"))).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let is_admin = peer == ADMIN_IDENTITY;
+        let reply = match request {
+            Message::Admin(req) if is_admin => Some(self.admin(req)),
+            _ if is_admin => Some(refusal(ErrorKind::BadMessage, "the admin identity only sends admin requests".into())),
+            Message::Hello { protocol_version, site, classes, n_train, n_val: _, hu_histogram, device } => {
+                let reg = Registration { classes, n_train, histogram: hu_histogram, device };
+                Some(self.hello(&peer, protocol_version, &site, reg).await)
+            }
+            Message::Heartbeat => Some(self.poll(&peer).await),
+            Message::ModelRequest { digest, full } => match self.send_model(&peer, &digest, full, &mut send).await {
+                Ok(()) => None,
+                Err(reason) => {
+                    warn!(site = %peer, "model request refused: {reason:#}");
+                    Some(refusal(ErrorKind::BadMessage, format!("{reason:#}")))
+                }
+            },
+            Message::UpdateHeader { round, n_cases, train_loss, dice, payload_digest, durations_ms } => {
+                let header = UpdateMeta { round, n_cases, train_loss, dice, payload_digest, durations_ms };
+                Some(self.receive_update(&peer, header, &mut recv).await)
+            }
+            other => Some(refusal(ErrorKind::BadMessage, format!("unexpected {} request", other.kind()))),
+        };
+        if let Some(reply) = reply {
+            if let Err(e) = write_frame(&mut send, &reply).await {
+                warn!(site = %peer, "could not reply: {e}");
+            }
+        }
+        let _ = send.finish();
+    }
+
+    async fn hello(&self, peer: &str, version: u32, site: &str, reg: Registration) -> Message {
+        if version != PROTOCOL_VERSION {
+            warn!(site = %peer, version, "refused: protocol version {version}, this coordinator speaks {PROTOCOL_VERSION}");
+            return refusal(ErrorKind::VersionMismatch, format!("protocol version {version} is not {PROTOCOL_VERSION}"));
+        }
+        if site != peer {
+            warn!(site = %peer, claimed = %site, "refused: Hello names another site than the certificate");
+            return refusal(ErrorKind::NotAllowed, format!("certificate is for site {peer}, Hello says {site}"));
+        }
+        if !self.config.federation.sites.iter().any(|s| s == peer) {
+            warn!(site = %peer, "refused: not a site of this federation");
+            return refusal(ErrorKind::NotAllowed, format!("site {peer} is not in this federation"));
+        }
+        if let Err(reason) = self.register(peer, reg) {
+            warn!(site = %peer, "registration refused: {reason:#}");
+            return refusal(ErrorKind::BadDataset, format!("{reason:#}"));
+        }
+        self.changed();
+        let setup = self.wait_for(Duration::from_secs(u64::MAX / 4), |i| i.setup.clone()).await.expect("waits forever");
+        let completed = self.lock().completed;
+        info!(site = %peer, completed, "welcomed");
+        Message::Welcome {
+            federation: self.config.federation.name.clone(),
+            plan: self.plan(),
+            classes: setup.classes.iter().map(global_class).collect(),
+            normalization: Normalization {
+                clip_low: setup.normalization.clip_low,
+                clip_high: setup.normalization.clip_high,
+                mean: setup.normalization.mean,
+                std: setup.normalization.std,
+            },
+            current_round: completed,
+        }
+    }
+
+    /// Records a site's registration; once every listed site registered, fixes the setup.
+    fn register(&self, site: &str, reg: Registration) -> Result<()> {
+        anyhow::ensure!(!reg.classes.is_empty(), "site {site}: no classes");
+        let mut inner = self.lock();
+        if let Some(setup) = &inner.setup {
+            let fixed: Vec<(String, Vec<u32>)> =
+                setup.classes.iter().filter(|c| c.site == site).map(|c| (c.name.clone(), c.labels.clone())).collect();
+            let sent: Vec<(String, Vec<u32>)> = reg.classes.iter().map(|c| (c.name.clone(), c.labels.clone())).collect();
+            anyhow::ensure!(fixed == sent, "site {site}: classes {sent:?} differ from those registered earlier {fixed:?}");
+            return Ok(());
+        }
+        info!(site, classes = reg.classes.len(), n_train = reg.n_train, device = %reg.device, "registered");
+        inner.registrations.insert(site.to_string(), reg);
+        if self.config.federation.sites.iter().all(|s| inner.registrations.contains_key(s)) {
+            let setup = build_setup(&self.config, &inner.registrations);
+            self.state.write_setup(&setup)?;
+            let (net, completed) = load_global(&self.config, &self.state, &setup)?;
+            inner.digest = wire::model_digest(&net, &all_rows(&setup));
+            inner.global = Some(net);
+            inner.completed = completed;
+            info!(classes = setup.classes.len(), norm = ?setup.normalization, "federation set up");
+            inner.setup = Some(setup);
+        }
+        Ok(())
+    }
+
+    fn plan(&self) -> Plan {
+        let p = &self.config.plan;
+        let topo = Topology::preset(&p.preset).expect("validated");
+        Plan {
+            preset: p.preset.clone(),
+            patch: topo.patch.map(|v| v as u32),
+            spacing: topo.spacing.map(|v| v as f32),
+            rounds: p.rounds,
+            local_steps: p.local_steps,
+            batch: p.batch,
+            lr: p.lr,
+            eval_every: p.eval_every,
+            min_sites: p.min_sites,
+            round_deadline_s: p.round_deadline_s,
+            dice_mode: p.dice_mode.clone(),
+            bf16_transport: p.bf16_transport,
+        }
+    }
+
+    /// A site's long poll for work.
+    async fn poll(&self, peer: &str) -> Message {
+        let total = self.config.plan.rounds;
+        let local_steps = self.config.plan.local_steps;
+        let eval_every = self.config.plan.eval_every;
+        let total_steps = self.config.total_steps();
+        let work = self
+            .wait_for(POLL_WAIT, |i| {
+                if i.completed >= total && i.setup.is_some() {
+                    return Some(Message::Finished { rounds: total, model_digest: i.digest.clone() });
+                }
+                let open = i.open.as_ref()?;
+                if open.updates.contains_key(peer) {
+                    return None;
+                }
+                Some(Message::RoundStart {
+                    round: open.round,
+                    model_digest: i.digest.clone(),
+                    local_steps,
+                    step_offset: (open.round as u64 - 1) * local_steps as u64,
+                    total_steps,
+                    evaluate: (open.round - 1) % eval_every == 0 || open.round == total,
+                })
+            })
+            .await;
+        work.unwrap_or(Message::Heartbeat)
+    }
+
+    /// Streams the current global model's backbone plus the site's heads (all heads if `full`).
+    async fn send_model(&self, peer: &str, digest: &str, full: bool, send: &mut quinn::SendStream) -> Result<()> {
+        let set = {
+            let inner = self.lock();
+            let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
+            anyhow::ensure!(digest == inner.digest, "model {digest} is not the current global model {}", inner.digest);
+            let classes: Vec<(String, i64)> =
+                setup.classes.iter().filter(|c| full || c.site == peer).map(|c| (c.id.clone(), c.index as i64)).collect();
+            wire::parts_to_wire(inner.global.as_ref().expect("set up"), &classes)
+        };
+        let transport = if self.config.plan.bf16_transport { Transport::Bf16 } else { Transport::Native };
+        send_tensors(send, &set, transport).await.map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
+        Ok(())
+    }
+
+    async fn receive_update(&self, peer: &str, meta: UpdateMeta, recv: &mut quinn::RecvStream) -> Message {
+        let round = meta.round;
+        let refused = |kind: ErrorKind, reason: String| {
+            warn!(site = %peer, round, "update refused: {reason}");
+            Message::Ack { round, accepted: false, reason: Some(format!("{kind:?}: {reason}")) }
+        };
+        // Round and duplicate checks first: a late update is refused without reading its payload.
+        let limits = {
+            let inner = self.lock();
+            match &inner.open {
+                Some(open) if open.round == round && !open.updates.contains_key(peer) => {}
+                Some(open) if open.round == round => return refused(ErrorKind::BadUpdate, format!("site {peer} already sent round {round}")),
+                Some(open) => return refused(ErrorKind::LateUpdate, format!("round {round} is not the open round {}", open.round)),
+                None => return refused(ErrorKind::LateUpdate, format!("round {round} is closed")),
+            }
+            let setup = inner.setup.as_ref().expect("a round is open");
+            let ids: Vec<String> = setup.classes.iter().map(|c| c.id.clone()).collect();
+            let mut limits = RecvLimits::for_manifest(wire::parts_manifest(inner.global.as_ref().expect("set up"), &ids));
+            limits.require_all = false;
+            limits.expected_digest = Some(meta.payload_digest.clone());
+            limits
+        };
+        let (set, digest) = match recv_tensors_digest(recv, &limits).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = recv.stop(1u32.into());
+                return refused(ErrorKind::BadUpdate, format!("payload: {e}"));
+            }
+        };
+        let parts = match Parts::from_wire(&set) {
+            Ok(p) => p,
+            Err(e) => return refused(ErrorKind::BadUpdate, format!("{e:#}")),
+        };
+        let mut inner = self.lock();
+        let setup = inner.setup.clone().expect("a round is open");
+        let owners: BTreeMap<String, String> = setup.classes.iter().map(|c| (c.id.clone(), c.site.clone())).collect();
+        let owned: BTreeSet<String> = setup.classes.iter().filter(|c| c.site == peer).map(|c| c.id.clone()).collect();
+        let global = inner.global.as_ref().expect("set up");
+        if let Err(e) = aggregate::validate(global, &owned, &owners, peer, &parts, self.config.plan.max_update_norm) {
+            return refused(ErrorKind::BadUpdate, format!("{e:#}"));
+        }
+        if meta.n_cases == 0 {
+            return refused(ErrorKind::BadUpdate, format!("site {peer}: n_cases is 0"));
+        }
+        // The round may have closed while the payload was streaming.
+        let Some(open) = inner.open.as_mut().filter(|o| o.round == round) else {
+            return refused(ErrorKind::LateUpdate, format!("round {round} closed while the update was arriving"));
+        };
+        open.updates.insert(
+            peer.to_string(),
+            Update {
+                site: peer.to_string(),
+                n_cases: meta.n_cases,
+                train_loss: meta.train_loss,
+                dice: meta.dice,
+                payload_digest: digest,
+                bytes: set.total_bytes(),
+                durations_ms: meta.durations_ms,
+                parts,
+            },
+        );
+        drop(inner);
+        self.changed();
+        info!(site = %peer, round, n_cases = meta.n_cases, loss = meta.train_loss, "update accepted");
+        Message::Ack { round, accepted: true, reason: None }
+    }
+
+    fn admin(&self, request: AdminRequest) -> Message {
+        let reply = match request {
+            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::Launch { rounds } => {
+                if rounds.is_some_and(|r| r != self.config.plan.rounds) {
+                    AdminReply::Refused { reason: "the number of rounds is fixed by federation.toml (the lr schedule depends on it)".into() }
+                } else {
+                    self.lock().launched = true;
+                    self.changed();
+                    AdminReply::Done { message: "rounds launched".into() }
+                }
+            }
+            AdminRequest::Export { dir } => match self.export(Path::new(&dir)) {
+                Ok(msg) => AdminReply::Done { message: msg },
+                Err(e) => AdminReply::Refused { reason: format!("{e:#}") },
+            },
+            AdminRequest::SetAllowlist { sites } => {
+                let mut names = sites.clone();
+                names.push(ADMIN_IDENTITY.into());
+                self.allowlist.replace(names);
+                AdminReply::Done { message: format!("allowlist is now {sites:?}") }
+            }
+        };
+        Message::AdminReply(reply)
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let inner = self.lock();
+        let sites = self
+            .config
+            .federation
+            .sites
+            .iter()
+            .map(|name| {
+                let s = inner.sites.get(name);
+                SiteStatus {
+                    site: name.clone(),
+                    connected: s.is_some_and(|s| s.connections > 0),
+                    allowed: self.allowlist.contains(name),
+                    last_round: s.and_then(|s| s.last_round),
+                    n_cases: inner.registrations.get(name).map_or(0, |r| r.n_train),
+                    last_train_loss: s.and_then(|s| s.last_loss),
+                }
+            })
+            .collect();
+        StatusReport {
+            federation: self.config.federation.name.clone(),
+            current_round: inner.completed,
+            total_rounds: self.config.plan.rounds,
+            running: inner.open.is_some(),
+            model_digest: inner.digest.clone(),
+            sites,
+            dice: inner.last_dice.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+
+    fn export(&self, dir: &Path) -> Result<String> {
+        let inner = self.lock();
+        let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
+        let net = inner.global.as_ref().expect("set up");
+        export_model(net, setup, &self.config.plan.preset, inner.completed, &inner.digest, dir)?;
+        Ok(format!("round {} exported to {} (digest {})", inner.completed, dir.display(), inner.digest))
+    }
+}
+
+struct UpdateMeta {
+    round: u32,
+    n_cases: u32,
+    train_loss: f32,
+    dice: Vec<(String, f32)>,
+    payload_digest: String,
+    durations_ms: Vec<(String, u64)>,
+}
+
+async fn wait_finished(task: &tokio::task::JoinHandle<Result<()>>) {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn refusal(kind: ErrorKind, reason: String) -> Message {
+    Message::Error { kind, reason }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn global_class(c: &ClassInfo) -> GlobalClass {
+    GlobalClass { index: c.index, id: c.id.clone(), site: c.site.clone(), name: c.name.clone(), labels: c.labels.clone() }
+}
+
+fn all_rows(setup: &Setup) -> Vec<(String, i64)> {
+    setup.classes.iter().map(|c| (c.id.clone(), c.index as i64)).collect()
+}
+
+fn row_lookup(setup: &Setup) -> BTreeMap<String, i64> {
+    all_rows(setup).into_iter().collect()
+}
+
+/// The global class list (config site order, then each site's order) and CT statistics from the
+/// merged foreground histograms.
+fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>) -> Setup {
+    let mut classes = Vec::new();
+    for site in &config.federation.sites {
+        for spec in &regs[site].classes {
+            classes.push(ClassInfo {
+                index: classes.len() as u32,
+                id: format!("{site}/{}", spec.name),
+                site: site.clone(),
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+            });
+        }
+    }
+    let histograms: Vec<fedtalent_data::HuHistogram> = config
+        .federation
+        .sites
+        .iter()
+        .map(|s| fedtalent_data::HuHistogram { min_hu: regs[s].histogram.min_hu, counts: regs[s].histogram.counts.clone() })
+        .collect();
+    let normalization = match fedtalent_data::HuHistogram::merge(&histograms).ct_stats() {
+        Some(n) => CtNormalization { clip_low: n.clip_low as f32, clip_high: n.clip_high as f32, mean: n.mean as f32, std: n.std as f32 },
+        None => {
+            warn!("no site reported foreground intensities; using the paper's CT normalization");
+            CtNormalization::PAPER
+        }
+    };
+    let site_cases = config.federation.sites.iter().map(|s| (s.clone(), regs[s].n_train)).collect();
+    Setup { classes, normalization, site_cases }
+}
+
+/// The global model: the last complete checkpoint, else a fresh, deterministic initialisation.
+fn load_global(config: &FederationConfig, state: &StateDir, setup: &Setup) -> Result<(MultiTalentNet, u32)> {
+    let topo = Topology::preset(&config.plan.preset)?;
+    tch::manual_seed(0);
+    let mut net = MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)?;
+    match state.latest()? {
+        Some((record, model)) => {
+            if record.classes != setup.classes {
+                bail!("checkpoint of round {} has other classes than {}", record.round, state.root().display());
+            }
+            net.load(&model)?;
+            Ok((net, record.round))
+        }
+        None => Ok((net, 0)),
+    }
+}
+
+/// Metrics log lines of a round: one per site, one per (site, class) Dice.
+fn metric_lines(round: u32, updates: &[&Update], weights: &[f64]) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for (u, w) in updates.iter().zip(weights) {
+        let durations: serde_json::Map<String, serde_json::Value> =
+            u.durations_ms.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        lines.push(serde_json::json!({
+            "round": round, "site": u.site, "n_cases": u.n_cases, "weight": w,
+            "train_loss": u.train_loss, "bytes_up": u.bytes, "durations_ms": durations,
+            "payload_digest": u.payload_digest,
+        }));
+        for (class, dice) in &u.dice {
+            // Dice is measured on the global model the round started from.
+            lines.push(serde_json::json!({ "round": round, "model_round": round - 1, "site": u.site, "class": class, "dice": dice }));
+        }
+    }
+    lines
+}
+
+/// Writes `model.safetensors` (nnU-Net names, aliases included) + `model.json` into `dir`.
+pub fn export_model(net: &MultiTalentNet, setup: &Setup, preset: &str, round: u32, digest: &str, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    net.save(&dir.join(fedtalent_model::manifest::WEIGHTS_FILE))?;
+    let topo = net.topology().clone();
+    let manifest = ModelManifest {
+        format: fedtalent_model::manifest::MANIFEST_FORMAT.into(),
+        preset: preset.into(),
+        patch: topo.patch,
+        spacing: topo.spacing,
+        topology: topo,
+        normalization: setup.normalization,
+        classes: setup.classes.clone(),
+        round,
+        digest: digest.into(),
+        weights: fedtalent_model::manifest::WEIGHTS_FILE.into(),
+    };
+    manifest.write(dir)?;
+    Ok(dir.to_path_buf())
+}
+
+/// Offline export from the newest checkpoint in the state dir (the coordinator may be stopped).
+pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String> {
+    let state = StateDir::open(&config.federation.state_dir)?;
+    let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
+    let (net, round) = load_global(config, &state, &setup)?;
+    anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
+    let digest = wire::model_digest(&net, &all_rows(&setup));
+    export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
+    Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
+}

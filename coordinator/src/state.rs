@@ -1,0 +1,155 @@
+//! The coordinator's disk state: the federation setup, round checkpoints and the metrics log.
+//!
+//! A checkpoint is a directory `rounds/round-NNNNNN/` with `model.safetensors` and `round.json`,
+//! built under a temporary name and renamed into place once complete and synced, so a reader
+//! only ever sees complete rounds. A restart resumes from the highest complete round.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fedtalent_model::{ClassInfo, CtNormalization, MultiTalentNet};
+use serde::{Deserialize, Serialize};
+
+const SETUP_FILE: &str = "federation.json";
+const ROUNDS_DIR: &str = "rounds";
+const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINT_MODEL: &str = "model.safetensors";
+pub const CHECKPOINT_RECORD: &str = "round.json";
+
+/// What registration fixed for the whole federation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    pub classes: Vec<ClassInfo>,
+    pub normalization: CtNormalization,
+    /// Training cases per site at registration.
+    pub site_cases: Vec<(String, u32)>,
+}
+
+/// One site's share of a completed round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    pub site: String,
+    pub n_cases: u32,
+    /// Its backbone weight sqrt(n_k) / Σ sqrt(n_j) over the reporting sites.
+    pub weight: f64,
+    pub train_loss: f32,
+    pub payload_digest: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    /// Digest of the aggregated global model.
+    pub digest: String,
+    pub contributions: Vec<Contribution>,
+    pub classes: Vec<ClassInfo>,
+    pub unix_time: u64,
+}
+
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root.join(ROUNDS_DIR)).with_context(|| format!("creating state dir {}", root.display()))?;
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn read_setup(&self) -> Result<Option<Setup>> {
+        let path = self.root.join(SETUP_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+    }
+
+    pub fn write_setup(&self, setup: &Setup) -> Result<()> {
+        fedtalent_model::io::write_bytes_atomic(&self.root.join(SETUP_FILE), serde_json::to_string_pretty(setup)?.as_bytes())
+    }
+
+    fn round_dir(&self, round: u32) -> PathBuf {
+        self.root.join(ROUNDS_DIR).join(format!("round-{round:06}"))
+    }
+
+    /// Writes round `record.round` atomically, then prunes all but the newest `keep` rounds.
+    pub fn write_checkpoint(&self, net: &MultiTalentNet, record: &RoundRecord, keep: usize) -> Result<PathBuf> {
+        let final_dir = self.round_dir(record.round);
+        let tmp = self.root.join(ROUNDS_DIR).join(format!(".tmp-round-{:06}", record.round));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        net.save(&tmp.join(CHECKPOINT_MODEL))?;
+        fedtalent_model::io::write_bytes_atomic(&tmp.join(CHECKPOINT_RECORD), serde_json::to_string_pretty(record)?.as_bytes())?;
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+        }
+        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        fs::File::open(self.root.join(ROUNDS_DIR)).and_then(|d| d.sync_all()).context("syncing the rounds dir")?;
+        self.prune(keep)?;
+        Ok(final_dir)
+    }
+
+    /// Complete rounds on disk, oldest first (temporary directories are ignored).
+    pub fn rounds(&self) -> Result<Vec<u32>> {
+        let mut rounds = Vec::new();
+        for entry in fs::read_dir(self.root.join(ROUNDS_DIR))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("round-").and_then(|n| n.parse::<u32>().ok()) {
+                rounds.push(n);
+            }
+        }
+        rounds.sort_unstable();
+        Ok(rounds)
+    }
+
+    fn prune(&self, keep: usize) -> Result<()> {
+        let rounds = self.rounds()?;
+        for &old in rounds.iter().take(rounds.len().saturating_sub(keep)) {
+            fs::remove_dir_all(self.round_dir(old)).with_context(|| format!("pruning round {old}"))?;
+        }
+        Ok(())
+    }
+
+    /// The newest complete round: its record and model file.
+    pub fn latest(&self) -> Result<Option<(RoundRecord, PathBuf)>> {
+        let Some(&round) = self.rounds()?.last() else { return Ok(None) };
+        let dir = self.round_dir(round);
+        let path = dir.join(CHECKPOINT_RECORD);
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let record: RoundRecord = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Some((record, dir.join(CHECKPOINT_MODEL))))
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join(METRICS_FILE)
+    }
+
+    /// Appends JSON lines to the metrics log and syncs them.
+    pub fn append_metrics(&self, lines: &[serde_json::Value]) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut buf = String::new();
+        for line in lines {
+            buf.push_str(&line.to_string());
+            buf.push('\n');
+        }
+        f.write_all(buf.as_bytes()).and_then(|()| f.sync_data()).with_context(|| format!("appending to {}", path.display()))
+    }
+
+    pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>> {
+        let path = self.metrics_path();
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        // A line cut by a crash mid-append is skipped, not fatal.
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+}
