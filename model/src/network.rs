@@ -57,6 +57,8 @@ pub struct MultiTalentNet {
     encoder: Vec<EncoderStage>,
     /// Decoder levels in execution order (deepest first).
     decoder: Vec<DecoderLevel>,
+    /// The forward graph of the FIRENet layout (then `stem`, `encoder`, `decoder` are empty).
+    firenet: Option<crate::firenet::FireGraph>,
 }
 
 fn padding_of(kernel: [i64; 3]) -> [i64; 3] {
@@ -72,6 +74,7 @@ impl MultiTalentNet {
         Ok(match topology.layout {
             Layout::GenericUnet => builder.generic_unet(),
             Layout::ResidualEncoder => builder.residual_encoder(),
+            Layout::FireNet => builder.firenet()?,
         })
     }
 
@@ -97,6 +100,9 @@ impl MultiTalentNet {
 
     /// Training forward: the logits of every decoder level, full resolution first.
     pub fn forward_ds(&self, x: &Tensor) -> Vec<Tensor> {
+        if let Some(graph) = &self.firenet {
+            return graph.forward(&self.params, x, true);
+        }
         let mut outputs = self.run(x, true);
         outputs.reverse();
         outputs
@@ -104,6 +110,9 @@ impl MultiTalentNet {
 
     /// Inference forward: only the full-resolution logits (no other head is computed).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some(graph) = &self.firenet {
+            return graph.forward(&self.params, x, false).swap_remove(0);
+        }
         self.run(x, false).pop().expect("the full-resolution head always runs")
     }
 
@@ -191,11 +200,19 @@ impl MultiTalentNet {
         self.params.load_named(&tensors, true).with_context(|| format!("loading {}", path.display()))
     }
 
-    /// Parameter counts: (total, backbone, per class).
+    /// Parameter counts: (total, backbone, per class). Per-site decoders (FIRENet) are in the
+    /// total only.
     pub fn parameter_counts(&self) -> (i64, i64, i64) {
         let total = self.params.count(|_| true);
         let backbone = self.params.count(|p: &Param| p.role == Role::Backbone);
-        (total, backbone, (total - backbone) / self.classes)
+        let heads = self.params.count(|p: &Param| matches!(p.role, Role::Head { .. }));
+        (total, backbone, heads / self.classes)
+    }
+
+    /// The class indices of each site's own decoder (FIRENet's per-site decoders); empty when
+    /// every class shares one decoder.
+    pub fn site_decoders(&self) -> &[Vec<i64>] {
+        self.topology.firenet.as_ref().map_or(&[], |f| f.site_decoders.as_slice())
     }
 }
 
@@ -241,7 +258,15 @@ impl Builder<'_> {
     }
 
     fn finish(self, stem: Option<ConvNorm>, encoder: Vec<EncoderStage>, decoder: Vec<DecoderLevel>) -> MultiTalentNet {
-        MultiTalentNet { topology: self.topo.clone(), classes: self.classes, params: self.store, stem, encoder, decoder }
+        MultiTalentNet { topology: self.topo.clone(), classes: self.classes, params: self.store, stem, encoder, decoder, firenet: None }
+    }
+
+    /// FIRENet (see [`crate::firenet`]).
+    fn firenet(mut self) -> Result<MultiTalentNet> {
+        let graph = crate::firenet::build(self.topo, self.classes, &mut self.store, self.device)?;
+        let mut net = self.finish(None, Vec::new(), Vec::new());
+        net.firenet = Some(graph);
+        Ok(net)
     }
 
     /// nnU-Net v1 `Generic_UNet`: registers `conv_blocks_localization`, `conv_blocks_context`, `tu`,

@@ -16,6 +16,12 @@ pub enum Role {
     /// A per-class 1x1x1 head (weight or bias) of decoder `level` (0 = full resolution); dim 0 is
     /// the class.
     Head { level: usize },
+    /// A tensor of site `site`'s own decoder (FIRENet's per-site decoders, a form of personalised
+    /// federated learning). The federation treats it like that site's heads: only Backbone
+    /// tensors are averaged; a site decoder is trained and kept by its site, uploaded by it
+    /// (whole, see [`ParamStore::site_decoder`]) and written into the global model at export
+    /// ([`ParamStore::set_site_decoder`]); no other site ever receives or changes it.
+    SiteDecoder { site: usize },
 }
 
 /// One named parameter. `aliases` are second names under which nnU-Net v1 also lists the same
@@ -194,6 +200,47 @@ impl ParamStore {
             tch::no_grad(|| {
                 let _ = param.tensor.shallow_clone().index_copy_(0, &index, &value);
             });
+        }
+        Ok(())
+    }
+}
+
+impl ParamStore {
+    /// Every tensor of site `site`'s own decoder, in registration order (empty when the network
+    /// has no per-site decoders).
+    pub fn site_decoder(&self, site: usize) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter(|p| p.role == Role::SiteDecoder { site })
+            .map(|p| (p.name.clone(), p.tensor.detach()))
+            .collect()
+    }
+
+    /// Replaces site `site`'s decoder with `tensors` (named like [`ParamStore::site_decoder`]
+    /// returns them, all of them). Other sites' decoders, the backbone and the heads stay
+    /// bit-identical; nothing is changed on error.
+    pub fn set_site_decoder(&mut self, site: usize, tensors: &[(String, Tensor)]) -> Result<()> {
+        let role = Role::SiteDecoder { site };
+        let expected = self.params.iter().filter(|p| p.role == role).count();
+        ensure!(expected > 0, "the network has no decoder of site {site}");
+        ensure!(
+            tensors.len() == expected,
+            "decoder of site {site}: {} tensors given, the network has {expected}",
+            tensors.len()
+        );
+        for (name, value) in tensors {
+            let id = self.resolve(name).with_context(|| format!("unknown tensor {name:?}"))?;
+            let p = &self.params[id];
+            ensure!(p.role == role, "tensor {name:?} is not part of site {site}'s decoder");
+            ensure!(
+                value.size() == p.tensor.size(),
+                "tensor {name:?}: shape {:?}, the network's is {:?}",
+                value.size(),
+                p.tensor.size()
+            );
+        }
+        for (name, value) in tensors {
+            self.copy_into(name, &value.to_kind(Kind::Float))?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! [`Topology`], never a code path. The [`Layout`] picks the block type and the nnU-Net v1 state-dict
 //! naming scheme that a PyTorch user needs to load our files into nnU-Net's own classes.
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Which nnU-Net v1 network family the topology reproduces (block structure and tensor names).
@@ -15,6 +16,34 @@ pub enum Layout {
     /// `FabiansUNet`: stem + residual encoder blocks, no conv bias, one decoder conv per level,
     /// heads with bias.
     ResidualEncoder,
+    /// FIRENet (fabric image representation encoding network): residual encoder, fabric
+    /// representation module (FRM) at the bottleneck, sum skips; see [`crate::firenet`]. Its
+    /// hyper-parameters are in [`Topology::firenet`].
+    #[serde(rename = "firenet")]
+    FireNet,
+}
+
+/// FIRENet's hyper-parameters (the paper publishes no values; these defaults are ours).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FireNetSpec {
+    /// B: FRM branches; branch b (1-based) works at 1/2^(b-1) of the bottleneck resolution with
+    /// 2^(b-1) times the bottleneck width.
+    pub branches: usize,
+    /// N: FRM nodes per branch.
+    pub nodes: usize,
+    /// Dilations of ASPP3D's parallel 3x3x3 convolutions.
+    pub dilations: Vec<i64>,
+    /// Per-site decoders (FIRENet's multi-decoder mode): the class indices of each site, a
+    /// partition of `0..classes`. Empty: one decoder shared by every class.
+    #[serde(default)]
+    pub site_decoders: Vec<Vec<i64>>,
+}
+
+impl Default for FireNetSpec {
+    /// Our defaults: B = 3, N = 3, dilations 1, 2, 4, one shared decoder.
+    fn default() -> Self {
+        Self { branches: 3, nodes: 3, dilations: vec![1, 2, 4], site_decoders: Vec::new() }
+    }
 }
 
 /// One resolution stage of the encoder.
@@ -45,12 +74,30 @@ pub struct Topology {
     pub patch: [i64; 3],
     /// Target spacing (z, y, x) in mm.
     pub spacing: [f64; 3],
+    /// FIRENet hyper-parameters; `Some` exactly when `layout` is [`Layout::FireNet`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firenet: Option<FireNetSpec>,
 }
 
 impl Topology {
     /// Number of decoder levels = number of head levels = number of deep-supervision outputs.
+    /// FIRENet has one more: its FRM output at the bottleneck resolution carries heads too.
     pub fn levels(&self) -> usize {
-        self.stages.len() - 1
+        match self.layout {
+            Layout::FireNet => self.stages.len(),
+            _ => self.stages.len() - 1,
+        }
+    }
+
+    /// This topology with one FIRENet decoder per site (`sites[s]`: the class indices of site s,
+    /// together a partition of the network's classes). Errors for other layouts.
+    pub fn with_site_decoders(mut self, sites: Vec<Vec<i64>>) -> anyhow::Result<Topology> {
+        let spec = self
+            .firenet
+            .as_mut()
+            .with_context(|| format!("topology {}: per-site decoders need the firenet layout", self.name))?;
+        spec.site_decoders = sites;
+        Ok(self)
     }
 
     /// Total downsampling factor per axis; a patch must be divisible by it.
@@ -75,7 +122,9 @@ impl Topology {
             "unet" => Ok(unet()),
             "resenc" => Ok(resenc()),
             "tiny" => Ok(tiny()),
-            other => anyhow::bail!("unknown preset {other:?} (known: unet, resenc, tiny)"),
+            "firenet" => Ok(firenet()),
+            "firenet-tiny" => Ok(firenet_tiny()),
+            other => anyhow::bail!("unknown preset {other:?} (known: unet, resenc, tiny, firenet, firenet-tiny)"),
         }
     }
 
@@ -98,6 +147,10 @@ impl Topology {
                 stage.kernel
             );
         }
+        if self.layout == Layout::FireNet {
+            return self.validate_firenet();
+        }
+        anyhow::ensure!(self.firenet.is_none(), "topology {}: firenet parameters on a {:?} layout", self.name, self.layout);
         let total = self.total_stride();
         for axis in 0..3 {
             anyhow::ensure!(
@@ -108,6 +161,24 @@ impl Topology {
                 total
             );
         }
+        Ok(())
+    }
+}
+
+impl Topology {
+    /// FIRENet needs no fixed patch (every resampling is to an explicit size), so only the
+    /// structure is checked.
+    fn validate_firenet(&self) -> anyhow::Result<()> {
+        let spec = self.firenet.as_ref().with_context(|| format!("topology {}: firenet layout without firenet parameters", self.name))?;
+        anyhow::ensure!(spec.branches >= 1 && spec.nodes >= 1, "topology {}: firenet needs B >= 1 and N >= 1", self.name);
+        anyhow::ensure!(
+            !spec.dilations.is_empty() && spec.dilations.iter().all(|&d| d >= 1),
+            "topology {}: firenet dilations {:?} must be >= 1",
+            self.name,
+            spec.dilations
+        );
+        anyhow::ensure!(self.stages[0].stride == [1; 3], "topology {}: the firenet stem (stage 0) must keep the resolution", self.name);
+        anyhow::ensure!(self.decoder_convs >= 1, "topology {}: firenet needs >= 1 residual block per decoder level", self.name);
         Ok(())
     }
 }
@@ -146,6 +217,7 @@ pub fn unet() -> Topology {
         ds_weights: nnunet_v1_ds_weights(5, true),
         patch: [96, 192, 192],
         spacing: [1.5, 1.0, 1.0],
+        firenet: None,
     }
 }
 
@@ -167,6 +239,7 @@ pub fn resenc() -> Topology {
         ds_weights: nnunet_v1_ds_weights(5, false),
         patch: [96, 192, 192],
         spacing: [1.5, 1.0, 1.0],
+        firenet: None,
     }
 }
 
@@ -186,6 +259,39 @@ pub fn tiny() -> Topology {
         ds_weights: nnunet_v1_ds_weights(3, true),
         patch: [32, 64, 64],
         spacing: [3.0, 2.0, 2.0],
+        firenet: None,
+    }
+}
+
+/// FIRENet: a full-resolution stem (ours), two residual blocks of 32 and 64 filters each
+/// downsampling by 2 (the paper's), the FRM with B = 3, N = 3 (ours) at 1/4 resolution, a mirrored
+/// decoder. Deep supervision on the full-resolution output, the intermediate decoder block and the
+/// FRM, equally weighted (the paper sums the three losses; we scale the sum to 1 like the other
+/// presets so the same lr and clipping apply).
+pub fn firenet() -> Topology {
+    Topology {
+        name: "firenet".into(),
+        layout: Layout::FireNet,
+        in_channels: 1,
+        stages: vec![stage(32, [1, 1, 1], K3, 1), stage(32, [2, 2, 2], K3, 1), stage(64, [2, 2, 2], K3, 1)],
+        decoder_convs: 1,
+        ds_weights: vec![1.0 / 3.0; 3],
+        patch: [96, 192, 192],
+        spacing: [1.5, 1.0, 1.0],
+        firenet: Some(FireNetSpec::default()),
+    }
+}
+
+/// `firenet` with small widths (8, 8, 16; FRM branches 16, 32, 64) and N = 2 for CPU tests and
+/// the demo.
+pub fn firenet_tiny() -> Topology {
+    Topology {
+        firenet: Some(FireNetSpec { nodes: 2, ..FireNetSpec::default() }),
+        name: "firenet-tiny".into(),
+        stages: vec![stage(8, [1, 1, 1], K3, 1), stage(8, [2, 2, 2], K3, 1), stage(16, [2, 2, 2], K3, 1)],
+        patch: [32, 64, 64],
+        spacing: [3.0, 2.0, 2.0],
+        ..firenet()
     }
 }
 
@@ -209,7 +315,7 @@ mod tests {
 
     #[test]
     fn presets_validate_and_bad_patch_is_named() {
-        for p in ["unet", "resenc", "tiny"] {
+        for p in ["unet", "resenc", "tiny", "firenet", "firenet-tiny"] {
             Topology::preset(p).unwrap().validate().unwrap();
         }
         let mut t = tiny();
