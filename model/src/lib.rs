@@ -2,17 +2,19 @@
 //! paper's presets), the per-class heads the federation moves around, the masked BCE + Dice loss,
 //! the training step (SGD Nesterov, poly lr, clipping, mixed precision) and model files.
 
-pub mod firenet;
+pub mod infer;
 pub mod io;
+pub mod metrics;
 pub mod loss;
 pub mod manifest;
 pub mod network;
 pub mod optim;
 pub mod params;
+pub mod predict;
 pub mod topology;
 pub mod train;
 
 pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
 pub use manifest::{ClassInfo, CtNormalization, ModelManifest};
 pub use network::MultiTalentNet;
-pub use topology::{FireNetSpec, Layout, Stage, Topology};
+pub use topology::{Layout, Stage, Topology};

@@ -1,0 +1,326 @@
+//! End-to-end prediction on a phantom with a network whose output is known by construction, the
+//! written masks checked with nibabel; bad inputs and bad model folders refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use fedtalent_data::nifti_io::write_f32_nifti;
+use fedtalent_data::{write_mask_nifti, SpatialHeader};
+use fedtalent_model::infer::InferOptions;
+use fedtalent_model::metrics::{dice, evaluate_dataset};
+use fedtalent_model::predict::{case_name, Predictor};
+use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
+use ndarray::Array3;
+use tch::{Device, Kind, Tensor};
+
+const SHAPE: (usize, usize, usize) = (40, 100, 100);
+const SPACING: [f64; 3] = [2.0, 0.8, 0.8];
+
+fn affine() -> [[f64; 4]; 4] {
+    // Flipped x and y (LPS-like), as CT usually is.
+    [
+        [-0.8, 0.0, 0.0, 10.0],
+        [0.0, -0.8, 0.0, 20.0],
+        [0.0, 0.0, 2.0, -30.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+}
+
+/// Labels: 1 = a box, 2 = a smaller box inside it.
+fn phantom_labels() -> Array3<u8> {
+    Array3::from_shape_fn(SHAPE, |(z, y, x)| {
+        if (18..22).contains(&z) && (40..50).contains(&y) && (40..50).contains(&x) {
+            2
+        } else if (14..26).contains(&z) && (30..60).contains(&y) && (35..65).contains(&x) {
+            1
+        } else {
+            0
+        }
+    })
+}
+
+/// HU: air-like background, a bright object, and a zero band outside the field of view (x < 3)
+/// that the crop to nonzero removes.
+fn phantom_image(labels: &Array3<u8>) -> Array3<f32> {
+    Array3::from_shape_fn(SHAPE, |(z, y, x)| {
+        if x < 3 {
+            0.0
+        } else if labels[(z, y, x)] > 0 {
+            100.0
+        } else {
+            -1000.0
+        }
+    })
+}
+
+fn set(net: &mut MultiTalentNet, name: &str, f: impl Fn(&Tensor)) {
+    let p = net
+        .params()
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .tensor
+        .shallow_clone();
+    let t = Tensor::zeros(p.size(), (Kind::Float, Device::Cpu));
+    f(&t);
+    net.params_mut().copy_into(name, &t).unwrap();
+}
+
+/// A `tiny` network that thresholds intensity: only the full-resolution path carries one
+/// channel (identity kernels), everything else is zero. After instance norm the object (a small
+/// fraction of every tile) is positive and the background negative; the last norm's affine
+/// (γ 10, β −1) and the head (50) turn that into confident logits. Class 0 ("organ") is this
+/// detector; class 1 has a zero head: p = 0.5 everywhere, which p > 0.5 leaves empty.
+fn write_model(dir: &Path) {
+    let topology = Topology::preset("tiny").unwrap();
+    let mut net = MultiTalentNet::new(&topology, 2, Device::Cpu).unwrap();
+    let names: Vec<String> = net.params().iter().map(|p| p.name.clone()).collect();
+    for n in &names {
+        set(&mut net, n, |_| {});
+    }
+    let centre = |t: &Tensor, out: i64, inp: i64| {
+        let _ = t.get(out).get(inp).get(1).get(1).get(1).fill_(1.0);
+    };
+    set(&mut net, "conv_blocks_context.0.blocks.0.conv.weight", |t| centre(t, 0, 0));
+    set(&mut net, "conv_blocks_context.0.blocks.1.conv.weight", |t| centre(t, 0, 0));
+    set(&mut net, "conv_blocks_localization.2.0.blocks.0.conv.weight", |t| centre(t, 0, 8));
+    set(&mut net, "conv_blocks_localization.2.1.blocks.0.conv.weight", |t| centre(t, 0, 0));
+    for n in [
+        "conv_blocks_context.0.blocks.0.instnorm.weight",
+        "conv_blocks_context.0.blocks.1.instnorm.weight",
+        "conv_blocks_localization.2.0.blocks.0.instnorm.weight",
+    ] {
+        set(&mut net, n, |t| {
+            let _ = t.get(0).fill_(1.0);
+        });
+    }
+    set(&mut net, "conv_blocks_localization.2.1.blocks.0.instnorm.weight", |t| {
+        let _ = t.get(0).fill_(10.0);
+    });
+    set(&mut net, "conv_blocks_localization.2.1.blocks.0.instnorm.bias", |t| {
+        let _ = t.get(0).fill_(-1.0);
+    });
+    set(&mut net, "seg_outputs.2.weight", |t| {
+        let _ = t.get(0).get(0).fill_(50.0);
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    net.save(&dir.join("model.safetensors")).unwrap();
+    let class = |index: u32, site: &str, name: &str, labels: Vec<u32>| ClassInfo {
+        index,
+        id: format!("{site}/{name}"),
+        site: site.into(),
+        name: name.into(),
+        labels,
+    };
+    let manifest = ModelManifest {
+        format: fedtalent_model::manifest::MANIFEST_FORMAT.into(),
+        preset: "tiny".into(),
+        patch: topology.patch,
+        spacing: [2.0, 1.0, 1.0],
+        topology,
+        normalization: CtNormalization {
+            clip_low: -1000.0,
+            clip_high: 100.0,
+            mean: -450.0,
+            std: 550.0,
+        },
+        classes: vec![class(0, "phantom", "organ", vec![1, 2]), class(1, "other", "core", vec![2])],
+        round: 3,
+        digest: "test".into(),
+        weights: "model.safetensors".into(),
+    };
+    manifest.write(dir).unwrap();
+}
+
+fn options() -> InferOptions {
+    InferOptions {
+        tile_batch: 4,
+        progress: false,
+        ..InferOptions::default()
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    image: PathBuf,
+    label: PathBuf,
+    labels: Array3<u8>,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = root.join("model");
+    write_model(&model);
+    let labels = phantom_labels();
+    let header = SpatialHeader::from_affine(&affine());
+    let image = root.join("case_007_0000.nii.gz");
+    write_f32_nifti(&image, &phantom_image(&labels), &header).unwrap();
+    let label = root.join("case_007.nii.gz");
+    write_mask_nifti(&label, &labels, &header).unwrap();
+    Fixture {
+        _tmp: tmp,
+        model,
+        image,
+        label,
+        labels,
+        root,
+    }
+}
+
+#[test]
+fn predicts_the_phantom_and_writes_masks_that_nibabel_reads() {
+    let f = fixture();
+    let predictor = Predictor::load(&f.model, options()).unwrap();
+    assert_eq!(predictor.select_classes(&[]).unwrap(), vec![0, 1]);
+    assert_eq!(predictor.select_classes(&["phantom/organ".into()]).unwrap(), vec![0]);
+    assert_eq!(predictor.select_classes(&["core,0".into()]).unwrap(), vec![1, 0]);
+    assert!(predictor
+        .select_classes(&["spleen".into()])
+        .unwrap_err()
+        .to_string()
+        .contains("spleen"));
+
+    let out = f.root.join("out");
+    let written = predictor.predict_to(&f.image, &out, &[0, 1]).unwrap();
+    assert_eq!(case_name(&f.image), "case_007");
+    let organ = out.join("case_007/phantom__organ.nii.gz");
+    let core = out.join("case_007/other__core.nii.gz");
+    assert_eq!(
+        written.iter().map(|w| w.file.clone()).collect::<Vec<_>>(),
+        vec![organ.clone(), core.clone()]
+    );
+    assert!(out.join("case_007/classes.json").is_file());
+
+    // Rust side: Dice of the organ against labels {1, 2}; the zero-head class is empty.
+    let mask = fedtalent_data::read_label_nifti(&organ).unwrap().data.mapv(|v| v != 0);
+    let truth = f.labels.mapv(|v| v != 0);
+    let d = dice(&mask, &truth).unwrap();
+    assert!(d > 0.9, "organ Dice {d}");
+    assert_eq!(written[1].voxels, 0);
+    assert!(written[0].voxels > 0);
+
+    // nibabel: uint8, the input's shape and affine, the same Dice.
+    let script = r#"
+import sys, json, numpy as np, nibabel as nib
+img, organ, core, lab = (nib.load(p) for p in sys.argv[1:5])
+m, t = np.asarray(organ.dataobj), np.asarray(lab.dataobj) > 0
+print(json.dumps({
+  "dtype": [str(organ.get_data_dtype()), str(core.get_data_dtype())],
+  "shape_ok": organ.shape == img.shape == core.shape,
+  "affine_err": float(max(np.abs(organ.affine - img.affine).max(), np.abs(core.affine - img.affine).max())),
+  "dice": float(2 * np.logical_and(m > 0, t).sum() / ((m > 0).sum() + t.sum())),
+  "values": sorted(int(v) for v in np.unique(m)),
+  "core_sum": int(np.asarray(core.dataobj).sum()),
+}))
+"#;
+    let args = [&f.image, &organ, &core, &f.label].map(|p| p.to_string_lossy().to_string());
+    let out = common::run_python(script, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["dtype"], serde_json::json!(["uint8", "uint8"]), "{v}");
+    assert_eq!(v["shape_ok"], true, "{v}");
+    assert!(v["affine_err"].as_f64().unwrap() < 1e-5, "{v}");
+    assert!((v["dice"].as_f64().unwrap() - d).abs() < 1e-9, "{v}");
+    assert_eq!(v["values"], serde_json::json!([0, 1]), "{v}");
+    assert_eq!(v["core_sum"], 0, "{v}");
+
+    // Mirroring (TTA) keeps the result.
+    let tta = Predictor::load(&f.model, InferOptions { mirror: true, ..options() }).unwrap();
+    let p = tta.predict(&f.image, &[0]).unwrap();
+    let d_tta = dice(&p.masks[0].mapv(|v| v != 0), &truth).unwrap();
+    assert!(d_tta > 0.9, "TTA Dice {d_tta}");
+}
+
+#[test]
+fn evaluates_a_labelled_folder() {
+    let f = fixture();
+    let ds = f.root.join("Dataset001_phantom");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(ds.join(sub)).unwrap();
+    }
+    std::fs::copy(&f.image, ds.join("imagesTr/case_007_0000.nii.gz")).unwrap();
+    std::fs::copy(&f.label, ds.join("labelsTr/case_007.nii.gz")).unwrap();
+    // A case whose label does not match its image is skipped by name, not used.
+    std::fs::copy(&f.image, ds.join("imagesTr/case_008_0000.nii.gz")).unwrap();
+    std::fs::write(ds.join("labelsTr/case_008.nii.gz"), b"not a nifti").unwrap();
+    let json = serde_json::json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "core": 2}, "numTraining": 2, "file_ending": ".nii.gz"});
+    std::fs::write(ds.join("dataset.json"), json.to_string()).unwrap();
+    let predictor = Predictor::load(&f.model, options()).unwrap();
+    let e = evaluate_dataset(&predictor, &ds, &[0, 1]).unwrap();
+    assert_eq!(e.cases.len(), 1);
+    assert_eq!(e.skipped.len(), 1);
+    assert!(e.skipped[0].contains("case_008"), "{:?}", e.skipped);
+    assert!(e.classes[0].mean_dice.unwrap() > 0.9, "{}", e);
+    let hd = e.classes[0].mean_hd95_mm.unwrap();
+    assert!(hd < 2.5, "organ HD95 {hd} mm");
+    // The zero-head class predicts nothing against a nonempty core: Dice 0, HD95 undefined.
+    assert_eq!(e.classes[1].mean_dice, Some(0.0));
+    assert_eq!(e.classes[1].mean_hd95_mm, None);
+    let table = e.to_string();
+    assert!(table.contains("phantom/organ") && table.contains("other/core"), "{table}");
+}
+
+fn err_of(r: anyhow::Result<impl Sized>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_by_name() {
+    let f = fixture();
+    let predictor = Predictor::load(&f.model, options()).unwrap();
+    let out = f.root.join("out");
+    let text = f.root.join("notes.txt");
+    std::fs::write(&text, "hello").unwrap();
+    let e = err_of(predictor.predict_to(&text, &out, &[0]));
+    assert!(e.contains("notes.txt") && e.contains("not a NIfTI"), "{e}");
+    let garbage = f.root.join("garbage.nii.gz");
+    std::fs::write(&garbage, b"definitely not gzip").unwrap();
+    let e = err_of(predictor.predict_to(&garbage, &out, &[0]));
+    assert!(e.contains("garbage.nii.gz"), "{e}");
+    let empty = f.root.join("empty.nii");
+    std::fs::write(&empty, b"").unwrap();
+    let e = err_of(predictor.predict_to(&empty, &out, &[0]));
+    assert!(e.contains("empty.nii") && e.contains("empty file"), "{e}");
+    // A 4D (two-volume) image, written by nibabel.
+    let four = f.root.join("four_d.nii.gz");
+    common::run_python(
+        "import sys, numpy as np, nibabel as nib; nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), sys.argv[1])",
+        &[four.to_str().unwrap()],
+    );
+    let e = err_of(predictor.predict_to(&four, &out, &[0]));
+    assert!(e.contains("four_d.nii.gz") && e.contains("3D"), "{e}");
+    let e = err_of(fedtalent_model::predict::input_files(&f.root.join("missing.nii.gz")));
+    assert!(e.contains("missing.nii.gz"), "{e}");
+    assert!(!out.join("notes").exists() && !out.join("empty").exists());
+}
+
+#[test]
+fn bad_model_folders_are_refused_by_name() {
+    let f = fixture();
+    let e = err_of(Predictor::load(&f.root, options()));
+    assert!(e.contains("model.json") && e.contains(&f.root.display().to_string()), "{e}");
+    // Weights of a 3-class network under a 2-class manifest.
+    let other = f.root.join("model3");
+    write_model(&other);
+    MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 3, Device::Cpu)
+        .unwrap()
+        .save(&other.join("model.safetensors"))
+        .unwrap();
+    let e = err_of(Predictor::load(&other, options()));
+    assert!(
+        e.contains("model.safetensors") && e.contains("do not match") && e.contains("seg_outputs"),
+        "{e}"
+    );
+    std::fs::remove_file(other.join("model.safetensors")).unwrap();
+    let e = err_of(Predictor::load(&other, options()));
+    assert!(e.contains("missing"), "{e}");
+    std::fs::write(other.join("model.json"), "{ not json").unwrap();
+    let e = err_of(Predictor::load(&other, options()));
+    assert!(e.contains("model.json"), "{e}");
+}
