@@ -2,6 +2,7 @@
 //! paper's presets), the per-class heads the federation moves around, the masked BCE + Dice loss,
 //! the training step (SGD Nesterov, poly lr, clipping, mixed precision) and model files.
 
+pub mod firenet;
 pub mod infer;
 pub mod io;
 pub mod metrics;
@@ -17,4 +18,4 @@ pub mod train;
 pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
 pub use manifest::{ClassInfo, CtNormalization, ModelManifest};
 pub use network::MultiTalentNet;
-pub use topology::{Layout, Stage, Topology};
+pub use topology::{FireNetSpec, Layout, Stage, Topology};
