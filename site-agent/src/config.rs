@@ -1,0 +1,101 @@
+//! `site.toml`: a site agent's configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use fedtalent_data::SiteDataConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub site: SiteSection,
+    /// The dataset and the label values forming each class.
+    pub data: SiteDataConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSection {
+    /// The site's name: must match its certificate.
+    pub name: String,
+    /// The coordinator's UDP address.
+    pub coordinator: SocketAddr,
+    /// The name on the coordinator's certificate (one of its SANs).
+    pub server_name: String,
+    /// Federation CA certificate, this site's certificate and private key.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Heads, optimizer state, last round, local metrics.
+    pub state_dir: PathBuf,
+    /// auto | cpu | cuda | cuda:N
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// CPU threads for preprocessing and batch loading.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seed of the local data sampling.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_threads() -> usize {
+    2
+}
+
+impl SiteConfig {
+    /// Reads a config; relative paths are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut c: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.site.ca, &mut c.site.cert, &mut c.site.key, &mut c.site.state_dir, &mut c.data.dataset_dir, &mut c.data.cache_dir] {
+            *p = base.join(&*p);
+        }
+        fedtalent_certs::validate_site_name(&c.site.name).with_context(|| format!("{}: [site].name", path.display()))?;
+        ensure!(c.site.threads >= 1, "{}: [site].threads must be at least 1", path.display());
+        let problems = c.data.problems();
+        ensure!(problems.is_empty(), "{}: {}", path.display(), problems.join("; "));
+        Ok(c)
+    }
+}
+
+/// A commented example (`site-agent keygen` prints where to put it).
+pub fn template(site: &str) -> String {
+    format!(
+        r#"# fedtalent site agent configuration.
+[site]
+name = "{site}"
+# The coordinator's UDP address and the name on its certificate.
+coordinator = "127.0.0.1:7443"
+server_name = "localhost"
+# Federation CA certificate (from the coordinator's operator), this site's certificate and key.
+ca = "ca.crt"
+cert = "{site}.crt"
+key = "{site}.key"
+# Heads, optimizer state and local metrics survive restarts here.
+state_dir = "state"
+# auto | cpu | cuda | cuda:N
+device = "auto"
+threads = 4
+
+[data]
+# nnU-Net v2 or Medical Segmentation Decathlon folder.
+dataset_dir = "Dataset001_Liver"
+# Preprocessed cases are cached here (invalidated when the config or a source file changes).
+cache_dir = "cache"
+# Cases held out for federated validation: a count or a fraction.
+val_cases = 0.2
+# Each class is a region: the label values of this site's label maps that belong to it.
+classes = [
+  {{ name = "liver", labels = [1, 2] }},
+  {{ name = "liver_tumour", labels = [2] }},
+]
+"#
+    )
+}
