@@ -24,8 +24,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -53,15 +53,9 @@ pub enum CertError {
     #[error("invalid site name {name:?}: {why} (allowed: [A-Za-z0-9_-]{{1,64}})")]
     InvalidSiteName { name: String, why: &'static str },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("refusing to overwrite existing {path}")]
     Exists { path: PathBuf },
     #[error("{what}: no PEM {kind} found")]
@@ -95,19 +89,13 @@ pub fn validate_site_name(name: &str) -> Result<()> {
         Some("empty")
     } else if name.len() > 64 {
         Some("longer than 64 characters")
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         Some("contains a character outside [A-Za-z0-9_-]")
     } else {
         None
     };
     match why {
-        Some(why) => Err(CertError::InvalidSiteName {
-            name: name.to_string(),
-            why,
-        }),
+        Some(why) => Err(CertError::InvalidSiteName { name: name.to_string(), why }),
         None => Ok(()),
     }
 }
@@ -122,19 +110,10 @@ pub fn site_san(site: &str) -> String {
 /// then fsync of the directory. `mode` is applied (on Unix) to the temporary file before any byte
 /// is written, so a private key is never readable by others, even transiently.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let werr = |source| CertError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| werr(std::io::Error::other("no file name")))?
-        .to_string_lossy()
-        .into_owned();
+    let werr = |source| CertError::Write { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name =
+        path.file_name().ok_or_else(|| werr(std::io::Error::other("no file name")))?.to_string_lossy().into_owned();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -169,24 +148,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|source| CertError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })
 }
 
 fn validity(days: u32) -> Result<(OffsetDateTime, OffsetDateTime)> {
     if days == 0 {
-        return Err(CertError::Validity(
-            "validity must be at least 1 day".into(),
-        ));
+        return Err(CertError::Validity("validity must be at least 1 day".into()));
     }
     let now = OffsetDateTime::now_utc();
     // Small back-dating tolerates clock skew between the coordinator and the sites.
-    Ok((
-        now - time::Duration::minutes(5),
-        now + time::Duration::days(days as i64),
-    ))
+    Ok((now - time::Duration::minutes(5), now + time::Duration::days(days as i64)))
 }
 
 fn random_serial() -> rcgen::SerialNumber {
@@ -208,9 +179,7 @@ pub struct FederationCa {
 
 impl fmt::Debug for FederationCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FederationCa")
-            .field("cert_pem", &self.cert_pem)
-            .finish_non_exhaustive()
+        f.debug_struct("FederationCa").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
     }
 }
 
@@ -224,26 +193,17 @@ impl FederationCa {
         dn.push(DnType::OrganizationName, "fedtalent federation");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let (nb, na) = validity(3650)?;
         params.not_before = nb;
         params.not_after = na;
         params.serial_number = Some(random_serial());
-        let cert = params
-            .self_signed(&key)
-            .map_err(rc("self-signing the CA certificate"))?;
+        let cert = params.self_signed(&key).map_err(rc("self-signing the CA certificate"))?;
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
         let issuer = Issuer::new(params, key);
-        Ok(FederationCa {
-            cert_pem,
-            key_pem,
-            issuer,
-        })
+        Ok(FederationCa { cert_pem, key_pem, issuer })
     }
 
     /// Loads a CA from its certificate and private key PEM files.
@@ -252,44 +212,26 @@ impl FederationCa {
         let key_pem = read_to_string(key_pem_path)?;
         let what_key = key_pem_path.display().to_string();
         let key = KeyPair::from_pem(&key_pem).map_err(rc(what_key))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(rc(cert_pem_path.display().to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(rc(cert_pem_path.display().to_string()))?;
         // The key must belong to the certificate.
-        let der =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CertError::BadPem {
-                what: cert_pem_path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        let (_, x509) =
-            x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadPem {
-                what: cert_pem_path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CertError::BadPem { what: cert_pem_path.display().to_string(), reason: e.to_string() })?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| CertError::BadPem { what: cert_pem_path.display().to_string(), reason: e.to_string() })?;
         let spki = x509.public_key().subject_public_key.data.as_ref();
         if spki != rcgen::PublicKeyData::der_bytes(issuer.key()) {
             return Err(CertError::BadCertificate {
                 field: "subjectPublicKeyInfo",
-                reason: format!(
-                    "{} does not match the key in {}",
-                    cert_pem_path.display(),
-                    key_pem_path.display()
-                ),
+                reason: format!("{} does not match the key in {}", cert_pem_path.display(), key_pem_path.display()),
             });
         }
-        Ok(FederationCa {
-            cert_pem,
-            key_pem,
-            issuer,
-        })
+        Ok(FederationCa { cert_pem, key_pem, issuer })
     }
 
     /// Writes `ca.crt` (0644) and `ca.key` (0600) into `dir`, each atomically. Refuses to
     /// overwrite an existing key.
     pub fn save(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-        fs::create_dir_all(dir).map_err(|source| CertError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_path_buf(), source })?;
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         if key_path.exists() {
@@ -313,19 +255,14 @@ impl FederationCa {
     /// Issues the coordinator's server certificate with the given SANs (DNS names or IP
     /// addresses) and returns `(cert_pem, key_pem)`. The key is generated here, on the
     /// coordinator's machine.
-    pub fn issue_coordinator(
-        &self,
-        sans: &[String],
-        validity_days: u32,
-    ) -> Result<(String, String)> {
+    pub fn issue_coordinator(&self, sans: &[String], validity_days: u32) -> Result<(String, String)> {
         if sans.is_empty() {
             return Err(CertError::BadCertificate {
                 field: "subjectAltName",
                 reason: "the coordinator certificate needs at least one DNS name or IP".into(),
             });
         }
-        let mut params = CertificateParams::new(sans.to_vec())
-            .map_err(rc(format!("coordinator SANs {sans:?}")))?;
+        let mut params = CertificateParams::new(sans.to_vec()).map_err(rc(format!("coordinator SANs {sans:?}")))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "fedtalent coordinator");
         params.distinguished_name = dn;
@@ -338,9 +275,7 @@ impl FederationCa {
         params.not_after = na;
         params.serial_number = Some(random_serial());
         let key = KeyPair::generate().map_err(rc("generating the coordinator key"))?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(rc("signing the coordinator certificate"))?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc("signing the coordinator certificate"))?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 
@@ -364,9 +299,7 @@ impl FederationCa {
         not_after: OffsetDateTime,
     ) -> Result<String> {
         if not_after <= not_before {
-            return Err(CertError::Validity(format!(
-                "not_after {not_after} is not after not_before {not_before}"
-            )));
+            return Err(CertError::Validity(format!("not_after {not_after} is not after not_before {not_before}")));
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CertError::CsrRefused(format!("unreadable or badly signed: {e}")))?;
@@ -376,11 +309,8 @@ impl FederationCa {
         dn.push(DnType::CommonName, site.clone());
         dn.push(DnType::OrganizationName, "fedtalent site");
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::DnsName(
-            site_san(&site)
-                .try_into()
-                .map_err(rc(format!("SAN of site {site:?}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::DnsName(site_san(&site).try_into().map_err(rc(format!("SAN of site {site:?}")))?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -400,16 +330,8 @@ fn site_from_csr(csr: &CertificateSigningRequestParams) -> Result<String> {
     let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {
         Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
         Some(rcgen::DnValue::PrintableString(s)) => s.as_str().to_string(),
-        Some(_) => {
-            return Err(CertError::CsrRefused(
-                "subject CN has an unsupported string type".into(),
-            ))
-        }
-        None => {
-            return Err(CertError::CsrRefused(
-                "subject has no CN (site name)".into(),
-            ))
-        }
+        Some(_) => return Err(CertError::CsrRefused("subject CN has an unsupported string type".into())),
+        None => return Err(CertError::CsrRefused("subject has no CN (site name)".into())),
     };
     validate_site_name(&cn).map_err(|e| CertError::CsrRefused(e.to_string()))?;
     let want = site_san(&cn);
@@ -417,16 +339,12 @@ fn site_from_csr(csr: &CertificateSigningRequestParams) -> Result<String> {
         match san {
             SanType::DnsName(d) if d.as_str().eq_ignore_ascii_case(&want) => {}
             other => {
-                return Err(CertError::CsrRefused(format!(
-                    "site {cn:?}: requested SAN {other:?} is not {want:?}"
-                )))
+                return Err(CertError::CsrRefused(format!("site {cn:?}: requested SAN {other:?} is not {want:?}")))
             }
         }
     }
     if csr.params.is_ca != IsCa::NoCa && csr.params.is_ca != IsCa::ExplicitNoCa {
-        return Err(CertError::CsrRefused(format!(
-            "site {cn:?}: the request asks for a CA certificate"
-        )));
+        return Err(CertError::CsrRefused(format!("site {cn:?}: the request asks for a CA certificate")));
     }
     Ok(cn)
 }
@@ -442,10 +360,7 @@ pub struct SiteKey {
 
 impl fmt::Debug for SiteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SiteKey")
-            .field("site", &self.site)
-            .field("csr_pem", &self.csr_pem)
-            .finish_non_exhaustive()
+        f.debug_struct("SiteKey").field("site", &self.site).field("csr_pem", &self.csr_pem).finish_non_exhaustive()
     }
 }
 
@@ -454,14 +369,12 @@ impl SiteKey {
     pub fn generate(site_name: &str) -> Result<SiteKey> {
         validate_site_name(site_name)?;
         let key = KeyPair::generate().map_err(rc("generating the site key"))?;
-        let mut params = CertificateParams::new(vec![site_san(site_name)])
-            .map_err(rc(format!("SAN of site {site_name:?}")))?;
+        let mut params =
+            CertificateParams::new(vec![site_san(site_name)]).map_err(rc(format!("SAN of site {site_name:?}")))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, site_name);
         params.distinguished_name = dn;
-        let csr = params
-            .serialize_request(&key)
-            .map_err(rc(format!("CSR of site {site_name:?}")))?;
+        let csr = params.serialize_request(&key).map_err(rc(format!("CSR of site {site_name:?}")))?;
         Ok(SiteKey {
             site: site_name.to_string(),
             key_pem: key.serialize_pem(),
@@ -472,10 +385,7 @@ impl SiteKey {
     /// Writes `<site>.key` (0600) and `<site>.csr` (0644) into `dir`; refuses to overwrite an
     /// existing key. Returns `(key_path, csr_path)`.
     pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-        fs::create_dir_all(dir).map_err(|source| CertError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_path_buf(), source })?;
         let key_path = dir.join(format!("{}.key", self.site));
         let csr_path = dir.join(format!("{}.csr", self.site));
         if key_path.exists() {
@@ -504,9 +414,7 @@ impl Allowlist {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Allowlist(Arc::new(RwLock::new(
-            names.into_iter().map(Into::into).collect(),
-        )))
+        Allowlist(Arc::new(RwLock::new(names.into_iter().map(Into::into).collect())))
     }
     /// Replaces the whole set.
     pub fn replace<I, S>(&self, names: I)
@@ -518,32 +426,17 @@ impl Allowlist {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = set;
     }
     pub fn insert(&self, name: impl Into<String>) -> bool {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.into())
+        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(name.into())
     }
     pub fn remove(&self, name: &str) -> bool {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
+        self.0.write().unwrap_or_else(|p| p.into_inner()).remove(name)
     }
     pub fn contains(&self, name: &str) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
+        self.0.read().unwrap_or_else(|p| p.into_inner()).contains(name)
     }
     /// Sorted list of the allowed names.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let mut v: Vec<String> = self.0.read().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
         v.sort();
         v
     }
@@ -552,11 +445,8 @@ impl Allowlist {
 /// Reads the authenticated site name from a DER certificate: the SAN `<site>.site.fedtalent`
 /// (authoritative), cross-checked with the CN.
 pub fn site_name_from_cert_der(der: &[u8]) -> Result<String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::BadCertificate {
-            field: "certificate",
-            reason: e.to_string(),
-        })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CertError::BadCertificate { field: "certificate", reason: e.to_string() })?;
     let mut from_san: Option<String> = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -578,12 +468,7 @@ pub fn site_name_from_cert_der(der: &[u8]) -> Result<String> {
         reason: format!("no DNS name of the form <site>{SITE_SAN_SUFFIX}"),
     })?;
     validate_site_name(&site)?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .map(str::to_string);
+    let cn = cert.subject().iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_string);
     if cn.as_deref() != Some(site.as_str()) {
         return Err(CertError::BadCertificate {
             field: "subject CN",
@@ -597,22 +482,14 @@ pub fn site_name_from_cert_der(der: &[u8]) -> Result<String> {
 fn claimed_name(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der)
         .ok()
-        .and_then(|(_, c)| {
-            c.subject()
-                .iter_common_name()
-                .next()
-                .and_then(|a| a.as_str().ok())
-                .map(str::to_string)
-        })
+        .and_then(|(_, c)| c.subject().iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_string))
         .unwrap_or_else(|| "<unreadable>".into())
 }
 
 /// The authenticated site name of the peer of a (server-side) connection.
 pub fn peer_site_name(conn: &quinn::Connection) -> Result<String> {
     let identity = conn.peer_identity().ok_or(CertError::NoPeerCertificate)?;
-    let certs = identity
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| CertError::NoPeerCertificate)?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| CertError::NoPeerCertificate)?;
     let leaf = certs.first().ok_or(CertError::NoPeerCertificate)?;
     site_name_from_cert_der(leaf)
 }
@@ -633,9 +510,7 @@ impl fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 fn refuse(msg: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(Refusal(msg)),
-    )))
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(Refusal(msg)))))
 }
 
 /// Describes a webpki failure in words an operator understands.
@@ -645,11 +520,9 @@ fn describe_cert_error(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(c) => match c {
             C::UnknownIssuer => "not issued by the federation CA (unknown issuer)".into(),
             C::BadSignature => "bad signature (not issued by the federation CA)".into(),
-            C::ExpiredContext { time, not_after } => format!(
-                "certificate expired (not after {}, now {})",
-                unix_date(*not_after),
-                unix_date(*time)
-            ),
+            C::ExpiredContext { time, not_after } => {
+                format!("certificate expired (not after {}, now {})", unix_date(*not_after), unix_date(*time))
+            }
             C::Expired => "certificate expired".into(),
             C::NotValidYet | C::NotValidYetContext { .. } => {
                 format!("certificate not valid yet ({c:?})")
@@ -667,10 +540,7 @@ fn describe_cert_error(e: &rustls::Error) -> String {
 fn unix_date(t: UnixTime) -> String {
     OffsetDateTime::from_unix_timestamp(t.as_secs() as i64)
         .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| format!("{}s since the epoch", t.as_secs()))
 }
 
@@ -699,15 +569,9 @@ impl ClientCertVerifier for FederationClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        if let Err(e) = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
+        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
             let claimed = claimed_name(end_entity);
-            let reason = format!(
-                "client certificate of site '{claimed}' refused: {}",
-                describe_cert_error(&e)
-            );
+            let reason = format!("client certificate of site '{claimed}' refused: {}", describe_cert_error(&e));
             tracing::warn!(site = %claimed, "{reason}");
             return Err(refuse(reason));
         }
@@ -756,38 +620,24 @@ fn provider() -> Arc<CryptoProvider> {
 fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| CertError::BadPem {
-            what: what.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| CertError::BadPem { what: what.into(), reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(CertError::NoPem {
-            what: what.into(),
-            kind: "CERTIFICATE",
-        });
+        return Err(CertError::NoPem { what: what.into(), kind: "CERTIFICATE" });
     }
     Ok(certs)
 }
 
 fn parse_key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => CertError::NoPem {
-            what: what.into(),
-            kind: "PRIVATE KEY",
-        },
-        e => CertError::BadPem {
-            what: what.into(),
-            reason: e.to_string(),
-        },
+        rustls::pki_types::pem::Error::NoItemsFound => CertError::NoPem { what: what.into(), kind: "PRIVATE KEY" },
+        e => CertError::BadPem { what: what.into(), reason: e.to_string() },
     })
 }
 
 fn roots(ca_cert_pem: &str) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for c in parse_certs(ca_cert_pem, "federation CA certificate")? {
-        roots
-            .add(c)
-            .map_err(|e| CertError::Tls(format!("federation CA certificate: {e}")))?;
+        roots.add(c).map_err(|e| CertError::Tls(format!("federation CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -804,9 +654,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits"),
-    ));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits")));
     // Let path-MTU discovery go up to what the path allows (loopback: 64 KiB), rather than
     // stopping at the 1452-byte default; bigger packets mean less per-packet overhead.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -833,15 +681,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certs(cert_pem, "coordinator certificate")?,
-            parse_key(key_pem, "coordinator key")?,
-        )
+        .with_single_cert(parse_certs(cert_pem, "coordinator certificate")?, parse_key(key_pem, "coordinator key")?)
         .map_err(|e| CertError::Tls(format!("coordinator certificate/key: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| CertError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
@@ -850,11 +694,7 @@ pub fn server_config(
 /// Client (site) config: verifies the coordinator's certificate against the federation CA
 /// (the server name passed to `Endpoint::connect` must be one of the coordinator's SANs) and
 /// presents the site certificate.
-pub fn client_config(
-    ca_cert_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<quinn::ClientConfig> {
+pub fn client_config(ca_cert_pem: &str, cert_pem: &str, key_pem: &str) -> Result<quinn::ClientConfig> {
     client_config_with_alpn(ca_cert_pem, cert_pem, key_pem, ALPN)
 }
 
@@ -869,10 +709,7 @@ pub fn client_config_with_alpn(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
         .with_root_certificates(roots(ca_cert_pem)?)
-        .with_client_auth_cert(
-            parse_certs(cert_pem, "site certificate")?,
-            parse_key(key_pem, "site key")?,
-        )
+        .with_client_auth_cert(parse_certs(cert_pem, "site certificate")?, parse_key(key_pem, "site key")?)
         .map_err(|e| CertError::Tls(format!("site certificate/key: {e}")))?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     finish_client(tls)
@@ -890,8 +727,7 @@ pub fn client_config_without_client_auth(ca_cert_pem: &str) -> Result<quinn::Cli
 }
 
 fn finish_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| CertError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)

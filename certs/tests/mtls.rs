@@ -17,14 +17,8 @@ struct Pki {
 
 fn pki() -> Pki {
     let ca = FederationCa::create("test federation CA").unwrap();
-    let (coord_cert, coord_key) = ca
-        .issue_coordinator(&["localhost".into(), "127.0.0.1".into()], 30)
-        .unwrap();
-    Pki {
-        ca,
-        coord_cert,
-        coord_key,
-    }
+    let (coord_cert, coord_key) = ca.issue_coordinator(&["localhost".into(), "127.0.0.1".into()], 30).unwrap();
+    Pki { ca, coord_cert, coord_key }
 }
 
 /// (cert, key) of a site, through the real keygen → CSR → sign path.
@@ -90,27 +84,15 @@ fn start_server(p: &Pki, allowlist: Allowlist) -> Server {
             });
         }
     });
-    Server {
-        endpoint,
-        addr,
-        outcomes,
-    }
+    Server { endpoint, addr, outcomes }
 }
 
 /// Connects and does one ping/pong; returns the reply or the client-side error.
-async fn round_trip(
-    cfg: quinn::ClientConfig,
-    addr: SocketAddr,
-    name: &str,
-) -> Result<String, String> {
+async fn round_trip(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> Result<String, String> {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(cfg);
     let fut = async {
-        let conn = ep
-            .connect(addr, name)
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = ep.connect(addr, name).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
         s.write_all(b"ping").await.map_err(|e| e.to_string())?;
         s.finish().map_err(|e| e.to_string())?;
@@ -118,9 +100,8 @@ async fn round_trip(
         conn.close(0u32.into(), b"done");
         Ok(String::from_utf8_lossy(&reply).into_owned())
     };
-    let res = tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .unwrap_or_else(|_| Err("client timed out".into()));
+    let res =
+        tokio::time::timeout(Duration::from_secs(10), fut).await.unwrap_or_else(|_| Err("client timed out".into()));
     ep.wait_idle().await;
     res
 }
@@ -135,22 +116,11 @@ async fn honest_round_trip(p: &Pki, server: &mut Server, name: &str) {
 
 /// Asserts the next handshake is refused by the server with a reason containing `needle`, that
 /// the client's round trip failed, then that an honest peer still gets through.
-async fn expect_refused(
-    p: &Pki,
-    server: &mut Server,
-    client: Result<String, String>,
-    needle: &str,
-) {
-    assert!(
-        client.is_err(),
-        "client round trip should fail, got {client:?}"
-    );
+async fn expect_refused(p: &Pki, server: &mut Server, client: Result<String, String>, needle: &str) {
+    assert!(client.is_err(), "client round trip should fail, got {client:?}");
     let outcome = server.next_outcome().await;
     let reason = outcome.expect_err("server should refuse the handshake");
-    assert!(
-        reason.contains(needle),
-        "refusal reason {reason:?} does not mention {needle:?}"
-    );
+    assert!(reason.contains(needle), "refusal reason {reason:?} does not mention {needle:?}");
     honest_round_trip(p, server, "alpha").await;
 }
 
@@ -163,10 +133,7 @@ async fn honest_sites_round_trip() {
     // The coordinator's IP SAN works as server name too.
     let (cert, key) = site(&p.ca, "alpha");
     let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    assert_eq!(
-        round_trip(cfg, server.addr, "127.0.0.1").await,
-        Ok("pong:alpha".into())
-    );
+    assert_eq!(round_trip(cfg, server.addr, "127.0.0.1").await, Ok("pong:alpha".into()));
     server.endpoint.close(0u32.into(), b"");
 }
 
@@ -179,13 +146,7 @@ async fn client_cert_from_another_ca_is_refused() {
     // The client trusts our coordinator, but presents a certificate of the other CA.
     let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
     let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(
-        &p,
-        &mut server,
-        client,
-        "site 'alpha' refused: not issued by the federation CA",
-    )
-    .await;
+    expect_refused(&p, &mut server, client, "site 'alpha' refused: not issued by the federation CA").await;
 }
 
 #[tokio::test]
@@ -209,21 +170,10 @@ async fn expired_client_cert_is_refused() {
     let k = SiteKey::generate("alpha").unwrap();
     let now = time::OffsetDateTime::now_utc();
     let cert =
-        p.ca.sign_site_csr_between(
-            &k.csr_pem,
-            now - time::Duration::days(10),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+        p.ca.sign_site_csr_between(&k.csr_pem, now - time::Duration::days(10), now - time::Duration::days(1)).unwrap();
     let cfg = client_config(p.ca.cert_pem(), &cert, &k.key_pem).unwrap();
     let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(
-        &p,
-        &mut server,
-        client,
-        "site 'alpha' refused: certificate expired (not after",
-    )
-    .await;
+    expect_refused(&p, &mut server, client, "site 'alpha' refused: certificate expired (not after").await;
 }
 
 #[tokio::test]
@@ -234,13 +184,7 @@ async fn site_not_on_allowlist_is_refused_and_removal_locks_out() {
     let (cert, key) = site(&p.ca, "mallory");
     let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
     let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(
-        &p,
-        &mut server,
-        client,
-        "site 'mallory' is not on the federation allowlist",
-    )
-    .await;
+    expect_refused(&p, &mut server, client, "site 'mallory' is not on the federation allowlist").await;
 
     // beta gets in, is removed, and is locked out at its next handshake; alpha goes on.
     honest_round_trip(&p, &mut server, "beta").await;
@@ -248,19 +192,10 @@ async fn site_not_on_allowlist_is_refused_and_removal_locks_out() {
     assert!(allow.remove("beta"));
     let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
     let client = round_trip(cfg.clone(), server.addr, "localhost").await;
-    expect_refused(
-        &p,
-        &mut server,
-        client,
-        "site 'beta' is not on the federation allowlist",
-    )
-    .await;
+    expect_refused(&p, &mut server, client, "site 'beta' is not on the federation allowlist").await;
     // Put back: accepted again, with the same certificate.
     allow.replace(["alpha", "beta"]);
-    assert_eq!(
-        round_trip(cfg, server.addr, "localhost").await,
-        Ok("pong:beta".into())
-    );
+    assert_eq!(round_trip(cfg, server.addr, "localhost").await, Ok("pong:beta".into()));
     assert_eq!(server.next_outcome().await, Ok("beta".into()));
 }
 
@@ -280,13 +215,7 @@ async fn wrong_alpn_is_refused() {
     let (cert, key) = site(&p.ca, "alpha");
     let cfg = client_config_with_alpn(p.ca.cert_pem(), &cert, &key, b"other/1").unwrap();
     let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(
-        &p,
-        &mut server,
-        client,
-        "peer doesn't support any known protocol",
-    )
-    .await;
+    expect_refused(&p, &mut server, client, "peer doesn't support any known protocol").await;
 }
 
 #[tokio::test]
@@ -295,21 +224,13 @@ async fn client_refuses_wrong_server_name_and_foreign_coordinator() {
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
     let (cert, key) = site(&p.ca, "alpha");
     let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let err = round_trip(cfg, server.addr, "coordinator.example")
-        .await
-        .unwrap_err();
-    assert!(
-        err.contains("NotValidForName") || err.contains("not valid for"),
-        "{err}"
-    );
+    let err = round_trip(cfg, server.addr, "coordinator.example").await.unwrap_err();
+    assert!(err.contains("NotValidForName") || err.contains("not valid for"), "{err}");
     // A coordinator certified by another CA is refused by the site.
     let other = FederationCa::create("impostor CA").unwrap();
     let cfg = client_config(other.cert_pem(), &cert, &key).unwrap();
     let err = round_trip(cfg, server.addr, "localhost").await.unwrap_err();
-    assert!(
-        err.contains("UnknownIssuer") || err.contains("unknown issuer"),
-        "{err}"
-    );
+    assert!(err.contains("UnknownIssuer") || err.contains("unknown issuer"), "{err}");
     // The server saw both handshakes fail (the client aborted them).
     for _ in 0..2 {
         assert!(server.next_outcome().await.is_err());

@@ -10,10 +10,7 @@ fn site_names_are_validated() {
     }
     for bad in ["", "a b", "a.b", "é", "../x", &"x".repeat(65)] {
         let e = validate_site_name(bad).unwrap_err();
-        assert!(
-            matches!(e, CertError::InvalidSiteName { .. }),
-            "{bad:?}: {e}"
-        );
+        assert!(matches!(e, CertError::InvalidSiteName { .. }), "{bad:?}: {e}");
         assert!(SiteKey::generate(bad).is_err());
     }
 }
@@ -63,32 +60,18 @@ fn csr_with(cn: Option<&str>, sans: Vec<String>, ca_req: bool) -> String {
 fn bad_csrs_are_refused() {
     let ca = FederationCa::create("ca").unwrap();
     let cases = [
-        (
-            csr_with(Some("bad name!"), vec![], false),
-            "invalid site name \"bad name!\"",
-        ),
+        (csr_with(Some("bad name!"), vec![], false), "invalid site name \"bad name!\""),
         (csr_with(None, vec![], false), "no CN"),
-        (
-            csr_with(Some("alpha"), vec!["beta.site.fedtalent".into()], false),
-            "is not \"alpha.site.fedtalent\"",
-        ),
-        (
-            csr_with(Some("alpha"), vec![], true),
-            "asks for a CA certificate",
-        ),
-        (
-            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
-            "unreadable",
-        ),
+        (csr_with(Some("alpha"), vec!["beta.site.fedtalent".into()], false), "is not \"alpha.site.fedtalent\""),
+        (csr_with(Some("alpha"), vec![], true), "asks for a CA certificate"),
+        ("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), "unreadable"),
     ];
     for (csr, needle) in cases {
         let e = ca.sign_site_csr(&csr, 10).unwrap_err().to_string();
         assert!(e.contains(needle), "{e:?} does not mention {needle:?}");
     }
     // A CSR without SANs but a good CN is fine; the SAN is added by the CA.
-    let cert = ca
-        .sign_site_csr(&csr_with(Some("gamma"), vec![], false), 10)
-        .unwrap();
+    let cert = ca.sign_site_csr(&csr_with(Some("gamma"), vec![], false), 10).unwrap();
     let der = rustls::pki_types::CertificateDer::from_pem_slice_helper(&cert);
     assert_eq!(site_name_from_cert_der(&der).unwrap(), "gamma");
 }
@@ -123,43 +106,30 @@ fn files_are_written_with_private_modes_and_reload() {
     assert_eq!(mode(&kp), 0o600);
     let csr = std::fs::read_to_string(&cp).unwrap();
     loaded.sign_site_csr(&csr, 5).unwrap();
-    assert!(matches!(
-        write_keygen(dir.path(), "alpha"),
-        Err(CertError::Exists { .. })
-    ));
+    assert!(matches!(write_keygen(dir.path(), "alpha"), Err(CertError::Exists { .. })));
     // No temp files left behind.
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
 
     // Load errors name the file; a key that is not the CA's is refused.
     let missing = dir.path().join("nope.crt");
-    let e = FederationCa::load(&missing, &key_path)
-        .unwrap_err()
-        .to_string();
+    let e = FederationCa::load(&missing, &key_path).unwrap_err().to_string();
     assert!(e.contains("nope.crt"), "{e}");
     let other = FederationCa::create("other").unwrap();
     let other_key = dir.path().join("other.key");
     write_atomic(&other_key, other.key_pem().as_bytes(), 0o600).unwrap();
-    let e = FederationCa::load(&cert_path, &other_key)
-        .unwrap_err()
-        .to_string();
+    let e = FederationCa::load(&cert_path, &other_key).unwrap_err().to_string();
     assert!(e.contains("does not match the key"), "{e}");
 }
 
 #[test]
 fn config_errors_name_the_input() {
     let ca = FederationCa::create("ca").unwrap();
-    let e = client_config(ca.cert_pem(), "not a pem", "also not")
-        .unwrap_err()
-        .to_string();
+    let e = client_config(ca.cert_pem(), "not a pem", "also not").unwrap_err().to_string();
     assert!(e.contains("site certificate"), "{e}");
     let (c, _k) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
-    let e = server_config(ca.cert_pem(), &c, "garbage", Allowlist::default())
-        .unwrap_err()
-        .to_string();
+    let e = server_config(ca.cert_pem(), &c, "garbage", Allowlist::default()).unwrap_err().to_string();
     assert!(e.contains("coordinator key"), "{e}");
     assert!(ca.issue_coordinator(&[], 1).is_err());
 }

@@ -31,7 +31,14 @@ pub fn sqrt_weights(n_cases: &[u32]) -> Vec<f64> {
 /// Checks an upload against the global model: the sender's own heads only and all of them,
 /// every backbone tensor, all values finite, and the backbone's distance to the global one under
 /// `max_norm`. The error names the site and the field.
-pub fn validate(global: &MultiTalentNet, owned: &BTreeSet<String>, owners: &BTreeMap<String, String>, sender: &str, parts: &Parts, max_norm: f64) -> Result<()> {
+pub fn validate(
+    global: &MultiTalentNet,
+    owned: &BTreeSet<String>,
+    owners: &BTreeMap<String, String>,
+    sender: &str,
+    parts: &Parts,
+    max_norm: f64,
+) -> Result<()> {
     for class in parts.heads.keys() {
         match owners.get(class) {
             Some(owner) if owner == sender => {}
@@ -52,7 +59,12 @@ pub fn validate(global: &MultiTalentNet, owned: &BTreeSet<String>, owners: &BTre
     let mut squared = 0f64;
     for ((name, theirs), (global_name, ours)) in parts.backbone.iter().zip(&global_backbone) {
         ensure!(name == global_name, "site {sender}: backbone tensor {name:?} where {global_name:?} was expected");
-        ensure!(theirs.size() == ours.size(), "site {sender}: tensor {name:?} has shape {:?}, expected {:?}", theirs.size(), ours.size());
+        ensure!(
+            theirs.size() == ours.size(),
+            "site {sender}: tensor {name:?} has shape {:?}, expected {:?}",
+            theirs.size(),
+            ours.size()
+        );
         ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
         squared += f64::try_from((theirs - ours).square().sum(Kind::Double))?;
     }
@@ -72,7 +84,11 @@ fn all_finite(t: &Tensor) -> bool {
 
 /// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
 /// `row_of` maps class ids to the global model's rows.
-pub fn aggregate(global: &mut MultiTalentNet, updates: &[&Update], row_of: &dyn Fn(&str) -> Option<i64>) -> Result<Vec<f64>> {
+pub fn aggregate(
+    global: &mut MultiTalentNet,
+    updates: &[&Update],
+    row_of: &dyn Fn(&str) -> Option<i64>,
+) -> Result<Vec<f64>> {
     ensure!(!updates.is_empty(), "no update to aggregate");
     let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
     let names: Vec<String> = global.params().backbone().into_iter().map(|(n, _)| n).collect();

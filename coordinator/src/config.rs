@@ -99,7 +99,11 @@ impl FederationConfig {
         sorted.sort();
         sorted.dedup();
         ensure!(sorted.len() == f.sites.len(), "[federation].sites: a site is listed twice");
-        ensure!(matches!(f.launch.as_str(), "auto" | "manual"), "[federation].launch: {:?} is not auto | manual", f.launch);
+        ensure!(
+            matches!(f.launch.as_str(), "auto" | "manual"),
+            "[federation].launch: {:?} is not auto | manual",
+            f.launch
+        );
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
         fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
@@ -126,6 +130,7 @@ impl FederationConfig {
 
 /// The commented template `coordinator init` writes.
 pub fn template(name: &str, listen: SocketAddr, sites: &[String]) -> String {
+    let min_sites = sites.len().clamp(1, 2);
     let sites = sites.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     format!(
         r#"# fedtalent federation configuration (written by `coordinator init`).
@@ -161,7 +166,7 @@ lr = 0.01
 eval_every = 5
 # A round closes when every site reported or after round_deadline_s; it counts if at least
 # min_sites reported (weights renormalised over those).
-min_sites = 2
+min_sites = {min_sites}
 round_deadline_s = 3600
 # batch: Dice pooled over the batch (the paper); per_sample: per sample, summed.
 dice_mode = "batch"

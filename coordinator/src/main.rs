@@ -103,7 +103,10 @@ fn run(cli: Cli) -> Result<()> {
             let (site, path) = pki::sign(&config.federation.pki_dir, &csr, &out, days)?;
             let listed = config.federation.sites.contains(&site);
             println!("signed certificate for site {site:?}: {}", path.display());
-            println!("give the site this certificate and {}", config.federation.pki_dir.join(fedtalent_certs::CA_CERT_FILE).display());
+            println!(
+                "give the site this certificate and {}",
+                config.federation.pki_dir.join(fedtalent_certs::CA_CERT_FILE).display()
+            );
             if !listed {
                 println!("note: {site:?} is not in [federation].sites yet; add it there to let it join");
             }
@@ -147,8 +150,11 @@ fn init(dir: &Path, name: &str, listen: SocketAddr, sans: &[String], sites: &[St
 fn serve(config_path: &Path) -> Result<()> {
     let config = FederationConfig::load(config_path)?;
     let pki_dir = config.federation.pki_dir.clone();
-    let read = |f: &str| std::fs::read_to_string(pki_dir.join(f)).with_context(|| format!("reading {}", pki_dir.join(f).display()));
-    let (ca, cert, key) = (read(fedtalent_certs::CA_CERT_FILE)?, read(pki::COORDINATOR_CERT)?, read(pki::COORDINATOR_KEY)?);
+    let read = |f: &str| {
+        std::fs::read_to_string(pki_dir.join(f)).with_context(|| format!("reading {}", pki_dir.join(f).display()))
+    };
+    let (ca, cert, key) =
+        (read(fedtalent_certs::CA_CERT_FILE)?, read(pki::COORDINATOR_CERT)?, read(pki::COORDINATOR_KEY)?);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let coordinator = Coordinator::open(config)?;
@@ -196,7 +202,13 @@ fn status(config_path: &Path) -> Result<()> {
 }
 
 fn print_status(r: &StatusReport) {
-    println!("federation {}: round {}/{} complete{}", r.federation, r.current_round, r.total_rounds, if r.running { ", a round is open" } else { "" });
+    println!(
+        "federation {}: round {}/{} complete{}",
+        r.federation,
+        r.current_round,
+        r.total_rounds,
+        if r.running { ", a round is open" } else { "" }
+    );
     println!("model digest {}", r.model_digest);
     println!("{:<20} {:>9} {:>8} {:>7} {:>10} {:>10}", "site", "connected", "allowed", "cases", "last round", "loss");
     for s in &r.sites {
@@ -216,7 +228,10 @@ fn offline_status(config: &FederationConfig) -> Result<()> {
     let state = StateDir::open(&config.federation.state_dir)?;
     match state.latest()? {
         Some((record, _)) => {
-            println!("federation {}: round {}/{} complete (digest {})", config.federation.name, record.round, config.plan.rounds, record.digest);
+            println!(
+                "federation {}: round {}/{} complete (digest {})",
+                config.federation.name, record.round, config.plan.rounds, record.digest
+            );
             for c in &record.contributions {
                 println!("  {:<20} cases {:>5}  weight {:.4}  loss {:.4}", c.site, c.n_cases, c.weight, c.train_loss);
             }
@@ -237,7 +252,11 @@ fn offline_status(config: &FederationConfig) -> Result<()> {
 /// One admin request to the running coordinator, authenticated with the admin certificate.
 fn admin_request(config: &FederationConfig, request: AdminRequest) -> Result<Message> {
     let pki_dir = &config.federation.pki_dir;
-    let files = ClientPki::read(&pki_dir.join(fedtalent_certs::CA_CERT_FILE), &pki_dir.join(pki::ADMIN_CERT), &pki_dir.join(pki::ADMIN_KEY))?;
+    let files = ClientPki::read(
+        &pki_dir.join(fedtalent_certs::CA_CERT_FILE),
+        &pki_dir.join(pki::ADMIN_CERT),
+        &pki_dir.join(pki::ADMIN_KEY),
+    )?;
     let server_name = pki::coordinator_server_name(pki_dir)?;
     let mut addr = config.federation.listen;
     if addr.ip().is_unspecified() {

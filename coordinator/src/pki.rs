@@ -49,7 +49,8 @@ pub fn sign(pki_dir: &Path, csr: &Path, out: &Path, validity_days: u32) -> Resul
 
 fn rustls_pem_to_der(pem: &str) -> Result<Vec<u8>> {
     use rustls::pki_types::pem::PemObject;
-    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).context("decoding the issued certificate")?;
+    let der =
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).context("decoding the issued certificate")?;
     Ok(der.to_vec())
 }
 

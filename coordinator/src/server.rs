@@ -177,7 +177,12 @@ impl Coordinator {
         self.changed();
         let reported = open.updates.len();
         if reported < self.config.plan.min_sites as usize {
-            warn!(round, reported, min_sites = self.config.plan.min_sites, "round closed without enough updates; it will be repeated");
+            warn!(
+                round,
+                reported,
+                min_sites = self.config.plan.min_sites,
+                "round closed without enough updates; it will be repeated"
+            );
             return Ok(());
         }
         let started = Instant::now();
@@ -206,7 +211,13 @@ impl Coordinator {
                 payload_digest: u.payload_digest.clone(),
             })
             .collect();
-        let record = RoundRecord { round: open.round, digest: digest.clone(), contributions, classes: setup.classes.clone(), unix_time: unix_now() };
+        let record = RoundRecord {
+            round: open.round,
+            digest: digest.clone(),
+            contributions,
+            classes: setup.classes.clone(),
+            unix_time: unix_now(),
+        };
         self.state.write_checkpoint(global, &record, self.config.federation.keep_rounds)?;
         self.state.append_metrics(&metric_lines(open.round, &updates, &weights))?;
         for u in &updates {
@@ -268,7 +279,8 @@ impl Coordinator {
             Ok(m) => m,
             Err(e) => {
                 warn!(site = %peer, "refused a malformed request: {e}");
-                let _ = write_frame(&mut send, &refusal(ErrorKind::BadMessage, format!("malformed request: {e}"))).await;
+                let _ =
+                    write_frame(&mut send, &refusal(ErrorKind::BadMessage, format!("malformed request: {e}"))).await;
                 let _ = send.finish();
                 return;
             }
@@ -276,7 +288,9 @@ impl Coordinator {
         let is_admin = peer == ADMIN_IDENTITY;
         let reply = match request {
             Message::Admin(req) if is_admin => Some(self.admin(req)),
-            _ if is_admin => Some(refusal(ErrorKind::BadMessage, "the admin identity only sends admin requests".into())),
+            _ if is_admin => {
+                Some(refusal(ErrorKind::BadMessage, "the admin identity only sends admin requests".into()))
+            }
             Message::Hello { protocol_version, site, classes, n_train, n_val: _, hu_histogram, device } => {
                 let reg = Registration { classes, n_train, histogram: hu_histogram, device };
                 Some(self.hello(&peer, protocol_version, &site, reg).await)
@@ -306,7 +320,10 @@ impl Coordinator {
     async fn hello(&self, peer: &str, version: u32, site: &str, reg: Registration) -> Message {
         if version != PROTOCOL_VERSION {
             warn!(site = %peer, version, "refused: protocol version {version}, this coordinator speaks {PROTOCOL_VERSION}");
-            return refusal(ErrorKind::VersionMismatch, format!("protocol version {version} is not {PROTOCOL_VERSION}"));
+            return refusal(
+                ErrorKind::VersionMismatch,
+                format!("protocol version {version} is not {PROTOCOL_VERSION}"),
+            );
         }
         if site != peer {
             warn!(site = %peer, claimed = %site, "refused: Hello names another site than the certificate");
@@ -345,8 +362,12 @@ impl Coordinator {
         if let Some(setup) = &inner.setup {
             let fixed: Vec<(String, Vec<u32>)> =
                 setup.classes.iter().filter(|c| c.site == site).map(|c| (c.name.clone(), c.labels.clone())).collect();
-            let sent: Vec<(String, Vec<u32>)> = reg.classes.iter().map(|c| (c.name.clone(), c.labels.clone())).collect();
-            anyhow::ensure!(fixed == sent, "site {site}: classes {sent:?} differ from those registered earlier {fixed:?}");
+            let sent: Vec<(String, Vec<u32>)> =
+                reg.classes.iter().map(|c| (c.name.clone(), c.labels.clone())).collect();
+            anyhow::ensure!(
+                fixed == sent,
+                "site {site}: classes {sent:?} differ from those registered earlier {fixed:?}"
+            );
             return Ok(());
         }
         info!(site, classes = reg.classes.len(), n_train = reg.n_train, device = %reg.device, "registered");
@@ -417,8 +438,12 @@ impl Coordinator {
             let inner = self.lock();
             let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
             anyhow::ensure!(digest == inner.digest, "model {digest} is not the current global model {}", inner.digest);
-            let classes: Vec<(String, i64)> =
-                setup.classes.iter().filter(|c| full || c.site == peer).map(|c| (c.id.clone(), c.index as i64)).collect();
+            let classes: Vec<(String, i64)> = setup
+                .classes
+                .iter()
+                .filter(|c| full || c.site == peer)
+                .map(|c| (c.id.clone(), c.index as i64))
+                .collect();
             wire::parts_to_wire(inner.global.as_ref().expect("set up"), &classes)
         };
         let transport = if self.config.plan.bf16_transport { Transport::Bf16 } else { Transport::Native };
@@ -437,13 +462,21 @@ impl Coordinator {
             let inner = self.lock();
             match &inner.open {
                 Some(open) if open.round == round && !open.updates.contains_key(peer) => {}
-                Some(open) if open.round == round => return refused(ErrorKind::BadUpdate, format!("site {peer} already sent round {round}")),
-                Some(open) => return refused(ErrorKind::LateUpdate, format!("round {round} is not the open round {}", open.round)),
+                Some(open) if open.round == round => {
+                    return refused(ErrorKind::BadUpdate, format!("site {peer} already sent round {round}"))
+                }
+                Some(open) => {
+                    return refused(
+                        ErrorKind::LateUpdate,
+                        format!("round {round} is not the open round {}", open.round),
+                    )
+                }
                 None => return refused(ErrorKind::LateUpdate, format!("round {round} is closed")),
             }
             let setup = inner.setup.as_ref().expect("a round is open");
             let ids: Vec<String> = setup.classes.iter().map(|c| c.id.clone()).collect();
-            let mut limits = RecvLimits::for_manifest(wire::parts_manifest(inner.global.as_ref().expect("set up"), &ids));
+            let mut limits =
+                RecvLimits::for_manifest(wire::parts_manifest(inner.global.as_ref().expect("set up"), &ids));
             limits.require_all = false;
             limits.expected_digest = Some(meta.payload_digest.clone());
             limits
@@ -498,7 +531,10 @@ impl Coordinator {
             AdminRequest::Status => AdminReply::Status(self.status()),
             AdminRequest::Launch { rounds } => {
                 if rounds.is_some_and(|r| r != self.config.plan.rounds) {
-                    AdminReply::Refused { reason: "the number of rounds is fixed by federation.toml (the lr schedule depends on it)".into() }
+                    AdminReply::Refused {
+                        reason: "the number of rounds is fixed by federation.toml (the lr schedule depends on it)"
+                            .into(),
+                    }
                 } else {
                     self.lock().launched = true;
                     self.changed();
@@ -582,7 +618,13 @@ fn unix_now() -> u64 {
 }
 
 fn global_class(c: &ClassInfo) -> GlobalClass {
-    GlobalClass { index: c.index, id: c.id.clone(), site: c.site.clone(), name: c.name.clone(), labels: c.labels.clone() }
+    GlobalClass {
+        index: c.index,
+        id: c.id.clone(),
+        site: c.site.clone(),
+        name: c.name.clone(),
+        labels: c.labels.clone(),
+    }
 }
 
 fn all_rows(setup: &Setup) -> Vec<(String, i64)> {
@@ -612,10 +654,18 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
         .federation
         .sites
         .iter()
-        .map(|s| fedtalent_data::HuHistogram { min_hu: regs[s].histogram.min_hu, counts: regs[s].histogram.counts.clone() })
+        .map(|s| fedtalent_data::HuHistogram {
+            min_hu: regs[s].histogram.min_hu,
+            counts: regs[s].histogram.counts.clone(),
+        })
         .collect();
     let normalization = match fedtalent_data::HuHistogram::merge(&histograms).ct_stats() {
-        Some(n) => CtNormalization { clip_low: n.clip_low as f32, clip_high: n.clip_high as f32, mean: n.mean as f32, std: n.std as f32 },
+        Some(n) => CtNormalization {
+            clip_low: n.clip_low as f32,
+            clip_high: n.clip_high as f32,
+            mean: n.mean as f32,
+            std: n.std as f32,
+        },
         None => {
             warn!("no site reported foreground intensities; using the paper's CT normalization");
             CtNormalization::PAPER
@@ -662,7 +712,14 @@ fn metric_lines(round: u32, updates: &[&Update], weights: &[f64]) -> Vec<serde_j
 }
 
 /// Writes `model.safetensors` (nnU-Net names, aliases included) + `model.json` into `dir`.
-pub fn export_model(net: &MultiTalentNet, setup: &Setup, preset: &str, round: u32, digest: &str, dir: &Path) -> Result<PathBuf> {
+pub fn export_model(
+    net: &MultiTalentNet,
+    setup: &Setup,
+    preset: &str,
+    round: u32,
+    digest: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     net.save(&dir.join(fedtalent_model::manifest::WEIGHTS_FILE))?;
     let topo = net.topology().clone();

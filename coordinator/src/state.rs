@@ -72,7 +72,10 @@ impl StateDir {
     }
 
     pub fn write_setup(&self, setup: &Setup) -> Result<()> {
-        fedtalent_model::io::write_bytes_atomic(&self.root.join(SETUP_FILE), serde_json::to_string_pretty(setup)?.as_bytes())
+        fedtalent_model::io::write_bytes_atomic(
+            &self.root.join(SETUP_FILE),
+            serde_json::to_string_pretty(setup)?.as_bytes(),
+        )
     }
 
     fn round_dir(&self, round: u32) -> PathBuf {
@@ -86,7 +89,10 @@ impl StateDir {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         net.save(&tmp.join(CHECKPOINT_MODEL))?;
-        fedtalent_model::io::write_bytes_atomic(&tmp.join(CHECKPOINT_RECORD), serde_json::to_string_pretty(record)?.as_bytes())?;
+        fedtalent_model::io::write_bytes_atomic(
+            &tmp.join(CHECKPOINT_RECORD),
+            serde_json::to_string_pretty(record)?.as_bytes(),
+        )?;
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
         }
@@ -134,13 +140,19 @@ impl StateDir {
     /// Appends JSON lines to the metrics log and syncs them.
     pub fn append_metrics(&self, lines: &[serde_json::Value]) -> Result<()> {
         let path = self.metrics_path();
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let mut buf = String::new();
         for line in lines {
             buf.push_str(&line.to_string());
             buf.push('\n');
         }
-        f.write_all(buf.as_bytes()).and_then(|()| f.sync_data()).with_context(|| format!("appending to {}", path.display()))
+        f.write_all(buf.as_bytes())
+            .and_then(|()| f.sync_data())
+            .with_context(|| format!("appending to {}", path.display()))
     }
 
     pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>> {

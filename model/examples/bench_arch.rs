@@ -52,11 +52,8 @@ fn parse() -> Result<Args> {
         match flag.as_str() {
             "--presets" => a.presets = value.split(',').map(str::to_string).collect(),
             "--patch" => {
-                let v: Vec<i64> = value
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()
-                    .context("--patch z,y,x")?;
+                let v: Vec<i64> =
+                    value.split(',').map(str::parse).collect::<Result<_, _>>().context("--patch z,y,x")?;
                 ensure!(v.len() == 3, "--patch needs 3 values");
                 a.patch = [v[0], v[1], v[2]];
             }
@@ -69,10 +66,7 @@ fn parse() -> Result<Args> {
             other => bail!("unknown flag {other}"),
         }
     }
-    ensure!(
-        a.steps > 0 && a.batch > 0 && a.classes > 0,
-        "steps, batch and classes must be positive"
-    );
+    ensure!(a.steps > 0 && a.batch > 0 && a.classes > 0, "steps, batch and classes must be positive");
     Ok(a)
 }
 
@@ -97,10 +91,7 @@ fn peak_memory_mib(d: Device) -> (f64, &'static str) {
     if d.is_cuda() {
         let pid = std::process::id().to_string();
         let out = Command::new("nvidia-smi")
-            .args([
-                "--query-compute-apps=pid,used_memory",
-                "--format=csv,noheader,nounits",
-            ])
+            .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
             .output();
         if let Ok(out) = out {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -131,11 +122,7 @@ fn run_one(a: &Args, preset: &str) -> Result<serde_json::Value> {
     tch::manual_seed(0);
     let net = MultiTalentNet::new(&topo, a.classes, d)?;
     let params = net.parameter_counts().0;
-    let config = TrainConfig {
-        precision,
-        total_steps: 1_000_000,
-        ..TrainConfig::default()
-    };
+    let config = TrainConfig { precision, total_steps: 1_000_000, ..TrainConfig::default() };
     let mut trainer = Trainer::new(net, config)?;
     let label_sets: Vec<Vec<u32>> = (0..a.classes as u32).map(|c| vec![c + 1]).collect();
     let regions = ClassRegions::all_annotated(&label_sets);
@@ -143,8 +130,7 @@ fn run_one(a: &Args, preset: &str) -> Result<serde_json::Value> {
     let targets = BatchTargets::new(&samples, d)?;
     let [z, y, x] = a.patch;
     let labels = Tensor::randint(a.classes + 1, [a.batch, 1, z, y, x], (Kind::Int64, d));
-    let image =
-        labels.to_kind(Kind::Float) + Tensor::randn([a.batch, 1, z, y, x], (Kind::Float, d));
+    let image = labels.to_kind(Kind::Float) + Tensor::randn([a.batch, 1, z, y, x], (Kind::Float, d));
     for _ in 0..a.warmup {
         trainer.train_step(&image, &labels, &targets)?;
     }
@@ -185,16 +171,10 @@ fn main() -> Result<()> {
     for preset in &a.presets {
         let mut args = forwarded.clone();
         args.extend(["--presets".into(), preset.clone(), "--single".into()]);
-        let out = Command::new(&exe)
-            .args(&args)
-            .output()
-            .with_context(|| format!("running {preset}"))?;
+        let out = Command::new(&exe).args(&args).output().with_context(|| format!("running {preset}"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            println!(
-                "{}",
-                serde_json::json!({ "preset": preset, "error": err.trim() })
-            );
+            println!("{}", serde_json::json!({ "preset": preset, "error": err.trim() }));
             continue;
         }
         print!("{}", String::from_utf8_lossy(&out.stdout));

@@ -75,20 +75,11 @@ fn main() -> Result<()> {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     let image = Tensor::randn([1, shape[0], shape[1], shape[2]], (Kind::Float, Device::Cpu));
-    let opts = InferOptions {
-        mirror: tta,
-        tile_batch,
-        device,
-        accumulate,
-        progress: false,
-        ..InferOptions::default()
-    };
+    let opts = InferOptions { mirror: tta, tile_batch, device, accumulate, progress: false, ..InferOptions::default() };
     // Warm-up: one tile batch (cuDNN autotuning, allocator).
     tch::no_grad(|| {
         let x = Tensor::randn([tile_batch as i64, 1, patch[0], patch[1], patch[2]], (Kind::Float, device));
-        let _ = tch::autocast(device.is_cuda(), || net.forward(&x))
-            .sum(Kind::Float)
-            .double_value(&[]);
+        let _ = tch::autocast(device.is_cuda(), || net.forward(&x)).sum(Kind::Float).double_value(&[]);
     });
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));

@@ -118,27 +118,19 @@ pub struct FireGraph {
 }
 
 /// Builds the graph, registering its parameters in `store` (encoder, FRM, decoders, heads).
-pub(crate) fn build(
-    topo: &Topology,
-    classes: i64,
-    store: &mut ParamStore,
-    device: Device,
-) -> Result<FireGraph> {
+pub(crate) fn build(topo: &Topology, classes: i64, store: &mut ParamStore, device: Device) -> Result<FireGraph> {
     let spec = topo.firenet.clone().unwrap_or_default();
     let sites = &spec.site_decoders;
     if !sites.is_empty() {
         let mut seen = vec![false; classes as usize];
         for (s, site) in sites.iter().enumerate() {
-            ensure!(
-                !site.is_empty(),
-                "firenet per-site decoders: site {s} has no class"
-            );
+            ensure!(!site.is_empty(), "firenet per-site decoders: site {s} has no class");
             for &c in site {
-                ensure!(c >= 0 && c < classes, "firenet per-site decoders: site {s} lists class {c}, the network has {classes}");
                 ensure!(
-                    !seen[c as usize],
-                    "firenet per-site decoders: class {c} is listed twice"
+                    c >= 0 && c < classes,
+                    "firenet per-site decoders: site {s} lists class {c}, the network has {classes}"
                 );
+                ensure!(!seen[c as usize], "firenet per-site decoders: class {c} is listed twice");
                 seen[c as usize] = true;
             }
         }
@@ -149,15 +141,8 @@ pub(crate) fn build(
     let mut b = Builder { store, device };
     let stages = &topo.stages;
     let n = stages.len();
-    let stem = b.conv_norm(
-        "encoder.stem",
-        topo.in_channels,
-        stages[0].width,
-        stages[0].kernel,
-        [1; 3],
-        1,
-        Role::Backbone,
-    );
+    let stem =
+        b.conv_norm("encoder.stem", topo.in_channels, stages[0].width, stages[0].kernel, [1; 3], 1, Role::Backbone);
     let mut encoder = Vec::with_capacity(n - 1);
     let mut cin = stages[0].width;
     for (s, stage) in stages.iter().enumerate().skip(1) {
@@ -182,15 +167,7 @@ pub(crate) fn build(
     let decoders = if sites.is_empty() {
         vec![b.decoder("decoder", topo, Role::Backbone)]
     } else {
-        (0..sites.len())
-            .map(|s| {
-                b.decoder(
-                    &format!("decoders.{s}"),
-                    topo,
-                    Role::SiteDecoder { site: s },
-                )
-            })
-            .collect()
+        (0..sites.len()).map(|s| b.decoder(&format!("decoders.{s}"), topo, Role::SiteDecoder { site: s })).collect()
     };
     let heads = (0..n)
         .map(|level| {
@@ -203,13 +180,7 @@ pub(crate) fn build(
                 role,
                 device,
             );
-            let bias = b.store.add(
-                format!("seg_outputs.{level}.bias"),
-                &[classes],
-                Init::Zeros,
-                role,
-                device,
-            );
+            let bias = b.store.add(format!("seg_outputs.{level}.bias"), &[classes], Init::Zeros, role, device);
             Head { weight, bias }
         })
         .collect();
@@ -219,22 +190,10 @@ pub(crate) fn build(
         for (pos, &c) in order.iter().enumerate() {
             inverse[c as usize] = pos as i64;
         }
-        let per_site = sites
-            .iter()
-            .map(|s| Tensor::from_slice(s).to_device(device))
-            .collect();
+        let per_site = sites.iter().map(|s| Tensor::from_slice(s).to_device(device)).collect();
         (per_site, Tensor::from_slice(&inverse).to_device(device))
     });
-    Ok(FireGraph {
-        stem,
-        encoder,
-        entry,
-        nodes,
-        exit,
-        decoders,
-        routing,
-        heads,
-    })
+    Ok(FireGraph { stem, encoder, entry, nodes, exit, decoders, routing, heads })
 }
 
 struct Builder<'a> {
@@ -256,32 +215,11 @@ impl Builder<'_> {
     ) -> ConvNorm {
         let d = self.device;
         let shape = [cout, cin, kernel[0], kernel[1], kernel[2]];
-        let weight = self.store.add(
-            format!("{prefix}.conv.weight"),
-            &shape,
-            Init::KaimingNormal,
-            role,
-            d,
-        );
-        let norm_weight = self.store.add(
-            format!("{prefix}.norm.weight"),
-            &[cout],
-            Init::Ones,
-            role,
-            d,
-        );
-        let norm_bias =
-            self.store
-                .add(format!("{prefix}.norm.bias"), &[cout], Init::Zeros, role, d);
+        let weight = self.store.add(format!("{prefix}.conv.weight"), &shape, Init::KaimingNormal, role, d);
+        let norm_weight = self.store.add(format!("{prefix}.norm.weight"), &[cout], Init::Ones, role, d);
+        let norm_bias = self.store.add(format!("{prefix}.norm.bias"), &[cout], Init::Zeros, role, d);
         let padding = kernel.map(|k| (k - 1) / 2 * dilation);
-        ConvNorm {
-            weight,
-            norm_weight,
-            norm_bias,
-            stride,
-            padding,
-            dilation: [dilation; 3],
-        }
+        ConvNorm { weight, norm_weight, norm_bias, stride, padding, dilation: [dilation; 3] }
     }
 
     fn res_block(
@@ -293,40 +231,11 @@ impl Builder<'_> {
         stride: [i64; 3],
         role: Role,
     ) -> ResBlock {
-        let first = self.conv_norm(
-            &format!("{prefix}.conv1"),
-            cin,
-            cout,
-            kernel,
-            stride,
-            1,
-            role,
-        );
-        let second = self.conv_norm(
-            &format!("{prefix}.conv2"),
-            cout,
-            cout,
-            kernel,
-            [1; 3],
-            1,
-            role,
-        );
-        let skip = (stride != [1; 3] || cin != cout).then(|| {
-            self.conv_norm(
-                &format!("{prefix}.skip"),
-                cin,
-                cout,
-                [1; 3],
-                stride,
-                1,
-                role,
-            )
-        });
-        ResBlock {
-            first,
-            second,
-            skip,
-        }
+        let first = self.conv_norm(&format!("{prefix}.conv1"), cin, cout, kernel, stride, 1, role);
+        let second = self.conv_norm(&format!("{prefix}.conv2"), cout, cout, kernel, [1; 3], 1, role);
+        let skip = (stride != [1; 3] || cin != cout)
+            .then(|| self.conv_norm(&format!("{prefix}.skip"), cin, cout, [1; 3], stride, 1, role));
+        ResBlock { first, second, skip }
     }
 
     fn frm(&mut self, spec: &FireNetSpec, c: i64) -> (Vec<ConvNorm>, Vec<Vec<Node>>, ConvNorm) {
@@ -334,17 +243,7 @@ impl Builder<'_> {
         let width = |b: usize| c << b;
         let role = Role::Backbone;
         let entry = (1..bb)
-            .map(|b| {
-                self.conv_norm(
-                    &format!("frm.entry.{b}"),
-                    width(b - 1),
-                    width(b),
-                    [1; 3],
-                    [1; 3],
-                    1,
-                    role,
-                )
-            })
+            .map(|b| self.conv_norm(&format!("frm.entry.{b}"), width(b - 1), width(b), [1; 3], [1; 3], 1, role))
             .collect();
         let mut nodes = Vec::with_capacity(spec.nodes);
         for n in 0..spec.nodes {
@@ -356,58 +255,22 @@ impl Builder<'_> {
                     .iter()
                     .map(|&src| {
                         (src != b).then(|| {
-                            self.conv_norm(
-                                &format!("{p}.align.{src}"),
-                                width(src),
-                                width(b),
-                                [1; 3],
-                                [1; 3],
-                                1,
-                                role,
-                            )
+                            self.conv_norm(&format!("{p}.align.{src}"), width(src), width(b), [1; 3], [1; 3], 1, role)
                         })
                     })
                     .collect();
-                let fuse = self.store.add(
-                    format!("{p}.fuse"),
-                    &[sources.len() as i64],
-                    Init::Zeros,
-                    role,
-                    self.device,
-                );
+                let fuse = self.store.add(format!("{p}.fuse"), &[sources.len() as i64], Init::Zeros, role, self.device);
                 let aspp = spec
                     .dilations
                     .iter()
                     .enumerate()
                     .map(|(k, &d)| {
-                        self.conv_norm(
-                            &format!("{p}.aspp.{k}"),
-                            width(b),
-                            width(b),
-                            [3; 3],
-                            [1; 3],
-                            d,
-                            role,
-                        )
+                        self.conv_norm(&format!("{p}.aspp.{k}"), width(b), width(b), [3; 3], [1; 3], d, role)
                     })
                     .collect();
                 let k = spec.dilations.len() as i64;
-                let merge = self.conv_norm(
-                    &format!("{p}.aspp.merge"),
-                    k * width(b),
-                    width(b),
-                    [1; 3],
-                    [1; 3],
-                    1,
-                    role,
-                );
-                column.push(Node {
-                    align,
-                    sources,
-                    fuse,
-                    aspp,
-                    merge,
-                });
+                let merge = self.conv_norm(&format!("{p}.aspp.merge"), k * width(b), width(b), [1; 3], [1; 3], 1, role);
+                column.push(Node { align, sources, fuse, aspp, merge });
             }
             nodes.push(column);
         }
@@ -425,15 +288,7 @@ impl Builder<'_> {
             .map(|l| {
                 let (w, k) = (stages[l].width, stages[l].kernel);
                 let p = format!("{prefix}.levels.{l}");
-                let up = self.conv_norm(
-                    &format!("{p}.up"),
-                    stages[l + 1].width,
-                    w,
-                    [1; 3],
-                    [1; 3],
-                    1,
-                    role,
-                );
+                let up = self.conv_norm(&format!("{p}.up"), stages[l + 1].width, w, [1; 3], [1; 3], 1, role);
                 let skip = self.conv_norm(&format!("{p}.skip"), w, w, k, [1; 3], 1, role);
                 let blocks = (0..topo.decoder_convs)
                     .map(|j| self.res_block(&format!("{p}.blocks.{j}"), w, w, k, [1; 3], role))
@@ -476,11 +331,8 @@ impl FireGraph {
         let frm = self.frm(p, &x);
         let levels = self.heads.len();
         // Per decoder, the features of every decoder level, index = level.
-        let feats: Vec<Vec<Option<Tensor>>> = self
-            .decoders
-            .iter()
-            .map(|d| self.decode(p, &frm, &skips, d, all_heads))
-            .collect();
+        let feats: Vec<Vec<Option<Tensor>>> =
+            self.decoders.iter().map(|d| self.decode(p, &frm, &skips, d, all_heads)).collect();
         let mut outputs = Vec::with_capacity(levels);
         for level in 0..levels - 1 {
             if !all_heads && level > 0 {
@@ -488,23 +340,13 @@ impl FireGraph {
             }
             let head = &self.heads[level];
             let out = match &self.routing {
-                None => self.head(
-                    p,
-                    feats[0][level].as_ref().expect("decoded level"),
-                    head,
-                    None,
-                ),
+                None => self.head(p, feats[0][level].as_ref().expect("decoded level"), head, None),
                 Some((sites, inverse)) => {
                     let per_site: Vec<Tensor> = sites
                         .iter()
                         .zip(&feats)
                         .map(|(classes, f)| {
-                            self.head(
-                                p,
-                                f[level].as_ref().expect("decoded level"),
-                                head,
-                                Some(classes),
-                            )
+                            self.head(p, f[level].as_ref().expect("decoded level"), head, Some(classes))
                         })
                         .collect();
                     Tensor::cat(&per_site, 1).index_select(1, inverse)
@@ -522,14 +364,7 @@ impl FireGraph {
         let (w, b) = (p.get(head.weight), p.get(head.bias));
         match classes {
             None => x.conv3d(w, Some(b), [1; 3], [0; 3], [1; 3], 1),
-            Some(idx) => x.conv3d(
-                &w.index_select(0, idx),
-                Some(b.index_select(0, idx)),
-                [1; 3],
-                [0; 3],
-                [1; 3],
-                1,
-            ),
+            Some(idx) => x.conv3d(&w.index_select(0, idx), Some(b.index_select(0, idx)), [1; 3], [0; 3], [1; 3], 1),
         }
     }
 
@@ -549,10 +384,7 @@ impl FireGraph {
             let skip = &skips[l];
             let up = resize(&self.conv_norm(p, &x, &level.up, false), &skip.size()[2..]);
             let merged = (up + self.conv_norm(p, skip, &level.skip, false)).leaky_relu();
-            x = level
-                .blocks
-                .iter()
-                .fold(merged, |x, blk| self.res_block(p, &x, blk));
+            x = level.blocks.iter().fold(merged, |x, blk| self.res_block(p, &x, blk));
             if all_levels || l == 0 {
                 out[l] = Some(x.shallow_clone());
             }
@@ -580,9 +412,7 @@ impl FireGraph {
                     for (k, (&src, align)) in node.sources.iter().zip(&node.align).enumerate() {
                         let input = match align {
                             None => column[src].shallow_clone(),
-                            Some(a) => {
-                                resize(&self.conv_norm(p, &column[src], a, false), &sizes[b])
-                            }
+                            Some(a) => resize(&self.conv_norm(p, &column[src], a, false), &sizes[b]),
                         };
                         let term = input * gates.get(k as i64);
                         fused = Some(match fused {
@@ -591,11 +421,8 @@ impl FireGraph {
                         });
                     }
                     let fused = fused.expect("a node has at least its own branch as input");
-                    let branches: Vec<Tensor> = node
-                        .aspp
-                        .iter()
-                        .map(|cn| self.conv_norm(p, &fused, cn, true))
-                        .collect();
+                    let branches: Vec<Tensor> =
+                        node.aspp.iter().map(|cn| self.conv_norm(p, &fused, cn, true)).collect();
                     self.conv_norm(p, &Tensor::cat(&branches, 1), &node.merge, true)
                 })
                 .collect();
@@ -615,14 +442,7 @@ impl FireGraph {
     }
 
     fn conv_norm(&self, p: &ParamStore, x: &Tensor, cn: &ConvNorm, activate: bool) -> Tensor {
-        let y = x.conv3d::<Tensor>(
-            p.get(cn.weight),
-            None,
-            cn.stride,
-            cn.padding,
-            cn.dilation,
-            1,
-        );
+        let y = x.conv3d::<Tensor>(p.get(cn.weight), None, cn.stride, cn.padding, cn.dilation, 1);
         let y = y.instance_norm(
             Some(p.get(cn.norm_weight)),
             Some(p.get(cn.norm_bias)),

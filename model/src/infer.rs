@@ -155,7 +155,14 @@ pub fn cuda_mem_info() -> Option<(u64, u64)> {
 
 /// Whether an accumulator of `channels` probability maps (+ the weight map and the image) of
 /// `voxels` voxels should live on `device`.
-fn accumulate_on_device(device: Device, channels: i64, voxels: i64, patch_voxels: i64, tile_batch: usize, mode: Accumulate) -> bool {
+fn accumulate_on_device(
+    device: Device,
+    channels: i64,
+    voxels: i64,
+    patch_voxels: i64,
+    tile_batch: usize,
+    mode: Accumulate,
+) -> bool {
     match (mode, device) {
         (_, Device::Cpu) => true,
         (Accumulate::Device, _) => true,
@@ -179,7 +186,12 @@ fn flips() -> Vec<Vec<i64>> {
 
 /// Sliding-window sigmoid probabilities of `net` on a normalized image `[1, Z, Y, X]` (f32, any
 /// device). Returns `[C, Z, Y, X]` f32 on the accumulator's device (see [`Accumulate`]).
-pub fn sliding_window_probabilities(net: &MultiTalentNet, image: &Tensor, patch: [i64; 3], opts: &InferOptions) -> Result<Tensor> {
+pub fn sliding_window_probabilities(
+    net: &MultiTalentNet,
+    image: &Tensor,
+    patch: [i64; 3],
+    opts: &InferOptions,
+) -> Result<Tensor> {
     ensure!(
         net.device() == opts.device,
         "the network is on {:?} but inference was asked to run on {:?}",
@@ -220,15 +232,8 @@ pub fn sliding_window_with(
     opts: &InferOptions,
 ) -> Result<Tensor> {
     let size = image.size();
-    ensure!(
-        size.len() == 4 && size[0] == 1,
-        "sliding window: expected an image [1, Z, Y, X], got {size:?}"
-    );
-    ensure!(
-        opts.step > 0.0 && opts.step <= 1.0,
-        "sliding window: step {} is not in (0, 1]",
-        opts.step
-    );
+    ensure!(size.len() == 4 && size[0] == 1, "sliding window: expected an image [1, Z, Y, X], got {size:?}");
+    ensure!(opts.step > 0.0 && opts.step <= 1.0, "sliding window: step {} is not in (0, 1]", opts.step);
     ensure!(opts.tile_batch >= 1, "sliding window: tile batch must be at least 1");
     ensure!(patch.iter().all(|&p| p > 0), "sliding window: bad patch {patch:?}");
     let shape = [size[1], size[2], size[3]];
@@ -271,18 +276,15 @@ pub fn sliding_window_with(
     bar.set_message("predicting");
     let autocast = opts.half && opts.device.is_cuda();
     let mirrors = if opts.mirror { flips() } else { vec![vec![]] };
-    let tile = |s: &[i64; 3], t: &Tensor| t.narrow(1, s[0], patch[0]).narrow(2, s[1], patch[1]).narrow(3, s[2], patch[2]);
+    let tile =
+        |s: &[i64; 3], t: &Tensor| t.narrow(1, s[0], patch[0]).narrow(2, s[1], patch[1]).narrow(3, s[2], patch[2]);
 
     tch::no_grad(|| -> Result<()> {
         for batch in starts.chunks(opts.tile_batch) {
             let x = Tensor::stack(&batch.iter().map(|s| tile(s, &img)).collect::<Vec<_>>(), 0).to_device(opts.device);
             let mut probs: Option<Tensor> = None;
             for dims in &mirrors {
-                let input = if dims.is_empty() {
-                    x.shallow_clone()
-                } else {
-                    x.flip(dims.as_slice())
-                };
+                let input = if dims.is_empty() { x.shallow_clone() } else { x.flip(dims.as_slice()) };
                 let logits = tch::autocast(autocast, || forward(&input));
                 let got = logits.size();
                 ensure!(
@@ -316,11 +318,8 @@ pub fn sliding_window_with(
     let _ = acc.g_div_(&weight);
     drop(weight);
     if padded != shape {
-        acc = acc
-            .narrow(1, below[0], shape[0])
-            .narrow(2, below[1], shape[1])
-            .narrow(3, below[2], shape[2])
-            .contiguous();
+        acc =
+            acc.narrow(1, below[0], shape[0]).narrow(2, below[1], shape[1]).narrow(3, below[2], shape[2]).contiguous();
     }
     Ok(acc)
 }

@@ -5,15 +5,16 @@
 pub mod firenet;
 pub mod infer;
 pub mod io;
-pub mod metrics;
 pub mod loss;
 pub mod manifest;
+pub mod metrics;
 pub mod network;
 pub mod optim;
 pub mod params;
 pub mod predict;
 pub mod topology;
 pub mod train;
+pub mod wire;
 
 pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
 pub use manifest::{ClassInfo, CtNormalization, ModelManifest};

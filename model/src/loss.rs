@@ -77,8 +77,7 @@ impl BatchTargets {
                 s.regions.len()
             );
         }
-        let active: Vec<usize> =
-            (0..classes).filter(|&c| samples.iter().any(|s| s.regions[c].is_some())).collect();
+        let active: Vec<usize> = (0..classes).filter(|&c| samples.iter().any(|s| s.regions[c].is_some())).collect();
         ensure!(!active.is_empty(), "no sample of the batch annotates any class");
         let max_label = samples.iter().map(|s| s.max_label()).max().unwrap_or(0) as usize;
         let width = max_label + 2;
@@ -172,9 +171,11 @@ impl MultiTalentLoss {
     pub fn level_loss(&self, logits: &Tensor, target: &Tensor, annotated: &Tensor) -> Tensor {
         let logits = logits.to_kind(Kind::Float);
         let spatial = [2i64, 3, 4];
-        let bce = logits
-            .binary_cross_entropy_with_logits::<Tensor>(target, None, None, Reduction::None)
-            .mean_dim(&spatial[..], false, Kind::Float);
+        let bce = logits.binary_cross_entropy_with_logits::<Tensor>(target, None, None, Reduction::None).mean_dim(
+            &spatial[..],
+            false,
+            Kind::Float,
+        );
         let ce = (bce * annotated).sum(Kind::Float);
         let mask = annotated.view([annotated.size()[0], annotated.size()[1], 1, 1, 1]);
         let p = logits.sigmoid() * &mask;

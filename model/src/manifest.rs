@@ -37,7 +37,8 @@ pub struct CtNormalization {
 
 impl CtNormalization {
     /// The paper's fixed values (MultiTalent, Ulrich et al. 2023).
-    pub const PAPER: CtNormalization = CtNormalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
+    pub const PAPER: CtNormalization =
+        CtNormalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

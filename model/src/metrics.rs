@@ -46,7 +46,12 @@ pub fn surface(mask: &Array3<bool>) -> Array3<bool> {
                 || xx >= nx as i64
                 || !mask[(zz as usize, yy as usize, xx as usize)]
         };
-        outside(-1, 0, 0) || outside(1, 0, 0) || outside(0, -1, 0) || outside(0, 1, 0) || outside(0, 0, -1) || outside(0, 0, 1)
+        outside(-1, 0, 0)
+            || outside(1, 0, 0)
+            || outside(0, -1, 0)
+            || outside(0, 1, 0)
+            || outside(0, 0, -1)
+            || outside(0, 0, 1)
     })
 }
 
@@ -136,12 +141,7 @@ pub fn percentile(values: &mut [f64], q: f64) -> f64 {
 /// Distances (mm) from every surface voxel of `from` to the nearest surface voxel of `to`.
 pub fn directed_surface_distances(from: &Array3<bool>, to: &Array3<bool>, spacing: [f64; 3]) -> Vec<f64> {
     let dt = squared_distance_transform(&surface(to), spacing);
-    surface(from)
-        .iter()
-        .zip(dt.iter())
-        .filter(|(s, _)| **s)
-        .map(|(_, d)| d.sqrt())
-        .collect()
+    surface(from).iter().zip(dt.iter()).filter(|(s, _)| **s).map(|(_, d)| d.sqrt()).collect()
 }
 
 /// The `q`-th percentile Hausdorff distance (mm): the larger of the two directed percentiles.
@@ -263,12 +263,7 @@ pub fn evaluate_cases(predictor: &Predictor, dataset: &Path, cases: &[Case], cla
             }
         }
     }
-    ensure!(
-        !done.is_empty(),
-        "{}: no case could be evaluated ({})",
-        dataset.display(),
-        skipped.join("; ")
-    );
+    ensure!(!done.is_empty(), "{}: no case could be evaluated ({})", dataset.display(), skipped.join("; "));
     let summaries = classes
         .iter()
         .enumerate()
@@ -306,10 +301,7 @@ pub fn evaluate_dataset(predictor: &Predictor, dataset_dir: &Path, classes: &[us
             .iter()
             .map(|&c| {
                 let info = &predictor.manifest.classes[c];
-                ClassRegion {
-                    name: info.id.clone(),
-                    labels: info.labels.clone(),
-                }
+                ClassRegion { name: info.id.clone(), labels: info.labels.clone() }
             })
             .collect(),
         val_cases: ValCases::Count(0),
@@ -333,11 +325,7 @@ impl std::fmt::Display for Evaluation {
             self.round,
             self.skipped.len()
         )?;
-        writeln!(
-            f,
-            "{:>5}  {:<width$}  {:>8}  {:>10}  {:>6}",
-            "index", "class", "Dice", "HD95 (mm)", "cases"
-        )?;
+        writeln!(f, "{:>5}  {:<width$}  {:>8}  {:>10}  {:>6}", "index", "class", "Dice", "HD95 (mm)", "cases")?;
         for c in &self.classes {
             writeln!(
                 f,

@@ -131,7 +131,8 @@ impl MultiTalentNet {
         let mut outputs = Vec::new();
         let last = self.decoder.len() - 1;
         for (i, level) in self.decoder.iter().enumerate() {
-            let up = x.conv_transpose3d::<Tensor>(self.p(level.upsample), None, level.stride, [0; 3], [0; 3], 1, [1; 3]);
+            let up =
+                x.conv_transpose3d::<Tensor>(self.p(level.upsample), None, level.stride, [0; 3], [0; 3], 1, [1; 3]);
             x = Tensor::cat(&[up, skips.pop().expect("one skip per decoder level")], 1);
             for conv in &level.convs {
                 x = self.conv_norm_act(&x, conv, true);
@@ -236,7 +237,8 @@ impl Builder<'_> {
         let (conv, norm) = prefix;
         let width = shape[0];
         let weight = self.store.add(format!("{conv}.weight"), &shape, Init::KaimingNormal, Role::Backbone, self.device);
-        let bias = bias.then(|| self.store.add(format!("{conv}.bias"), &[width], Init::Zeros, Role::Backbone, self.device));
+        let bias =
+            bias.then(|| self.store.add(format!("{conv}.bias"), &[width], Init::Zeros, Role::Backbone, self.device));
         let gamma = if norm_zero { Init::Zeros } else { Init::Ones };
         let norm_weight = self.store.add(format!("{norm}.weight"), &[width], gamma, Role::Backbone, self.device);
         let norm_bias = self.store.add(format!("{norm}.bias"), &[width], Init::Zeros, Role::Backbone, self.device);
@@ -248,7 +250,8 @@ impl Builder<'_> {
         let role = Role::Head { level };
         let shape = [self.classes, width, 1, 1, 1];
         let weight = self.store.add(format!("{name}.weight"), &shape, Init::KaimingNormal, role, self.device);
-        let bias = bias.then(|| self.store.add(format!("{name}.bias"), &[self.classes], Init::Zeros, role, self.device));
+        let bias =
+            bias.then(|| self.store.add(format!("{name}.bias"), &[self.classes], Init::Zeros, role, self.device));
         (weight, bias)
     }
 
@@ -258,7 +261,15 @@ impl Builder<'_> {
     }
 
     fn finish(self, stem: Option<ConvNorm>, encoder: Vec<EncoderStage>, decoder: Vec<DecoderLevel>) -> MultiTalentNet {
-        MultiTalentNet { topology: self.topo.clone(), classes: self.classes, params: self.store, stem, encoder, decoder, firenet: None }
+        MultiTalentNet {
+            topology: self.topo.clone(),
+            classes: self.classes,
+            params: self.store,
+            stem,
+            encoder,
+            decoder,
+            firenet: None,
+        }
     }
 
     /// FIRENet (see [`crate::firenet`]).
@@ -284,7 +295,13 @@ impl Builder<'_> {
                 let cin = if j == 0 { 2 * skip.width } else { skip.width };
                 let p = format!("conv_blocks_localization.{u}.{j}.blocks.0");
                 let shape = [skip.width, cin, skip.kernel[0], skip.kernel[1], skip.kernel[2]];
-                convs.push(self.conv_norm((&format!("{p}.conv"), &format!("{p}.instnorm")), shape, [1; 3], true, false));
+                convs.push(self.conv_norm(
+                    (&format!("{p}.conv"), &format!("{p}.instnorm")),
+                    shape,
+                    [1; 3],
+                    true,
+                    false,
+                ));
             }
             localization.push(convs);
         }
@@ -301,19 +318,38 @@ impl Builder<'_> {
                 };
                 let stride = if j == 0 { stage.stride } else { [1; 3] };
                 let shape = [stage.width, cin, stage.kernel[0], stage.kernel[1], stage.kernel[2]];
-                convs.push(self.conv_norm((&format!("{p}.conv"), &format!("{p}.instnorm")), shape, stride, true, false));
+                convs.push(self.conv_norm(
+                    (&format!("{p}.conv"), &format!("{p}.instnorm")),
+                    shape,
+                    stride,
+                    true,
+                    false,
+                ));
                 cin = stage.width;
             }
             encoder.push(EncoderStage::Plain(convs));
         }
         let ups: Vec<ParamId> = (0..levels)
-            .map(|u| self.upsample(format!("tu.{u}.weight"), stages[n - 1 - u].width, stages[n - 2 - u].width, stages[n - 1 - u].stride))
+            .map(|u| {
+                self.upsample(
+                    format!("tu.{u}.weight"),
+                    stages[n - 1 - u].width,
+                    stages[n - 2 - u].width,
+                    stages[n - 1 - u].stride,
+                )
+            })
             .collect();
         let mut decoder = Vec::with_capacity(levels);
         for (u, convs) in localization.into_iter().enumerate() {
             let width = stages[n - 2 - u].width;
             let (head_weight, head_bias) = self.head(&format!("seg_outputs.{u}"), width, n - 2 - u, false);
-            decoder.push(DecoderLevel { upsample: ups[u], stride: stages[n - 1 - u].stride, convs, head_weight, head_bias });
+            decoder.push(DecoderLevel {
+                upsample: ups[u],
+                stride: stages[n - 1 - u].stride,
+                convs,
+                head_weight,
+                head_bias,
+            });
         }
         self.finish(None, encoder, decoder)
     }
@@ -335,12 +371,30 @@ impl Builder<'_> {
                 let p = format!("encoder.stages.{s}.convs.{b}");
                 let stride = if b == 0 { stage.stride } else { [1; 3] };
                 let k = stage.kernel;
-                let first = self.conv_norm((&format!("{p}.conv1"), &format!("{p}.norm1")), [stage.width, cin, k[0], k[1], k[2]], stride, false, false);
-                let second = self.conv_norm((&format!("{p}.conv2"), &format!("{p}.norm2")), [stage.width, stage.width, k[0], k[1], k[2]], [1; 3], false, true);
+                let first = self.conv_norm(
+                    (&format!("{p}.conv1"), &format!("{p}.norm1")),
+                    [stage.width, cin, k[0], k[1], k[2]],
+                    stride,
+                    false,
+                    false,
+                );
+                let second = self.conv_norm(
+                    (&format!("{p}.conv2"), &format!("{p}.norm2")),
+                    [stage.width, stage.width, k[0], k[1], k[2]],
+                    [1; 3],
+                    false,
+                    true,
+                );
                 let needs_skip = stride != [1; 3] || cin != stage.width;
                 let skip = needs_skip.then(|| {
                     let shape = [stage.width, cin, 1, 1, 1];
-                    self.conv_norm((&format!("{p}.downsample_skip.0"), &format!("{p}.downsample_skip.1")), shape, stride, false, false)
+                    self.conv_norm(
+                        (&format!("{p}.downsample_skip.0"), &format!("{p}.downsample_skip.1")),
+                        shape,
+                        stride,
+                        false,
+                        false,
+                    )
                 });
                 blocks.push(ResidualBlock { first, second, skip });
                 cin = stage.width;
@@ -349,14 +403,27 @@ impl Builder<'_> {
         }
         let full_res_head = self.head("decoder.segmentation_output", w0, 0, true);
         let ups: Vec<ParamId> = (0..levels)
-            .map(|u| self.upsample(format!("decoder.tus.{u}.weight"), stages[n - 1 - u].width, stages[n - 2 - u].width, stages[n - 1 - u].stride))
+            .map(|u| {
+                self.upsample(
+                    format!("decoder.tus.{u}.weight"),
+                    stages[n - 1 - u].width,
+                    stages[n - 2 - u].width,
+                    stages[n - 1 - u].stride,
+                )
+            })
             .collect();
         let mut level_convs = Vec::with_capacity(levels);
         for u in 0..levels {
             let skip = &stages[n - 2 - u];
             let p = format!("decoder.stages.{u}.convs.0");
             let k = skip.kernel;
-            let conv = self.conv_norm((&format!("{p}.conv"), &format!("{p}.norm")), [skip.width, 2 * skip.width, k[0], k[1], k[2]], [1; 3], false, false);
+            let conv = self.conv_norm(
+                (&format!("{p}.conv"), &format!("{p}.norm")),
+                [skip.width, 2 * skip.width, k[0], k[1], k[2]],
+                [1; 3],
+                false,
+                false,
+            );
             self.store.add_alias(conv.weight, format!("{p}.all.0.weight"));
             self.store.add_alias(conv.norm_weight, format!("{p}.all.2.weight"));
             self.store.add_alias(conv.norm_bias, format!("{p}.all.2.bias"));
@@ -370,7 +437,13 @@ impl Builder<'_> {
             } else {
                 self.head(&format!("decoder.deep_supervision_outputs.{u}"), stages[level].width, level, true)
             };
-            decoder.push(DecoderLevel { upsample: ups[u], stride: stages[n - 1 - u].stride, convs, head_weight, head_bias });
+            decoder.push(DecoderLevel {
+                upsample: ups[u],
+                stride: stages[n - 1 - u].stride,
+                convs,
+                head_weight,
+                head_bias,
+            });
         }
         self.finish(Some(stem), encoder, decoder)
     }

@@ -118,15 +118,7 @@ pub fn case_name(path: &Path) -> String {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
 /// File name of a class's mask: `<site>__<name>.nii.gz`.
@@ -155,22 +147,14 @@ impl Predictor {
                 c.index
             );
         }
-        ensure!(
-            !manifest.classes.is_empty(),
-            "{}: the model has no classes",
-            manifest_path.display()
-        );
+        ensure!(!manifest.classes.is_empty(), "{}: the model has no classes", manifest_path.display());
         ensure!(
             manifest.spacing.iter().all(|s| *s > 0.0 && s.is_finite()),
             "{}: spacing {:?} must be positive",
             manifest_path.display(),
             manifest.spacing
         );
-        ensure!(
-            manifest.normalization.std > 0.0,
-            "{}: normalization std must be positive",
-            manifest_path.display()
-        );
+        ensure!(manifest.normalization.std > 0.0, "{}: normalization std must be positive", manifest_path.display());
         let weights = model_dir.join(&manifest.weights);
         ensure!(
             weights.is_file(),
@@ -190,12 +174,8 @@ impl Predictor {
     /// No selector: all classes.
     pub fn select_classes(&self, selectors: &[String]) -> Result<Vec<usize>> {
         let classes = &self.manifest.classes;
-        let parts: Vec<&str> = selectors
-            .iter()
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
+        let parts: Vec<&str> =
+            selectors.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()).collect();
         if parts.is_empty() {
             return Ok((0..classes.len()).collect());
         }
@@ -214,7 +194,8 @@ impl Predictor {
                 if !by_id.is_empty() {
                     by_id
                 } else {
-                    let by_name: Vec<usize> = classes.iter().filter(|c| c.name == sel).map(|c| c.index as usize).collect();
+                    let by_name: Vec<usize> =
+                        classes.iter().filter(|c| c.name == sel).map(|c| c.index as usize).collect();
                     if !by_name.is_empty() {
                         by_name
                     } else {
@@ -224,10 +205,7 @@ impl Predictor {
             };
             if found.is_empty() {
                 let known: Vec<&str> = classes.iter().map(|c| c.id.as_str()).collect();
-                bail!(
-                    "--classes {sel:?}: no class with that index, id, name or site (classes: {})",
-                    known.join(", ")
-                );
+                bail!("--classes {sel:?}: no class with that index, id, name or site (classes: {})", known.join(", "));
             }
             for i in found {
                 if !out.contains(&i) {
@@ -258,7 +236,8 @@ impl Predictor {
     pub fn probabilities(&self, path: &Path, classes: &[usize]) -> Result<(InferenceImage, Array4<f32>)> {
         let prepared = self.load_image(path)?;
         let (z, y, x) = prepared.image.dim();
-        let image = Tensor::from_slice(prepared.image.as_slice().expect("standard layout")).reshape([1, z as i64, y as i64, x as i64]);
+        let image = Tensor::from_slice(prepared.image.as_slice().expect("standard layout"))
+            .reshape([1, z as i64, y as i64, x as i64]);
         let mut opts = self.options.clone();
         opts.channels = Some(classes.iter().map(|&c| c as i64).collect());
         let probs = sliding_window_probabilities(&self.net, &image, self.manifest.patch, &opts)

@@ -150,7 +150,12 @@ impl Topology {
         if self.layout == Layout::FireNet {
             return self.validate_firenet();
         }
-        anyhow::ensure!(self.firenet.is_none(), "topology {}: firenet parameters on a {:?} layout", self.name, self.layout);
+        anyhow::ensure!(
+            self.firenet.is_none(),
+            "topology {}: firenet parameters on a {:?} layout",
+            self.name,
+            self.layout
+        );
         let total = self.total_stride();
         for axis in 0..3 {
             anyhow::ensure!(
@@ -169,16 +174,31 @@ impl Topology {
     /// FIRENet needs no fixed patch (every resampling is to an explicit size), so only the
     /// structure is checked.
     fn validate_firenet(&self) -> anyhow::Result<()> {
-        let spec = self.firenet.as_ref().with_context(|| format!("topology {}: firenet layout without firenet parameters", self.name))?;
-        anyhow::ensure!(spec.branches >= 1 && spec.nodes >= 1, "topology {}: firenet needs B >= 1 and N >= 1", self.name);
+        let spec = self
+            .firenet
+            .as_ref()
+            .with_context(|| format!("topology {}: firenet layout without firenet parameters", self.name))?;
+        anyhow::ensure!(
+            spec.branches >= 1 && spec.nodes >= 1,
+            "topology {}: firenet needs B >= 1 and N >= 1",
+            self.name
+        );
         anyhow::ensure!(
             !spec.dilations.is_empty() && spec.dilations.iter().all(|&d| d >= 1),
             "topology {}: firenet dilations {:?} must be >= 1",
             self.name,
             spec.dilations
         );
-        anyhow::ensure!(self.stages[0].stride == [1; 3], "topology {}: the firenet stem (stage 0) must keep the resolution", self.name);
-        anyhow::ensure!(self.decoder_convs >= 1, "topology {}: firenet needs >= 1 residual block per decoder level", self.name);
+        anyhow::ensure!(
+            self.stages[0].stride == [1; 3],
+            "topology {}: the firenet stem (stage 0) must keep the resolution",
+            self.name
+        );
+        anyhow::ensure!(
+            self.decoder_convs >= 1,
+            "topology {}: firenet needs >= 1 residual block per decoder level",
+            self.name
+        );
         Ok(())
     }
 }
@@ -257,8 +277,8 @@ pub fn tiny() -> Topology {
         ],
         decoder_convs: 2,
         ds_weights: nnunet_v1_ds_weights(3, true),
-        patch: [32, 64, 64],
-        spacing: [3.0, 2.0, 2.0],
+        patch: [16, 32, 32],
+        spacing: [2.5, 1.5, 1.5],
         firenet: None,
     }
 }
@@ -289,8 +309,8 @@ pub fn firenet_tiny() -> Topology {
         firenet: Some(FireNetSpec { nodes: 2, ..FireNetSpec::default() }),
         name: "firenet-tiny".into(),
         stages: vec![stage(8, [1, 1, 1], K3, 1), stage(8, [2, 2, 2], K3, 1), stage(16, [2, 2, 2], K3, 1)],
-        patch: [32, 64, 64],
-        spacing: [3.0, 2.0, 2.0],
+        patch: [16, 32, 32],
+        spacing: [2.5, 1.5, 1.5],
         ..firenet()
     }
 }

@@ -102,7 +102,11 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(net: MultiTalentNet, config: TrainConfig) -> Result<Self> {
         let fp16 = config.precision == Precision::Fp16;
-        ensure!(!fp16 || net.device().is_cuda(), "fp16 training needs a CUDA device, the network is on {:?}", net.device());
+        ensure!(
+            !fp16 || net.device().is_cuda(),
+            "fp16 training needs a CUDA device, the network is on {:?}",
+            net.device()
+        );
         if net.device().is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }

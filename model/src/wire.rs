@@ -99,7 +99,9 @@ impl Parts {
         for w in &set.tensors {
             let t = from_wire(w)?;
             match parse_head_name(&w.name) {
-                Some((class, tensor)) => parts.heads.entry(class.to_string()).or_default().push((tensor.to_string(), t)),
+                Some((class, tensor)) => {
+                    parts.heads.entry(class.to_string()).or_default().push((tensor.to_string(), t))
+                }
                 None if w.name.starts_with(HEAD_PREFIX) => bail!("tensor {:?}: malformed head name", w.name),
                 None => parts.backbone.push((w.name.clone(), t)),
             }

@@ -7,12 +7,7 @@ use fedtalent_model::{MultiTalentNet, Topology};
 use tch::{Device, Kind, Tensor};
 
 fn opts(mirror: bool, tile_batch: usize) -> InferOptions {
-    InferOptions {
-        mirror,
-        tile_batch,
-        progress: false,
-        ..InferOptions::default()
-    }
+    InferOptions { mirror, tile_batch, progress: false, ..InferOptions::default() }
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -30,11 +25,7 @@ fn gaussian_is_nnunets() {
     assert!((g.max().double_value(&[]) - 1.0).abs() < 1e-7);
     // One σ = patch/8 away along each axis: exp(-1/2).
     let e = (-0.5f64).exp();
-    for v in [
-        g.double_value(&[10, 16, 12]),
-        g.double_value(&[8, 20, 12]),
-        g.double_value(&[8, 16, 15]),
-    ] {
+    for v in [g.double_value(&[10, 16, 12]), g.double_value(&[8, 20, 12]), g.double_value(&[8, 16, 15])] {
         assert!((v - e).abs() < 1e-6, "{v} vs {e}");
     }
     // Separable product: corner voxel = product of the three axis values (4σ on each axis).
@@ -116,10 +107,7 @@ fn mirroring_symmetric_setup_equals_no_mirroring() {
     // Logit = z position in the tile: mirrored over z, the average is no longer that ramp.
     let ramp = |x: &Tensor| {
         let s = x.size();
-        Tensor::arange(s[2], (Kind::Float, Device::Cpu))
-            .view([1, 1, s[2], 1, 1])
-            .expand(s.as_slice(), false)
-            * 0.5
+        Tensor::arange(s[2], (Kind::Float, Device::Cpu)).view([1, 1, s[2], 1, 1]).expand(s.as_slice(), false) * 0.5
             + x * 0.0
     };
     let a = sliding_window_with(ramp, 1, &image, patch, &opts(false, 2)).unwrap();
@@ -138,16 +126,7 @@ fn mirroring_real_network_is_the_flip_average_and_batching_is_neutral() {
     let got = sliding_window_probabilities(&net, &image, patch, &opts(true, 1)).unwrap();
     let x = image.unsqueeze(0);
     let mut sum = Tensor::zeros([2, 32, 64, 64], (Kind::Float, Device::Cpu));
-    for dims in [
-        vec![],
-        vec![2i64],
-        vec![3],
-        vec![4],
-        vec![2, 3],
-        vec![2, 4],
-        vec![3, 4],
-        vec![2, 3, 4],
-    ] {
+    for dims in [vec![], vec![2i64], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]] {
         let p = tch::no_grad(|| net.forward(&x.flip(dims.as_slice())).sigmoid().flip(dims.as_slice()));
         sum += p.get(0);
     }

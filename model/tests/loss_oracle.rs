@@ -75,18 +75,23 @@ fn loss_matches_pytorch_in_both_dice_modes() {
     let ws = vec![4.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0];
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("batch.safetensors");
-    let mut named: Vec<(String, Tensor)> = outs.iter().enumerate().map(|(i, o)| (format!("out{i}"), o.shallow_clone())).collect();
+    let mut named: Vec<(String, Tensor)> =
+        outs.iter().enumerate().map(|(i, o)| (format!("out{i}"), o.shallow_clone())).collect();
     named.push(("labels".into(), labels.shallow_clone()));
     fedtalent_model::io::write_tensors_atomic(&file, &named).unwrap();
     for (mode, name) in [(DiceMode::Batch, "batch"), (DiceMode::PerSample, "per_sample")] {
         let loss = MultiTalentLoss { ds_weights: ws.clone(), dice: mode };
         let ours = f64::try_from(loss.compute(&outs, &labels, &targets).unwrap()).unwrap();
         let meta = serde_json::json!({"regions": regions_json(&regions), "ws": ws, "mode": name}).to_string();
-        let out: serde_json::Value = serde_json::from_str(&common::run_python(ORACLE, &[file.to_str().unwrap(), &meta])).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_str(&common::run_python(ORACLE, &[file.to_str().unwrap(), &meta])).unwrap();
         let theirs = out["loss"].as_f64().unwrap();
         assert!(((ours - theirs) / theirs).abs() < 1e-5, "{name}: ours {ours}, PyTorch {theirs}");
         if let Some(reference) = out["reference_script"].as_f64() {
-            assert!(((ours - reference) / reference).abs() < 1e-5, "{name}: ours {ours}, torch_reference.py {reference}");
+            assert!(
+                ((ours - reference) / reference).abs() < 1e-5,
+                "{name}: ours {ours}, torch_reference.py {reference}"
+            );
         }
     }
     // The two modes really differ on this batch (otherwise the comparison above proves less).

@@ -1,6 +1,8 @@
 //! Dice and HD95 on hand-made masks with anisotropic spacing.
 
-use fedtalent_model::metrics::{dice, hausdorff_percentile, hd95, overlap, percentile, squared_distance_transform, surface};
+use fedtalent_model::metrics::{
+    dice, hausdorff_percentile, hd95, overlap, percentile, squared_distance_transform, surface,
+};
 use ndarray::Array3;
 use rand::{Rng, SeedableRng};
 

@@ -19,12 +19,7 @@ const SPACING: [f64; 3] = [2.0, 0.8, 0.8];
 
 fn affine() -> [[f64; 4]; 4] {
     // Flipped x and y (LPS-like), as CT usually is.
-    [
-        [-0.8, 0.0, 0.0, 10.0],
-        [0.0, -0.8, 0.0, 20.0],
-        [0.0, 0.0, 2.0, -30.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
+    [[-0.8, 0.0, 0.0, 10.0], [0.0, -0.8, 0.0, 20.0], [0.0, 0.0, 2.0, -30.0], [0.0, 0.0, 0.0, 1.0]]
 }
 
 /// Labels: 1 = a box, 2 = a smaller box inside it.
@@ -55,13 +50,7 @@ fn phantom_image(labels: &Array3<u8>) -> Array3<f32> {
 }
 
 fn set(net: &mut MultiTalentNet, name: &str, f: impl Fn(&Tensor)) {
-    let p = net
-        .params()
-        .iter()
-        .find(|p| p.name == name)
-        .unwrap_or_else(|| panic!("no {name}"))
-        .tensor
-        .shallow_clone();
+    let p = net.params().iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no {name}")).tensor.shallow_clone();
     let t = Tensor::zeros(p.size(), (Kind::Float, Device::Cpu));
     f(&t);
     net.params_mut().copy_into(name, &t).unwrap();
@@ -119,12 +108,7 @@ fn write_model(dir: &Path) {
         patch: topology.patch,
         spacing: [2.0, 1.0, 1.0],
         topology,
-        normalization: CtNormalization {
-            clip_low: -1000.0,
-            clip_high: 100.0,
-            mean: -450.0,
-            std: 550.0,
-        },
+        normalization: CtNormalization { clip_low: -1000.0, clip_high: 100.0, mean: -450.0, std: 550.0 },
         classes: vec![class(0, "phantom", "organ", vec![1, 2]), class(1, "other", "core", vec![2])],
         round: 3,
         digest: "test".into(),
@@ -134,11 +118,7 @@ fn write_model(dir: &Path) {
 }
 
 fn options() -> InferOptions {
-    InferOptions {
-        tile_batch: 4,
-        progress: false,
-        ..InferOptions::default()
-    }
+    InferOptions { tile_batch: 4, progress: false, ..InferOptions::default() }
 }
 
 struct Fixture {
@@ -161,14 +141,7 @@ fn fixture() -> Fixture {
     write_f32_nifti(&image, &phantom_image(&labels), &header).unwrap();
     let label = root.join("case_007.nii.gz");
     write_mask_nifti(&label, &labels, &header).unwrap();
-    Fixture {
-        _tmp: tmp,
-        model,
-        image,
-        label,
-        labels,
-        root,
-    }
+    Fixture { _tmp: tmp, model, image, label, labels, root }
 }
 
 #[test]
@@ -178,21 +151,14 @@ fn predicts_the_phantom_and_writes_masks_that_nibabel_reads() {
     assert_eq!(predictor.select_classes(&[]).unwrap(), vec![0, 1]);
     assert_eq!(predictor.select_classes(&["phantom/organ".into()]).unwrap(), vec![0]);
     assert_eq!(predictor.select_classes(&["core,0".into()]).unwrap(), vec![1, 0]);
-    assert!(predictor
-        .select_classes(&["spleen".into()])
-        .unwrap_err()
-        .to_string()
-        .contains("spleen"));
+    assert!(predictor.select_classes(&["spleen".into()]).unwrap_err().to_string().contains("spleen"));
 
     let out = f.root.join("out");
     let written = predictor.predict_to(&f.image, &out, &[0, 1]).unwrap();
     assert_eq!(case_name(&f.image), "case_007");
     let organ = out.join("case_007/phantom__organ.nii.gz");
     let core = out.join("case_007/other__core.nii.gz");
-    assert_eq!(
-        written.iter().map(|w| w.file.clone()).collect::<Vec<_>>(),
-        vec![organ.clone(), core.clone()]
-    );
+    assert_eq!(written.iter().map(|w| w.file.clone()).collect::<Vec<_>>(), vec![organ.clone(), core.clone()]);
     assert!(out.join("case_007/classes.json").is_file());
 
     // Rust side: Dice of the organ against labels {1, 2}; the zero-head class is empty.
@@ -313,10 +279,7 @@ fn bad_model_folders_are_refused_by_name() {
         .save(&other.join("model.safetensors"))
         .unwrap();
     let e = err_of(Predictor::load(&other, options()));
-    assert!(
-        e.contains("model.safetensors") && e.contains("do not match") && e.contains("seg_outputs"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("do not match") && e.contains("seg_outputs"), "{e}");
     std::fs::remove_file(other.join("model.safetensors")).unwrap();
     let e = err_of(Predictor::load(&other, options()));
     assert!(e.contains("missing"), "{e}");

@@ -32,11 +32,7 @@ fn model(total_bytes: usize) -> TensorSet {
                 (x as f32 / u32::MAX as f32) - 0.5
             })
             .collect();
-        set.push(WireTensor::from_f32(
-            format!("layer{i}.weight"),
-            vec![n as u64],
-            &vals,
-        ));
+        set.push(WireTensor::from_f32(format!("layer{i}.weight"), vec![n as u64], &vals));
         left -= n;
         i += 1;
     }
@@ -69,10 +65,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
     let warm = Arc::new(model(8 << 20));
     let wl = RecvLimits::for_manifest(warm.manifest());
     for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
-        let (a, b) = tokio::join!(
-            send_tensors_uni(sc, &warm, transport),
-            recv_tensors_uni(cc, &wl)
-        );
+        let (a, b) = tokio::join!(send_tensors_uni(sc, &warm, transport), recv_tensors_uni(cc, &wl));
         a.unwrap();
         b.unwrap();
     }
@@ -84,10 +77,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
     for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
         let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
         tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(
-                send_tensors_uni(&sc, &set, transport),
-                recv_tensors_uni(&cc, &limits)
-            );
+            let (a, b) = tokio::join!(send_tensors_uni(&sc, &set, transport), recv_tensors_uni(&cc, &limits));
             assert_eq!(a.unwrap(), b.unwrap().1);
         }));
     }
@@ -101,10 +91,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
     for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
         let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
         tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(
-                send_tensors_uni(&cc, &set, transport),
-                recv_tensors_uni(&sc, &limits)
-            );
+            let (a, b) = tokio::join!(send_tensors_uni(&cc, &set, transport), recv_tensors_uni(&sc, &limits));
             assert_eq!(a.unwrap(), b.unwrap().1);
         }));
     }
@@ -137,11 +124,7 @@ async fn tcp_run(total: usize) -> (f64, f64) {
             let data = data.clone();
             tasks.push(tokio::spawn(async move {
                 let (mut s, mut c) = (s, c);
-                let (w, r) = if dir == 0 {
-                    (&mut s, &mut c)
-                } else {
-                    (&mut c, &mut s)
-                };
+                let (w, r) = if dir == 0 { (&mut s, &mut c) } else { (&mut c, &mut s) };
                 let mut buf = vec![0u8; data.len()];
                 let (a, b) = tokio::join!(w.write_all(&data), r.read_exact(&mut buf));
                 a.unwrap();
@@ -159,21 +142,14 @@ async fn tcp_run(total: usize) -> (f64, f64) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let transport = if args.iter().any(|a| a == "--bf16") {
-        Transport::Bf16
-    } else {
-        Transport::Native
-    };
+    let transport = if args.iter().any(|a| a == "--bf16") { Transport::Bf16 } else { Transport::Native };
     let mb: usize = args
         .iter()
         .position(|a| a == "--mb")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.parse().expect("--mb N"))
         .unwrap_or(120);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let set = Arc::new(model(mb * 1_000_000));
     let total = set.total_bytes() as usize;
     // With bf16 transport, throughput is counted in model bytes (f32), i.e. what is delivered.

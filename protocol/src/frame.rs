@@ -45,13 +45,10 @@ pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one serde value from exactly `payload` (trailing bytes are an error).
 pub fn decode_value<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (v, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (v, used): (T, usize) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != payload.len() {
-        return Err(FrameError::Malformed(format!(
-            "{} trailing bytes after the message",
-            payload.len() - used
-        )));
+        return Err(FrameError::Malformed(format!("{} trailing bytes after the message", payload.len() - used)));
     }
     Ok(v)
 }
@@ -68,23 +65,15 @@ pub fn encode_payload(msg: &Message) -> Result<Vec<u8>, FrameError> {
 /// field, the version, are stable by contract).
 pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
     match decode_value::<Message>(payload) {
-        Ok(Message::Hello {
-            protocol_version, ..
-        }) if protocol_version != PROTOCOL_VERSION => Err(FrameError::VersionMismatch {
-            got: protocol_version,
-            expected: PROTOCOL_VERSION,
-        }),
+        Ok(Message::Hello { protocol_version, .. }) if protocol_version != PROTOCOL_VERSION => {
+            Err(FrameError::VersionMismatch { got: protocol_version, expected: PROTOCOL_VERSION })
+        }
         Ok(m) => Ok(m),
         Err(e) => {
             // Peek at (variant index, first u32 field) of a Hello from another version.
-            if let Ok(((0u32, v), _)) =
-                bincode::serde::decode_from_slice::<(u32, u32), _>(payload, config())
-            {
+            if let Ok(((0u32, v), _)) = bincode::serde::decode_from_slice::<(u32, u32), _>(payload, config()) {
                 if v != PROTOCOL_VERSION {
-                    return Err(FrameError::VersionMismatch {
-                        got: v,
-                        expected: PROTOCOL_VERSION,
-                    });
+                    return Err(FrameError::VersionMismatch { got: v, expected: PROTOCOL_VERSION });
                 }
             }
             Err(e)
@@ -102,10 +91,7 @@ pub fn encode_frame(msg: &Message, max_bytes: usize) -> Result<Vec<u8>, FrameErr
 fn frame_payload(payload: Vec<u8>, max_bytes: usize) -> Result<Vec<u8>, FrameError> {
     let cap = max_bytes.min(u32::MAX as usize);
     if payload.len() > cap {
-        return Err(FrameError::TooLarge {
-            size: payload.len() as u64,
-            cap,
-        });
+        return Err(FrameError::TooLarge { size: payload.len() as u64, cap });
     }
     let mut out = Vec::with_capacity(4 + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -116,10 +102,7 @@ fn frame_payload(payload: Vec<u8>, max_bytes: usize) -> Result<Vec<u8>, FrameErr
 /// Checks a frame's declared length against the cap (before any allocation).
 fn check_len(len: u32, max_bytes: usize) -> Result<usize, FrameError> {
     if len as u64 > max_bytes as u64 {
-        return Err(FrameError::TooLarge {
-            size: len as u64,
-            cap: max_bytes,
-        });
+        return Err(FrameError::TooLarge { size: len as u64, cap: max_bytes });
     }
     Ok(len as usize)
 }
@@ -127,36 +110,21 @@ fn check_len(len: u32, max_bytes: usize) -> Result<usize, FrameError> {
 /// Decodes exactly one complete frame from `buf` (length prefix + payload, nothing after).
 pub fn decode_frame(buf: &[u8], max_bytes: usize) -> Result<Message, FrameError> {
     if buf.len() < 4 {
-        return Err(FrameError::Truncated {
-            expected: 4,
-            got: buf.len(),
-        });
+        return Err(FrameError::Truncated { expected: 4, got: buf.len() });
     }
-    let len = check_len(
-        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
-        max_bytes,
-    )?;
+    let len = check_len(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), max_bytes)?;
     let body = &buf[4..];
     if body.len() < len {
-        return Err(FrameError::Truncated {
-            expected: len,
-            got: body.len(),
-        });
+        return Err(FrameError::Truncated { expected: len, got: body.len() });
     }
     if body.len() > len {
-        return Err(FrameError::Malformed(format!(
-            "{} bytes after the frame",
-            body.len() - len
-        )));
+        return Err(FrameError::Malformed(format!("{} bytes after the frame", body.len() - len)));
     }
     decode_payload(body)
 }
 
 /// Writes one frame with the default cap ([`MAX_FRAME_BYTES`]).
-pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
-    w: &mut W,
-    msg: &Message,
-) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, msg: &Message) -> Result<(), FrameError> {
     write_frame_capped(w, msg, MAX_FRAME_BYTES).await
 }
 
@@ -183,10 +151,7 @@ pub(crate) async fn write_value_frame<W: AsyncWrite + Unpin + ?Sized, T: Seriali
 }
 
 /// Reads exactly `buf.len()` bytes; Ok(n) with n < len on EOF.
-async fn read_full<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
+async fn read_full<R: AsyncRead + Unpin + ?Sized>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         let n = r.read(&mut buf[got..]).await?;
@@ -222,13 +187,8 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin + ?Sized>(
 
 /// Reads one frame and decodes it; the declared length is checked against `max_bytes` before
 /// anything is allocated. A clean end of stream before the frame is [`FrameError::Closed`].
-pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    max_bytes: usize,
-) -> Result<Message, FrameError> {
-    read_frame_opt(r, max_bytes)
-        .await?
-        .ok_or(FrameError::Closed)
+pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R, max_bytes: usize) -> Result<Message, FrameError> {
+    read_frame_opt(r, max_bytes).await?.ok_or(FrameError::Closed)
 }
 
 /// As [`read_frame`], but a clean end of stream before the frame is `Ok(None)`.

@@ -16,14 +16,13 @@ pub mod quic;
 pub mod tensor;
 
 pub use frame::{
-    decode_frame, decode_payload, encode_frame, encode_payload, read_frame, read_frame_opt,
-    write_frame, write_frame_capped, FrameError,
+    decode_frame, decode_payload, encode_frame, encode_payload, read_frame, read_frame_opt, write_frame,
+    write_frame_capped, FrameError,
 };
 pub use messages::*;
 pub use tensor::{
-    bf16_bits_to_f32, bf16_to_f32_bytes, f32_to_bf16_bits, f32_to_bf16_bytes, recv_tensors,
-    recv_tensors_digest, send_tensors, DType, Manifest, RecvLimits, TensorError, TensorSet,
-    Transport, WireTensor,
+    bf16_bits_to_f32, bf16_to_f32_bytes, f32_to_bf16_bits, f32_to_bf16_bytes, recv_tensors, recv_tensors_digest,
+    send_tensors, DType, Manifest, RecvLimits, TensorError, TensorSet, Transport, WireTensor,
 };
 
 /// Version of the federation protocol, sent in [`Message::Hello`]; a coordinator refuses a

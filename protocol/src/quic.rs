@@ -1,9 +1,7 @@
 //! Helpers for the round trips of the protocol over a QUIC connection.
 
 use crate::frame::{read_frame, write_frame_capped, FrameError};
-use crate::tensor::{
-    recv_tensors_digest, send_tensors, RecvLimits, TensorError, TensorSet, Transport,
-};
+use crate::tensor::{recv_tensors_digest, send_tensors, RecvLimits, TensorError, TensorSet, Transport};
 use crate::{Message, MAX_FRAME_BYTES};
 
 /// Errors of the QUIC helpers.
@@ -43,10 +41,7 @@ pub async fn send_tensors_uni(
 
 /// Accepts the next unidirectional stream and receives a tensor set from it. Returns the set
 /// and its wire digest.
-pub async fn recv_tensors_uni(
-    conn: &quinn::Connection,
-    limits: &RecvLimits,
-) -> Result<(TensorSet, String), QuicError> {
+pub async fn recv_tensors_uni(conn: &quinn::Connection, limits: &RecvLimits) -> Result<(TensorSet, String), QuicError> {
     let mut recv = conn.accept_uni().await?;
     Ok(recv_tensors_digest(&mut recv, limits).await?)
 }

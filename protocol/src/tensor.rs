@@ -95,10 +95,7 @@ pub struct WireTensor {
 
 /// `elements(shape) × dtype size`, or None on overflow.
 pub fn byte_len_of(dtype: DType, shape: &[u64]) -> Option<u64> {
-    shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))?
-        .checked_mul(dtype.size() as u64)
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?.checked_mul(dtype.size() as u64)
 }
 
 impl WireTensor {
@@ -108,12 +105,7 @@ impl WireTensor {
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        WireTensor {
-            name: name.into(),
-            dtype: DType::F32,
-            shape,
-            data,
-        }
+        WireTensor { name: name.into(), dtype: DType::F32, shape, data }
     }
 
     /// The values of an f32 tensor; None for another dtype or a bad byte length.
@@ -121,19 +113,12 @@ impl WireTensor {
         if self.dtype != DType::F32 || !self.data.len().is_multiple_of(4) {
             return None;
         }
-        Some(
-            self.data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
+        Some(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Number of elements given by the shape (None on overflow).
     pub fn numel(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// Whether `data.len()` equals elements × dtype size.
@@ -211,10 +196,7 @@ impl TensorSet {
     }
     /// The manifest (name → dtype, shape) of this set.
     pub fn manifest(&self) -> Manifest {
-        self.tensors
-            .iter()
-            .map(|t| (t.name.clone(), (t.dtype, t.shape.clone())))
-            .collect()
+        self.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect()
     }
 
     /// Hex SHA-256 of the set as it is (see the module docs for the canonical encoding). Names a
@@ -254,11 +236,7 @@ fn headers_for(set: &TensorSet, transport: Transport) -> Vec<TensorHeader> {
                 name: t.name.clone(),
                 dtype: if widen { DType::BF16 } else { t.dtype },
                 shape: t.shape.clone(),
-                byte_len: if widen {
-                    t.data.len() as u64 / 2
-                } else {
-                    t.data.len() as u64
-                },
+                byte_len: if widen { t.data.len() as u64 / 2 } else { t.data.len() as u64 },
                 widen_to_f32: widen,
             }
         })
@@ -327,33 +305,17 @@ pub enum TensorError {
     #[error("expected tensor {name:?} is missing")]
     Missing { name: String },
     #[error("tensor {name:?}: dtype {got:?}, expected {expected:?}")]
-    WrongDType {
-        name: String,
-        expected: DType,
-        got: DType,
-    },
+    WrongDType { name: String, expected: DType, got: DType },
     #[error("tensor {name:?}: shape {got:?}, expected {expected:?}")]
-    WrongShape {
-        name: String,
-        expected: Vec<u64>,
-        got: Vec<u64>,
-    },
+    WrongShape { name: String, expected: Vec<u64>, got: Vec<u64> },
     #[error("tensor {name:?}: declared byte length {declared} does not equal shape × dtype size ({expected:?})")]
-    LengthMismatch {
-        name: String,
-        declared: u64,
-        expected: Option<u64>,
-    },
+    LengthMismatch { name: String, declared: u64, expected: Option<u64> },
     #[error("tensor payload of {total} bytes exceeds the cap of {cap} bytes")]
     TooLarge { total: u64, cap: u64 },
     #[error("{count} tensors exceed the cap of {cap}")]
     TooMany { count: usize, cap: usize },
     #[error("stream ended inside {name:?}: got {got} of {expected} bytes")]
-    Truncated {
-        name: String,
-        got: u64,
-        expected: u64,
-    },
+    Truncated { name: String, got: u64, expected: u64 },
     #[error("tensor {name:?}: SHA-256 of the received bytes does not match the sender's")]
     TensorDigestMismatch { name: String },
     #[error("tensor set digest mismatch: sender says {sent}, received bytes give {computed}")]
@@ -432,13 +394,8 @@ pub async fn send_tensors<W: AsyncWrite + Unpin + ?Sized>(
         }
     }
     let headers = headers_for(set, transport);
-    let header = StreamHeader {
-        magic: STREAM_MAGIC,
-        tensors: headers,
-    };
-    write_value_frame(w, &header, usize::MAX >> 1)
-        .await
-        .map_err(TensorError::Header)?;
+    let header = StreamHeader { magic: STREAM_MAGIC, tensors: headers };
+    write_value_frame(w, &header, usize::MAX >> 1).await.map_err(TensorError::Header)?;
     let mut ctx = set_digest_ctx(&header.tensors);
     let mut buf = Vec::with_capacity(CHUNK_BYTES / 2);
     for (t, h) in set.tensors.iter().zip(&header.tensors) {
@@ -476,37 +433,23 @@ pub async fn recv_tensors<R: AsyncRead + Unpin + ?Sized>(
 
 fn validate_headers(headers: &[TensorHeader], limits: &RecvLimits) -> Result<(), TensorError> {
     if headers.len() > limits.max_tensors {
-        return Err(TensorError::TooMany {
-            count: headers.len(),
-            cap: limits.max_tensors,
-        });
+        return Err(TensorError::TooMany { count: headers.len(), cap: limits.max_tensors });
     }
     let mut seen = HashSet::with_capacity(headers.len());
     let mut total: u64 = 0;
     for h in headers {
-        let bad = |reason: String| TensorError::BadTensor {
-            name: h.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| TensorError::BadTensor { name: h.name.clone(), reason };
         if h.name.is_empty() || h.name.len() > MAX_NAME_BYTES {
-            return Err(bad(format!(
-                "name length {} outside 1..={MAX_NAME_BYTES}",
-                h.name.len()
-            )));
+            return Err(bad(format!("name length {} outside 1..={MAX_NAME_BYTES}", h.name.len())));
         }
         if h.shape.len() > MAX_RANK {
             return Err(bad(format!("rank {} above {MAX_RANK}", h.shape.len())));
         }
         if h.widen_to_f32 && h.dtype != DType::BF16 {
-            return Err(bad(format!(
-                "marked for bf16→f32 widening but sent as {:?}",
-                h.dtype
-            )));
+            return Err(bad(format!("marked for bf16→f32 widening but sent as {:?}", h.dtype)));
         }
         if !seen.insert(h.name.as_str()) {
-            return Err(TensorError::Duplicate {
-                name: h.name.clone(),
-            });
+            return Err(TensorError::Duplicate { name: h.name.clone() });
         }
         let expected_len = byte_len_of(h.dtype, &h.shape);
         if expected_len != Some(h.byte_len) {
@@ -519,16 +462,10 @@ fn validate_headers(headers: &[TensorHeader], limits: &RecvLimits) -> Result<(),
         let mem_dtype = if h.widen_to_f32 { DType::F32 } else { h.dtype };
         if let Some(m) = &limits.expected {
             let Some((dt, shape)) = m.get(&h.name) else {
-                return Err(TensorError::UnknownTensor {
-                    name: h.name.clone(),
-                });
+                return Err(TensorError::UnknownTensor { name: h.name.clone() });
             };
             if *dt != mem_dtype {
-                return Err(TensorError::WrongDType {
-                    name: h.name.clone(),
-                    expected: *dt,
-                    got: mem_dtype,
-                });
+                return Err(TensorError::WrongDType { name: h.name.clone(), expected: *dt, got: mem_dtype });
             }
             if *shape != h.shape {
                 return Err(TensorError::WrongShape {
@@ -538,24 +475,15 @@ fn validate_headers(headers: &[TensorHeader], limits: &RecvLimits) -> Result<(),
                 });
             }
         }
-        let mem = if h.widen_to_f32 {
-            h.byte_len.saturating_mul(2)
-        } else {
-            h.byte_len
-        };
+        let mem = if h.widen_to_f32 { h.byte_len.saturating_mul(2) } else { h.byte_len };
         total = total.saturating_add(mem);
         if total > limits.max_total_bytes {
-            return Err(TensorError::TooLarge {
-                total,
-                cap: limits.max_total_bytes,
-            });
+            return Err(TensorError::TooLarge { total, cap: limits.max_total_bytes });
         }
     }
     if let (Some(m), true) = (&limits.expected, limits.require_all) {
         if let Some(missing) = m.keys().find(|k| !seen.contains(k.as_str())) {
-            return Err(TensorError::Missing {
-                name: missing.clone(),
-            });
+            return Err(TensorError::Missing { name: missing.clone() });
         }
     }
     Ok(())
@@ -570,11 +498,7 @@ async fn read_exact_named<R: AsyncRead + Unpin + ?Sized>(
     while got < buf.len() {
         let n = r.read(&mut buf[got..]).await?;
         if n == 0 {
-            return Err(TensorError::Truncated {
-                name: name.to_string(),
-                got: got as u64,
-                expected: buf.len() as u64,
-            });
+            return Err(TensorError::Truncated { name: name.to_string(), got: got as u64, expected: buf.len() as u64 });
         }
         got += n;
     }
@@ -594,10 +518,7 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
     let header: StreamHeader = decode_value(&payload).map_err(TensorError::Header)?;
     drop(payload);
     if header.magic != STREAM_MAGIC {
-        return Err(TensorError::BadHeader(format!(
-            "bad magic {:#010x}",
-            header.magic
-        )));
+        return Err(TensorError::BadHeader(format!("bad magic {:#010x}", header.magic)));
     }
     validate_headers(&header.tensors, limits)?;
 
@@ -611,11 +532,7 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
             let end = (filled + CHUNK_BYTES).min(data.len());
             let n = r.read(&mut data[filled..end]).await?;
             if n == 0 {
-                return Err(TensorError::Truncated {
-                    name: h.name.clone(),
-                    got: filled as u64,
-                    expected: h.byte_len,
-                });
+                return Err(TensorError::Truncated { name: h.name.clone(), got: filled as u64, expected: h.byte_len });
             }
             tctx.update(&data[filled..filled + n]);
             filled += n;
@@ -624,9 +541,7 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
         read_exact_named(r, &mut sent, &format!("{} (its SHA-256)", h.name)).await?;
         let td = tctx.finish();
         if td.as_ref() != sent {
-            return Err(TensorError::TensorDigestMismatch {
-                name: h.name.clone(),
-            });
+            return Err(TensorError::TensorDigestMismatch { name: h.name.clone() });
         }
         ctx.update(td.as_ref());
         tensors.push(data);
@@ -640,10 +555,7 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
     }
     if let Some(announced) = &limits.expected_digest {
         if !announced.eq_ignore_ascii_case(&computed) {
-            return Err(TensorError::NotAnnounced {
-                announced: announced.clone(),
-                received: computed,
-            });
+            return Err(TensorError::NotAnnounced { announced: announced.clone(), received: computed });
         }
     }
     let set = TensorSet {
@@ -653,19 +565,9 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
             .zip(tensors)
             .map(|(h, data)| {
                 if h.widen_to_f32 {
-                    WireTensor {
-                        name: h.name,
-                        dtype: DType::F32,
-                        shape: h.shape,
-                        data: bf16_to_f32_bytes(&data),
-                    }
+                    WireTensor { name: h.name, dtype: DType::F32, shape: h.shape, data: bf16_to_f32_bytes(&data) }
                 } else {
-                    WireTensor {
-                        name: h.name,
-                        dtype: h.dtype,
-                        shape: h.shape,
-                        data,
-                    }
+                    WireTensor { name: h.name, dtype: h.dtype, shape: h.shape, data }
                 }
             })
             .collect(),

@@ -21,16 +21,10 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Hello {
             protocol_version: PROTOCOL_VERSION,
             site: "alpha".into(),
-            classes: vec![ClassSpec {
-                name: "liver".into(),
-                labels: vec![1, 2],
-            }],
+            classes: vec![ClassSpec { name: "liver".into(), labels: vec![1, 2] }],
             n_train: 80,
             n_val: 20,
-            hu_histogram: HuHistogram {
-                min_hu: -1024,
-                counts: vec![1, 2, 3],
-            },
+            hu_histogram: HuHistogram { min_hu: -1024, counts: vec![1, 2, 3] },
             device: "cuda:0".into(),
         },
         Message::Welcome {
@@ -43,12 +37,7 @@ pub fn sample_messages() -> Vec<Message> {
                 name: "liver".into(),
                 labels: vec![1, 2],
             }],
-            normalization: Normalization {
-                clip_low: -100.0,
-                clip_high: 300.0,
-                mean: 90.0,
-                std: 50.0,
-            },
+            normalization: Normalization { clip_low: -100.0, clip_high: 300.0, mean: 90.0, std: 50.0 },
             current_round: 3,
         },
         Message::RoundStart {
@@ -59,10 +48,7 @@ pub fn sample_messages() -> Vec<Message> {
             total_steps: 25000,
             evaluate: true,
         },
-        Message::ModelRequest {
-            digest: "cd".repeat(32),
-            full: false,
-        },
+        Message::ModelRequest { digest: "cd".repeat(32), full: false },
         Message::UpdateHeader {
             round: 4,
             n_cases: 80,
@@ -71,20 +57,11 @@ pub fn sample_messages() -> Vec<Message> {
             payload_digest: "ef".repeat(32),
             durations_ms: vec![("train".into(), 1234)],
         },
-        Message::Ack {
-            round: 4,
-            accepted: false,
-            reason: Some("late".into()),
-        },
-        Message::Error {
-            kind: ErrorKind::BadUpdate,
-            reason: "tensor x: NaN".into(),
-        },
+        Message::Ack { round: 4, accepted: false, reason: Some("late".into()) },
+        Message::Error { kind: ErrorKind::BadUpdate, reason: "tensor x: NaN".into() },
         Message::Heartbeat,
         Message::Admin(AdminRequest::Launch { rounds: Some(3) }),
-        Message::Admin(AdminRequest::Export {
-            dir: "/tmp/x".into(),
-        }),
+        Message::Admin(AdminRequest::Export { dir: "/tmp/x".into() }),
         Message::AdminReply(AdminReply::Status(StatusReport {
             federation: "fed".into(),
             current_round: 2,
@@ -122,10 +99,7 @@ async fn async_frames_round_trip_and_end_cleanly() {
     for m in sample_messages() {
         assert_eq!(read_frame(&mut r, MAX_FRAME_BYTES).await.unwrap(), m);
     }
-    assert!(matches!(
-        read_frame(&mut r, MAX_FRAME_BYTES).await,
-        Err(FrameError::Closed)
-    ));
+    assert!(matches!(read_frame(&mut r, MAX_FRAME_BYTES).await, Err(FrameError::Closed)));
 }
 
 #[tokio::test]
@@ -133,27 +107,16 @@ async fn oversize_frame_is_refused_before_reading_the_payload() {
     // Header claims 4 GiB - 1 and nothing follows: the cap must fire, not a truncation or an
     // allocation of 4 GiB.
     let buf = u32::MAX.to_be_bytes();
-    let e = read_frame(&mut &buf[..], MAX_FRAME_BYTES)
-        .await
-        .unwrap_err();
+    let e = read_frame(&mut &buf[..], MAX_FRAME_BYTES).await.unwrap_err();
     assert!(
         matches!(e, FrameError::TooLarge { size, cap } if size == u32::MAX as u64 && cap == MAX_FRAME_BYTES),
         "{e}"
     );
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "frame of {} bytes exceeds the cap of 1048576 bytes",
-            u32::MAX
-        )
-    );
+    assert_eq!(e.to_string(), format!("frame of {} bytes exceeds the cap of 1048576 bytes", u32::MAX));
     let e = decode_frame(&buf, MAX_FRAME_BYTES).unwrap_err();
     assert!(matches!(e, FrameError::TooLarge { .. }), "{e}");
     // The sender refuses too.
-    let big = Message::Error {
-        kind: ErrorKind::Internal,
-        reason: "x".repeat(MAX_FRAME_BYTES),
-    };
+    let big = Message::Error { kind: ErrorKind::Internal, reason: "x".repeat(MAX_FRAME_BYTES) };
     let e = write_frame(&mut Vec::new(), &big).await.unwrap_err();
     assert!(matches!(e, FrameError::TooLarge { .. }), "{e}");
     // A smaller cap applies.
@@ -165,9 +128,7 @@ async fn oversize_frame_is_refused_before_reading_the_payload() {
 async fn truncated_frames_are_refused() {
     let f = encode_frame(&sample_messages()[0], MAX_FRAME_BYTES).unwrap();
     for cut in [1, 3, 4, 10, f.len() - 1] {
-        let e = read_frame(&mut &f[..cut], MAX_FRAME_BYTES)
-            .await
-            .unwrap_err();
+        let e = read_frame(&mut &f[..cut], MAX_FRAME_BYTES).await.unwrap_err();
         assert!(matches!(e, FrameError::Truncated { .. }), "cut {cut}: {e}");
         let e = decode_frame(&f[..cut], MAX_FRAME_BYTES).unwrap_err();
         assert!(matches!(e, FrameError::Truncated { .. }), "cut {cut}: {e}");
@@ -191,24 +152,12 @@ async fn truncated_frames_are_refused() {
 #[test]
 fn old_or_new_protocol_version_is_refused() {
     let mut hello = sample_messages().remove(0);
-    if let Message::Hello {
-        protocol_version, ..
-    } = &mut hello
-    {
+    if let Message::Hello { protocol_version, .. } = &mut hello {
         *protocol_version = 0;
     }
     let f = encode_frame(&hello, MAX_FRAME_BYTES).unwrap();
     let e = decode_frame(&f, MAX_FRAME_BYTES).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            FrameError::VersionMismatch {
-                got: 0,
-                expected: PROTOCOL_VERSION
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, FrameError::VersionMismatch { got: 0, expected: PROTOCOL_VERSION }), "{e}");
     // A Hello of a future version whose layout differs is still recognised as a version mismatch.
     let future = bincode::serde::encode_to_vec(
         (0u32, 7u32, "something else entirely", [1.5f64; 3]),
@@ -216,10 +165,7 @@ fn old_or_new_protocol_version_is_refused() {
     )
     .unwrap();
     let e = decode_payload(&future).unwrap_err();
-    assert!(
-        matches!(e, FrameError::VersionMismatch { got: 7, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, FrameError::VersionMismatch { got: 7, .. }), "{e}");
     assert!(e.to_string().contains("version 7"), "{e}");
 }
 
@@ -242,10 +188,7 @@ impl Rng {
 #[test]
 fn random_and_mutated_bytes_never_panic() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let valid: Vec<Vec<u8>> = sample_messages()
-        .iter()
-        .map(|m| encode_frame(m, MAX_FRAME_BYTES).unwrap())
-        .collect();
+    let valid: Vec<Vec<u8>> = sample_messages().iter().map(|m| encode_frame(m, MAX_FRAME_BYTES).unwrap()).collect();
     let mut decoded_ok = 0;
     for i in 0..200_000u32 {
         let input = if i % 2 == 0 {
@@ -270,18 +213,12 @@ fn random_and_mutated_bytes_never_panic() {
                 // Canonical: what decodes re-encodes to a frame that decodes to the same message.
                 let again = encode_frame(&m, MAX_FRAME_BYTES).unwrap();
                 let m2 = decode_frame(&again, MAX_FRAME_BYTES).unwrap();
-                assert!(
-                    m == m2 || format!("{m:?}").contains("NaN"),
-                    "{m:?} != {m2:?}"
-                );
+                assert!(m == m2 || format!("{m:?}").contains("NaN"), "{m:?} != {m2:?}");
             }
             Err(e) => {
                 let _ = e.to_string();
             }
         }
     }
-    assert!(
-        decoded_ok > 100,
-        "mutations should sometimes still decode ({decoded_ok})"
-    );
+    assert!(decoded_ok > 100, "mutations should sometimes still decode ({decoded_ok})");
 }

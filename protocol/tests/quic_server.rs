@@ -22,16 +22,10 @@ fn hello(version: u32) -> Message {
     Message::Hello {
         protocol_version: version,
         site: "alpha".into(),
-        classes: vec![ClassSpec {
-            name: "liver".into(),
-            labels: vec![1],
-        }],
+        classes: vec![ClassSpec { name: "liver".into(), labels: vec![1] }],
         n_train: 10,
         n_val: 2,
-        hu_histogram: HuHistogram {
-            min_hu: -1024,
-            counts: vec![0; 8],
-        },
+        hu_histogram: HuHistogram { min_hu: -1024, counts: vec![0; 8] },
         device: "cpu".into(),
     }
 }
@@ -54,12 +48,7 @@ fn welcome() -> Message {
             bf16_transport: false,
         },
         classes: vec![],
-        normalization: Normalization {
-            clip_low: -1.0,
-            clip_high: 1.0,
-            mean: 0.0,
-            std: 1.0,
-        },
+        normalization: Normalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },
         current_round: 0,
     }
 }
@@ -88,40 +77,21 @@ async fn handle_stream(
             tokio::spawn(async move {
                 let _ = send_tensors_uni(&c, &model(), Transport::Bf16).await;
             });
-            Message::Ack {
-                round: 0,
-                accepted: true,
-                reason: None,
-            }
+            Message::Ack { round: 0, accepted: true, reason: None }
         }
-        Ok(Message::UpdateHeader {
-            round,
-            payload_digest,
-            ..
-        }) => {
+        Ok(Message::UpdateHeader { round, payload_digest, .. }) => {
             let mut limits = RecvLimits::for_manifest(model().manifest());
             limits.expected_digest = Some(payload_digest);
             match recv_tensors_uni(&conn, &limits).await {
-                Ok(_) => Message::Ack {
-                    round,
-                    accepted: true,
-                    reason: None,
-                },
+                Ok(_) => Message::Ack { round, accepted: true, reason: None },
                 Err(e) => {
                     let reason = format!("site '{site}': update refused: {e}");
                     let _ = log.send(reason.clone());
-                    Message::Ack {
-                        round,
-                        accepted: false,
-                        reason: Some(reason),
-                    }
+                    Message::Ack { round, accepted: false, reason: Some(reason) }
                 }
             }
         }
-        Ok(other) => Message::Error {
-            kind: ErrorKind::BadMessage,
-            reason: format!("unexpected {}", other.kind()),
-        },
+        Ok(other) => Message::Error { kind: ErrorKind::BadMessage, reason: format!("unexpected {}", other.kind()) },
     };
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();
@@ -137,13 +107,7 @@ struct Fixture {
 fn start() -> Fixture {
     let ca = FederationCa::create("ca").unwrap();
     let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
-    let cfg = server_config(
-        ca.cert_pem(),
-        &cert,
-        &key,
-        Allowlist::new(["alpha", "beta"]),
-    )
-    .unwrap();
+    let cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(["alpha", "beta"])).unwrap();
     let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let (tx, log) = mpsc::unbounded_channel();
@@ -160,12 +124,7 @@ fn start() -> Fixture {
             });
         }
     });
-    Fixture {
-        ca,
-        addr,
-        log,
-        _endpoint: endpoint,
-    }
+    Fixture { ca, addr, log, _endpoint: endpoint }
 }
 
 impl Fixture {
@@ -178,10 +137,7 @@ impl Fixture {
         (ep, conn)
     }
     async fn logged(&mut self) -> String {
-        tokio::time::timeout(Duration::from_secs(10), self.log.recv())
-            .await
-            .unwrap()
-            .unwrap()
+        tokio::time::timeout(Duration::from_secs(10), self.log.recv()).await.unwrap().unwrap()
     }
 }
 
@@ -196,20 +152,9 @@ async fn raw_request(conn: &quinn::Connection, bytes: &[u8]) -> Message {
 /// A full honest round trip of a site.
 async fn honest_site(f: &Fixture, site: &str) {
     let (_ep, conn) = f.connect(site).await;
-    assert_eq!(
-        request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(),
-        welcome()
-    );
+    assert_eq!(request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(), welcome());
     // Model download (bf16 transport), checked against the expected digest.
-    let reply = request(
-        &conn,
-        &Message::ModelRequest {
-            digest: model().digest(),
-            full: false,
-        },
-    )
-    .await
-    .unwrap();
+    let reply = request(&conn, &Message::ModelRequest { digest: model().digest(), full: false }).await.unwrap();
     assert!(matches!(reply, Message::Ack { accepted: true, .. }));
     let limits = RecvLimits {
         expected_digest: Some(model().wire_digest(Transport::Bf16)),
@@ -233,14 +178,7 @@ async fn honest_site(f: &Fixture, site: &str) {
         payload_digest: digest.clone(),
         durations_ms: vec![],
     };
-    assert_eq!(
-        request(&conn, &header).await.unwrap(),
-        Message::Ack {
-            round: 1,
-            accepted: true,
-            reason: None
-        }
-    );
+    assert_eq!(request(&conn, &header).await.unwrap(), Message::Ack { round: 1, accepted: true, reason: None });
     assert_eq!(up.await.unwrap(), digest);
     conn.close(0u32.into(), b"bye");
 }
@@ -253,38 +191,22 @@ async fn broken_control_frames_are_refused_and_honest_sites_go_on() {
 
     // Old protocol version.
     let reply = request(&conn, &hello(0)).await.unwrap();
-    let Message::Error { kind, reason } = reply else {
-        panic!("{reply:?}")
-    };
+    let Message::Error { kind, reason } = reply else { panic!("{reply:?}") };
     assert_eq!(kind, ErrorKind::VersionMismatch);
-    assert!(
-        reason.contains("site 'beta': protocol version mismatch: peer speaks version 0"),
-        "{reason}"
-    );
+    assert!(reason.contains("site 'beta': protocol version mismatch: peer speaks version 0"), "{reason}");
     assert_eq!(f.logged().await, reason);
     honest_site(&f, "alpha").await;
 
     // A frame over the cap (declared 16 MiB; only the prefix is sent).
     let reply = raw_request(&conn, &(16u32 << 20).to_be_bytes()).await;
-    let Message::Error {
-        kind: ErrorKind::BadMessage,
-        reason,
-    } = reply
-    else {
-        panic!("{reply:?}")
-    };
-    assert!(
-        reason.contains("frame of 16777216 bytes exceeds the cap of 1048576 bytes"),
-        "{reason}"
-    );
+    let Message::Error { kind: ErrorKind::BadMessage, reason } = reply else { panic!("{reply:?}") };
+    assert!(reason.contains("frame of 16777216 bytes exceeds the cap of 1048576 bytes"), "{reason}");
     f.logged().await;
 
     // A truncated frame.
     let full = encode_frame(&hello(PROTOCOL_VERSION), MAX_FRAME_BYTES).unwrap();
     let reply = raw_request(&conn, &full[..full.len() - 3]).await;
-    let Message::Error { reason, .. } = reply else {
-        panic!("{reply:?}")
-    };
+    let Message::Error { reason, .. } = reply else { panic!("{reply:?}") };
     assert!(reason.contains("truncated frame: expected"), "{reason}");
     f.logged().await;
 
@@ -292,17 +214,12 @@ async fn broken_control_frames_are_refused_and_honest_sites_go_on() {
     let mut junk = 40u32.to_be_bytes().to_vec();
     junk.extend((0..40u8).map(|i| i.wrapping_mul(97).wrapping_add(200)));
     let reply = raw_request(&conn, &junk).await;
-    let Message::Error { reason, .. } = reply else {
-        panic!("{reply:?}")
-    };
+    let Message::Error { reason, .. } = reply else { panic!("{reply:?}") };
     assert!(reason.contains("malformed message"), "{reason}");
     f.logged().await;
 
     // The same connection and other sites still work.
-    assert_eq!(
-        request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(),
-        welcome()
-    );
+    assert_eq!(request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(), welcome());
     honest_site(&f, "alpha").await;
 }
 
@@ -331,24 +248,12 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
     let (_ep, conn) = f.connect("beta").await;
     let good = model();
     let mut stream = Vec::new();
-    let digest = send_tensors(&mut stream, &good, Transport::Native)
-        .await
-        .unwrap();
+    let digest = send_tensors(&mut stream, &good, Transport::Native).await.unwrap();
 
     let mut check = async |bytes: Vec<u8>, digest: String, needle: &str| {
         let reply = upload_raw(&conn, bytes, digest).await;
-        let Message::Ack {
-            accepted: false,
-            reason: Some(reason),
-            ..
-        } = reply
-        else {
-            panic!("{reply:?}")
-        };
-        assert!(
-            reason.contains(needle),
-            "{reason:?} does not contain {needle:?}"
-        );
+        let Message::Ack { accepted: false, reason: Some(reason), .. } = reply else { panic!("{reply:?}") };
+        assert!(reason.contains(needle), "{reason:?} does not contain {needle:?}");
         assert_eq!(f.logged().await, reason);
         honest_site(&f, "alpha").await;
     };
@@ -357,7 +262,12 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
     let mut bad = stream.clone();
     let n = bad.len();
     bad[n - 200] ^= 0xff;
-    check(bad, digest.clone(), "site 'beta': update refused: tensor \"head.alpha.w\": SHA-256 of the received bytes does not match").await;
+    check(
+        bad,
+        digest.clone(),
+        "site 'beta': update refused: tensor \"head.alpha.w\": SHA-256 of the received bytes does not match",
+    )
+    .await;
 
     // Consistent stream, but not the announced payload.
     check(stream.clone(), "ab".repeat(32), "is not the announced").await;
@@ -366,41 +276,20 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
     let mut evil = good.clone();
     evil.tensors[1].name = "head.gamma.w".into();
     let mut b = Vec::new();
-    let d = send_tensors(&mut b, &evil, Transport::Native)
-        .await
-        .unwrap();
+    let d = send_tensors(&mut b, &evil, Transport::Native).await.unwrap();
     check(b, d, "tensor \"head.gamma.w\" is not expected here").await;
 
     // Wrong shape.
     let mut evil = good.clone();
     evil.tensors[0].shape = vec![32, 64];
     let mut b = Vec::new();
-    let d = send_tensors(&mut b, &evil, Transport::Native)
-        .await
-        .unwrap();
-    check(
-        b,
-        d,
-        "tensor \"backbone.w\": shape [32, 64], expected [64, 32]",
-    )
-    .await;
+    let d = send_tensors(&mut b, &evil, Transport::Native).await.unwrap();
+    check(b, d, "tensor \"backbone.w\": shape [32, 64], expected [64, 32]").await;
 
     // Truncated upload.
-    check(
-        stream[..stream.len() / 2].to_vec(),
-        digest.clone(),
-        "stream ended inside \"backbone.w\"",
-    )
-    .await;
+    check(stream[..stream.len() / 2].to_vec(), digest.clone(), "stream ended inside \"backbone.w\"").await;
 
     // The refused site itself can still send a good update.
     let reply = upload_raw(&conn, stream.clone(), digest.clone()).await;
-    assert_eq!(
-        reply,
-        Message::Ack {
-            round: 1,
-            accepted: true,
-            reason: None
-        }
-    );
+    assert_eq!(reply, Message::Ack { round: 1, accepted: true, reason: None });
 }

@@ -8,12 +8,7 @@ fn sample_set() -> TensorSet {
     TensorSet::new(vec![
         WireTensor::from_f32("conv.weight", vec![3, 4, 5], &w),
         WireTensor::from_f32("conv.bias", vec![3], &b),
-        WireTensor {
-            name: "steps".into(),
-            dtype: DType::I64,
-            shape: vec![],
-            data: 42i64.to_le_bytes().to_vec(),
-        },
+        WireTensor { name: "steps".into(), dtype: DType::I64, shape: vec![], data: 42i64.to_le_bytes().to_vec() },
     ])
 }
 
@@ -51,9 +46,7 @@ async fn bf16_transport_halves_f32_and_widens_back() {
     assert!(buf.len() < native.len());
     assert_eq!(d, set.wire_digest(Transport::Bf16));
     assert_ne!(d, set.digest());
-    let got = recv_tensors(&mut &buf[..], &RecvLimits::for_manifest(set.manifest()))
-        .await
-        .unwrap();
+    let got = recv_tensors(&mut &buf[..], &RecvLimits::for_manifest(set.manifest())).await.unwrap();
     assert_eq!(got.manifest(), set.manifest());
     let w0 = set.tensors[0].to_f32().unwrap();
     let w1 = got.tensors[0].to_f32().unwrap();
@@ -87,13 +80,9 @@ fn bf16_rounding_is_nearest_even() {
 type Entry<'a> = (&'a str, DType, Vec<u64>, u64, bool);
 
 fn raw_stream(entries: Vec<Entry<'_>>, body: &[u8]) -> Vec<u8> {
-    let entries: Vec<(String, DType, Vec<u64>, u64, bool)> = entries
-        .into_iter()
-        .map(|(n, d, s, l, w)| (n.to_string(), d, s, l, w))
-        .collect();
-    let payload =
-        bincode::serde::encode_to_vec((0x4654_5431u32, entries), bincode::config::standard())
-            .unwrap();
+    let entries: Vec<(String, DType, Vec<u64>, u64, bool)> =
+        entries.into_iter().map(|(n, d, s, l, w)| (n.to_string(), d, s, l, w)).collect();
+    let payload = bincode::serde::encode_to_vec((0x4654_5431u32, entries), bincode::config::standard()).unwrap();
     let mut out = (payload.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&payload);
     out.extend_from_slice(body);
@@ -115,10 +104,7 @@ async fn corrupted_bytes_are_refused_naming_the_tensor() {
     let mut bad = buf.clone();
     bad[pos] ^= 0x40;
     let e = refuse(&bad, &limits).await;
-    assert!(
-        matches!(&e, TensorError::TensorDigestMismatch { name } if name == "conv.bias"),
-        "{e}"
-    );
+    assert!(matches!(&e, TensorError::TensorDigestMismatch { name } if name == "conv.bias"), "{e}");
     assert!(e.to_string().contains("conv.bias"));
     // Corrupt the final set digest.
     let mut bad = buf.clone();
@@ -126,33 +112,18 @@ async fn corrupted_bytes_are_refused_naming_the_tensor() {
     let e = refuse(&bad, &limits).await;
     assert!(matches!(e, TensorError::DigestMismatch { .. }), "{e}");
     // Announced digest differs from what arrives.
-    let l = RecvLimits {
-        expected_digest: Some("00".repeat(32)),
-        ..RecvLimits::default()
-    };
+    let l = RecvLimits { expected_digest: Some("00".repeat(32)), ..RecvLimits::default() };
     let e = refuse(&buf, &l).await;
     assert!(matches!(e, TensorError::NotAnnounced { .. }), "{e}");
     // Truncated inside a tensor.
     let e = refuse(&buf[..header_len + 100], &limits).await;
-    assert!(
-        matches!(&e, TensorError::Truncated { name, got: 100, expected: 240 } if name == "conv.weight"),
-        "{e}"
-    );
+    assert!(matches!(&e, TensorError::Truncated { name, got: 100, expected: 240 } if name == "conv.weight"), "{e}");
     let e = refuse(&buf[..buf.len() - 1], &limits).await;
-    assert!(
-        matches!(&e, TensorError::Truncated { name, .. } if name == "<set digest>"),
-        "{e}"
-    );
+    assert!(matches!(&e, TensorError::Truncated { name, .. } if name == "<set digest>"), "{e}");
     // Empty stream, random header.
-    assert!(matches!(
-        refuse(&[], &limits).await,
-        TensorError::Header(FrameError::Closed)
-    ));
+    assert!(matches!(refuse(&[], &limits).await, TensorError::Header(FrameError::Closed)));
     let e = refuse(&[0, 0, 0, 3, 0xff, 0xff, 0xff], &limits).await;
-    assert!(
-        matches!(e, TensorError::Header(FrameError::Malformed(_))),
-        "{e}"
-    );
+    assert!(matches!(e, TensorError::Header(FrameError::Malformed(_))), "{e}");
 }
 
 #[tokio::test]
@@ -161,24 +132,47 @@ async fn header_checks_name_the_tensor() {
     let manifest = set.manifest();
     let strict = RecvLimits::for_manifest(manifest.clone());
     let cases: Vec<(Vec<Entry<'_>>, RecvLimits, &str)> = vec![
-        (vec![("conv.weight", DType::F32, vec![3, 4, 5], 239, false)], RecvLimits::default(),
-         "tensor \"conv.weight\": declared byte length 239 does not equal shape × dtype size (Some(240))"),
-        (vec![("evil.head", DType::F32, vec![3], 12, false)], strict.clone(),
-         "tensor \"evil.head\" is not expected here"),
-        (vec![("conv.weight", DType::F32, vec![3, 4, 6], 288, false)], strict.clone(),
-         "tensor \"conv.weight\": shape [3, 4, 6], expected [3, 4, 5]"),
-        (vec![("conv.bias", DType::F64, vec![3], 24, false)], strict.clone(),
-         "tensor \"conv.bias\": dtype F64, expected F32"),
-        (vec![("conv.bias", DType::F32, vec![3], 12, false)], strict.clone(),
-         "expected tensor \"conv.weight\" is missing"),
-        (vec![("a", DType::U8, vec![1], 1, false), ("a", DType::U8, vec![1], 1, false)], RecvLimits::default(),
-         "tensor \"a\" appears twice"),
-        (vec![("huge", DType::F32, vec![1 << 20, 1 << 20], 4 << 40, false)], RecvLimits::default(),
-         "exceeds the cap"),
-        (vec![("ovf", DType::F32, vec![u64::MAX, 2], 8, false)], RecvLimits::default(),
-         "tensor \"ovf\": declared byte length 8 does not equal shape × dtype size (None)"),
-        (vec![("w", DType::F32, vec![2], 8, true)], RecvLimits::default(),
-         "tensor \"w\": marked for bf16→f32 widening but sent as F32"),
+        (
+            vec![("conv.weight", DType::F32, vec![3, 4, 5], 239, false)],
+            RecvLimits::default(),
+            "tensor \"conv.weight\": declared byte length 239 does not equal shape × dtype size (Some(240))",
+        ),
+        (
+            vec![("evil.head", DType::F32, vec![3], 12, false)],
+            strict.clone(),
+            "tensor \"evil.head\" is not expected here",
+        ),
+        (
+            vec![("conv.weight", DType::F32, vec![3, 4, 6], 288, false)],
+            strict.clone(),
+            "tensor \"conv.weight\": shape [3, 4, 6], expected [3, 4, 5]",
+        ),
+        (
+            vec![("conv.bias", DType::F64, vec![3], 24, false)],
+            strict.clone(),
+            "tensor \"conv.bias\": dtype F64, expected F32",
+        ),
+        (
+            vec![("conv.bias", DType::F32, vec![3], 12, false)],
+            strict.clone(),
+            "expected tensor \"conv.weight\" is missing",
+        ),
+        (
+            vec![("a", DType::U8, vec![1], 1, false), ("a", DType::U8, vec![1], 1, false)],
+            RecvLimits::default(),
+            "tensor \"a\" appears twice",
+        ),
+        (vec![("huge", DType::F32, vec![1 << 20, 1 << 20], 4 << 40, false)], RecvLimits::default(), "exceeds the cap"),
+        (
+            vec![("ovf", DType::F32, vec![u64::MAX, 2], 8, false)],
+            RecvLimits::default(),
+            "tensor \"ovf\": declared byte length 8 does not equal shape × dtype size (None)",
+        ),
+        (
+            vec![("w", DType::F32, vec![2], 8, true)],
+            RecvLimits::default(),
+            "tensor \"w\": marked for bf16→f32 widening but sent as F32",
+        ),
         (vec![("", DType::U8, vec![1], 1, false)], RecvLimits::default(), "name length 0"),
     ];
     for (entries, limits, needle) in cases {
@@ -187,49 +181,19 @@ async fn header_checks_name_the_tensor() {
         assert!(e.contains(needle), "{e:?} does not contain {needle:?}");
     }
     // Widened bf16 counts at f32 size against the cap.
-    let l = RecvLimits {
-        max_total_bytes: 10,
-        ..RecvLimits::default()
-    };
-    let e = refuse(
-        &raw_stream(vec![("w", DType::BF16, vec![3], 6, true)], &[]),
-        &l,
-    )
-    .await;
-    assert!(
-        matches!(e, TensorError::TooLarge { total: 12, cap: 10 }),
-        "{e}"
-    );
+    let l = RecvLimits { max_total_bytes: 10, ..RecvLimits::default() };
+    let e = refuse(&raw_stream(vec![("w", DType::BF16, vec![3], 6, true)], &[]), &l).await;
+    assert!(matches!(e, TensorError::TooLarge { total: 12, cap: 10 }), "{e}");
     // Too many tensors.
-    let l = RecvLimits {
-        max_tensors: 1,
-        ..RecvLimits::default()
-    };
-    let e = refuse(
-        &raw_stream(
-            vec![
-                ("a", DType::U8, vec![1], 1, false),
-                ("b", DType::U8, vec![1], 1, false),
-            ],
-            &[],
-        ),
-        &l,
-    )
-    .await;
-    assert!(
-        matches!(e, TensorError::TooMany { count: 2, cap: 1 }),
-        "{e}"
-    );
+    let l = RecvLimits { max_tensors: 1, ..RecvLimits::default() };
+    let e =
+        refuse(&raw_stream(vec![("a", DType::U8, vec![1], 1, false), ("b", DType::U8, vec![1], 1, false)], &[]), &l)
+            .await;
+    assert!(matches!(e, TensorError::TooMany { count: 2, cap: 1 }), "{e}");
     // An oversize header frame.
-    let l = RecvLimits {
-        max_header_bytes: 8,
-        ..RecvLimits::default()
-    };
+    let l = RecvLimits { max_header_bytes: 8, ..RecvLimits::default() };
     let e = refuse(&encode(&set, Transport::Native).await.0, &l).await;
-    assert!(
-        matches!(e, TensorError::Header(FrameError::TooLarge { .. })),
-        "{e}"
-    );
+    assert!(matches!(e, TensorError::Header(FrameError::TooLarge { .. })), "{e}");
 }
 
 #[tokio::test]
@@ -237,12 +201,7 @@ async fn sender_refuses_inconsistent_tensor() {
     let mut set = sample_set();
     set.tensors[0].data.pop();
     let mut buf = Vec::new();
-    let e = send_tensors(&mut buf, &set, Transport::Native)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, TensorError::LengthMismatch { name, .. } if name == "conv.weight"),
-        "{e}"
-    );
+    let e = send_tensors(&mut buf, &set, Transport::Native).await.unwrap_err();
+    assert!(matches!(&e, TensorError::LengthMismatch { name, .. } if name == "conv.weight"), "{e}");
     assert!(buf.is_empty(), "nothing is sent");
 }

@@ -54,7 +54,9 @@ fn train(b: TrainBench) -> Result<()> {
     let mut trainer = Trainer::new(net, TrainConfig { precision, total_steps: 1_000_000, ..TrainConfig::default() })?;
     // As the reference: random image, ~10 % foreground labels, a quarter of the classes annotated.
     let x = Tensor::randn([b.batch, 1, patch[0], patch[1], patch[2]], (Kind::Float, device));
-    let labels = Tensor::randint(10, [b.batch, 1, patch[0], patch[1], patch[2]], (Kind::Int64, device)).eq(0).to_kind(Kind::Int64);
+    let labels = Tensor::randint(10, [b.batch, 1, patch[0], patch[1], patch[2]], (Kind::Int64, device))
+        .eq(0)
+        .to_kind(Kind::Int64);
     let annotated = (b.classes / 4).max(1);
     let regions = ClassRegions { regions: (0..b.classes).map(|c| (c < annotated).then(|| vec![1])).collect() };
     let refs: Vec<&ClassRegions> = (0..b.batch).map(|_| &regions).collect();
@@ -96,5 +98,6 @@ fn gpu_used_gib(device: Device) -> Option<f64> {
     if !device.is_cuda() {
         return None;
     }
-    fedtalent_model::infer::cuda_mem_info().map(|(free, total)| ((total - free) as f64 / 1073741824.0 * 100.0).round() / 100.0)
+    fedtalent_model::infer::cuda_mem_info()
+        .map(|(free, total)| ((total - free) as f64 / 1073741824.0 * 100.0).round() / 100.0)
 }

@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use fedtalent_data::{BatchLoader, ClassRegion};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, send_tensors, write_frame, ClassSpec, ErrorKind, Message, Plan,
-    RecvLimits, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    quic, read_frame, recv_tensors_digest, send_tensors, write_frame, ClassSpec, ErrorKind, Message, Plan, RecvLimits,
+    TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tch::Device;
 use tracing::{info, warn};
@@ -126,17 +126,21 @@ impl Agent {
         let site = &self.config.site;
         let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
         let client = fedtalent_certs::client_config(&read(&site.ca)?, &read(&site.cert)?, &read(&site.key)?)?;
-        let bind: SocketAddr = if site.coordinator.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        let bind: SocketAddr = if site.coordinator.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(client);
         let connecting = endpoint.connect(site.coordinator, &site.server_name)?;
         let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
             Err(_) => bail!("no answer from the coordinator at {}", site.coordinator),
             // A TLS alert means the coordinator looked at our certificate and said no.
-            Ok(Err(quinn::ConnectionError::ConnectionClosed(close))) if close.error_code.to_string().contains("TLS") || close.error_code.to_string().contains("crypto") => {
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(close))) if is_tls_refusal(close.error_code) => {
                 return Err(Refused(format!("handshake: {close}")).into());
             }
-            Ok(Err(quinn::ConnectionError::TransportError(e))) if e.to_string().contains("TLS") || e.to_string().contains("crypto") => {
+            Ok(Err(quinn::ConnectionError::TransportError(e))) if is_tls_refusal(e.code) => {
                 return Err(Refused(format!("handshake: {e}")).into());
             }
             Ok(r) => r.with_context(|| format!("connecting to {}", site.coordinator))?,
@@ -181,26 +185,43 @@ impl Agent {
         Message::Hello {
             protocol_version: PROTOCOL_VERSION,
             site: self.config.site.name.clone(),
-            classes: self.classes.iter().map(|c| ClassSpec { name: c.name.clone(), labels: c.labels.clone() }).collect(),
+            classes: self
+                .classes
+                .iter()
+                .map(|c| ClassSpec { name: c.name.clone(), labels: c.labels.clone() })
+                .collect(),
             n_train: self.n_train,
             n_val: self.data.val.len() as u32,
-            hu_histogram: fedtalent_protocol::HuHistogram { min_hu: self.data.histogram.min_hu, counts: self.data.histogram.counts.clone() },
+            hu_histogram: fedtalent_protocol::HuHistogram {
+                min_hu: self.data.histogram.min_hu,
+                counts: self.data.histogram.counts.clone(),
+            },
             device: format!("{:?}", self.options.device),
         }
     }
 
     /// Builds the local trainer and batch loader once the plan and normalization are known.
-    async fn setup(&mut self, plan: Plan, classes: &[fedtalent_protocol::GlobalClass], norm: fedtalent_protocol::Normalization) -> Result<()> {
+    async fn setup(
+        &mut self,
+        plan: Plan,
+        classes: &[fedtalent_protocol::GlobalClass],
+        norm: fedtalent_protocol::Normalization,
+    ) -> Result<()> {
         let site = self.config.site.name.clone();
         let ids: Vec<String> = self.classes.iter().map(|c| format!("{site}/{}", c.name)).collect();
         let mine: Vec<String> = classes.iter().filter(|c| c.site == site).map(|c| c.id.clone()).collect();
         if mine != ids {
-            return Err(Refused(format!("the federation lists classes {mine:?} for this site, the config has {ids:?}")).into());
+            return Err(Refused(format!(
+                "the federation lists classes {mine:?} for this site, the config has {ids:?}"
+            ))
+            .into());
         }
         self.foreign_class = classes.iter().find(|c| c.site != site).map(|c| c.id.clone());
         if self.trainer.is_some() {
             if self.plan.as_ref() != Some(&plan) {
-                return Err(Refused("the federation plan changed while this agent was running; restart it".into()).into());
+                return Err(
+                    Refused("the federation plan changed while this agent was running; restart it".into()).into()
+                );
             }
             return Ok(());
         }
@@ -210,7 +231,12 @@ impl Agent {
             let config = self.config.clone();
             self.data = tokio::task::spawn_blocking(move || local::prepare_data(&config, spacing)).await??;
         }
-        let norm = fedtalent_data::Normalization { clip_low: norm.clip_low as f64, clip_high: norm.clip_high as f64, mean: norm.mean as f64, std: norm.std as f64 };
+        let norm = fedtalent_data::Normalization {
+            clip_low: norm.clip_low as f64,
+            clip_high: norm.clip_high as f64,
+            mean: norm.mean as f64,
+            std: norm.std as f64,
+        };
         let spec = TrainerSpec {
             preset: &plan.preset,
             classes: &self.classes,
@@ -222,7 +248,15 @@ impl Agent {
         };
         let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
         let patch = trainer.trainer.net.topology().patch;
-        self.loader = Some(local::batch_loader(&mut self.data, patch, plan.batch, norm, self.config.site.seed, self.config.site.threads, self.options.device)?);
+        self.loader = Some(local::batch_loader(
+            &mut self.data,
+            patch,
+            plan.batch,
+            norm,
+            self.config.site.seed,
+            self.config.site.threads,
+            self.options.device,
+        )?);
         self.trainer = Some(trainer);
         self.normalization = Some(norm);
         self.plan = Some(plan);
@@ -250,7 +284,8 @@ impl Agent {
         let mut loader = self.loader.take().expect("set up");
         let val = std::mem::take(&mut self.data.val);
         let norm = self.normalization.expect("set up");
-        let (evaluate, round, steps, offset, total) = (work.evaluate, work.round, work.local_steps, work.step_offset, work.total_steps);
+        let (evaluate, round, steps, offset, total) =
+            (work.evaluate, work.round, work.local_steps, work.step_offset, work.total_steps);
         let result = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let dice = if evaluate && !val.is_empty() { trainer.evaluate(&val, &norm) } else { Ok(Vec::new()) };
@@ -283,7 +318,9 @@ impl Agent {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &Message::ModelRequest { digest: digest.to_string(), full: false }).await?;
         send.finish()?;
-        let (set, _) = recv_tensors_digest(&mut recv, &RecvLimits::for_manifest(manifest)).await.context("downloading the global model")?;
+        let (set, _) = recv_tensors_digest(&mut recv, &RecvLimits::for_manifest(manifest))
+            .await
+            .context("downloading the global model")?;
         let parts = Parts::from_wire(&set)?;
         let rows = trainer.rows();
         parts.apply(&mut trainer.trainer.net, &|id| rows.iter().find(|(c, _)| c == id).map(|(_, r)| *r))?;
@@ -291,7 +328,14 @@ impl Agent {
         Ok(())
     }
 
-    async fn upload(&mut self, conn: &quinn::Connection, work: &RoundWork, loss: f32, dice: Vec<(String, f32)>, durations: Vec<(String, u64)>) -> Result<bool> {
+    async fn upload(
+        &mut self,
+        conn: &quinn::Connection,
+        work: &RoundWork,
+        loss: f32,
+        dice: Vec<(String, f32)>,
+        durations: Vec<(String, u64)>,
+    ) -> Result<bool> {
         let trainer = self.trainer.as_ref().expect("set up");
         let mut set = wire::parts_to_wire(&trainer.trainer.net, &trainer.rows());
         let mut round = work.round;
@@ -362,7 +406,9 @@ struct RoundWork {
 
 fn refusal_of(message: Message) -> anyhow::Error {
     match message {
-        Message::Error { kind, reason } if matches!(kind, ErrorKind::NotAllowed | ErrorKind::VersionMismatch | ErrorKind::BadDataset) => {
+        Message::Error { kind, reason }
+            if matches!(kind, ErrorKind::NotAllowed | ErrorKind::VersionMismatch | ErrorKind::BadDataset) =>
+        {
             Refused(format!("{kind:?}: {reason}")).into()
         }
         Message::Error { kind, reason } => anyhow!("coordinator error {kind:?}: {reason}"),
@@ -370,10 +416,18 @@ fn refusal_of(message: Message) -> anyhow::Error {
     }
 }
 
+/// QUIC carries TLS alerts as transport error codes 0x100..0x200 (RFC 9001 §4.8): the peer's
+/// TLS stack rejected us (an unknown CA, a certificate not on the allowlist, an expired one).
+fn is_tls_refusal(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
 /// Turns "the connection was closed by the coordinator because of our certificate" into a refusal.
 fn classify_closed(conn: &quinn::Connection, e: quic::QuicError) -> anyhow::Error {
     match conn.close_reason() {
-        Some(quinn::ConnectionError::ConnectionClosed(c)) if c.error_code.to_string().contains("TLS") => Refused(format!("handshake: {c}")).into(),
+        Some(quinn::ConnectionError::ConnectionClosed(c)) if is_tls_refusal(c.error_code) => {
+            Refused(format!("handshake: {c}")).into()
+        }
         Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 1u32.into() => {
             Refused(format!("closed by the coordinator: {}", String::from_utf8_lossy(&c.reason))).into()
         }

@@ -54,10 +54,18 @@ impl SiteConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut c: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.site.ca, &mut c.site.cert, &mut c.site.key, &mut c.site.state_dir, &mut c.data.dataset_dir, &mut c.data.cache_dir] {
+        for p in [
+            &mut c.site.ca,
+            &mut c.site.cert,
+            &mut c.site.key,
+            &mut c.site.state_dir,
+            &mut c.data.dataset_dir,
+            &mut c.data.cache_dir,
+        ] {
             *p = base.join(&*p);
         }
-        fedtalent_certs::validate_site_name(&c.site.name).with_context(|| format!("{}: [site].name", path.display()))?;
+        fedtalent_certs::validate_site_name(&c.site.name)
+            .with_context(|| format!("{}: [site].name", path.display()))?;
         ensure!(c.site.threads >= 1, "{}: [site].threads must be at least 1", path.display());
         let problems = c.data.problems();
         ensure!(problems.is_empty(), "{}: {}", path.display(), problems.join("; "));

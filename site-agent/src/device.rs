@@ -49,19 +49,27 @@ pub fn report(spec: &str) -> Result<DeviceReport> {
 /// the `version.py` of the torch package it belongs to.
 fn loaded_torch() -> (String, String) {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so")).map(str::to_string);
+    let lib = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(str::to_string);
     let Some(lib) = lib else { return ("unknown".into(), "unknown".into()) };
     let dir = std::path::Path::new(&lib).parent().expect("a file has a parent").to_path_buf();
     let version = std::fs::read_to_string(dir.join("../version.py"))
         .ok()
-        .and_then(|v| v.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|s| s.trim_matches(['\'', '"']).to_string())))
+        .and_then(|v| {
+            v.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|s| s.trim_matches(['\'', '"']).to_string()))
+        })
         .unwrap_or_else(|| "unknown".into());
     (dir.display().to_string(), version)
 }
 
 /// GPU names from `nvidia-smi` when present (libtorch exposes no device-name call through tch).
 fn gpu_names() -> Vec<String> {
-    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=name,memory.total", "--format=csv,noheader"]).output();
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,memory.total", "--format=csv,noheader"])
+        .output();
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
         _ => (0..Cuda::device_count()).map(|i| format!("cuda:{i} (name unavailable: no nvidia-smi)")).collect(),
@@ -71,12 +79,23 @@ fn gpu_names() -> Vec<String> {
 impl fmt::Display for DeviceReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "torch {} ({})", self.torch_version, self.torch_lib)?;
-        writeln!(f, "CUDA available: {}, cuDNN available: {}{}", self.cuda, self.cudnn, self.cudnn_version.map_or(String::new(), |v| format!(" (version {v})")))?;
+        writeln!(
+            f,
+            "CUDA available: {}, cuDNN available: {}{}",
+            self.cuda,
+            self.cudnn,
+            self.cudnn_version.map_or(String::new(), |v| format!(" (version {v})"))
+        )?;
         for (i, gpu) in self.gpus.iter().enumerate() {
             writeln!(f, "GPU {i}: {gpu}")?;
         }
         if let Some((free, total)) = self.memory {
-            writeln!(f, "GPU memory: {:.1} GiB free of {:.1} GiB", free as f64 / 1073741824.0, total as f64 / 1073741824.0)?;
+            writeln!(
+                f,
+                "GPU memory: {:.1} GiB free of {:.1} GiB",
+                free as f64 / 1073741824.0,
+                total as f64 / 1073741824.0
+            )?;
         }
         write!(f, "training device: {:?}", self.device)
     }

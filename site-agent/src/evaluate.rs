@@ -41,12 +41,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.tile_batch >= 1, "--tile-batch must be at least 1");
     let device = parse_device(&args.device)?;
-    let options = InferOptions {
-        mirror: args.tta,
-        tile_batch: args.tile_batch,
-        device,
-        ..InferOptions::default()
-    };
+    let options = InferOptions { mirror: args.tta, tile_batch: args.tile_batch, device, ..InferOptions::default() };
     let predictor = Predictor::load(&args.model, options)?;
     let manifest = &predictor.manifest;
     let mut sites: Vec<&str> = Vec::new();

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use fedtalent_data::{BatchLoader, ClassRegion, Dataset, HuHistogram, LoaderOptions, PreprocessOptions, PreprocessedCase};
+use fedtalent_data::{
+    BatchLoader, ClassRegion, Dataset, HuHistogram, LoaderOptions, PreprocessOptions, PreprocessedCase,
+};
 use fedtalent_model::infer::{sliding_window_probabilities, InferOptions};
 use fedtalent_model::train::{Precision, TrainConfig, Trainer};
 use fedtalent_model::{BatchTargets, ClassRegions, DiceMode, MultiTalentNet, Topology};
@@ -36,8 +38,10 @@ pub fn prepare_data(config: &SiteConfig, spacing: [f64; 3]) -> Result<LocalData>
     let opts = PreprocessOptions::from_dataset(&dataset);
     let threads = config.site.threads;
     let started = Instant::now();
-    let (train, failed_train) = fedtalent_data::preprocess_cases(&dataset.train_cases(), &opts, &data_config.cache_dir, threads);
-    let (val, failed_val) = fedtalent_data::preprocess_cases(&dataset.val_cases(), &opts, &data_config.cache_dir, threads);
+    let (train, failed_train) =
+        fedtalent_data::preprocess_cases(&dataset.train_cases(), &opts, &data_config.cache_dir, threads);
+    let (val, failed_val) =
+        fedtalent_data::preprocess_cases(&dataset.val_cases(), &opts, &data_config.cache_dir, threads);
     for (case, e) in failed_train.iter().chain(&failed_val) {
         warn!(case = %case.id, "left out: {e:#}");
     }
@@ -80,20 +84,37 @@ impl LocalTrainer {
         let topo = Topology::preset(spec.preset)?;
         let net = MultiTalentNet::new(&topo, spec.classes.len() as i64, spec.device)?;
         let precision = if spec.device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 };
-        let config = TrainConfig { base_lr: spec.lr, total_steps: spec.total_steps, precision, dice: spec.dice, ..TrainConfig::default() };
+        let config = TrainConfig {
+            base_lr: spec.lr,
+            total_steps: spec.total_steps,
+            precision,
+            dice: spec.dice,
+            ..TrainConfig::default()
+        };
         let mut trainer = Trainer::new(net, config)?;
         std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
         let mut state = SiteState::default();
         let state_file = state_dir.join(SITE_STATE);
         if state_file.exists() {
-            let text = std::fs::read_to_string(&state_file).with_context(|| format!("reading {}", state_file.display()))?;
+            let text =
+                std::fs::read_to_string(&state_file).with_context(|| format!("reading {}", state_file.display()))?;
             state = serde_json::from_str(&text).with_context(|| format!("parsing {}", state_file.display()))?;
             trainer.net.load(&state_dir.join(LOCAL_MODEL))?;
             trainer.optimizer.load(&state_dir.join(OPTIMIZER))?;
-            info!(last_round = state.last_round, "resumed local heads and optimizer state from {}", state_dir.display());
+            info!(
+                last_round = state.last_round,
+                "resumed local heads and optimizer state from {}",
+                state_dir.display()
+            );
         }
         let labels: Vec<Vec<u32>> = spec.classes.iter().map(|c| c.labels.clone()).collect();
-        Ok(Self { trainer, regions: ClassRegions::all_annotated(&labels), class_ids: spec.class_ids, state, state_dir: state_dir.to_path_buf() })
+        Ok(Self {
+            trainer,
+            regions: ClassRegions::all_annotated(&labels),
+            class_ids: spec.class_ids,
+            state,
+            state_dir: state_dir.to_path_buf(),
+        })
     }
 
     /// `(class id, local row)` of the site's heads.
@@ -113,11 +134,19 @@ impl LocalTrainer {
     }
 
     /// Runs `steps` local steps starting at global step `step_offset`; returns the mean loss.
-    pub fn train(&mut self, loader: &mut BatchLoader, steps: u32, step_offset: u64, total_steps: u64, round: u32) -> Result<f32> {
+    pub fn train(
+        &mut self,
+        loader: &mut BatchLoader,
+        steps: u32,
+        step_offset: u64,
+        total_steps: u64,
+        round: u32,
+    ) -> Result<f32> {
         self.trainer.step = step_offset;
         self.trainer.set_total_steps(total_steps);
         let bar = ProgressBar::new(steps as u64).with_style(
-            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} steps, loss {prefix} ({eta})").expect("valid template"),
+            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} steps, loss {prefix} ({eta})")
+                .expect("valid template"),
         );
         bar.set_message(round.to_string());
         let mut sum = 0.0;
@@ -140,7 +169,11 @@ impl LocalTrainer {
     }
 
     /// Per-class Dice of the current network on `cases` (pooled over the cases), by class id.
-    pub fn evaluate(&self, cases: &[PreprocessedCase], norm: &fedtalent_data::Normalization) -> Result<Vec<(String, f32)>> {
+    pub fn evaluate(
+        &self,
+        cases: &[PreprocessedCase],
+        norm: &fedtalent_data::Normalization,
+    ) -> Result<Vec<(String, f32)>> {
         let net = &self.trainer.net;
         let device = net.device();
         let opts = InferOptions { device, progress: false, ..InferOptions::default() };
@@ -149,10 +182,14 @@ impl LocalTrainer {
         for case in cases {
             let image = case.normalized_image(norm);
             let [z, y, x] = case.meta.shape;
-            let image = Tensor::from_slice(image.as_slice().expect("standard layout")).view([1, z as i64, y as i64, x as i64]);
-            let probs = tch::no_grad(|| sliding_window_probabilities(net, &image.to_device(device), net.topology().patch, &opts))?;
+            let image =
+                Tensor::from_slice(image.as_slice().expect("standard layout")).view([1, z as i64, y as i64, x as i64]);
+            let probs = tch::no_grad(|| {
+                sliding_window_probabilities(net, &image.to_device(device), net.topology().patch, &opts)
+            })?;
             let pred = probs.gt(0.5).to_device(Device::Cpu);
-            let labels = Tensor::from_slice(&case.labels().iter().map(|&l| l as i64).collect::<Vec<_>>()).view([1, 1, z as i64, y as i64, x as i64]);
+            let labels = Tensor::from_slice(&case.labels().iter().map(|&l| l as i64).collect::<Vec<_>>())
+                .view([1, 1, z as i64, y as i64, x as i64]);
             let targets = BatchTargets::new(&[&self.regions], Device::Cpu)?.targets(&labels)?.squeeze_dim(0).gt(0.5);
             for c in 0..classes {
                 let (p, t) = (pred.get(c as i64), targets.get(c as i64));
@@ -170,7 +207,15 @@ impl LocalTrainer {
 }
 
 /// A training batch source over the site's cases.
-pub fn batch_loader(data: &mut LocalData, patch: [i64; 3], batch: u32, norm: fedtalent_data::Normalization, seed: u64, threads: usize, device: Device) -> Result<BatchLoader> {
+pub fn batch_loader(
+    data: &mut LocalData,
+    patch: [i64; 3],
+    batch: u32,
+    norm: fedtalent_data::Normalization,
+    seed: u64,
+    threads: usize,
+    device: Device,
+) -> Result<BatchLoader> {
     let cases = std::mem::take(&mut data.train);
     let patch = patch.map(|p| p as usize);
     BatchLoader::new(cases, LoaderOptions::new(patch, batch as usize, norm, seed, threads, device))

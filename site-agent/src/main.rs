@@ -4,7 +4,9 @@ mod bench;
 mod client;
 mod config;
 mod device;
+mod evaluate;
 mod local;
+mod predict;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +78,10 @@ enum Command {
         #[arg(long)]
         save: Option<PathBuf>,
     },
+    /// Segment NIfTI volumes with an exported model, one mask per class.
+    Predict(predict::Args),
+    /// Per-class Dice and HD95 (mm) of an exported model on a labelled folder.
+    Evaluate(evaluate::Args),
     /// Benchmarks (one JSON line each).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -115,6 +121,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Synth { out, seed, cases, shape, sites } => synth(out, seed, cases, &shape, &sites),
         Command::ModelInfo { preset, classes, save } => model_info(&preset, classes, save),
+        Command::Predict(args) => predict::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -125,7 +133,9 @@ fn check(config: Option<PathBuf>, device: &str) -> Result<()> {
     let Some(path) = config else { return Ok(()) };
     let config = config::SiteConfig::load(&path)?;
     println!("site {:?}, coordinator {} ({})", config.site.name, config.site.coordinator, config.site.server_name);
-    for (what, p) in [("CA certificate", &config.site.ca), ("certificate", &config.site.cert), ("private key", &config.site.key)] {
+    for (what, p) in
+        [("CA certificate", &config.site.ca), ("certificate", &config.site.cert), ("private key", &config.site.key)]
+    {
         if !p.exists() {
             println!("  missing {what}: {}", p.display());
         }
@@ -143,17 +153,34 @@ fn synth(out: PathBuf, seed: u64, cases: usize, shape: &[usize], sites: &[String
     let kinds = sites
         .iter()
         .map(|s| {
-            [SiteKind::Liver, SiteKind::Pancreas, SiteKind::MultiOrgan, SiteKind::Kidney, SiteKind::LiverNoVessels, SiteKind::LiverWide]
-                .into_iter()
-                .find(|k| k.name() == s)
-                .with_context(|| format!("--sites: unknown phantom site {s:?}"))
+            [
+                SiteKind::Liver,
+                SiteKind::Pancreas,
+                SiteKind::MultiOrgan,
+                SiteKind::Kidney,
+                SiteKind::LiverNoVessels,
+                SiteKind::LiverWide,
+            ]
+            .into_iter()
+            .find(|k| k.name() == s)
+            .with_context(|| format!("--sites: unknown phantom site {s:?}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let opts = fedtalent_data::SynthOptions { seed, cases_per_site: cases, shape: [shape[0], shape[1], shape[2]], sites: kinds };
-    for site in fedtalent_data::generate_sites(&out, &opts)? {
+    let opts = fedtalent_data::SynthOptions {
+        seed,
+        cases_per_site: cases,
+        shape: [shape[0], shape[1], shape[2]],
+        sites: kinds,
+    };
+    let sites = fedtalent_data::generate_sites(&out, &opts)?;
+    for site in &sites {
         let classes: Vec<String> = site.classes.iter().map(|c| format!("{} {:?}", c.name, c.labels)).collect();
         println!("{:<18} {}  classes: {}", site.name, site.dataset_dir.display(), classes.join(", "));
     }
+    // The class lists a site config needs, machine-readable for scripts and tests.
+    let index = out.join("sites.json");
+    fedtalent_model::io::write_bytes_atomic(&index, serde_json::to_string_pretty(&sites)?.as_bytes())?;
+    println!("site list: {}", index.display());
     Ok(())
 }
 

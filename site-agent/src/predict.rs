@@ -38,12 +38,7 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.tile_batch >= 1, "--tile-batch must be at least 1");
     let device = parse_device(&args.device)?;
     let files = input_files(&args.input)?;
-    let options = InferOptions {
-        mirror: args.tta,
-        tile_batch: args.tile_batch,
-        device,
-        ..InferOptions::default()
-    };
+    let options = InferOptions { mirror: args.tta, tile_batch: args.tile_batch, device, ..InferOptions::default() };
     let predictor = Predictor::load(&args.model, options)?;
     let classes = predictor.select_classes(&args.classes)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;

@@ -1,1 +1,258 @@
-//! placeholder
+//! A federation on loopback for end-to-end tests: phantom datasets, the PKI, configs, and the
+//! real `coordinator` and `site-agent` binaries as child processes.
+
+use std::fs;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The built binaries (`cargo build --workspace --bins`, done by `scripts/test.sh`).
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// Runs a binary to completion and returns its output (panics with its stderr on failure).
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("starting a fedtalent binary");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The federation's knobs that tests vary.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub min_sites: u32,
+    pub deadline_s: u64,
+    pub eval_every: u32,
+    pub cases: usize,
+    pub shape: [usize; 3],
+    pub exit_when_done: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            local_steps: 10,
+            min_sites: 2,
+            deadline_s: 120,
+            eval_every: 1,
+            cases: 4,
+            shape: [40, 64, 64],
+            exit_when_done: true,
+        }
+    }
+}
+
+pub struct LocalFederation {
+    pub dir: PathBuf,
+    pub sites: Vec<String>,
+    pub port: u16,
+    pub plan: Plan,
+}
+
+impl LocalFederation {
+    /// Phantom data for `kinds` (site names = phantom kinds), the PKI and every config.
+    pub fn create(dir: &Path, kinds: &[&str], plan: Plan) -> Self {
+        let data = dir.join("data");
+        let shape: Vec<String> = plan.shape.iter().map(|s| s.to_string()).collect();
+        run_ok(
+            Command::new(binary("site-agent"))
+                .args(["synth", "--out"])
+                .arg(&data)
+                .args(["--cases", &plan.cases.to_string(), "--sites", &kinds.join(","), "--shape"])
+                .args(&shape),
+        );
+        let port = free_udp_port();
+        let coord = dir.join("coordinator");
+        run_ok(Command::new(binary("coordinator")).args(["init", "--dir"]).arg(&coord).args([
+            "--sites",
+            &kinds.join(","),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]));
+        let fed = Self { dir: dir.to_path_buf(), sites: kinds.iter().map(|s| s.to_string()).collect(), port, plan };
+        fed.write_federation_toml(&fed.sites);
+        for site in kinds {
+            let site_dir = dir.join(site);
+            fs::create_dir_all(&site_dir).unwrap();
+            run_ok(Command::new(binary("site-agent")).args(["keygen", "--site", site, "--dir"]).arg(&site_dir));
+            run_ok(
+                Command::new(binary("coordinator"))
+                    .args(["sign", "--config"])
+                    .arg(fed.config_path())
+                    .arg("--csr")
+                    .arg(site_dir.join(format!("{site}.csr"))),
+            );
+            let (dataset, classes) = phantom_site(&data, site);
+            fed.write_site_toml(site, &dataset, &classes);
+        }
+        fed
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("coordinator/federation.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("coordinator/state")
+    }
+
+    pub fn site_dir(&self, site: &str) -> PathBuf {
+        self.dir.join(site)
+    }
+
+    /// (Re)writes federation.toml with `allowed` as the site list.
+    pub fn write_federation_toml(&self, allowed: &[String]) {
+        let p = &self.plan;
+        let sites = allowed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        let text = format!(
+            "[federation]\nname = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\npki_dir = \"pki\"\nsites = [{sites}]\nlaunch = \"auto\"\nkeep_rounds = 10\nexit_when_done = {}\n\n\
+             [plan]\npreset = \"tiny\"\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\n",
+            self.port, p.exit_when_done, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s
+        );
+        fs::write(self.config_path(), text).unwrap();
+    }
+
+    fn write_site_toml(&self, site: &str, dataset: &Path, classes: &str) {
+        let text = format!(
+            "[site]\nname = {site:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = \"{site}.crt\"\nkey = \"{site}.key\"\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n\
+             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = [2.5, 1.5, 1.5]\nclasses = [{classes}]\n",
+            self.port,
+            dataset.display().to_string()
+        );
+        fs::write(self.site_dir(site).join("site.toml"), text).unwrap();
+    }
+
+    pub fn spawn_coordinator(&self) -> Child {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("coordinator.log")).unwrap();
+        Command::new(binary("coordinator"))
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn spawn_site(&self, site: &str, extra: &[&str]) -> Child {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{site}.log"))).unwrap();
+        Command::new(binary("site-agent"))
+            .args(["run", "--config"])
+            .arg(self.site_dir(site).join("site.toml"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn log(&self, who: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default()
+    }
+
+    /// Complete round checkpoints on disk.
+    pub fn completed_rounds(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(self.state_dir().join("rounds")) else { return Vec::new() };
+        let mut rounds: Vec<u32> = entries
+            .filter_map(|e| e.ok()?.file_name().to_string_lossy().strip_prefix("round-")?.parse().ok())
+            .collect();
+        rounds.sort_unstable();
+        rounds
+    }
+
+    pub fn round_record(&self, round: u32) -> serde_json::Value {
+        let path = self.state_dir().join(format!("rounds/round-{round:06}/round.json"));
+        serde_json::from_str(&fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    }
+
+    pub fn metrics(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.state_dir().join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until `done()` or panics after `timeout` with the logs.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > timeout {
+                let mut logs = String::new();
+                for who in std::iter::once("coordinator").chain(self.sites.iter().map(String::as_str)) {
+                    let log = self.log(who);
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    logs += &format!("--- {who} ---\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                }
+                panic!("timed out after {timeout:?} waiting for {what}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A phantom site's dataset folder and its `classes = [...]` TOML (from `synth`'s sites.json).
+pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, String) {
+    let sites: serde_json::Value = serde_json::from_str(&fs::read_to_string(data.join("sites.json")).unwrap()).unwrap();
+    let entry = sites
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == site)
+        .unwrap_or_else(|| panic!("no phantom site {site}"));
+    let classes = entry["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{{ name = {:?}, labels = {} }}", c["name"].as_str().unwrap(), c["labels"]))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (PathBuf::from(entry["dataset_dir"].as_str().unwrap()), classes)
+}
+
+/// Waits for a child with a timeout; kills it and panics on timeout.
+pub fn wait_child(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("{what} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills every child on drop (a failing test leaves no process behind).
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -11,11 +11,7 @@ use fedtalent_data::*;
 use tch::Device;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
 fn main() -> Result<()> {
@@ -40,12 +36,7 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     let sites = generate_sites(
         dir.path(),
-        &SynthOptions {
-            seed: 1,
-            cases_per_site: cases,
-            shape: [80, 256, 256],
-            sites: vec![SiteKind::MultiOrgan],
-        },
+        &SynthOptions { seed: 1, cases_per_site: cases, shape: [80, 256, 256], sites: vec![SiteKind::MultiOrgan] },
     )?;
     let cfg = SiteDataConfig {
         dataset_dir: sites[0].dataset_dir.clone(),
@@ -65,17 +56,8 @@ fn main() -> Result<()> {
     let shapes: Vec<[usize; 3]> = prepped.iter().map(|c| c.meta.shape).collect();
 
     let batch = 2;
-    let mut loader = BatchLoader::new(
-        prepped,
-        LoaderOptions::new(
-            [96, 192, 192],
-            batch,
-            Normalization::PAPER,
-            7,
-            threads,
-            device,
-        ),
-    )?;
+    let mut loader =
+        BatchLoader::new(prepped, LoaderOptions::new([96, 192, 192], batch, Normalization::PAPER, 7, threads, device))?;
     // Warm-up: fills the prefetch queue and initialises the device.
     for _ in 0..2 {
         loader.next_batch()?;

@@ -103,9 +103,7 @@ fn theta_for(m: &[[f64; 3]; 3], size_xyz: [f64; 3]) -> [f32; 12] {
 
 fn per_sample(values: &[f64], device: Device) -> Tensor {
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-    Tensor::from_slice(&v)
-        .to_device(device)
-        .view([-1, 1, 1, 1, 1])
+    Tensor::from_slice(&v).to_device(device).view([-1, 1, 1, 1, 1])
 }
 
 fn index_tensor(sel: &[i64], device: Device) -> Tensor {
@@ -114,10 +112,7 @@ fn index_tensor(sel: &[i64], device: Device) -> Tensor {
 
 impl Augmenter {
     pub fn new(config: AugmentConfig, seed: u64) -> Self {
-        Augmenter {
-            config,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Augmenter { config, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device.
@@ -151,16 +146,8 @@ impl Augmenter {
                 continue;
             }
             let mut angle = || self.rng.gen_range(-c.max_rotation..=c.max_rotation);
-            let r = if rotate {
-                rotation_xyz(angle(), angle(), angle())
-            } else {
-                rotation_xyz(0.0, 0.0, 0.0)
-            };
-            let s = if scale {
-                around_one(&mut self.rng, c.scale_range)
-            } else {
-                1.0
-            };
+            let r = if rotate { rotation_xyz(angle(), angle(), angle()) } else { rotation_xyz(0.0, 0.0, 0.0) };
+            let s = if scale { around_one(&mut self.rng, c.scale_range) } else { 1.0 };
             let m: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| r[i][j] * s));
             sel.push(b as i64);
             thetas.extend(theta_for(&m, size_xyz));
@@ -171,9 +158,7 @@ impl Augmenter {
         let device = image.device();
         let n = sel.len() as i64;
         let idx = index_tensor(&sel, device);
-        let theta = Tensor::from_slice(&thetas)
-            .to_device(device)
-            .view([n, 3, 4]);
+        let theta = Tensor::from_slice(&thetas).to_device(device).view([n, 3, 4]);
         let grid = Tensor::affine_grid_generator(&theta, [n, 1, size[2], size[3], size[4]], false);
         // grid_sampler modes: interpolation 0 = bilinear (trilinear in 3D), 1 = nearest; padding 0 = zeros.
         let img = image.index_select(0, &idx).grid_sampler(&grid, 0, 0, false);
@@ -183,10 +168,7 @@ impl Augmenter {
             .grid_sampler(&grid, 1, 0, false)
             .round()
             .to_kind(Kind::Int64);
-        (
-            image.index_copy(0, &idx, &img),
-            labels.index_copy(0, &idx, &lab),
-        )
+        (image.index_copy(0, &idx, &img), labels.index_copy(0, &idx, &lab))
     }
 
     fn noise(&mut self, image: &Tensor) -> Tensor {
@@ -194,9 +176,7 @@ impl Augmenter {
         let stds: Vec<f64> = (0..Self::batch(image))
             .map(|_| {
                 if self.rng.gen_bool(c.p_noise) {
-                    self.rng
-                        .gen_range(c.noise_variance.0..=c.noise_variance.1)
-                        .sqrt()
+                    self.rng.gen_range(c.noise_variance.0..=c.noise_variance.1).sqrt()
                 } else {
                     0.0
                 }
@@ -215,9 +195,8 @@ impl Augmenter {
         for b in 0..Self::batch(image) {
             if self.rng.gen_bool(c.p_blur) {
                 let sigma = self.rng.gen_range(c.blur_sigma.0..=c.blur_sigma.1);
-                let w: Vec<f32> = (-RADIUS..=RADIUS)
-                    .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
-                    .collect();
+                let w: Vec<f32> =
+                    (-RADIUS..=RADIUS).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
                 let sum: f32 = w.iter().sum();
                 kernels.extend(w.into_iter().map(|v| v / sum));
                 sel.push(b as i64);
@@ -232,9 +211,7 @@ impl Augmenter {
         let k = Tensor::from_slice(&kernels).to_device(device);
         let size = image.size();
         // Samples as channels of one image so that a grouped convolution gives each its own sigma.
-        let mut x = image
-            .index_select(0, &idx)
-            .view([1, n, size[2], size[3], size[4]]);
+        let mut x = image.index_select(0, &idx).view([1, n, size[2], size[3], size[4]]);
         let k_len = 2 * RADIUS + 1;
         for (shape, pad) in [
             ([n, 1, k_len, 1, 1], [0, 0, 0, 0, RADIUS, RADIUS]),
@@ -248,15 +225,8 @@ impl Augmenter {
     }
 
     fn factors(&mut self, n: usize, p: f64, range: (f64, f64)) -> Option<Vec<f64>> {
-        let f: Vec<f64> = (0..n)
-            .map(|_| {
-                if self.rng.gen_bool(p) {
-                    around_one(&mut self.rng, range)
-                } else {
-                    1.0
-                }
-            })
-            .collect();
+        let f: Vec<f64> =
+            (0..n).map(|_| if self.rng.gen_bool(p) { around_one(&mut self.rng, range) } else { 1.0 }).collect();
         f.iter().any(|&v| v != 1.0).then_some(f)
     }
 
@@ -278,9 +248,7 @@ impl Augmenter {
         let mean = image.mean_dim(&dims[..], true, Kind::Float);
         let (lo, hi) = (image.amin(&dims[..], true), image.amax(&dims[..], true));
         // Preserve the range, as nnU-Net's ContrastAugmentationTransform(preserve_range=True).
-        ((image - &mean) * per_sample(&f, image.device()) + &mean)
-            .maximum(&lo)
-            .minimum(&hi)
+        ((image - &mean) * per_sample(&f, image.device()) + &mean).maximum(&lo).minimum(&hi)
     }
 
     fn low_resolution(&mut self, image: &Tensor) -> Tensor {
@@ -290,18 +258,12 @@ impl Augmenter {
             if !self.rng.gen_bool(self.config.p_low_res) {
                 continue;
             }
-            let zoom = self
-                .rng
-                .gen_range(self.config.low_res_zoom.0..=self.config.low_res_zoom.1);
-            let small: Vec<i64> = size[2..]
-                .iter()
-                .map(|&s| ((s as f64 * zoom).round() as i64).max(1))
-                .collect();
+            let zoom = self.rng.gen_range(self.config.low_res_zoom.0..=self.config.low_res_zoom.1);
+            let small: Vec<i64> = size[2..].iter().map(|&s| ((s as f64 * zoom).round() as i64).max(1)).collect();
             let x = out.narrow(0, b as i64, 1);
             let down = x.upsample_nearest3d(&small, None::<f64>, None::<f64>, None::<f64>);
             // nnU-Net upsamples with cubic splines; trilinear is the device-side equivalent.
-            let up =
-                down.upsample_trilinear3d(&size[2..], false, None::<f64>, None::<f64>, None::<f64>);
+            let up = down.upsample_trilinear3d(&size[2..], false, None::<f64>, None::<f64>, None::<f64>);
             out = out.index_copy(0, &index_tensor(&[b as i64], image.device()), &up);
         }
         out
@@ -309,11 +271,7 @@ impl Augmenter {
 
     fn gamma(&mut self, image: &Tensor, invert: bool) -> Tensor {
         let c = &self.config;
-        let p = if invert {
-            c.p_gamma_inverted
-        } else {
-            c.p_gamma
-        };
+        let p = if invert { c.p_gamma_inverted } else { c.p_gamma };
         let (mut sel, mut gammas) = (Vec::new(), Vec::new());
         for b in 0..Self::batch(image) {
             if self.rng.gen_bool(p) {
@@ -329,22 +287,12 @@ impl Augmenter {
         let sign = if invert { -1.0 } else { 1.0 };
         let x = image.index_select(0, &idx) * sign;
         let dims = [1i64, 2, 3, 4];
-        let (mean, std) = (
-            x.mean_dim(&dims[..], true, Kind::Float),
-            x.std_dim(&dims[..], false, true),
-        );
+        let (mean, std) = (x.mean_dim(&dims[..], true, Kind::Float), x.std_dim(&dims[..], false, true));
         let lo = x.amin(&dims[..], true);
         let range = x.amax(&dims[..], true) - &lo + 1e-7;
-        let y = ((&x - &lo) / &range)
-            .clamp_min(0.0)
-            .pow(&per_sample(&gammas, device))
-            * &range
-            + &lo;
+        let y = ((&x - &lo) / &range).clamp_min(0.0).pow(&per_sample(&gammas, device)) * &range + &lo;
         // retain_stats: restore each sample's mean and std.
-        let (m2, s2) = (
-            y.mean_dim(&dims[..], true, Kind::Float),
-            y.std_dim(&dims[..], false, true),
-        );
+        let (m2, s2) = (y.mean_dim(&dims[..], true, Kind::Float), y.std_dim(&dims[..], false, true));
         let y = (y - &m2) / (s2 + 1e-8) * std + mean;
         image.index_copy(0, &idx, &(y * sign))
     }
@@ -353,9 +301,7 @@ impl Augmenter {
         let (mut imgs, mut labs) = (Vec::new(), Vec::new());
         let mut any = false;
         for b in 0..Self::batch(image) {
-            let axes: Vec<i64> = (2..5)
-                .filter(|_| self.rng.gen_bool(self.config.p_mirror_per_axis))
-                .collect();
+            let axes: Vec<i64> = (2..5).filter(|_| self.rng.gen_bool(self.config.p_mirror_per_axis)).collect();
             let (i, l) = (image.narrow(0, b as i64, 1), labels.narrow(0, b as i64, 1));
             if axes.is_empty() {
                 imgs.push(i);

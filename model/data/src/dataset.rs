@@ -94,71 +94,44 @@ impl SiteDataConfig {
         let mut names = BTreeSet::new();
         for c in &self.classes {
             if !names.insert(c.name.as_str()) {
-                out.push(format!(
-                    "config [data].classes: duplicate class name {:?}",
-                    c.name
-                ));
+                out.push(format!("config [data].classes: duplicate class name {:?}", c.name));
             }
             if c.labels.is_empty() {
-                out.push(format!(
-                    "config [data].classes: class {:?} has no label values",
-                    c.name
-                ));
+                out.push(format!("config [data].classes: class {:?} has no label values", c.name));
             }
             if c.labels.contains(&0) {
-                out.push(format!(
-                    "config [data].classes: class {:?} contains label 0 (background)",
-                    c.name
-                ));
+                out.push(format!("config [data].classes: class {:?} contains label 0 (background)", c.name));
             }
             if let Some(l) = c.labels.iter().find(|&&l| l > u16::MAX as u32) {
-                out.push(format!(
-                    "config [data].classes: class {:?} label {l} exceeds 65535",
-                    c.name
-                ));
+                out.push(format!("config [data].classes: class {:?} label {l} exceeds 65535", c.name));
             }
         }
         match self.val_cases {
-            ValCases::Fraction(f) if !(0.0..1.0).contains(&f) => out.push(format!(
-                "config [data].val_cases: fraction {f} is not in [0, 1)"
-            )),
+            ValCases::Fraction(f) if !(0.0..1.0).contains(&f) => {
+                out.push(format!("config [data].val_cases: fraction {f} is not in [0, 1)"))
+            }
             _ => {}
         }
-        if self
-            .target_spacing
-            .iter()
-            .any(|&s| !(s > 0.0 && s.is_finite()))
-        {
-            out.push(format!(
-                "config [data].target_spacing: {:?} must be positive",
-                self.target_spacing
-            ));
+        if self.target_spacing.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
+            out.push(format!("config [data].target_spacing: {:?} must be positive", self.target_spacing));
         }
         out
     }
 
     /// Label values that any class uses.
     pub fn class_label_set(&self) -> BTreeSet<u16> {
-        self.classes
-            .iter()
-            .flat_map(|c| c.labels.iter().map(|&l| l as u16))
-            .collect()
+        self.classes.iter().flat_map(|c| c.labels.iter().map(|&l| l as u16)).collect()
     }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
 /// Label values of dataset.json: v2 maps name -> value (or a list, for region-based datasets),
 /// MSD maps "value" -> name.
-fn parse_labels(
-    json: &serde_json::Value,
-    layout: Layout,
-    path: &Path,
-) -> Result<BTreeMap<u32, String>> {
+fn parse_labels(json: &serde_json::Value, layout: Layout, path: &Path) -> Result<BTreeMap<u32, String>> {
     let obj = json
         .get("labels")
         .and_then(|l| l.as_object())
@@ -179,9 +152,8 @@ fn parse_labels(
                 }
             }
             Layout::Msd => {
-                let value: u32 = k.parse().with_context(|| {
-                    format!("{}: label key {k:?} is not an integer", path.display())
-                })?;
+                let value: u32 =
+                    k.parse().with_context(|| format!("{}: label key {k:?} is not an integer", path.display()))?;
                 out.insert(value, v.as_str().unwrap_or_default().to_string());
             }
         }
@@ -190,25 +162,13 @@ fn parse_labels(
 }
 
 fn v2_cases(dir: &Path, json: &serde_json::Value, json_path: &Path) -> Result<Vec<Case>> {
-    let channels = json
-        .get("channel_names")
-        .and_then(|c| c.as_object())
-        .map(|c| c.len())
-        .unwrap_or(1);
+    let channels = json.get("channel_names").and_then(|c| c.as_object()).map(|c| c.len()).unwrap_or(1);
     if channels != 1 {
-        bail!(
-            "{}: {channels} input channels; only single-channel CT is supported",
-            json_path.display()
-        );
+        bail!("{}: {channels} input channels; only single-channel CT is supported", json_path.display());
     }
-    let ending = json
-        .get("file_ending")
-        .and_then(|e| e.as_str())
-        .unwrap_or(".nii.gz")
-        .to_string();
+    let ending = json.get("file_ending").and_then(|e| e.as_str()).unwrap_or(".nii.gz").to_string();
     let labels_dir = dir.join("labelsTr");
-    let entries = std::fs::read_dir(&labels_dir)
-        .with_context(|| format!("{}: cannot list", labels_dir.display()))?;
+    let entries = std::fs::read_dir(&labels_dir).with_context(|| format!("{}: cannot list", labels_dir.display()))?;
     let mut cases = Vec::new();
     for entry in entries {
         let name = entry?.file_name().to_string_lossy().to_string();
@@ -241,29 +201,17 @@ fn msd_cases(dir: &Path, json: &serde_json::Value, json_path: &Path) -> Result<V
         let label = dir.join(field("label")?.trim_start_matches("./"));
         let id = label
             .file_name()
-            .map(|n| {
-                n.to_string_lossy()
-                    .trim_end_matches(".gz")
-                    .trim_end_matches(".nii")
-                    .to_string()
-            })
+            .map(|n| n.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".nii").to_string())
             .unwrap_or_default();
         // nnU-Net v1 raw folders keep MSD's dataset.json but store images as <case>_0000.nii.gz.
-        let image = if image.exists() {
-            image
-        } else {
-            v1_channel_path(&image)
-        };
+        let image = if image.exists() { image } else { v1_channel_path(&image) };
         cases.push(Case { id, image, label });
     }
     Ok(cases)
 }
 
 fn v1_channel_path(image: &Path) -> PathBuf {
-    let name = image
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let name = image.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let (stem, ext) = match name.strip_suffix(".nii.gz") {
         Some(s) => (s.to_string(), ".nii.gz"),
         None => (name.trim_end_matches(".nii").to_string(), ".nii"),
@@ -287,10 +235,7 @@ impl Dataset {
         } else if json.get("training").is_some() || json.get("modality").is_some() {
             Layout::Msd
         } else {
-            bail!(
-                "{}: neither nnU-Net v2 (channel_names) nor MSD/v1 (modality, training)",
-                json_path.display()
-            );
+            bail!("{}: neither nnU-Net v2 (channel_names) nor MSD/v1 (modality, training)", json_path.display());
         };
         let declared_labels = parse_labels(&json, layout, &json_path)?;
         let mut cases = match layout {
@@ -301,12 +246,7 @@ impl Dataset {
         if cases.is_empty() {
             bail!("{}: no training cases found", dir.display());
         }
-        Ok(Dataset {
-            config: config.clone(),
-            layout,
-            declared_labels,
-            cases,
-        })
+        Ok(Dataset { config: config.clone(), layout, declared_labels, cases })
     }
 
     /// Number of validation cases for this dataset (at least one training case is always kept).
@@ -323,32 +263,18 @@ impl Dataset {
     /// the split deterministic and independent of how many cases are added later.
     fn hashed_order(&self) -> Vec<&Case> {
         let mut v: Vec<&Case> = self.cases.iter().collect();
-        v.sort_by_key(|c| {
-            ring::digest::digest(&ring::digest::SHA256, c.id.as_bytes())
-                .as_ref()
-                .to_vec()
-        });
+        v.sort_by_key(|c| ring::digest::digest(&ring::digest::SHA256, c.id.as_bytes()).as_ref().to_vec());
         v
     }
 
     pub fn val_cases(&self) -> Vec<Case> {
-        let mut v: Vec<Case> = self
-            .hashed_order()
-            .into_iter()
-            .take(self.val_count())
-            .cloned()
-            .collect();
+        let mut v: Vec<Case> = self.hashed_order().into_iter().take(self.val_count()).cloned().collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     pub fn train_cases(&self) -> Vec<Case> {
-        let mut v: Vec<Case> = self
-            .hashed_order()
-            .into_iter()
-            .skip(self.val_count())
-            .cloned()
-            .collect();
+        let mut v: Vec<Case> = self.hashed_order().into_iter().skip(self.val_count()).cloned().collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
@@ -402,12 +328,7 @@ impl CheckReport {
 
 impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "dataset: {} ({:?})",
-            self.dataset_dir.display(),
-            self.layout
-        )?;
+        writeln!(f, "dataset: {} ({:?})", self.dataset_dir.display(), self.layout)?;
         writeln!(
             f,
             "cases: {} ({} valid; {} train, {} validation)",
@@ -415,10 +336,7 @@ impl fmt::Display for CheckReport {
         )?;
         if let Some(r) = &self.spacing_range {
             for (axis, (lo, med, hi)) in ["z", "y", "x"].iter().zip(r) {
-                writeln!(
-                    f,
-                    "spacing {axis}: min {lo:.3} median {med:.3} max {hi:.3} mm"
-                )?;
+                writeln!(f, "spacing {axis}: min {lo:.3} median {med:.3} max {hi:.3} mm")?;
             }
         }
         for c in &self.classes {
@@ -452,12 +370,7 @@ fn check_case(
     declared: &BTreeMap<u32, String>,
     problems: &mut Vec<Problem>,
 ) -> Option<CaseFindings> {
-    let mut report = |file: &Path, what: String| {
-        problems.push(Problem {
-            file: Some(file.to_path_buf()),
-            what,
-        })
-    };
+    let mut report = |file: &Path, what: String| problems.push(Problem { file: Some(file.to_path_buf()), what });
     if !case.image.exists() {
         report(&case.image, "image file missing".into());
     }
@@ -467,50 +380,27 @@ fn check_case(
     if !case.image.exists() || !case.label.exists() {
         return None;
     }
-    let image = read_nifti(&case.image).map_err(|e| {
-        problems.push(Problem {
-            file: None,
-            what: e.to_string(),
-        })
-    });
-    let label = read_label_nifti(&case.label).map_err(|e| {
-        problems.push(Problem {
-            file: None,
-            what: e.to_string(),
-        })
-    });
+    let image = read_nifti(&case.image).map_err(|e| problems.push(Problem { file: None, what: e.to_string() }));
+    let label = read_label_nifti(&case.label).map_err(|e| problems.push(Problem { file: None, what: e.to_string() }));
     let (image, label) = (image.ok()?, label.ok()?);
     let mut ok = true;
     let mut report = |file: &Path, what: String| {
         ok = false;
-        problems.push(Problem {
-            file: Some(file.to_path_buf()),
-            what,
-        })
+        problems.push(Problem { file: Some(file.to_path_buf()), what })
     };
     let nan = image.data.iter().filter(|v| !v.is_finite()).count();
     if nan > 0 {
         report(&case.image, format!("{nan} NaN or infinite voxels"));
     }
     if image.data.dim() != label.data.dim() {
-        report(
-            &case.label,
-            format!(
-                "shape {:?} differs from the image's {:?}",
-                label.data.dim(),
-                image.data.dim()
-            ),
-        );
+        report(&case.label, format!("shape {:?} differs from the image's {:?}", label.data.dim(), image.data.dim()));
     }
     let max_diff = (0..3)
         .flat_map(|r| (0..4).map(move |c| (r, c)))
         .map(|(r, c)| (image.affine[r][c] - label.affine[r][c]).abs())
         .fold(0.0, f64::max);
     if max_diff > 1e-3 * image.spacing.iter().cloned().fold(1.0, f64::max) {
-        report(
-            &case.label,
-            format!("affine differs from the image's (max difference {max_diff:.4})"),
-        );
+        report(&case.label, format!("affine differs from the image's (max difference {max_diff:.4})"));
     }
     let mut label_counts = BTreeMap::new();
     for &v in label.data.iter() {
@@ -521,21 +411,12 @@ fn check_case(
             continue;
         }
         if !declared.contains_key(&(v as u32)) {
-            report(
-                &case.label,
-                format!("label value {v} ({n} voxels) is not declared in dataset.json"),
-            );
+            report(&case.label, format!("label value {v} ({n} voxels) is not declared in dataset.json"));
         } else if !allowed.contains(&v) {
-            report(
-                &case.label,
-                format!("label value {v} ({n} voxels) belongs to no configured class"),
-            );
+            report(&case.label, format!("label value {v} ({n} voxels) belongs to no configured class"));
         }
     }
-    ok.then_some(CaseFindings {
-        spacing: image.spacing,
-        label_counts,
-    })
+    ok.then_some(CaseFindings { spacing: image.spacing, label_counts })
 }
 
 fn spacing_summary(spacings: &[[f64; 3]]) -> Option<[(f64, f64, f64); 3]> {
@@ -552,24 +433,14 @@ fn spacing_summary(spacings: &[[f64; 3]]) -> Option<[(f64, f64, f64); 3]> {
 /// Validates config, layout and every case, collecting every problem instead of stopping at the
 /// first one.
 pub fn check(config: &SiteDataConfig) -> CheckReport {
-    let mut report = CheckReport {
-        dataset_dir: config.dataset_dir.clone(),
-        ..Default::default()
-    };
+    let mut report = CheckReport { dataset_dir: config.dataset_dir.clone(), ..Default::default() };
     let config_problems = config.problems();
     let ds = match Dataset::open(config) {
         Ok(ds) => ds,
         Err(e) => {
-            report.problems.extend(
-                config_problems
-                    .into_iter()
-                    .map(|what| Problem { file: None, what }),
-            );
+            report.problems.extend(config_problems.into_iter().map(|what| Problem { file: None, what }));
             if report.problems.is_empty() {
-                report.problems.push(Problem {
-                    file: None,
-                    what: format!("{e:#}"),
-                });
+                report.problems.push(Problem { file: None, what: format!("{e:#}") });
             }
             return report;
         }
@@ -583,10 +454,7 @@ pub fn check(config: &SiteDataConfig) -> CheckReport {
             if !ds.declared_labels.contains_key(l) {
                 report.problems.push(Problem {
                     file: Some(config.dataset_dir.join("dataset.json")),
-                    what: format!(
-                        "class {:?} uses label {l}, which dataset.json does not declare",
-                        c.name
-                    ),
+                    what: format!("class {:?} uses label {l}, which dataset.json does not declare", c.name),
                 });
             }
         }
@@ -596,27 +464,16 @@ pub fn check(config: &SiteDataConfig) -> CheckReport {
     let mut classes: Vec<ClassSummary> = config
         .classes
         .iter()
-        .map(|c| ClassSummary {
-            name: c.name.clone(),
-            labels: c.labels.clone(),
-            voxels: 0,
-            cases_present: 0,
-        })
+        .map(|c| ClassSummary { name: c.name.clone(), labels: c.labels.clone(), voxels: 0, cases_present: 0 })
         .collect();
     for case in &ds.cases {
-        let Some(found) = check_case(case, &allowed, &ds.declared_labels, &mut report.problems)
-        else {
+        let Some(found) = check_case(case, &allowed, &ds.declared_labels, &mut report.problems) else {
             continue;
         };
         report.valid_cases += 1;
         spacings.push(found.spacing);
         for (summary, class) in classes.iter_mut().zip(&config.classes) {
-            let n: u64 = found
-                .label_counts
-                .iter()
-                .filter(|(&l, _)| class.contains(l))
-                .map(|(_, n)| n)
-                .sum();
+            let n: u64 = found.label_counts.iter().filter(|(&l, _)| class.contains(l)).map(|(_, n)| n).sum();
             summary.voxels += n;
             summary.cases_present += (n > 0) as usize;
         }

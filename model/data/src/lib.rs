@@ -9,16 +9,12 @@ pub mod resample;
 pub mod stats;
 
 pub use dataset::{
-    check, Case, CheckReport, ClassRegion, ClassSummary, Dataset, Layout, Problem, SiteDataConfig,
-    ValCases,
+    check, Case, CheckReport, ClassRegion, ClassSummary, Dataset, Layout, Problem, SiteDataConfig, ValCases,
 };
-pub use nifti_io::{
-    read_header, read_label_nifti, read_nifti, write_mask_nifti, NiftiIoError, SpatialHeader,
-    Volume,
-};
+pub use nifti_io::{read_header, read_label_nifti, read_nifti, write_mask_nifti, NiftiIoError, SpatialHeader, Volume};
 pub use resample::{
-    anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing,
-    resample_probabilities, target_shape, Interp, LabelInterp,
+    anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing, resample_probabilities,
+    target_shape, Interp, LabelInterp,
 };
 pub use stats::{HuHistogram, Normalization};
 
@@ -31,7 +27,7 @@ pub mod synth;
 pub use augment::{AugmentConfig, Augmenter};
 pub use loader::{Batch, BatchLoader, LoaderOptions};
 pub use preprocess::{
-    load_for_inference, preprocess_case, preprocess_cases, site_histogram, CaseMeta,
-    InferenceImage, PreprocessOptions, PreprocessedCase,
+    load_for_inference, preprocess_case, preprocess_cases, site_histogram, CaseMeta, InferenceImage, PreprocessOptions,
+    PreprocessedCase,
 };
 pub use synth::{generate_sites, GeneratedSite, SiteKind, SynthOptions};

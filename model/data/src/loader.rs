@@ -100,23 +100,12 @@ fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) 
             labels: case.labels(),
             class_locations: &case.meta.class_locations,
         };
-        let p = sample_patch(
-            &view,
-            opts.patch,
-            &opts.normalization,
-            opts.foreground_fraction,
-            &mut rng,
-        );
+        let p = sample_patch(&view, opts.patch, &opts.normalization, opts.foreground_fraction, &mut rng);
         image.extend_from_slice(&p.image);
         labels.extend(p.labels.iter().map(|&l| l as i64));
         case_ids.push(case.meta.id.clone());
     }
-    CpuBatch {
-        index,
-        image,
-        labels,
-        case_ids,
-    }
+    CpuBatch { index, image, labels, case_ids }
 }
 
 fn worker(
@@ -138,10 +127,7 @@ fn worker(
 impl BatchLoader {
     pub fn new(cases: Vec<PreprocessedCase>, opts: LoaderOptions) -> Result<BatchLoader> {
         ensure!(!cases.is_empty(), "no preprocessed cases to sample from");
-        ensure!(
-            opts.batch > 0 && opts.patch.iter().all(|&p| p > 0),
-            "batch and patch must be positive"
-        );
+        ensure!(opts.batch > 0 && opts.patch.iter().all(|&p| p > 0), "batch and patch must be positive");
         let cases = Arc::new(cases);
         let threads = opts.threads.max(1);
         let (tx, rx) = sync_channel(opts.prefetch.max(1) * threads);
@@ -149,32 +135,16 @@ impl BatchLoader {
         let counter = Arc::new(AtomicU64::new(0));
         let workers = (0..threads)
             .map(|t| {
-                let (cases, opts, counter, stop, tx) = (
-                    cases.clone(),
-                    opts.clone(),
-                    counter.clone(),
-                    stop.clone(),
-                    tx.clone(),
-                );
+                let (cases, opts, counter, stop, tx) =
+                    (cases.clone(), opts.clone(), counter.clone(), stop.clone(), tx.clone());
                 std::thread::Builder::new()
                     .name(format!("fedtalent-loader-{t}"))
                     .spawn(move || worker(cases, opts, counter, stop, tx))
                     .map_err(|e| anyhow!("cannot start loader thread: {e}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let augmenter = opts
-            .augment
-            .clone()
-            .map(|c| Augmenter::new(c, opts.seed.wrapping_add(1)));
-        Ok(BatchLoader {
-            opts,
-            rx: Some(rx),
-            workers,
-            stop,
-            pending: BTreeMap::new(),
-            next_index: 0,
-            augmenter,
-        })
+        let augmenter = opts.augment.clone().map(|c| Augmenter::new(c, opts.seed.wrapping_add(1)));
+        Ok(BatchLoader { opts, rx: Some(rx), workers, stop, pending: BTreeMap::new(), next_index: 0, augmenter })
     }
 
     /// Receives batches until the next one in order has arrived.
@@ -185,9 +155,7 @@ impl BatchLoader {
                 return Ok(b);
             }
             let rx = self.rx.as_ref().expect("receiver lives until drop");
-            let b = rx
-                .recv()
-                .map_err(|_| anyhow!("all loader threads stopped"))?;
+            let b = rx.recv().map_err(|_| anyhow!("all loader threads stopped"))?;
             self.pending.insert(b.index, b);
         }
     }
@@ -199,19 +167,13 @@ impl BatchLoader {
         let shape = [self.opts.batch as i64, 1, z, y, x];
         let device = self.opts.device;
         let image = Tensor::from_slice(&cpu.image).view(shape).to_device(device);
-        let labels = Tensor::from_slice(&cpu.labels)
-            .view(shape)
-            .to_device(device);
+        let labels = Tensor::from_slice(&cpu.labels).view(shape).to_device(device);
         let (image, labels) = match &mut self.augmenter {
             Some(a) => a.apply(&image, &labels),
             None => (image, labels),
         };
         debug_assert_eq!(labels.kind(), Kind::Int64);
-        Ok(Batch {
-            image,
-            labels,
-            case_ids: cpu.case_ids,
-        })
+        Ok(Batch { image, labels, case_ids: cpu.case_ids })
     }
 }
 

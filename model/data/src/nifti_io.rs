@@ -27,10 +27,7 @@ pub enum NiftiIoError {
 }
 
 fn invalid(path: &Path, what: impl Into<String>) -> NiftiIoError {
-    NiftiIoError::Invalid {
-        path: path.display().to_string(),
-        what: what.into(),
-    }
+    NiftiIoError::Invalid { path: path.display().to_string(), what: what.into() }
 }
 
 /// The spatial part of a NIfTI header, kept so that written masks carry the source's qform and
@@ -67,12 +64,7 @@ impl SpatialHeader {
     /// A header whose sform and qform both encode `affine` (rotation + zooms + translation; shears
     /// are not representable in the qform and are approximated there, exactly as nibabel does).
     pub fn from_affine(affine: &[[f64; 4]; 4]) -> Self {
-        let zooms: [f64; 3] = std::array::from_fn(|c| {
-            (0..3)
-                .map(|r| affine[r][c] * affine[r][c])
-                .sum::<f64>()
-                .sqrt()
-        });
+        let zooms: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt());
         let mut rot = [[0.0; 3]; 3];
         for (r, row) in rot.iter_mut().enumerate() {
             for (c, v) in row.iter_mut().enumerate() {
@@ -102,12 +94,7 @@ impl SpatialHeader {
     /// The affine nibabel reports for this header and a volume of `shape_xyz`.
     pub fn affine(&self, shape_xyz: [usize; 3]) -> [[f64; 4]; 4] {
         if self.sform_code > 0 {
-            [
-                self.srow[0],
-                self.srow[1],
-                self.srow[2],
-                [0.0, 0.0, 0.0, 1.0],
-            ]
+            [self.srow[0], self.srow[1], self.srow[2], [0.0, 0.0, 0.0, 1.0]]
         } else if self.qform_code > 0 {
             self.qform_affine()
         } else {
@@ -146,8 +133,7 @@ impl SpatialHeader {
 }
 
 fn det3(m: &[[f64; 3]; 3]) -> f64 {
-    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }
 
@@ -163,11 +149,7 @@ fn quaternion_to_rotation(q: [f64; 4]) -> [[f64; 3]; 3] {
     let (wx, wy, wz) = (w * xs, w * ys, w * zs);
     let (xx, xy, xz) = (x * xs, x * ys, x * zs);
     let (yy, yz, zz) = (y * ys, y * zs, z * zs);
-    [
-        [1.0 - (yy + zz), xy - wz, xz + wy],
-        [xy + wz, 1.0 - (xx + zz), yz - wx],
-        [xz - wy, yz + wx, 1.0 - (xx + yy)],
-    ]
+    [[1.0 - (yy + zz), xy - wz, xz + wy], [xy + wz, 1.0 - (xx + zz), yz - wx], [xz - wy, yz + wx, 1.0 - (xx + yy)]]
 }
 
 /// A proper rotation matrix to a unit quaternion (w, x, y, z) with w >= 0 (the NIfTI convention,
@@ -176,36 +158,16 @@ fn rotation_to_quaternion(r: &[[f64; 3]; 3]) -> [f64; 4] {
     let trace = r[0][0] + r[1][1] + r[2][2];
     let q = if trace > 0.0 {
         let s = (trace + 1.0).sqrt() * 2.0;
-        [
-            0.25 * s,
-            (r[2][1] - r[1][2]) / s,
-            (r[0][2] - r[2][0]) / s,
-            (r[1][0] - r[0][1]) / s,
-        ]
+        [0.25 * s, (r[2][1] - r[1][2]) / s, (r[0][2] - r[2][0]) / s, (r[1][0] - r[0][1]) / s]
     } else if r[0][0] > r[1][1] && r[0][0] > r[2][2] {
         let s = (1.0 + r[0][0] - r[1][1] - r[2][2]).sqrt() * 2.0;
-        [
-            (r[2][1] - r[1][2]) / s,
-            0.25 * s,
-            (r[0][1] + r[1][0]) / s,
-            (r[0][2] + r[2][0]) / s,
-        ]
+        [(r[2][1] - r[1][2]) / s, 0.25 * s, (r[0][1] + r[1][0]) / s, (r[0][2] + r[2][0]) / s]
     } else if r[1][1] > r[2][2] {
         let s = (1.0 + r[1][1] - r[0][0] - r[2][2]).sqrt() * 2.0;
-        [
-            (r[0][2] - r[2][0]) / s,
-            (r[0][1] + r[1][0]) / s,
-            0.25 * s,
-            (r[1][2] + r[2][1]) / s,
-        ]
+        [(r[0][2] - r[2][0]) / s, (r[0][1] + r[1][0]) / s, 0.25 * s, (r[1][2] + r[2][1]) / s]
     } else {
         let s = (1.0 + r[2][2] - r[0][0] - r[1][1]).sqrt() * 2.0;
-        [
-            (r[1][0] - r[0][1]) / s,
-            (r[0][2] + r[2][0]) / s,
-            (r[1][2] + r[2][1]) / s,
-            0.25 * s,
-        ]
+        [(r[1][0] - r[0][1]) / s, (r[0][2] + r[2][0]) / s, (r[1][2] + r[2][1]) / s, 0.25 * s]
     };
     let n = q.iter().map(|v| v * v).sum::<f64>().sqrt();
     let sign = if q[0] < 0.0 { -1.0 } else { 1.0 };
@@ -224,10 +186,7 @@ struct RawHeader {
 }
 
 fn read_file_bytes(path: &Path) -> Result<Vec<u8>, NiftiIoError> {
-    let io_err = |source| NiftiIoError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io_err = |source| NiftiIoError::Io { path: path.display().to_string(), source };
     let raw = fs::read(path).map_err(io_err)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
@@ -242,10 +201,7 @@ fn read_file_bytes(path: &Path) -> Result<Vec<u8>, NiftiIoError> {
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<RawHeader, NiftiIoError> {
     if bytes.len() < 348 {
-        return Err(invalid(
-            path,
-            format!("file too short for a NIfTI header ({} bytes)", bytes.len()),
-        ));
+        return Err(invalid(path, format!("file too short for a NIfTI header ({} bytes)", bytes.len())));
     }
     let size_le = i32::from_le_bytes(bytes[0..4].try_into().unwrap());
     let size_be = i32::from_be_bytes(bytes[0..4].try_into().unwrap());
@@ -253,16 +209,12 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<RawHeader, NiftiIoError> {
         (348, _) | (_, 348) => parse_nifti1(path, bytes),
         (540, _) => parse_nifti2(path, bytes, true),
         (_, 540) => parse_nifti2(path, bytes, false),
-        _ => Err(invalid(
-            path,
-            format!("not a NIfTI file (sizeof_hdr {size_le})"),
-        )),
+        _ => Err(invalid(path, format!("not a NIfTI file (sizeof_hdr {size_le})"))),
     }
 }
 
 fn parse_nifti1(path: &Path, bytes: &[u8]) -> Result<RawHeader, NiftiIoError> {
-    let h = nifti::NiftiHeader::from_reader(bytes)
-        .map_err(|e| invalid(path, format!("bad NIfTI-1 header: {e}")))?;
+    let h = nifti::NiftiHeader::from_reader(bytes).map_err(|e| invalid(path, format!("bad NIfTI-1 header: {e}")))?;
     let ndim = h.dim[0] as usize;
     if !(1..=7).contains(&ndim) {
         return Err(invalid(path, format!("invalid dim[0] = {ndim}")));
@@ -332,9 +284,7 @@ fn parse_nifti2(path: &Path, b: &[u8], le: bool) -> Result<RawHeader, NiftiIoErr
         return Err(invalid(path, format!("invalid dim[0] = {ndim}")));
     }
     let dims: Vec<usize> = (1..=ndim as usize)
-        .map(|i| {
-            usize::try_from(i64_at(16 + 8 * i)).map_err(|_| invalid(path, "negative dimension"))
-        })
+        .map(|i| usize::try_from(i64_at(16 + 8 * i)).map_err(|_| invalid(path, "negative dimension")))
         .collect::<Result<_, _>>()?;
     let spatial = SpatialHeader {
         pixdim: std::array::from_fn(|i| f64_at(104 + 8 * i)),
@@ -359,10 +309,7 @@ fn parse_nifti2(path: &Path, b: &[u8], le: bool) -> Result<RawHeader, NiftiIoErr
 /// The three spatial dimensions; trailing singleton dimensions (a 4D file with one volume) are fine.
 fn spatial_shape(path: &Path, dims: &[usize]) -> Result<[usize; 3], NiftiIoError> {
     if dims.iter().skip(3).any(|&d| d > 1) {
-        return Err(invalid(
-            path,
-            format!("expected a 3D volume, got dimensions {dims:?}"),
-        ));
+        return Err(invalid(path, format!("expected a 3D volume, got dimensions {dims:?}")));
     }
     let shape: [usize; 3] = std::array::from_fn(|i| dims.get(i).copied().unwrap_or(1));
     if shape.contains(&0) {
@@ -377,12 +324,7 @@ fn datatype_size(path: &Path, datatype: i16) -> Result<usize, NiftiIoError> {
         4 | 512 => 2,
         8 | 16 | 768 => 4,
         64 | 1024 | 1280 => 8,
-        other => {
-            return Err(invalid(
-                path,
-                format!("unsupported NIfTI datatype code {other}"),
-            ))
-        }
+        other => return Err(invalid(path, format!("unsupported NIfTI datatype code {other}"))),
     })
 }
 
@@ -392,13 +334,7 @@ fn decode_voxels(path: &Path, h: &RawHeader, bytes: &[u8]) -> Result<Vec<f64>, N
     let size = datatype_size(path, h.datatype)?;
     let need = h.vox_offset + n * size;
     if bytes.len() < need {
-        return Err(invalid(
-            path,
-            format!(
-                "truncated voxel data: {} bytes, header needs {need}",
-                bytes.len()
-            ),
-        ));
+        return Err(invalid(path, format!("truncated voxel data: {} bytes, header needs {need}", bytes.len())));
     }
     let data = &bytes[h.vox_offset..need];
     macro_rules! decode {
@@ -406,11 +342,7 @@ fn decode_voxels(path: &Path, h: &RawHeader, bytes: &[u8]) -> Result<Vec<f64>, N
             data.chunks_exact(size)
                 .map(|c| {
                     let a = c.try_into().unwrap();
-                    (if h.little_endian {
-                        <$t>::from_le_bytes(a)
-                    } else {
-                        <$t>::from_be_bytes(a)
-                    }) as f64
+                    (if h.little_endian { <$t>::from_le_bytes(a) } else { <$t>::from_be_bytes(a) }) as f64
                 })
                 .collect()
         };
@@ -426,19 +358,13 @@ fn decode_voxels(path: &Path, h: &RawHeader, bytes: &[u8]) -> Result<Vec<f64>, N
         64 => decode!(f64),
         1024 => decode!(i64),
         1280 => decode!(u64),
-        other => {
-            return Err(invalid(
-                path,
-                format!("unsupported NIfTI datatype code {other}"),
-            ))
-        }
+        other => return Err(invalid(path, format!("unsupported NIfTI datatype code {other}"))),
     })
 }
 
 /// Storage order (x fastest) into a [z, y, x] array: the same memory layout, so only the shape changes.
 fn to_zyx<T>(shape_xyz: [usize; 3], values: Vec<T>) -> Array3<T> {
-    Array3::from_shape_vec((shape_xyz[2], shape_xyz[1], shape_xyz[0]), values)
-        .expect("voxel count matches the shape")
+    Array3::from_shape_vec((shape_xyz[2], shape_xyz[1], shape_xyz[0]), values).expect("voxel count matches the shape")
 }
 
 fn read_scaled(path: &Path) -> Result<(RawHeader, Vec<f64>), NiftiIoError> {
@@ -448,10 +374,7 @@ fn read_scaled(path: &Path) -> Result<(RawHeader, Vec<f64>), NiftiIoError> {
     // nibabel: a zero or non-finite slope means "no scaling".
     if h.scl_slope != 0.0 && h.scl_slope.is_finite() {
         if !h.scl_inter.is_finite() {
-            return Err(invalid(
-                path,
-                format!("valid scl_slope but invalid scl_inter {}", h.scl_inter),
-            ));
+            return Err(invalid(path, format!("valid scl_slope but invalid scl_inter {}", h.scl_inter)));
         }
         if h.scl_slope != 1.0 || h.scl_inter != 0.0 {
             for v in values.iter_mut() {
@@ -476,10 +399,7 @@ fn volume_from<T>(h: RawHeader, values: Vec<T>) -> Volume<T> {
 pub fn read_nifti(path: impl AsRef<Path>) -> Result<Volume<f32>, NiftiIoError> {
     let path = path.as_ref();
     let (h, values) = read_scaled(path)?;
-    Ok(volume_from(
-        h,
-        values.into_iter().map(|v| v as f32).collect(),
-    ))
+    Ok(volume_from(h, values.into_iter().map(|v| v as f32).collect()))
 }
 
 /// Reads a label map; every (scaled) value must be a non-negative integer below 65536.
@@ -502,14 +422,9 @@ pub fn read_label_nifti(path: impl AsRef<Path>) -> Result<Volume<u16>, NiftiIoEr
 }
 
 /// Reads only the header: the shape [z, y, x], spacing [z, y, x] and geometry (cheap for `check`).
-pub fn read_header(
-    path: impl AsRef<Path>,
-) -> Result<([usize; 3], [f64; 3], SpatialHeader), NiftiIoError> {
+pub fn read_header(path: impl AsRef<Path>) -> Result<([usize; 3], [f64; 3], SpatialHeader), NiftiIoError> {
     let path = path.as_ref();
-    let raw = fs::read(path).map_err(|source| NiftiIoError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let raw = fs::read(path).map_err(|source| NiftiIoError::Io { path: path.display().to_string(), source })?;
     let mut head = Vec::with_capacity(544);
     if raw.starts_with(&[0x1f, 0x8b]) {
         MultiGzDecoder::new(&raw[..])
@@ -558,8 +473,7 @@ where
     let (nz, ny, nx) = data.dim();
     // [z, y, x] in standard layout is x-fastest, i.e. Fortran order of an (x, y, z) array.
     let values: Vec<T> = data.iter().cloned().collect();
-    let xyz = ndarray17::Array3::from_shape_vec(ndarray17::ShapeBuilder::f((nx, ny, nz)), values)
-        .context("shape")?;
+    let xyz = ndarray17::Array3::from_shape_vec(ndarray17::ShapeBuilder::f((nx, ny, nz)), values).context("shape")?;
     let header = nifti1_header(spatial);
     let gz = path.to_string_lossy().ends_with(".gz");
     nifti::writer::WriterOptions::new(path)
@@ -570,28 +484,16 @@ where
 }
 
 /// Writes a uint8 mask with the source image's geometry (qform and sform as in the source header).
-pub fn write_mask_nifti(
-    path: impl AsRef<Path>,
-    mask: &Array3<u8>,
-    source: &SpatialHeader,
-) -> anyhow::Result<()> {
+pub fn write_mask_nifti(path: impl AsRef<Path>, mask: &Array3<u8>, source: &SpatialHeader) -> anyhow::Result<()> {
     write_typed(path.as_ref(), mask, source)
 }
 
 /// Writes an int16 image (CT in HU) with the given geometry.
-pub fn write_i16_nifti(
-    path: impl AsRef<Path>,
-    data: &Array3<i16>,
-    spatial: &SpatialHeader,
-) -> anyhow::Result<()> {
+pub fn write_i16_nifti(path: impl AsRef<Path>, data: &Array3<i16>, spatial: &SpatialHeader) -> anyhow::Result<()> {
     write_typed(path.as_ref(), data, spatial)
 }
 
 /// Writes a float32 image with the given geometry.
-pub fn write_f32_nifti(
-    path: impl AsRef<Path>,
-    data: &Array3<f32>,
-    spatial: &SpatialHeader,
-) -> anyhow::Result<()> {
+pub fn write_f32_nifti(path: impl AsRef<Path>, data: &Array3<f32>, spatial: &SpatialHeader) -> anyhow::Result<()> {
     write_typed(path.as_ref(), data, spatial)
 }

@@ -23,9 +23,7 @@ use tracing::{info, warn};
 
 use crate::dataset::{Case, ClassRegion, Dataset};
 use crate::nifti_io::{read_label_nifti, read_nifti, SpatialHeader};
-use crate::resample::{
-    anisotropy_axis, resample, resample_labels, target_shape, Interp, LabelInterp,
-};
+use crate::resample::{anisotropy_axis, resample, resample_labels, target_shape, Interp, LabelInterp};
 use crate::stats::{HuHistogram, Normalization};
 
 /// Bumped whenever the preprocessing changes what it writes, so old caches are not reused.
@@ -71,10 +69,7 @@ pub struct PreprocessedCase {
 
 impl std::fmt::Debug for PreprocessedCase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreprocessedCase")
-            .field("meta", &self.meta.id)
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("PreprocessedCase").field("meta", &self.meta.id).field("path", &self.path).finish()
     }
 }
 
@@ -107,40 +102,20 @@ impl PreprocessedCase {
 
     /// Opens a cache file, validating its structure.
     pub fn open(path: &Path) -> Result<PreprocessedCase> {
-        let file =
-            fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: cache files are written once to a temporary name and renamed into place; they
         // are never modified afterwards, so the mapping cannot change under us.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("{}: cannot map", path.display()))?;
-        ensure!(
-            map.len() >= 16 && &map[..8] == MAGIC,
-            "{}: not a preprocessed-case file",
-            path.display()
-        );
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        ensure!(map.len() >= 16 && &map[..8] == MAGIC, "{}: not a preprocessed-case file", path.display());
         let json_len = u64::from_le_bytes(map[8..16].try_into().unwrap()) as usize;
-        ensure!(
-            map.len() >= 16 + json_len,
-            "{}: truncated metadata",
-            path.display()
-        );
+        ensure!(map.len() >= 16 + json_len, "{}: truncated metadata", path.display());
         let meta: CaseMeta = serde_json::from_slice(&map[16..16 + json_len])
             .with_context(|| format!("{}: bad metadata", path.display()))?;
         let image_offset = (16 + json_len).div_ceil(64) * 64;
         let n: usize = meta.shape.iter().product();
         let label_offset = image_offset + 4 * n;
-        ensure!(
-            map.len() == label_offset + 2 * n,
-            "{}: size does not match its shape",
-            path.display()
-        );
-        Ok(PreprocessedCase {
-            meta,
-            path: path.to_path_buf(),
-            map,
-            image_offset,
-            label_offset,
-        })
+        ensure!(map.len() == label_offset + 2 * n, "{}: size does not match its shape", path.display());
+        Ok(PreprocessedCase { meta, path: path.to_path_buf(), map, image_offset, label_offset })
     }
 }
 
@@ -165,20 +140,11 @@ pub fn nonzero_bbox(image: &Array3<f32>) -> [[usize; 2]; 3] {
 }
 
 fn crop<T: Clone>(a: &Array3<T>, bb: &[[usize; 2]; 3]) -> Array3<T> {
-    a.slice(s![
-        bb[0][0]..bb[0][1],
-        bb[1][0]..bb[1][1],
-        bb[2][0]..bb[2][1]
-    ])
-    .to_owned()
+    a.slice(s![bb[0][0]..bb[0][1], bb[1][0]..bb[1][1], bb[2][0]..bb[2][1]]).to_owned()
 }
 
 /// Voxel positions per class, subsampled deterministically to at most 10k.
-pub fn class_locations(
-    labels: &Array3<u16>,
-    classes: &[ClassRegion],
-    seed: u64,
-) -> Vec<Vec<[u32; 3]>> {
+pub fn class_locations(labels: &Array3<u16>, classes: &[ClassRegion], seed: u64) -> Vec<Vec<[u32; 3]>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     classes
         .iter()
@@ -200,10 +166,7 @@ pub fn class_locations(
 }
 
 /// Reads and validates a case: same shape, finite image, labels within the configured classes.
-fn load_case(
-    case: &Case,
-    classes: &[ClassRegion],
-) -> Result<(crate::Volume<f32>, crate::Volume<u16>)> {
+fn load_case(case: &Case, classes: &[ClassRegion]) -> Result<(crate::Volume<f32>, crate::Volume<u16>)> {
     let image = read_nifti(&case.image)?;
     let labels = read_label_nifti(&case.label)?;
     if image.data.dim() != labels.data.dim() {
@@ -215,20 +178,10 @@ fn load_case(
         );
     }
     if let Some(i) = image.data.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "{}: NaN or infinite voxel at flat index {i}",
-            case.image.display()
-        );
+        bail!("{}: NaN or infinite voxel at flat index {i}", case.image.display());
     }
-    if let Some(&bad) = labels
-        .data
-        .iter()
-        .find(|&&l| l != 0 && !classes.iter().any(|c| c.contains(l)))
-    {
-        bail!(
-            "{}: label value {bad} belongs to no configured class",
-            case.label.display()
-        );
+    if let Some(&bad) = labels.data.iter().find(|&&l| l != 0 && !classes.iter().any(|c| c.contains(l))) {
+        bail!("{}: label value {bad} belongs to no configured class", case.label.display());
     }
     Ok((image, labels))
 }
@@ -239,10 +192,7 @@ fn seed_of(id: &str) -> u64 {
 }
 
 /// Preprocesses one case in memory: crop to nonzero, resample to the target spacing.
-pub fn preprocess_in_memory(
-    case: &Case,
-    opts: &PreprocessOptions,
-) -> Result<(CaseMeta, Array3<f32>, Array3<u16>)> {
+pub fn preprocess_in_memory(case: &Case, opts: &PreprocessOptions) -> Result<(CaseMeta, Array3<f32>, Array3<u16>)> {
     let (image, labels) = load_case(case, &opts.classes)?;
     let bb = nonzero_bbox(&image.data);
     let img = crop(&image.data, &bb);
@@ -274,11 +224,7 @@ pub fn cache_key(case: &Case, opts: &PreprocessOptions) -> Result<String> {
     ctx.update(&serde_json::to_vec(opts)?);
     for p in [&case.image, &case.label] {
         let m = fs::metadata(p).with_context(|| format!("{}: cannot stat", p.display()))?;
-        let mtime = m
-            .modified()?
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
+        let mtime = m.modified()?.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
         ctx.update(p.to_string_lossy().as_bytes());
         ctx.update(&m.len().to_le_bytes());
         ctx.update(&mtime.to_le_bytes());
@@ -286,17 +232,11 @@ pub fn cache_key(case: &Case, opts: &PreprocessOptions) -> Result<String> {
     Ok(hex::encode(&ctx.finish().as_ref()[..8]))
 }
 
-fn write_cache(
-    path: &Path,
-    meta: &CaseMeta,
-    image: &Array3<f32>,
-    labels: &Array3<u16>,
-) -> Result<()> {
+fn write_cache(path: &Path, meta: &CaseMeta, image: &Array3<f32>, labels: &Array3<u16>) -> Result<()> {
     let json = serde_json::to_vec(meta)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::io::BufWriter::new(
-        fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
-    );
+    let mut f =
+        std::io::BufWriter::new(fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?);
     f.write_all(MAGIC)?;
     f.write_all(&(json.len() as u64).to_le_bytes())?;
     f.write_all(&json)?;
@@ -310,20 +250,14 @@ fn write_cache(
     }
     let file = f.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
 
 /// Returns the cached preprocessed case, preprocessing it first if the cache is missing or stale
 /// (a different key); stale files of the same case are removed.
-pub fn preprocess_case(
-    case: &Case,
-    opts: &PreprocessOptions,
-    cache_dir: &Path,
-) -> Result<PreprocessedCase> {
-    fs::create_dir_all(cache_dir)
-        .with_context(|| format!("{}: cannot create cache dir", cache_dir.display()))?;
+pub fn preprocess_case(case: &Case, opts: &PreprocessOptions, cache_dir: &Path) -> Result<PreprocessedCase> {
+    fs::create_dir_all(cache_dir).with_context(|| format!("{}: cannot create cache dir", cache_dir.display()))?;
     let key = cache_key(case, opts)?;
     let path = cache_dir.join(format!("{}.{key}.ftp", case.id));
     if path.exists() {
@@ -347,9 +281,7 @@ fn remove_stale(cache_dir: &Path, id: &str, keep: &Path) {
         let p = e.path();
         let name = e.file_name().to_string_lossy().to_string();
         let is_same_case = name.strip_prefix(&format!("{id}.")).is_some_and(|rest| {
-            rest.len() == 16 + 4
-                && rest.ends_with(".ftp")
-                && rest[..16].chars().all(|c| c.is_ascii_hexdigit())
+            rest.len() == 16 + 4 && rest.ends_with(".ftp") && rest[..16].chars().all(|c| c.is_ascii_hexdigit())
         });
         if is_same_case && p != keep {
             let _ = fs::remove_file(&p);
@@ -421,11 +353,7 @@ pub struct InferenceImage {
 }
 
 /// Loads a raw image for inference (crop to nonzero, cubic resampling, CT normalization).
-pub fn load_for_inference(
-    path: &Path,
-    target_spacing: [f64; 3],
-    norm: &Normalization,
-) -> Result<InferenceImage> {
+pub fn load_for_inference(path: &Path, target_spacing: [f64; 3], norm: &Normalization) -> Result<InferenceImage> {
     let vol = read_nifti(path)?;
     if vol.data.iter().any(|v| !v.is_finite()) {
         bail!("{}: image contains NaN or infinite voxels", path.display());
@@ -453,32 +381,14 @@ pub fn load_for_inference(
 impl InferenceImage {
     /// Maps per-class probabilities [C, Z, Y, X] at the target spacing back to the original
     /// geometry: resample to the crop's shape, then place into the full volume (zeros outside).
-    pub fn probabilities_to_original(
-        &self,
-        probs: &ndarray::Array4<f32>,
-        interp: Interp,
-    ) -> ndarray::Array4<f32> {
+    pub fn probabilities_to_original(&self, probs: &ndarray::Array4<f32>, interp: Interp) -> ndarray::Array4<f32> {
         let bb = self.crop;
-        let crop_shape = [
-            bb[0][1] - bb[0][0],
-            bb[1][1] - bb[1][0],
-            bb[2][1] - bb[2][0],
-        ];
-        let r = crate::resample::resample_probabilities(
-            probs,
-            crop_shape,
-            interp,
-            anisotropy_axis(self.original_spacing),
-        );
+        let crop_shape = [bb[0][1] - bb[0][0], bb[1][1] - bb[1][0], bb[2][1] - bb[2][0]];
+        let r =
+            crate::resample::resample_probabilities(probs, crop_shape, interp, anisotropy_axis(self.original_spacing));
         let [z, y, x] = self.original_shape;
         let mut out = ndarray::Array4::<f32>::zeros((probs.dim().0, z, y, x));
-        out.slice_mut(s![
-            ..,
-            bb[0][0]..bb[0][1],
-            bb[1][0]..bb[1][1],
-            bb[2][0]..bb[2][1]
-        ])
-        .assign(&r);
+        out.slice_mut(s![.., bb[0][0]..bb[0][1], bb[1][0]..bb[1][1], bb[2][0]..bb[2][1]]).assign(&r);
         out
     }
 }

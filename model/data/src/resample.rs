@@ -77,12 +77,7 @@ fn linear_taps(x: f64, n: usize) -> Vec<(usize, f32)> {
 
 fn keys_weights(t: f64) -> [f64; 4] {
     let (t2, t3) = (t * t, t * t * t);
-    [
-        (-t3 + 2.0 * t2 - t) / 2.0,
-        (3.0 * t3 - 5.0 * t2 + 2.0) / 2.0,
-        (-3.0 * t3 + 4.0 * t2 + t) / 2.0,
-        (t3 - t2) / 2.0,
-    ]
+    [(-t3 + 2.0 * t2 - t) / 2.0, (3.0 * t3 - 5.0 * t2 + 2.0) / 2.0, (-3.0 * t3 + 4.0 * t2 + t) / 2.0, (t3 - t2) / 2.0]
 }
 
 fn cubic_taps(x: f64, n: usize) -> Vec<(usize, f32)> {
@@ -112,20 +107,11 @@ fn cubic_taps(x: f64, n: usize) -> Vec<(usize, f32)> {
             push(i, wk);
         }
     }
-    acc.into_iter()
-        .filter(|(_, w)| *w != 0.0)
-        .map(|(i, w)| (i, w as f32))
-        .collect()
+    acc.into_iter().filter(|(_, w)| *w != 0.0).map(|(i, w)| (i, w as f32)).collect()
 }
 
 /// Resamples one axis of a standard-layout [z, y, x] buffer.
-fn resample_axis(
-    src: &[f32],
-    shape: [usize; 3],
-    axis: usize,
-    n_out: usize,
-    interp: Interp,
-) -> Vec<f32> {
+fn resample_axis(src: &[f32], shape: [usize; 3], axis: usize, n_out: usize, interp: Interp) -> Vec<f32> {
     let n_in = shape[axis];
     if n_in == n_out {
         return src.to_vec();
@@ -160,16 +146,9 @@ pub fn resample(
 ) -> Array3<f32> {
     let mut shape = [data.dim().0, data.dim().1, data.dim().2];
     let mut buf: Vec<f32> = data.iter().cloned().collect();
-    let order: Vec<usize> = (0..3)
-        .filter(|&a| Some(a) != separate_axis)
-        .chain(separate_axis)
-        .collect();
+    let order: Vec<usize> = (0..3).filter(|&a| Some(a) != separate_axis).chain(separate_axis).collect();
     for axis in order {
-        let kernel = if Some(axis) == separate_axis {
-            Interp::Nearest
-        } else {
-            interp
-        };
+        let kernel = if Some(axis) == separate_axis { Interp::Nearest } else { interp };
         buf = resample_axis(&buf, shape, axis, new_shape[axis], kernel);
         shape[axis] = new_shape[axis];
     }
@@ -179,12 +158,7 @@ pub fn resample(
 /// Resamples an image (cubic) from `from` spacing to `to` spacing with the anisotropy rule.
 pub fn resample_image(data: &Array3<f32>, from: [f64; 3], to: [f64; 3]) -> Array3<f32> {
     let shape = [data.dim().0, data.dim().1, data.dim().2];
-    resample(
-        data.view(),
-        target_shape(shape, from, to),
-        Interp::Cubic,
-        anisotropy_axis(from),
-    )
+    resample(data.view(), target_shape(shape, from, to), Interp::Cubic, anisotropy_axis(from))
 }
 
 /// Resamples a label map to `new_shape`; labels stay within the input's label set.
@@ -229,12 +203,7 @@ pub fn resample_labels_to_spacing(
     mode: LabelInterp,
 ) -> Array3<u16> {
     let shape = [labels.dim().0, labels.dim().1, labels.dim().2];
-    resample_labels(
-        labels,
-        target_shape(shape, from, to),
-        mode,
-        anisotropy_axis(from),
-    )
+    resample_labels(labels, target_shape(shape, from, to), mode, anisotropy_axis(from))
 }
 
 /// Resamples per-class probabilities [C, Z, Y, X] to `new_shape` (e.g. back to the original
@@ -248,12 +217,7 @@ pub fn resample_probabilities(
     let c = probs.dim().0;
     let mut out = Array4::<f32>::zeros((c, new_shape[0], new_shape[1], new_shape[2]));
     for ch in 0..c {
-        let r = resample(
-            probs.index_axis(ndarray::Axis(0), ch),
-            new_shape,
-            interp,
-            separate_axis,
-        );
+        let r = resample(probs.index_axis(ndarray::Axis(0), ch), new_shape, interp, separate_axis);
         out.index_axis_mut(ndarray::Axis(0), ch).assign(&r);
     }
     if interp == Interp::Cubic {

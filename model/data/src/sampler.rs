@@ -46,11 +46,7 @@ pub fn choose_start<R: Rng>(
     foreground: bool,
     rng: &mut R,
 ) -> ([i64; 3], Option<[usize; 3]>) {
-    let present: Vec<&Vec<[u32; 3]>> = case
-        .class_locations
-        .iter()
-        .filter(|l| !l.is_empty())
-        .collect();
+    let present: Vec<&Vec<[u32; 3]>> = case.class_locations.iter().filter(|l| !l.is_empty()).collect();
     let centre = if foreground && !present.is_empty() {
         let locs = present[rng.gen_range(0..present.len())];
         let v = locs[rng.gen_range(0..locs.len())];
@@ -70,12 +66,7 @@ pub fn choose_start<R: Rng>(
 
 /// Cuts the patch at `start`, normalizing the image; outside the case the image is 0 (the
 /// normalized mean, as nnU-Net pads) and the labels are background.
-pub fn cut(
-    case: &CaseView,
-    patch: [usize; 3],
-    start: [i64; 3],
-    norm: &Normalization,
-) -> (Vec<f32>, Vec<u16>) {
+pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &Normalization) -> (Vec<f32>, Vec<u16>) {
     let n = patch.iter().product();
     let mut image = vec![0.0f32; n];
     let mut labels = vec![0u16; n];
@@ -99,10 +90,7 @@ pub fn cut(
             let src = (z as usize * sy + y as usize) * sx;
             let dst = (pz * patch[1] + py) * patch[2] + px;
             let len = x1 - x0;
-            for (d, &h) in image[dst..dst + len]
-                .iter_mut()
-                .zip(&case.image[src + x0..src + x1])
-            {
+            for (d, &h) in image[dst..dst + len].iter_mut().zip(&case.image[src + x0..src + x1]) {
                 *d = norm.apply(h);
             }
             labels[dst..dst + len].copy_from_slice(&case.labels[src + x0..src + x1]);
@@ -122,10 +110,5 @@ pub fn sample_patch<R: Rng>(
     let foreground = rng.gen_bool(foreground_fraction.clamp(0.0, 1.0));
     let (start, centred_on) = choose_start(case, patch, foreground, rng);
     let (image, labels) = cut(case, patch, start, norm);
-    Patch {
-        image,
-        labels,
-        start,
-        centred_on,
-    }
+    Patch { image, labels, start, centred_on }
 }

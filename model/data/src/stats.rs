@@ -27,12 +27,8 @@ pub const HU_RANGE: (i32, i32) = (-2048, 8191);
 
 impl Normalization {
     /// The fixed statistics of the MultiTalent paper.
-    pub const PAPER: Normalization = Normalization {
-        clip_low: -927.0,
-        clip_high: 275.0,
-        mean: 63.436882,
-        std: 175.48094,
-    };
+    pub const PAPER: Normalization =
+        Normalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
 
     pub fn apply(&self, hu: f32) -> f32 {
         let clipped = (hu as f64).clamp(self.clip_low, self.clip_high);
@@ -76,21 +72,10 @@ impl HuHistogram {
     /// Histogram of `image` where `labels` is nonzero (the foreground of any class).
     pub fn from_foreground(image: &[f32], labels: &[u16]) -> Self {
         let mut h = HuHistogram::default();
-        let fg: Vec<f32> = image
-            .iter()
-            .zip(labels)
-            .filter(|(_, &l)| l != 0)
-            .map(|(&v, _)| v)
-            .collect();
+        let fg: Vec<f32> = image.iter().zip(labels).filter(|(_, &l)| l != 0).map(|(&v, _)| v).collect();
         if let (Some(lo), Some(hi)) = (
-            fg.iter()
-                .filter(|v| !v.is_nan())
-                .map(|v| v.round() as i64)
-                .min(),
-            fg.iter()
-                .filter(|v| !v.is_nan())
-                .map(|v| v.round() as i64)
-                .max(),
+            fg.iter().filter(|v| !v.is_nan()).map(|v| v.round() as i64).min(),
+            fg.iter().filter(|v| !v.is_nan()).map(|v| v.round() as i64).max(),
         ) {
             // Pre-size once instead of growing bin by bin.
             let lo = lo.clamp(HU_RANGE.0 as i64, HU_RANGE.1 as i64) as i32;
@@ -110,11 +95,7 @@ impl HuHistogram {
         let Some(lo) = nonempty.iter().map(|h| h.min_hu).min() else {
             return HuHistogram::default();
         };
-        let hi = nonempty
-            .iter()
-            .map(|h| h.min_hu + h.counts.len() as i32 - 1)
-            .max()
-            .unwrap();
+        let hi = nonempty.iter().map(|h| h.min_hu + h.counts.len() as i32 - 1).max().unwrap();
         let mut counts = vec![0u64; (hi - lo + 1) as usize];
         for h in nonempty {
             let off = (h.min_hu - lo) as usize;
@@ -170,11 +151,6 @@ impl HuHistogram {
         }
         let mean = sum / n;
         let std = (sum2 / n - mean * mean).max(0.0).sqrt();
-        Some(Normalization {
-            clip_low,
-            clip_high,
-            mean,
-            std,
-        })
+        Some(Normalization { clip_low, clip_high, mean, std })
     }
 }

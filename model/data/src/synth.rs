@@ -59,15 +59,11 @@ impl SiteKind {
 
     /// Label names by value (dataset.json) and the site's classes.
     pub fn labels(self) -> (Vec<(&'static str, u32)>, Vec<ClassRegion>) {
-        let class = |name: &str, labels: &[u32]| ClassRegion {
-            name: name.to_string(),
-            labels: labels.to_vec(),
-        };
+        let class = |name: &str, labels: &[u32]| ClassRegion { name: name.to_string(), labels: labels.to_vec() };
         match self {
-            SiteKind::Liver | SiteKind::LiverNoVessels | SiteKind::LiverWide => (
-                vec![("liver", 1), ("liver_tumour", 2)],
-                vec![class("liver", &[1, 2]), class("liver_tumour", &[2])],
-            ),
+            SiteKind::Liver | SiteKind::LiverNoVessels | SiteKind::LiverWide => {
+                (vec![("liver", 1), ("liver_tumour", 2)], vec![class("liver", &[1, 2]), class("liver_tumour", &[2])])
+            }
             SiteKind::Pancreas => (
                 vec![("pancreas", 1), ("pancreas_tumour", 2)],
                 vec![class("pancreas", &[1, 2]), class("pancreas_tumour", &[2])],
@@ -78,12 +74,7 @@ impl SiteKind {
             ),
             SiteKind::MultiOrgan => (
                 vec![("liver", 1), ("spleen", 2), ("kidneys", 3), ("pancreas", 4)],
-                vec![
-                    class("liver", &[1]),
-                    class("spleen", &[2]),
-                    class("kidneys", &[3]),
-                    class("pancreas", &[4]),
-                ],
+                vec![class("liver", &[1]), class("spleen", &[2]), class("kidneys", &[3]), class("pancreas", &[4])],
             ),
         }
     }
@@ -150,16 +141,8 @@ impl Blob {
     fn random<R: Rng>(rng: &mut R, centre: [f64; 3], radii: [f64; 3], jitter: f64) -> Blob {
         let mut j = |v: f64, s: f64| v + rng.gen_range(-s..=s);
         Blob {
-            centre: [
-                j(centre[0], jitter),
-                j(centre[1], jitter),
-                j(centre[2], jitter),
-            ],
-            radii: [
-                j(radii[0], radii[0] * 0.2),
-                j(radii[1], radii[1] * 0.2),
-                j(radii[2], radii[2] * 0.2),
-            ],
+            centre: [j(centre[0], jitter), j(centre[1], jitter), j(centre[2], jitter)],
+            radii: [j(radii[0], radii[0] * 0.2), j(radii[1], radii[1] * 0.2), j(radii[2], radii[2] * 0.2)],
             angle: j(0.0, 0.35),
             wobble: [j(0.0, 0.12), j(0.0, 0.12), j(0.0, std::f64::consts::PI)],
         }
@@ -171,10 +154,7 @@ impl Blob {
         let (dx, dy) = (p[0] - self.centre[0], p[1] - self.centre[1]);
         let (rx, ry) = (c * dx + s * dy, -s * dx + c * dy);
         let dz = p[2] - self.centre[2];
-        let r = ((rx / self.radii[0]).powi(2)
-            + (ry / self.radii[1]).powi(2)
-            + (dz / self.radii[2]).powi(2))
-        .sqrt();
+        let r = ((rx / self.radii[0]).powi(2) + (ry / self.radii[1]).powi(2) + (dz / self.radii[2]).powi(2)).sqrt();
         let theta = ry.atan2(rx);
         r * (1.0
             + self.wobble[0] * (2.0 * theta + self.wobble[2]).sin()
@@ -198,9 +178,8 @@ impl Tube {
     fn contains(&self, p: [f64; 3]) -> bool {
         let ab: [f64; 3] = std::array::from_fn(|i| self.b[i] - self.a[i]);
         let ap: [f64; 3] = std::array::from_fn(|i| p[i] - self.a[i]);
-        let t = (ab.iter().zip(&ap).map(|(x, y)| x * y).sum::<f64>()
-            / ab.iter().map(|x| x * x).sum::<f64>())
-        .clamp(0.0, 1.0);
+        let t = (ab.iter().zip(&ap).map(|(x, y)| x * y).sum::<f64>() / ab.iter().map(|x| x * x).sum::<f64>())
+            .clamp(0.0, 1.0);
         let d2: f64 = (0..3).map(|i| (ap[i] - t * ab[i]).powi(2)).sum();
         d2 < self.r * self.r
     }
@@ -227,14 +206,8 @@ struct Anatomy {
 
 fn sphere_in<R: Rng>(rng: &mut R, organ: &Blob, rmin: f64, rmax: f64) -> Blob {
     let r = rng.gen_range(rmin..rmax);
-    let c: [f64; 3] =
-        std::array::from_fn(|i| organ.centre[i] + rng.gen_range(-0.35..0.35) * organ.radii[i]);
-    Blob {
-        centre: c,
-        radii: [r, r, r * 1.3],
-        angle: 0.0,
-        wobble: [0.0; 3],
-    }
+    let c: [f64; 3] = std::array::from_fn(|i| organ.centre[i] + rng.gen_range(-0.35..0.35) * organ.radii[i]);
+    Blob { centre: c, radii: [r, r, r * 1.3], angle: 0.0, wobble: [0.0; 3] }
 }
 
 impl Anatomy {
@@ -243,59 +216,36 @@ impl Anatomy {
         let vessels = (0..rng.gen_range(2..5))
             .map(|_| {
                 let a = liver.centre;
-                let b: [f64; 3] =
-                    std::array::from_fn(|i| a[i] + rng.gen_range(-0.9..0.9) * liver.radii[i]);
-                Tube {
-                    a,
-                    b,
-                    r: rng.gen_range(0.02..0.035),
-                }
+                let b: [f64; 3] = std::array::from_fn(|i| a[i] + rng.gen_range(-0.9..0.9) * liver.radii[i]);
+                Tube { a, b, r: rng.gen_range(0.02..0.035) }
             })
             .collect();
-        let liver_tumours = (0..rng.gen_range(1..3))
-            .map(|_| sphere_in(rng, &liver, 0.05, 0.11))
-            .collect();
+        let liver_tumours = (0..rng.gen_range(1..3)).map(|_| sphere_in(rng, &liver, 0.05, 0.11)).collect();
         let kidneys = [
             Blob::random(rng, [-0.32, 0.3, 0.2], [0.1, 0.12, 0.2], 0.03),
             Blob::random(rng, [0.32, 0.3, 0.2], [0.1, 0.12, 0.2], 0.03),
         ];
         let k = rng.gen_range(0..2);
-        let kidney_tumours = (0..rng.gen_range(0..2))
-            .map(|_| sphere_in(rng, &kidneys[k], 0.04, 0.07))
-            .collect();
+        let kidney_tumours = (0..rng.gen_range(0..2)).map(|_| sphere_in(rng, &kidneys[k], 0.04, 0.07)).collect();
         let pancreas = Blob::random(rng, [0.05, 0.12, 0.05], [0.3, 0.07, 0.1], 0.03);
-        let pancreas_tumours = (0..rng.gen_range(0..2))
-            .map(|_| sphere_in(rng, &pancreas, 0.035, 0.06))
-            .collect();
+        let pancreas_tumours = (0..rng.gen_range(0..2)).map(|_| sphere_in(rng, &pancreas, 0.035, 0.06)).collect();
         let gas = (0..rng.gen_range(2..6))
             .map(|_| {
-                let c = [
-                    rng.gen_range(-0.4..0.4),
-                    rng.gen_range(-0.45..-0.1),
-                    rng.gen_range(-0.2..0.9),
-                ];
+                let c = [rng.gen_range(-0.4..0.4), rng.gen_range(-0.45..-0.1), rng.gen_range(-0.2..0.9)];
                 Blob::random(rng, c, [0.06, 0.05, 0.08], 0.0)
             })
             .collect();
         let texture = (0..4)
             .map(|_| {
                 let k: [f64; 3] = std::array::from_fn(|_| rng.gen_range(-9.0..9.0));
-                (
-                    k,
-                    rng.gen_range(0.0..std::f64::consts::TAU),
-                    rng.gen_range(3.0..8.0),
-                )
+                (k, rng.gen_range(0.0..std::f64::consts::TAU), rng.gen_range(3.0..8.0))
             })
             .collect();
         Anatomy {
             body: [rng.gen_range(0.8..0.93), rng.gen_range(0.6..0.75)],
             fat: rng.gen_range(0.04..0.1),
             muscle: rng.gen_range(0.03..0.06),
-            spine: [
-                rng.gen_range(-0.03..0.03),
-                rng.gen_range(0.45..0.52),
-                rng.gen_range(0.1..0.14),
-            ],
+            spine: [rng.gen_range(-0.03..0.03), rng.gen_range(0.45..0.52), rng.gen_range(0.1..0.14)],
             lung_top: rng.gen_range(-0.75..-0.45),
             spleen: Blob::random(rng, [0.45, 0.1, -0.15], [0.12, 0.15, 0.2], 0.03),
             liver,
@@ -311,18 +261,14 @@ impl Anatomy {
     }
 
     fn texture(&self, p: [f64; 3]) -> f64 {
-        self.texture
-            .iter()
-            .map(|(k, ph, a)| a * (k[0] * p[0] + k[1] * p[1] + k[2] * p[2] + ph).sin())
-            .sum()
+        self.texture.iter().map(|(k, ph, a)| a * (k[0] * p[0] + k[1] * p[1] + k[2] * p[2] + ph).sin()).sum()
     }
 
     /// HU (before noise) and structure at p = (x, y, z) in normalized coordinates.
     fn voxel(&self, p: [f64; 3]) -> (f64, Structure) {
         let [x, y, z] = p;
         let waist = 1.0 + 0.04 * (z * 2.5).sin();
-        let body_r =
-            ((x / (self.body[0] * waist)).powi(2) + (y / (self.body[1] * waist)).powi(2)).sqrt();
+        let body_r = ((x / (self.body[0] * waist)).powi(2) + (y / (self.body[1] * waist)).powi(2)).sqrt();
         if body_r >= 1.0 {
             return (-1000.0, Structure::None);
         }
@@ -338,14 +284,7 @@ impl Anatomy {
         }
         let spine_d = ((x - self.spine[0]).powi(2) + (y - self.spine[1]).powi(2)).sqrt();
         if spine_d < self.spine[2] {
-            return (
-                if spine_d > self.spine[2] * 0.8 {
-                    900.0
-                } else {
-                    250.0
-                },
-                Structure::None,
-            );
+            return (if spine_d > self.spine[2] * 0.8 { 900.0 } else { 250.0 }, Structure::None);
         }
         if z < self.lung_top && y < 0.35 && x.abs() > 0.12 && body_r < 0.8 {
             return (-850.0, Structure::None);
@@ -362,31 +301,15 @@ impl Anatomy {
         };
         let in_liver = self.liver.contains(p);
         paint(in_liver, 60.0, Structure::Liver);
-        paint(
-            in_liver && self.vessels.iter().any(|v| v.contains(p)),
-            160.0,
-            Structure::LiverVessel,
-        );
-        paint(
-            in_liver && self.liver_tumours.iter().any(|t| t.contains(p)),
-            20.0,
-            Structure::LiverTumour,
-        );
+        paint(in_liver && self.vessels.iter().any(|v| v.contains(p)), 160.0, Structure::LiverVessel);
+        paint(in_liver && self.liver_tumours.iter().any(|t| t.contains(p)), 20.0, Structure::LiverTumour);
         paint(self.spleen.contains(p), 45.0, Structure::Spleen);
         let in_kidney = self.kidneys.iter().any(|k| k.contains(p));
         paint(in_kidney, 150.0, Structure::Kidney);
-        paint(
-            in_kidney && self.kidney_tumours.iter().any(|t| t.contains(p)),
-            70.0,
-            Structure::KidneyTumour,
-        );
+        paint(in_kidney && self.kidney_tumours.iter().any(|t| t.contains(p)), 70.0, Structure::KidneyTumour);
         let in_pancreas = self.pancreas.contains(p);
         paint(in_pancreas, 40.0, Structure::Pancreas);
-        paint(
-            in_pancreas && self.pancreas_tumours.iter().any(|t| t.contains(p)),
-            5.0,
-            Structure::PancreasTumour,
-        );
+        paint(in_pancreas && self.pancreas_tumours.iter().any(|t| t.contains(p)), 5.0, Structure::PancreasTumour);
         (hu, s)
     }
 }
@@ -432,47 +355,25 @@ pub fn encode_labels(kind: SiteKind, structures: &Array3<u8>) -> Array3<u8> {
     let is = |v: u8, s: &[S]| s.iter().any(|&t| t as u8 == v);
     let liver_all = [S::Liver, S::LiverVessel, S::LiverTumour];
     match kind {
-        SiteKind::Liver => structures.mapv(|v| {
-            if is(v, &[S::LiverTumour]) {
-                2
-            } else {
-                is(v, &liver_all) as u8
-            }
-        }),
-        SiteKind::LiverNoVessels => structures.mapv(|v| {
-            if is(v, &[S::LiverTumour]) {
-                2
-            } else {
-                is(v, &[S::Liver]) as u8
-            }
-        }),
+        SiteKind::Liver => structures.mapv(|v| if is(v, &[S::LiverTumour]) { 2 } else { is(v, &liver_all) as u8 }),
+        SiteKind::LiverNoVessels => {
+            structures.mapv(|v| if is(v, &[S::LiverTumour]) { 2 } else { is(v, &[S::Liver]) as u8 })
+        }
         SiteKind::LiverWide => {
             let liver = structures.mapv(|v| is(v, &liver_all));
             let wide = dilate_in_plane(&liver, 2);
             let mut out = wide.mapv(|b| b as u8);
-            ndarray::Zip::from(&mut out)
-                .and(structures)
-                .for_each(|o, &v| {
-                    if is(v, &[S::LiverTumour]) {
-                        *o = 2;
-                    }
-                });
+            ndarray::Zip::from(&mut out).and(structures).for_each(|o, &v| {
+                if is(v, &[S::LiverTumour]) {
+                    *o = 2;
+                }
+            });
             out
         }
-        SiteKind::Pancreas => structures.mapv(|v| {
-            if is(v, &[S::PancreasTumour]) {
-                2
-            } else {
-                is(v, &[S::Pancreas]) as u8
-            }
-        }),
-        SiteKind::Kidney => structures.mapv(|v| {
-            if is(v, &[S::KidneyTumour]) {
-                2
-            } else {
-                is(v, &[S::Kidney]) as u8
-            }
-        }),
+        SiteKind::Pancreas => {
+            structures.mapv(|v| if is(v, &[S::PancreasTumour]) { 2 } else { is(v, &[S::Pancreas]) as u8 })
+        }
+        SiteKind::Kidney => structures.mapv(|v| if is(v, &[S::KidneyTumour]) { 2 } else { is(v, &[S::Kidney]) as u8 }),
         SiteKind::MultiOrgan => structures.mapv(|v| {
             if is(v, &liver_all) {
                 1
@@ -511,25 +412,12 @@ pub fn phantom_case(seed: u64, stream: &str, index: usize, shape: [usize; 3]) ->
     let anatomy = Anatomy::random(&mut rng);
     let sxy = rng.gen_range(0.7..0.8);
     let sz = rng.gen_range(1.0..5.0);
-    let origin = [
-        rng.gen_range(-200.0..-150.0),
-        rng.gen_range(-200.0..-150.0),
-        rng.gen_range(-400.0..0.0),
-    ];
+    let origin = [rng.gen_range(-200.0..-150.0), rng.gen_range(-200.0..-150.0), rng.gen_range(-400.0..0.0)];
     // x and y axes flipped, as typical for CT stored in LPS and viewed in RAS.
-    let affine = [
-        [-sxy, 0.0, 0.0, -origin[0]],
-        [0.0, -sxy, 0.0, -origin[1]],
-        [0.0, 0.0, sz, origin[2]],
-        [0.0, 0.0, 0.0, 1.0],
-    ];
+    let affine =
+        [[-sxy, 0.0, 0.0, -origin[0]], [0.0, -sxy, 0.0, -origin[1]], [0.0, 0.0, sz, origin[2]], [0.0, 0.0, 0.0, 1.0]];
     let (image, structures) = render(&anatomy, shape, &mut rng);
-    PhantomCase {
-        image,
-        structures,
-        header: SpatialHeader::from_affine(&affine),
-        spacing: [sz, sxy, sxy],
-    }
+    PhantomCase { image, structures, header: SpatialHeader::from_affine(&affine), spacing: [sz, sxy, sxy] }
 }
 
 fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
@@ -553,38 +441,25 @@ fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
 
 /// Writes one nnU-Net v2 folder per site, plus `test/` with a held-out case (the same image for
 /// every site) and its ground truth per site.
-pub fn generate_sites(
-    out_dir: impl AsRef<Path>,
-    opts: &SynthOptions,
-) -> Result<Vec<GeneratedSite>> {
+pub fn generate_sites(out_dir: impl AsRef<Path>, opts: &SynthOptions) -> Result<Vec<GeneratedSite>> {
     let out_dir = out_dir.as_ref();
     let test_dir = out_dir.join("test");
-    std::fs::create_dir_all(&test_dir)
-        .with_context(|| format!("{}: cannot create", test_dir.display()))?;
+    std::fs::create_dir_all(&test_dir).with_context(|| format!("{}: cannot create", test_dir.display()))?;
     let test = phantom_case(opts.seed, "test", 0, opts.shape);
     let test_image = test_dir.join("test_000_0000.nii.gz");
     write_i16_nifti(&test_image, &test.image, &test.header)?;
-    write_mask_nifti(
-        test_dir.join("test_000_structures.nii.gz"),
-        &test.structures,
-        &test.header,
-    )?;
+    write_mask_nifti(test_dir.join("test_000_structures.nii.gz"), &test.structures, &test.header)?;
     let mut sites = Vec::new();
     for (k, &kind) in opts.sites.iter().enumerate() {
         let dir = out_dir.join(format!("Dataset{:03}_{}", k + 1, kind.name()));
         for sub in ["imagesTr", "labelsTr"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("{}: cannot create", dir.display()))?;
+            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("{}: cannot create", dir.display()))?;
         }
         for i in 0..opts.cases_per_site {
             // The stream includes the site's position so that two sites never share patients.
             let case = phantom_case(opts.seed, &format!("{}-{k}", kind.name()), i, opts.shape);
             let id = format!("{}_{i:03}", kind.name());
-            write_i16_nifti(
-                dir.join("imagesTr").join(format!("{id}_0000.nii.gz")),
-                &case.image,
-                &case.header,
-            )?;
+            write_i16_nifti(dir.join("imagesTr").join(format!("{id}_0000.nii.gz")), &case.image, &case.header)?;
             write_mask_nifti(
                 dir.join("labelsTr").join(format!("{id}.nii.gz")),
                 &encode_labels(kind, &case.structures),
@@ -593,11 +468,7 @@ pub fn generate_sites(
         }
         write_dataset_json(&dir, kind, opts.cases_per_site)?;
         let test_label = test_dir.join(format!("test_000_{}.nii.gz", kind.name()));
-        write_mask_nifti(
-            &test_label,
-            &encode_labels(kind, &test.structures),
-            &test.header,
-        )?;
+        write_mask_nifti(&test_label, &encode_labels(kind, &test.structures), &test.header)?;
         sites.push(GeneratedSite {
             name: kind.name().to_string(),
             dataset_dir: dir,
@@ -605,11 +476,7 @@ pub fn generate_sites(
             test_image: test_image.clone(),
             test_label,
         });
-        tracing::info!(
-            site = kind.name(),
-            cases = opts.cases_per_site,
-            "phantom site written"
-        );
+        tracing::info!(site = kind.name(), cases = opts.cases_per_site, "phantom site written");
     }
     Ok(sites)
 }

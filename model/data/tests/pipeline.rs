@@ -30,10 +30,7 @@ fn config_for(site: &GeneratedSite, cache: &Path) -> SiteDataConfig {
 fn file_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for entry in walk(dir) {
-        out.push((
-            entry.strip_prefix(dir).unwrap().display().to_string(),
-            std::fs::read(&entry).unwrap(),
-        ));
+        out.push((entry.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&entry).unwrap()));
     }
     out.sort();
     out
@@ -54,37 +51,18 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn phantoms_are_deterministic_per_seed_and_vary_per_case() {
-    let (a, b, c) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     small_sites(a.path(), 11);
     small_sites(b.path(), 11);
     small_sites(c.path(), 12);
-    let (fa, fb, fc) = (
-        file_bytes(a.path()),
-        file_bytes(b.path()),
-        file_bytes(c.path()),
-    );
+    let (fa, fb, fc) = (file_bytes(a.path()), file_bytes(b.path()), file_bytes(c.path()));
     assert_eq!(fa, fb, "same seed, same files");
     assert_ne!(fa, fc, "another seed, other files");
-    let liver0 = read_nifti(
-        a.path()
-            .join("Dataset001_liver/imagesTr/liver_000_0000.nii.gz"),
-    )
-    .unwrap();
-    let liver1 = read_nifti(
-        a.path()
-            .join("Dataset001_liver/imagesTr/liver_001_0000.nii.gz"),
-    )
-    .unwrap();
+    let liver0 = read_nifti(a.path().join("Dataset001_liver/imagesTr/liver_000_0000.nii.gz")).unwrap();
+    let liver1 = read_nifti(a.path().join("Dataset001_liver/imagesTr/liver_001_0000.nii.gz")).unwrap();
     assert_ne!(liver0.data, liver1.data);
     assert!(
-        liver0.spacing[0] >= 1.0
-            && liver0.spacing[0] <= 5.0
-            && liver0.spacing[1] >= 0.7
-            && liver0.spacing[1] <= 0.8
+        liver0.spacing[0] >= 1.0 && liver0.spacing[0] <= 5.0 && liver0.spacing[1] >= 0.7 && liver0.spacing[1] <= 0.8
     );
     // CT-like: air, fat, soft tissue and bone are all present.
     let has = |lo: f32, hi: f32| liver0.data.iter().any(|&v| v >= lo && v <= hi);
@@ -99,27 +77,14 @@ fn sites_annotate_their_own_protocols() {
     let liver = read(&sites[0].test_label);
     let multi = read(&sites[1].test_label);
     let wide = read(&sites[2].test_label);
-    let count =
-        |a: &ndarray::Array3<u16>, f: &dyn Fn(u16) -> bool| a.iter().filter(|&&v| f(v)).count();
-    assert_eq!(
-        count(&liver, &|v| v != 0),
-        count(&multi, &|v| v == 1),
-        "same liver extent"
-    );
-    assert!(
-        count(&wide, &|v| v != 0) > count(&liver, &|v| v != 0),
-        "the wide protocol draws more"
-    );
+    let count = |a: &ndarray::Array3<u16>, f: &dyn Fn(u16) -> bool| a.iter().filter(|&&v| f(v)).count();
+    assert_eq!(count(&liver, &|v| v != 0), count(&multi, &|v| v == 1), "same liver extent");
+    assert!(count(&wide, &|v| v != 0) > count(&liver, &|v| v != 0), "the wide protocol draws more");
     let labels: BTreeSet<u16> = multi.iter().cloned().collect();
     assert!(labels.is_subset(&BTreeSet::from([0, 1, 2, 3, 4])));
-    assert!(
-        labels.len() >= 4,
-        "multi-organ test case shows its organs: {labels:?}"
-    );
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(sites[0].dataset_dir.join("dataset.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(labels.len() >= 4, "multi-organ test case shows its organs: {labels:?}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sites[0].dataset_dir.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(json["channel_names"]["0"], "CT");
     assert_eq!(json["numTraining"], 3);
     assert_eq!(json["file_ending"], ".nii.gz");
@@ -155,10 +120,7 @@ fn check_lists_every_problem_with_file_names() {
     nifti_io::write_f32_nifti(&img2, &im.data, &im.header).unwrap();
     // 5: a class using an undeclared label
     let mut bad_cfg = cfg.clone();
-    bad_cfg.classes.push(ClassRegion {
-        name: "ghost".into(),
-        labels: vec![9],
-    });
+    bad_cfg.classes.push(ClassRegion { name: "ghost".into(), labels: vec![9] });
 
     let report = check(&bad_cfg);
     let text = report.to_string();
@@ -186,17 +148,12 @@ fn msd_layout_and_deterministic_split() {
     let mut training = Vec::new();
     for i in 0..3 {
         let id = format!("liver_{i:03}");
-        std::fs::copy(
-            v2.join(format!("imagesTr/{id}_0000.nii.gz")),
-            msd.join(format!("imagesTr/{id}.nii.gz")),
-        )
-        .unwrap();
-        std::fs::copy(
-            v2.join(format!("labelsTr/{id}.nii.gz")),
-            msd.join(format!("labelsTr/{id}.nii.gz")),
-        )
-        .unwrap();
-        training.push(serde_json::json!({"image": format!("./imagesTr/{id}.nii.gz"), "label": format!("./labelsTr/{id}.nii.gz")}));
+        std::fs::copy(v2.join(format!("imagesTr/{id}_0000.nii.gz")), msd.join(format!("imagesTr/{id}.nii.gz")))
+            .unwrap();
+        std::fs::copy(v2.join(format!("labelsTr/{id}.nii.gz")), msd.join(format!("labelsTr/{id}.nii.gz"))).unwrap();
+        training.push(
+            serde_json::json!({"image": format!("./imagesTr/{id}.nii.gz"), "label": format!("./labelsTr/{id}.nii.gz")}),
+        );
     }
     let json = serde_json::json!({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"}, "training": training});
     std::fs::write(msd.join("dataset.json"), json.to_string()).unwrap();
@@ -238,10 +195,7 @@ fn preprocessing_cache_is_reused_and_invalidated() {
     let a = preprocess_case(case, &opts, &cache).unwrap();
     let src = read_nifti(&case.image).unwrap();
     // 16 slices at 1-5 mm to 3 mm, 32 at ~0.75 mm to 1.5 mm.
-    assert_eq!(
-        a.meta.shape,
-        resample::target_shape(a.meta.original_shape, src.spacing, [3.0, 1.5, 1.5])
-    );
+    assert_eq!(a.meta.shape, resample::target_shape(a.meta.original_shape, src.spacing, [3.0, 1.5, 1.5]));
     assert_eq!(a.meta.class_locations.len(), 2);
     assert!(!a.meta.class_locations[0].is_empty());
     assert!(a.meta.histogram.total() > 0);
@@ -250,11 +204,7 @@ fn preprocessing_cache_is_reused_and_invalidated() {
     let mtime = std::fs::metadata(&a.path).unwrap().modified().unwrap();
     let b = preprocess_case(case, &opts, &cache).unwrap();
     assert_eq!(a.path, b.path);
-    assert_eq!(
-        std::fs::metadata(&b.path).unwrap().modified().unwrap(),
-        mtime,
-        "cache reused"
-    );
+    assert_eq!(std::fs::metadata(&b.path).unwrap().modified().unwrap(), mtime, "cache reused");
     // A config change gives a new cache file and removes the stale one.
     let mut opts2 = opts.clone();
     opts2.target_spacing = [3.0, 2.0, 2.0];
@@ -275,10 +225,7 @@ fn preprocessing_cache_is_reused_and_invalidated() {
     assert!(format!("{:#}", failed[0].1).contains("liver_001_0000.nii.gz"));
     // The site histogram is the merge of its cases'.
     let h = preprocess::site_histogram(&ok);
-    assert_eq!(
-        h.total(),
-        ok.iter().map(|c| c.meta.histogram.total()).sum::<u64>()
-    );
+    assert_eq!(h.total(), ok.iter().map(|c| c.meta.histogram.total()).sum::<u64>());
     let stats = h.ct_stats().unwrap();
     assert!(stats.clip_low < stats.mean && stats.mean < stats.clip_high && stats.std > 0.0);
 }
@@ -346,10 +293,7 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
     assert_eq!(img.size(), shape.to_vec());
     assert_eq!(lab.size(), shape.to_vec());
     assert_eq!(lab.kind(), Kind::Int64);
-    let set: BTreeSet<i64> = Vec::<i64>::try_from(lab.flatten(0, -1))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let set: BTreeSet<i64> = Vec::<i64>::try_from(lab.flatten(0, -1)).unwrap().into_iter().collect();
     assert!(set.is_subset(&BTreeSet::from([0, 3, 6, 9])), "{set:?}");
     assert!(!img.equal(&image), "augmentation changed the image");
     assert!(img.isfinite().all().int64_value(&[]) == 1);
@@ -372,16 +316,10 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
     assert!(img.equal(&image.flip([2, 3, 4])) && lab.equal(&labels.flip([2, 3, 4])));
 
     // A rotation drawn from a zero range goes through the affine grid and must be the identity.
-    let mut rot = AugmentConfig {
-        p_rotation: 1.0,
-        ..mirror_only_zero()
-    };
+    let mut rot = AugmentConfig { p_rotation: 1.0, ..mirror_only_zero() };
     rot.max_rotation = 0.0;
     let (img, lab) = Augmenter::new(rot, 3).apply(&image, &labels);
-    assert!(
-        img.allclose(&image, 1e-4, 1e-4, false) && lab.equal(&labels),
-        "zero rotation is the identity"
-    );
+    assert!(img.allclose(&image, 1e-4, 1e-4, false) && lab.equal(&labels), "zero rotation is the identity");
 }
 
 fn mirror_only_zero() -> AugmentConfig {
@@ -404,24 +342,12 @@ fn mirror_only_zero() -> AugmentConfig {
 fn inference_images_map_back_to_the_original_geometry() {
     let dir = tempfile::tempdir().unwrap();
     let sites = small_sites(dir.path(), 6);
-    let inf =
-        load_for_inference(&sites[0].test_image, [3.0, 1.5, 1.5], &Normalization::PAPER).unwrap();
+    let inf = load_for_inference(&sites[0].test_image, [3.0, 1.5, 1.5], &Normalization::PAPER).unwrap();
     let src = read_nifti(&sites[0].test_image).unwrap();
-    assert_eq!(
-        inf.original_shape,
-        [src.data.dim().0, src.data.dim().1, src.data.dim().2]
-    );
+    assert_eq!(inf.original_shape, [src.data.dim().0, src.data.dim().1, src.data.dim().2]);
     let (z, y, x) = inf.image.dim();
     let probs = ndarray::Array4::from_elem((2, z, y, x), 0.75f32);
     let back = inf.probabilities_to_original(&probs, resample::Interp::Cubic);
-    assert_eq!(
-        back.dim(),
-        (
-            2,
-            inf.original_shape[0],
-            inf.original_shape[1],
-            inf.original_shape[2]
-        )
-    );
+    assert_eq!(back.dim(), (2, inf.original_shape[0], inf.original_shape[1], inf.original_shape[2]));
     assert!(back.iter().all(|&p| (p - 0.75).abs() < 1e-5 || p == 0.0));
 }

@@ -1,0 +1,109 @@
+//! Bad peers and bad updates are refused with a logged reason while the federation goes on:
+//! a certificate from another CA, a site not on the allowlist, and uploads with NaN, a wrong
+//! shape, another site's heads, or a stale round number.
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use fedtalent_tests::{binary, phantom_site, run_ok, wait_child, Children, LocalFederation, Plan};
+
+/// A site config for `name`, reusing the liver phantom's data, with its own key and certificate.
+fn impostor(fed: &LocalFederation, name: &str, cert_dir: &std::path::Path) -> std::path::PathBuf {
+    let dir = fed.dir.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let (dataset, classes) = phantom_site(&fed.dir.join("data"), "liver");
+    let text = format!(
+        "[site]\nname = {name:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = {:?}\nkey = {:?}\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n[data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\nclasses = [{classes}]\n",
+        fed.port,
+        cert_dir.join(format!("{name}.crt")).display().to_string(),
+        cert_dir.join(format!("{name}.key")).display().to_string(),
+        dataset.display().to_string(),
+    );
+    fs::write(dir.join("site.toml"), text).unwrap();
+    dir.join("site.toml")
+}
+
+#[test]
+fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Plan { rounds: 2, local_steps: 10, ..Plan::default() };
+    let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], plan);
+    // "intruder": certificate from another federation's CA. "stranger": our CA, not listed.
+    let other = dir.path().join("other");
+    run_ok(Command::new(binary("coordinator")).args(["init", "--dir"]).arg(&other).args(["--sites", "intruder"]));
+    run_ok(Command::new(binary("site-agent")).args(["keygen", "--site", "intruder", "--dir"]).arg(&other));
+    run_ok(
+        Command::new(binary("coordinator"))
+            .args(["sign", "--config"])
+            .arg(other.join("federation.toml"))
+            .arg("--csr")
+            .arg(other.join("intruder.csr")),
+    );
+    let ours = dir.path().join("stranger-pki");
+    fs::create_dir_all(&ours).unwrap();
+    run_ok(Command::new(binary("site-agent")).args(["keygen", "--site", "stranger", "--dir"]).arg(&ours));
+    run_ok(
+        Command::new(binary("coordinator"))
+            .args(["sign", "--config"])
+            .arg(fed.config_path())
+            .arg("--csr")
+            .arg(ours.join("stranger.csr")),
+    );
+
+    let mut procs =
+        Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);
+    for (name, certs) in [("intruder", &other), ("stranger", &ours)] {
+        let config = impostor(&fed, name, certs);
+        let out = Command::new(binary("site-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was let in:\n{stderr}");
+        assert!(stderr.contains("refused"), "{name}: no refusal reason:\n{stderr}");
+    }
+    let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
+    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
+    assert_eq!(fed.completed_rounds(), vec![1, 2]);
+    let log = fed.log("coordinator");
+    assert!(log.contains("stranger"), "the refusal of the unlisted site is not logged by name:\n{log}");
+    assert!(log.contains("handshake refused"), "no handshake refusal logged:\n{log}");
+}
+
+#[test]
+fn broken_updates_are_refused_and_rounds_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = ["liver", "pancreas", "multiorgan", "kidney", "liver_novessels", "liver_wide"];
+    let plan = Plan { rounds: 2, local_steps: 4, cases: 3, deadline_s: 45, ..Plan::default() };
+    let fed = LocalFederation::create(dir.path(), &sites, plan);
+    let faults = [
+        ("multiorgan", "nan"),
+        ("kidney", "shape"),
+        ("liver_novessels", "foreign-heads"),
+        ("liver_wide", "stale-round"),
+    ];
+    let mut procs =
+        Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);
+    for (site, fault) in faults {
+        procs.0.push(fed.spawn_site(site, &["--inject-fault", fault]));
+    }
+    let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
+    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
+    assert_eq!(fed.completed_rounds(), vec![1, 2]);
+    for round in [1, 2] {
+        let r = fed.round_record(round);
+        let sites: Vec<&str> =
+            r["contributions"].as_array().unwrap().iter().map(|c| c["site"].as_str().unwrap()).collect();
+        assert_eq!(sites, vec!["liver", "pancreas"], "round {round} took a broken update");
+    }
+    let log = fed.log("coordinator");
+    for (site, reason) in [
+        ("multiorgan", "NaN"),
+        ("kidney", "shape"),
+        ("liver_novessels", "owned by site"),
+        ("liver_wide", "not the open round"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("update refused") && l.contains(site) && l.contains(reason)),
+            "no refusal of {site}'s update mentioning {reason:?}:\n{log}"
+        );
+    }
+}
