@@ -117,7 +117,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Launch { config } => {
             let config = FederationConfig::load(&config)?;
             match admin_request(&config, AdminRequest::Launch { rounds: None })? {
-                Message::AdminReply(AdminReply::Done { message }) => Ok(println!("{message}")),
+                Message::AdminReply(AdminReply::Done { message }) => {
+                    println!("{message}");
+                    Ok(())
+                }
                 other => bail!("launch refused: {other:?}"),
             }
         }

@@ -52,10 +52,10 @@ fn main() -> Result<()> {
                 }
             }
             "--shape" => {
-                for a in 0..3 {
-                    shape[a] = args.get(i + 1 + a).context("--shape needs 3 values")?.parse()?;
+                for (a, s) in shape.iter_mut().enumerate() {
+                    *s = args.get(i + 1 + a).context("--shape needs 3 values")?.parse()?;
                 }
-                i += 2;
+                i += 4;
             }
             "--tta" => {
                 tta = true;

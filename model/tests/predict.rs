@@ -15,7 +15,6 @@ use ndarray::Array3;
 use tch::{Device, Kind, Tensor};
 
 const SHAPE: (usize, usize, usize) = (40, 100, 100);
-const SPACING: [f64; 3] = [2.0, 0.8, 0.8];
 
 fn affine() -> [[f64; 4]; 4] {
     // Flipped x and y (LPS-like), as CT usually is.

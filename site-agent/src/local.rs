@@ -193,7 +193,7 @@ impl LocalTrainer {
             let targets = BatchTargets::new(&[&self.regions], Device::Cpu)?.targets(&labels)?.squeeze_dim(0).gt(0.5);
             for c in 0..classes {
                 let (p, t) = (pred.get(c as i64), targets.get(c as i64));
-                tp[c] += (&p).logical_and(&t).sum(Kind::Float).double_value(&[]);
+                tp[c] += p.logical_and(&t).sum(Kind::Float).double_value(&[]);
                 sums[c] += p.sum(Kind::Float).double_value(&[]) + t.sum(Kind::Float).double_value(&[]);
             }
         }
