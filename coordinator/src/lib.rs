@@ -4,6 +4,7 @@ pub mod aggregate;
 pub mod config;
 pub mod pki;
 pub mod server;
+pub mod simulate;
 pub mod state;
 
 pub use config::FederationConfig;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use fedtalent_coordinator::config::{self, FederationConfig, ADMIN_IDENTITY};
 use fedtalent_coordinator::pki::{self, ClientPki};
 use fedtalent_coordinator::server::{self, Coordinator};
+use fedtalent_coordinator::simulate::{self, SimulateOptions};
 use fedtalent_coordinator::state::StateDir;
 use fedtalent_protocol::{AdminReply, AdminRequest, Message, StatusReport};
 
@@ -69,6 +70,34 @@ enum Command {
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
     },
+    /// Run a whole federation on this machine: phantom sites, PKI, this coordinator and one
+    /// site-agent process per site on loopback; exports the model to OUT/model.
+    Simulate {
+        #[arg(long)]
+        out: PathBuf,
+        /// Phantom sites: liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide.
+        #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
+        sites: Vec<String>,
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value_t = 100)]
+        local_steps: u32,
+        #[arg(long, default_value_t = 2)]
+        batch: u32,
+        /// Cases per site.
+        #[arg(long, default_value_t = 8)]
+        cases: usize,
+        /// Phantom volume shape z y x.
+        #[arg(long, num_args = 3, default_values_t = [48, 80, 80])]
+        shape: Vec<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Device of the site agents: auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Write the global model of the newest complete round (model.safetensors + model.json).
     Export {
         #[arg(long, default_value = "federation.toml")]
@@ -123,6 +152,25 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 other => bail!("launch refused: {other:?}"),
             }
+        }
+        Command::Simulate { out, sites, preset, rounds, local_steps, batch, cases, shape, seed, device } => {
+            let sites = sites.iter().map(|s| s.parse().context("--sites")).collect::<Result<Vec<_>>>()?;
+            let opts = SimulateOptions {
+                out,
+                sites,
+                preset,
+                rounds,
+                local_steps,
+                batch,
+                cases,
+                shape: [shape[0], shape[1], shape[2]],
+                seed,
+                device,
+            };
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let site_agent = exe.with_file_name("site-agent");
+            simulate::run(&opts, &site_agent)?;
+            Ok(())
         }
         Command::Export { config, out } => {
             let config = FederationConfig::load(&config)?;

@@ -61,7 +61,10 @@ fn set(net: &mut MultiTalentNet, name: &str, f: impl Fn(&Tensor)) {
 /// (γ 10, β −1) and the head (50) turn that into confident logits. Class 0 ("organ") is this
 /// detector; class 1 has a zero head: p = 0.5 everywhere, which p > 0.5 leaves empty.
 fn write_model(dir: &Path) {
-    let topology = Topology::preset("tiny").unwrap();
+    // A patch large enough that the object stays a small fraction of every tile, which the
+    // instance-norm threshold below relies on.
+    let mut topology = Topology::preset("tiny").unwrap();
+    topology.patch = [32, 64, 64];
     let mut net = MultiTalentNet::new(&topology, 2, Device::Cpu).unwrap();
     let names: Vec<String> = net.params().iter().map(|p| p.name.clone()).collect();
     for n in &names {

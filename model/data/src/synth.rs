@@ -45,6 +45,25 @@ pub enum SiteKind {
     LiverWide,
 }
 
+impl std::str::FromStr for SiteKind {
+    type Err = anyhow::Error;
+
+    /// A kind by its [`SiteKind::name`].
+    fn from_str(name: &str) -> Result<Self> {
+        const ALL: [SiteKind; 6] = [
+            SiteKind::Liver,
+            SiteKind::Pancreas,
+            SiteKind::MultiOrgan,
+            SiteKind::Kidney,
+            SiteKind::LiverNoVessels,
+            SiteKind::LiverWide,
+        ];
+        ALL.into_iter().find(|k| k.name() == name).with_context(|| {
+            format!("unknown phantom site {name:?} (liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide)")
+        })
+    }
+}
+
 impl SiteKind {
     pub fn name(self) -> &'static str {
         match self {

@@ -1,0 +1,168 @@
+//! `coordinator simulate`: a whole federation on one machine for researchers, through the same
+//! code a real one runs: phantom datasets per site, the federation PKI (each site's key made and
+//! signed as in production), the coordinator serving in this process over QUIC + mTLS on
+//! loopback, and one real `site-agent run` process per site.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+use fedtalent_data::{GeneratedSite, SiteKind, SynthOptions};
+use tracing::info;
+
+use crate::config::{self, FederationConfig};
+use crate::pki;
+use crate::server::{self, Coordinator};
+
+/// What `simulate` builds and runs.
+#[derive(Clone, Debug)]
+pub struct SimulateOptions {
+    pub out: PathBuf,
+    pub sites: Vec<SiteKind>,
+    pub preset: String,
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub batch: u32,
+    pub cases: usize,
+    pub shape: [usize; 3],
+    pub seed: u64,
+    /// Device of the site agents (auto | cpu | cuda | cuda:N).
+    pub device: String,
+}
+
+/// Runs the federation to its last round and exports the model to `<out>/model`.
+pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
+    ensure!(!opts.sites.is_empty(), "--sites: at least one site");
+    ensure!(site_agent.exists(), "{} not found (build the workspace binaries)", site_agent.display());
+    ensure!(!opts.out.join("coordinator").exists(), "{} already holds a federation", opts.out.display());
+    let synth =
+        SynthOptions { seed: opts.seed, cases_per_site: opts.cases, shape: opts.shape, sites: opts.sites.clone() };
+    let generated = fedtalent_data::generate_sites(opts.out.join("data"), &synth)?;
+    let names: Vec<String> = generated.iter().map(|s| s.name.clone()).collect();
+    let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let coord_dir = opts.out.join("coordinator");
+    pki::init(&coord_dir.join("pki"), "simulation", &["localhost".into(), "127.0.0.1".into()], 30)?;
+    let config_path = coord_dir.join("federation.toml");
+    std::fs::write(&config_path, federation_toml(opts, listen, &names))
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let config = FederationConfig::load(&config_path)?;
+    let topology = fedtalent_model::Topology::preset(&opts.preset)?;
+    for site in &generated {
+        prepare_site(&opts.out, &coord_dir, site, listen, &opts.device, topology.spacing)?;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut agents = Agents(Vec::new());
+    let result = runtime.block_on(async {
+        let coordinator = Coordinator::open(config.clone())?;
+        let pki_dir = &config.federation.pki_dir;
+        let read = |f: &str| std::fs::read_to_string(pki_dir.join(f)).with_context(|| format!("reading {f}"));
+        let server_config = fedtalent_certs::server_config(
+            &read(fedtalent_certs::CA_CERT_FILE)?,
+            &read(pki::COORDINATOR_CERT)?,
+            &read(pki::COORDINATOR_KEY)?,
+            coordinator.allowlist.clone(),
+        )?;
+        let serving = tokio::spawn(coordinator.serve(server_config));
+        for site in &names {
+            agents.0.push((site.clone(), spawn_agent(site_agent, &opts.out.join(site))?));
+        }
+        info!(
+            sites = names.len(),
+            rounds = opts.rounds,
+            "simulated federation running (logs in {})",
+            opts.out.display()
+        );
+        serving.await.context("coordinator task")?
+    });
+    result?;
+    agents.wait()?;
+    let model_dir = opts.out.join("model");
+    println!("{}", server::export_from_state(&config, &model_dir)?);
+    Ok(model_dir)
+}
+
+/// The simulation's federation.toml: the `init` template with the simulation's plan.
+fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String]) -> String {
+    let mut text = String::new();
+    for line in config::template("simulation", listen, sites).lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        let replaced = match key {
+            "preset" => format!("preset = {:?}", opts.preset),
+            "rounds" => format!("rounds = {}", opts.rounds),
+            "local_steps" => format!("local_steps = {}", opts.local_steps),
+            "batch" => format!("batch = {}", opts.batch),
+            "eval_every" => "eval_every = 1".into(),
+            "round_deadline_s" => "round_deadline_s = 3600".into(),
+            "exit_when_done" => "exit_when_done = true".into(),
+            _ => line.to_string(),
+        };
+        let _ = writeln!(text, "{replaced}");
+    }
+    text
+}
+
+/// Key, certificate (signed by the simulation's CA) and site.toml of one phantom site.
+fn prepare_site(
+    out: &Path,
+    coord_dir: &Path,
+    site: &GeneratedSite,
+    listen: SocketAddr,
+    device: &str,
+    spacing: [f64; 3],
+) -> Result<()> {
+    let dir = out.join(&site.name);
+    let (_, csr) = fedtalent_certs::write_keygen(&dir, &site.name)?;
+    pki::sign(&coord_dir.join("pki"), &csr, &dir.join(format!("{}.crt", site.name)), 30)?;
+    let classes: Vec<String> =
+        site.classes.iter().map(|c| format!("{{ name = {:?}, labels = {:?} }}", c.name, c.labels)).collect();
+    let ca = coord_dir.join("pki").join(fedtalent_certs::CA_CERT_FILE);
+    let text = format!(
+        "[site]\nname = {name:?}\ncoordinator = \"{listen}\"\nserver_name = \"localhost\"\nca = {ca:?}\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n\
+         state_dir = \"state\"\ndevice = {device:?}\nthreads = 1\n\n[data]\ndataset_dir = {dataset:?}\ncache_dir = \"cache\"\nval_cases = 2\n\
+         target_spacing = {spacing:?}\nclasses = [{classes}]\n",
+        name = site.name,
+        ca = ca.display().to_string(),
+        dataset = site.dataset_dir.display().to_string(),
+        classes = classes.join(", "),
+    );
+    std::fs::write(dir.join("site.toml"), text).with_context(|| format!("writing {}/site.toml", dir.display()))
+}
+
+fn spawn_agent(site_agent: &Path, dir: &Path) -> Result<Child> {
+    let log = std::fs::File::create(dir.join("site-agent.log"))?;
+    Command::new(site_agent)
+        .args(["run", "--config"])
+        .arg(dir.join("site.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", site_agent.display()))
+}
+
+/// The site-agent processes; killed if the simulation fails, so none outlives it.
+struct Agents(Vec<(String, Child)>);
+
+impl Agents {
+    fn wait(&mut self) -> Result<()> {
+        for (site, child) in &mut self.0 {
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("site agent {site} failed ({status}); see its site-agent.log");
+            }
+        }
+        self.0.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
