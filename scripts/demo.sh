@@ -27,6 +27,7 @@ echo "== federation: ${SITES[*]}; $ROUNDS rounds x $STEPS local steps (logs: $OU
 "$BIN/coordinator" simulate --out "$OUT" --sites "$(IFS=,; echo "${SITES[*]}")" --rounds "$ROUNDS" --local-steps "$STEPS" \
   2> >(grep --line-buffered -E "round aggregated|federation finished|error|refused" >&2)
 "$BIN/coordinator" status --config "$OUT/coordinator/federation.toml" 2>/dev/null
+"$BIN/coordinator" report --config "$OUT/coordinator/federation.toml"
 
 echo "== predict the held-out phantom: one mask per class of every site"
 "$BIN/site-agent" predict --model "$OUT/model" --input "$OUT/data/test/test_000_0000.nii.gz" --output "$OUT/masks" 2>/dev/null

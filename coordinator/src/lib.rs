@@ -3,6 +3,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod pki;
+pub mod report;
 pub mod server;
 pub mod simulate;
 pub mod state;

@@ -65,6 +65,11 @@ enum Command {
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
     },
+    /// Where each round's time went: local training vs overhead (transfers, evaluation, aggregation, checkpoint).
+    Report {
+        #[arg(long, default_value = "federation.toml")]
+        config: PathBuf,
+    },
     /// Start rounds on a coordinator configured with `launch = "manual"`.
     Launch {
         #[arg(long, default_value = "federation.toml")]
@@ -143,6 +148,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve { config } => serve(&config),
         Command::Status { config } => status(&config),
+        Command::Report { config } => {
+            let config = FederationConfig::load(&config)?;
+            let metrics = StateDir::open(&config.federation.state_dir)?.read_metrics()?;
+            let rows = fedtalent_coordinator::report::breakdowns(&metrics);
+            anyhow::ensure!(!rows.is_empty(), "no completed round in {}", config.federation.state_dir.display());
+            print!("{}", fedtalent_coordinator::report::format_table(&rows));
+            Ok(())
+        }
         Command::Launch { config } => {
             let config = FederationConfig::load(&config)?;
             match admin_request(&config, AdminRequest::Launch { rounds: None })? {

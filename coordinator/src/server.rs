@@ -39,6 +39,7 @@ struct Registration {
 
 struct OpenRound {
     round: u32,
+    opened: Instant,
     updates: BTreeMap<String, Update>,
 }
 
@@ -167,7 +168,7 @@ impl Coordinator {
 
     async fn run_round(&self, round: u32) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
-        self.lock().open = Some(OpenRound { round, updates: BTreeMap::new() });
+        self.lock().open = Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new() });
         self.changed();
         info!(round, "round opened");
         let expected = self.config.federation.sites.len();
@@ -185,14 +186,13 @@ impl Coordinator {
             );
             return Ok(());
         }
-        let started = Instant::now();
         self.close_round(open)?;
-        info!(round, reported, overhead_ms = started.elapsed().as_millis() as u64, "round aggregated and checkpointed");
         Ok(())
     }
 
     /// Aggregates the round's updates, checkpoints atomically and logs metrics.
     fn close_round(&self, open: OpenRound) -> Result<()> {
+        let closing = Instant::now();
         let mut inner = self.lock();
         let setup = inner.setup.clone().expect("rounds run after setup");
         let updates: Vec<&Update> = open.updates.values().collect();
@@ -219,7 +219,22 @@ impl Coordinator {
             unix_time: unix_now(),
         };
         self.state.write_checkpoint(global, &record, self.config.federation.keep_rounds)?;
-        self.state.append_metrics(&metric_lines(open.round, &updates, &weights))?;
+        let mut lines = metric_lines(open.round, &updates, &weights);
+        lines.push(serde_json::json!({
+            "round": open.round,
+            "kind": "round",
+            "wall_ms": open.opened.elapsed().as_millis() as u64,
+            // Aggregation, metrics and the atomic checkpoint (the checkpoint is already written).
+            "close_ms": closing.elapsed().as_millis() as u64,
+            "sites": updates.len(),
+        }));
+        self.state.append_metrics(&lines)?;
+        info!(
+            round = open.round,
+            reported = updates.len(),
+            close_ms = closing.elapsed().as_millis() as u64,
+            "round aggregated and checkpointed"
+        );
         for u in &updates {
             for (class, dice) in &u.dice {
                 inner.last_dice.insert(class.clone(), *dice);

@@ -76,6 +76,15 @@ fn three_sites_four_rounds() {
         }
     }
 
+    // The round-time breakdown covers every round.
+    let report = fedtalent_tests::run_ok(
+        std::process::Command::new(fedtalent_tests::binary("coordinator"))
+            .args(["report", "--config"])
+            .arg(fed.config_path()),
+    );
+    let table = String::from_utf8_lossy(&report.stdout);
+    assert_eq!(table.lines().filter(|l| l.trim_end().ends_with('%')).count(), 4, "{table}");
+
     // Dice of the global model, reported by the sites at the start of each round, rises from the
     // initial model (reported in round 1) to round 3's model (reported in round 4).
     let metrics = fed.metrics();

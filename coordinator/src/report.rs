@@ -1,0 +1,101 @@
+//! `coordinator report`: where each round's wall time went (DESIGN.md §2.1), from the metrics log.
+//!
+//! A round's overhead is everything that is not local training: model download, the sites'
+//! federated evaluation, upload, validation, aggregation and the checkpoint. The training part is
+//! the slowest reporting site's local training, since the round waits for it.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// One round's breakdown.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundBreakdown {
+    pub round: u64,
+    pub wall_ms: u64,
+    /// The slowest reporting site's local training.
+    pub train_ms: u64,
+    /// That site's federated evaluation of the global model (part of the overhead).
+    pub evaluate_ms: u64,
+    /// Aggregation and the atomic checkpoint at the coordinator.
+    pub close_ms: u64,
+}
+
+impl RoundBreakdown {
+    pub fn overhead_fraction(&self) -> f64 {
+        (self.wall_ms.saturating_sub(self.train_ms)) as f64 / self.wall_ms.max(1) as f64
+    }
+
+    /// The overhead without the sites' evaluation (which a federation may run rarely).
+    pub fn overhead_fraction_without_evaluation(&self) -> f64 {
+        (self.wall_ms.saturating_sub(self.train_ms + self.evaluate_ms)) as f64 / self.wall_ms.max(1) as f64
+    }
+}
+
+/// Breakdowns of every completed round found in the metrics lines.
+pub fn breakdowns(metrics: &[Value]) -> Vec<RoundBreakdown> {
+    let mut out = Vec::new();
+    for summary in metrics.iter().filter(|m| m["kind"] == "round") {
+        let round = summary["round"].as_u64().unwrap_or(0);
+        let slowest = metrics
+            .iter()
+            .filter(|m| m["round"].as_u64() == Some(round) && m.get("durations_ms").is_some())
+            .max_by_key(|m| m["durations_ms"]["train"].as_u64().unwrap_or(0));
+        let duration = |key: &str| slowest.and_then(|m| m["durations_ms"][key].as_u64()).unwrap_or(0);
+        out.push(RoundBreakdown {
+            round,
+            wall_ms: summary["wall_ms"].as_u64().unwrap_or(0),
+            train_ms: duration("train"),
+            evaluate_ms: duration("evaluate"),
+            close_ms: summary["close_ms"].as_u64().unwrap_or(0),
+        });
+    }
+    out
+}
+
+pub fn format_table(rows: &[RoundBreakdown]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}",
+        "round", "wall s", "train s", "eval s", "close s", "overhead", "w/o eval"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>8.1}% {:>12.1}%",
+            r.round,
+            r.wall_ms as f64 / 1e3,
+            r.train_ms as f64 / 1e3,
+            r.evaluate_ms as f64 / 1e3,
+            r.close_ms as f64 / 1e3,
+            100.0 * r.overhead_fraction(),
+            100.0 * r.overhead_fraction_without_evaluation()
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn overhead_is_wall_time_minus_the_slowest_sites_training() {
+        let metrics = vec![
+            json!({"round": 1, "site": "a", "durations_ms": {"download": 100, "evaluate": 300, "train": 9000}}),
+            json!({"round": 1, "site": "b", "durations_ms": {"download": 50, "evaluate": 200, "train": 9500}}),
+            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": 40}),
+            json!({"round": 2, "site": "a", "dice": 0.5, "class": "a/x"}),
+        ];
+        let rows = breakdowns(&metrics);
+        assert_eq!(
+            rows,
+            vec![RoundBreakdown { round: 1, wall_ms: 10_000, train_ms: 9500, evaluate_ms: 200, close_ms: 40 }]
+        );
+        assert!((rows[0].overhead_fraction() - 0.05).abs() < 1e-12);
+        assert!((rows[0].overhead_fraction_without_evaluation() - 0.03).abs() < 1e-12);
+        assert!(format_table(&rows).contains("5.0%"));
+    }
+}
