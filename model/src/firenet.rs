@@ -46,8 +46,6 @@ use tch::{Device, Tensor};
 use crate::params::{Init, ParamId, ParamStore, Role};
 use crate::topology::{FireNetSpec, Topology};
 
-const IN_EPS: f64 = 1e-5;
-
 /// Conv3d (no bias) -> InstanceNorm3d (affine).
 #[derive(Debug, Clone)]
 struct ConvNorm {
@@ -443,20 +441,6 @@ impl FireGraph {
 
     fn conv_norm(&self, p: &ParamStore, x: &Tensor, cn: &ConvNorm, activate: bool) -> Tensor {
         let y = x.conv3d::<Tensor>(p.get(cn.weight), None, cn.stride, cn.padding, cn.dilation, 1);
-        let y = y.instance_norm(
-            Some(p.get(cn.norm_weight)),
-            Some(p.get(cn.norm_bias)),
-            None,
-            None,
-            true,
-            0.1,
-            IN_EPS,
-            true,
-        );
-        if activate {
-            y.leaky_relu()
-        } else {
-            y
-        }
+        crate::network::instance_norm_act(&y, p.get(cn.norm_weight), p.get(cn.norm_bias), activate)
     }
 }

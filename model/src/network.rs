@@ -61,6 +61,17 @@ pub struct MultiTalentNet {
     firenet: Option<crate::firenet::FireGraph>,
 }
 
+/// InstanceNorm3d (affine, eps 1e-5, no running stats) [-> LeakyReLU(0.01)], shared by every
+/// layout's conv blocks.
+pub(crate) fn instance_norm_act(y: &Tensor, weight: &Tensor, bias: &Tensor, activate: bool) -> Tensor {
+    let y = y.instance_norm(Some(weight), Some(bias), None, None, true, 0.1, IN_EPS, true);
+    if activate {
+        y.leaky_relu()
+    } else {
+        y
+    }
+}
+
 fn padding_of(kernel: [i64; 3]) -> [i64; 3] {
     kernel.map(|k| (k - 1) / 2)
 }
@@ -169,21 +180,7 @@ impl MultiTalentNet {
     fn conv_norm_act(&self, x: &Tensor, cn: &ConvNorm, activate: bool) -> Tensor {
         let bias = cn.bias.map(|b| self.p(b));
         let y = x.conv3d(self.p(cn.weight), bias, cn.stride, cn.padding, [1; 3], 1);
-        let y = y.instance_norm(
-            Some(self.p(cn.norm_weight)),
-            Some(self.p(cn.norm_bias)),
-            None,
-            None,
-            true,
-            0.1,
-            IN_EPS,
-            true,
-        );
-        if activate {
-            y.leaky_relu()
-        } else {
-            y
-        }
+        instance_norm_act(&y, self.p(cn.norm_weight), self.p(cn.norm_bias), activate)
     }
 
     fn p(&self, id: ParamId) -> &Tensor {
@@ -253,6 +250,18 @@ impl Builder<'_> {
         let bias =
             bias.then(|| self.store.add(format!("{name}.bias"), &[self.classes], Init::Zeros, role, self.device));
         (weight, bias)
+    }
+
+    /// One transposed convolution per decoder level (deepest first), named `<prefix>.<u>.weight`.
+    fn upsamplers(&mut self, prefix: &str) -> Vec<ParamId> {
+        let stages = self.topo.stages.clone();
+        let n = stages.len();
+        (0..n - 1)
+            .map(|u| {
+                let (from, to) = (&stages[n - 1 - u], &stages[n - 2 - u]);
+                self.upsample(format!("{prefix}.{u}.weight"), from.width, to.width, from.stride)
+            })
+            .collect()
     }
 
     fn upsample(&mut self, name: String, from: i64, to: i64, stride: [i64; 3]) -> ParamId {
@@ -329,16 +338,7 @@ impl Builder<'_> {
             }
             encoder.push(EncoderStage::Plain(convs));
         }
-        let ups: Vec<ParamId> = (0..levels)
-            .map(|u| {
-                self.upsample(
-                    format!("tu.{u}.weight"),
-                    stages[n - 1 - u].width,
-                    stages[n - 2 - u].width,
-                    stages[n - 1 - u].stride,
-                )
-            })
-            .collect();
+        let ups = self.upsamplers("tu");
         let mut decoder = Vec::with_capacity(levels);
         for (u, convs) in localization.into_iter().enumerate() {
             let width = stages[n - 2 - u].width;
@@ -402,16 +402,7 @@ impl Builder<'_> {
             encoder.push(EncoderStage::Residual(blocks));
         }
         let full_res_head = self.head("decoder.segmentation_output", w0, 0, true);
-        let ups: Vec<ParamId> = (0..levels)
-            .map(|u| {
-                self.upsample(
-                    format!("decoder.tus.{u}.weight"),
-                    stages[n - 1 - u].width,
-                    stages[n - 2 - u].width,
-                    stages[n - 1 - u].stride,
-                )
-            })
-            .collect();
+        let ups = self.upsamplers("decoder.tus");
         let mut level_convs = Vec::with_capacity(levels);
         for u in 0..levels {
             let skip = &stages[n - 2 - u];
