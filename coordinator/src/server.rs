@@ -27,6 +27,9 @@ use crate::aggregate::{self, Update};
 use crate::config::{FederationConfig, ADMIN_IDENTITY};
 use crate::state::{Contribution, RoundRecord, Setup, StateDir};
 
+/// "No timeout" for waits that end only on an event (ten years, far from Instant overflow).
+const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
 const POLL_WAIT: Duration = Duration::from_secs(10);
 
@@ -150,7 +153,7 @@ impl Coordinator {
 
     async fn run_rounds(self: Arc<Self>) -> Result<()> {
         loop {
-            self.wait_for(Duration::from_secs(u64::MAX / 4), |i| (i.setup.is_some() && i.launched).then_some(())).await;
+            self.wait_for(FOREVER, |i| (i.setup.is_some() && i.launched).then_some(())).await;
             let round = self.lock().completed + 1;
             if round > self.config.plan.rounds {
                 info!(rounds = self.config.plan.rounds, "federation finished");
@@ -353,7 +356,7 @@ impl Coordinator {
             return refusal(ErrorKind::BadDataset, format!("{reason:#}"));
         }
         self.changed();
-        let setup = self.wait_for(Duration::from_secs(u64::MAX / 4), |i| i.setup.clone()).await.expect("waits forever");
+        let setup = self.wait_for(FOREVER, |i| i.setup.clone()).await.expect("waits forever");
         let completed = self.lock().completed;
         info!(site = %peer, completed, "welcomed");
         Message::Welcome {
