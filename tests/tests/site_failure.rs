@@ -1,5 +1,6 @@
 //! A site killed mid-federation: the round completes with the others (min_sites) once its
-//! deadline passes, and the site rejoins later, resuming its heads and optimizer state.
+//! deadline passes, and the site rejoins later, resuming its heads and optimizer state. This
+//! federation moves its models as bf16 both ways.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use fedtalent_tests::{wait_child, Children, LocalFederation, Plan};
 #[test]
 fn killed_site_is_left_out_then_rejoins() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Plan { rounds: 4, local_steps: 20, deadline_s: 20, ..Plan::default() };
+    let plan = Plan { rounds: 4, local_steps: 20, deadline_s: 20, bf16_transport: true, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas", "multiorgan"], plan);
     let mut procs =
         Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);
