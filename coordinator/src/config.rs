@@ -177,3 +177,53 @@ max_update_norm = 10000.0
 "#
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("federation.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn valid() -> String {
+        template("t", "127.0.0.1:7443".parse().unwrap(), &["a".to_string(), "b".to_string()])
+    }
+
+    #[test]
+    fn the_template_loads_and_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FederationConfig::load(&write(dir.path(), &valid())).unwrap();
+        assert_eq!(config.federation.sites, vec!["a", "b"]);
+        assert_eq!(config.federation.state_dir, dir.path().join("state"));
+        assert_eq!(config.total_steps(), 100 * 250);
+    }
+
+    /// Each broken config is refused with an error naming the file and the field.
+    #[test]
+    fn broken_configs_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (valid().replace("preset = \"unet\"", "preset = \"vnet\""), "[plan].preset"),
+            (valid().replace("min_sites = 2", "min_sites = 3"), "[plan].min_sites"),
+            (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"a\"]"), "listed twice"),
+            (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"bad name\"]"), "[federation].sites"),
+            (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"coordinator-admin\"]"), "reserved"),
+            (valid().replace("launch = \"auto\"", "launch = \"later\""), "[federation].launch"),
+            (valid().replace("dice_mode = \"batch\"", "dice_mode = \"global\""), "[plan].dice_mode"),
+            (valid().replace("lr = 0.01", "lr = -1.0"), "[plan].lr"),
+            (valid().replace("rounds = 100", "rounds = 0"), "[plan].rounds"),
+            (format!("{}\nsurprise = 1\n", valid()), "unknown field"),
+            ("[federation]\nname = \"x\"\n".to_string(), "missing field"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+            assert!(err.contains("federation.toml"), "the file is not named: {err}");
+        }
+        let missing = FederationConfig::load(&dir.path().join("nope.toml")).unwrap_err();
+        assert!(format!("{missing:#}").contains("nope.toml"));
+    }
+}

@@ -107,3 +107,42 @@ classes = [
 "#
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<SiteConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, text).unwrap();
+        SiteConfig::load(&path)
+    }
+
+    #[test]
+    fn the_template_loads_with_paths_next_to_the_file() {
+        let config = load(&template("hospital_a")).unwrap();
+        assert_eq!(config.site.name, "hospital_a");
+        assert!(config.site.key.ends_with("hospital_a.key") && config.site.key.is_absolute());
+        assert_eq!(config.data.classes.len(), 2);
+    }
+
+    /// Each broken site config is refused with an error naming the field.
+    #[test]
+    fn broken_site_configs_are_refused_naming_the_field() {
+        let t = template("hospital_a");
+        let cases = [
+            (t.replace("name = \"hospital_a\"", "name = \"a b\""), "[site].name"),
+            (t.replace("threads = 4", "threads = 0"), "[site].threads"),
+            (t.replace("coordinator = \"127.0.0.1:7443\"", "coordinator = \"nowhere\""), "coordinator"),
+            (t.replace("labels = [2] }", "labels = [] }"), "no label values"),
+            (t.replace("labels = [1, 2] }", "labels = [0, 1] }"), "background"),
+            (t.replace("val_cases = 0.2", "val_cases = 1.5"), "val_cases"),
+            (format!("{t}\n[extra]\nx = 1\n"), "unknown field"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", load(&text).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        }
+    }
+}

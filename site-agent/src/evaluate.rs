@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use fedtalent_model::infer::InferOptions;
 use fedtalent_model::metrics::evaluate_dataset;
-use fedtalent_model::predict::{parse_device, Predictor};
+use fedtalent_model::predict::Predictor;
 
 /// Evaluate an exported model on a labelled nnU-Net v2 or MSD folder.
 #[derive(Debug, Clone, ClapArgs)]
@@ -27,22 +26,12 @@ pub struct Args {
     /// Also write the evaluation (per class and per case) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Test-time augmentation: average over all 8 mirrorings.
-    #[arg(long)]
-    pub tta: bool,
-    /// auto | cpu | cuda | cuda:N
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Sliding-window tiles per forward pass.
-    #[arg(long, default_value_t = 2)]
-    pub tile_batch: usize,
+    #[command(flatten)]
+    pub infer: crate::predict::InferArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.tile_batch >= 1, "--tile-batch must be at least 1");
-    let device = parse_device(&args.device)?;
-    let options = InferOptions { mirror: args.tta, tile_batch: args.tile_batch, device, ..InferOptions::default() };
-    let predictor = Predictor::load(&args.model, options)?;
+    let predictor = Predictor::load(&args.model, args.infer.options()?)?;
     let manifest = &predictor.manifest;
     let mut sites: Vec<&str> = Vec::new();
     for c in &manifest.classes {

@@ -23,6 +23,13 @@ pub struct Args {
     /// Default: all.
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<String>,
+    #[command(flatten)]
+    pub infer: InferArgs,
+}
+
+/// Sliding-window options shared by `predict` and `evaluate`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct InferArgs {
     /// Test-time augmentation: average over all 8 mirrorings.
     #[arg(long)]
     pub tta: bool,
@@ -34,11 +41,17 @@ pub struct Args {
     pub tile_batch: usize,
 }
 
+impl InferArgs {
+    pub fn options(&self) -> Result<InferOptions> {
+        anyhow::ensure!(self.tile_batch >= 1, "--tile-batch must be at least 1");
+        let device = parse_device(&self.device)?;
+        Ok(InferOptions { mirror: self.tta, tile_batch: self.tile_batch, device, ..InferOptions::default() })
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.tile_batch >= 1, "--tile-batch must be at least 1");
-    let device = parse_device(&args.device)?;
+    let options = args.infer.options()?;
     let files = input_files(&args.input)?;
-    let options = InferOptions { mirror: args.tta, tile_batch: args.tile_batch, device, ..InferOptions::default() };
     let predictor = Predictor::load(&args.model, options)?;
     let classes = predictor.select_classes(&args.classes)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;
