@@ -38,7 +38,20 @@ pub fn validate(
     sender: &str,
     parts: &Parts,
     max_norm: f64,
+    own_decoder: bool,
 ) -> Result<()> {
+    for site in parts.decoders.keys() {
+        ensure!(own_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
+    }
+    ensure!(!own_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
+    for (site, tensors) in &parts.decoders {
+        for (name, t) in tensors {
+            ensure!(
+                all_finite(t),
+                "site {sender}: decoder tensor {name:?} of site {site} holds NaN or infinite values"
+            );
+        }
+    }
     for class in parts.heads.keys() {
         match owners.get(class) {
             Some(owner) if owner == sender => {}
@@ -83,11 +96,12 @@ fn all_finite(t: &Tensor) -> bool {
 }
 
 /// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
-/// `row_of` maps class ids to the global model's rows.
+/// `row_of` maps class ids to the global model's rows, `decoder_of` sites to their decoders.
 pub fn aggregate(
     global: &mut MultiTalentNet,
     updates: &[&Update],
     row_of: &dyn Fn(&str) -> Option<i64>,
+    decoder_of: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<Vec<f64>> {
     ensure!(!updates.is_empty(), "no update to aggregate");
     let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
@@ -106,10 +120,8 @@ pub fn aggregate(
     }
     global.params_mut().load_named(&averaged, false)?;
     for u in updates {
-        for (class, rows) in &u.parts.heads {
-            let row = row_of(class).ok_or_else(|| anyhow::anyhow!("class {class:?} is not in the global model"))?;
-            global.params_mut().set_head_rows(&[row], rows)?;
-        }
+        // Heads and site decoders: the owner's upload, as is.
+        u.parts.apply_owned(global, row_of, decoder_of)?;
     }
     Ok(weights)
 }

@@ -60,6 +60,10 @@ pub struct PlanSection {
     /// round's global backbone are refused.
     #[serde(default = "default_max_update_norm")]
     pub max_update_norm: f64,
+    /// FIRENet presets only: one decoder per site, kept by its owner like its heads (only the
+    /// encoder and fabric module are averaged).
+    #[serde(default)]
+    pub per_site_decoders: bool,
 }
 
 fn default_launch() -> String {
@@ -105,7 +109,12 @@ impl FederationConfig {
             f.launch
         );
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
-        fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        let topology = fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        ensure!(
+            !p.per_site_decoders || topology.firenet.is_some(),
+            "[plan].per_site_decoders needs a firenet preset, not {:?}",
+            p.preset
+        );
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
         ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
         ensure!(p.batch >= 1, "[plan].batch must be at least 1");

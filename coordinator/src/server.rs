@@ -92,7 +92,7 @@ impl Coordinator {
         };
         if let Some(setup) = state.read_setup()? {
             let (net, completed) = load_global(&config, &state, &setup)?;
-            inner.digest = wire::model_digest(&net, &all_rows(&setup));
+            inner.digest = wire::model_digest(&net, &full_selection(&config, &setup));
             inner.global = Some(net);
             inner.completed = completed;
             inner.setup = Some(setup);
@@ -200,9 +200,11 @@ impl Coordinator {
         let setup = inner.setup.clone().expect("rounds run after setup");
         let updates: Vec<&Update> = open.updates.values().collect();
         let rows = row_lookup(&setup);
+        let decoders: BTreeMap<String, usize> = full_selection(&self.config, &setup).decoders.into_iter().collect();
         let global = inner.global.as_mut().expect("global model exists after setup");
-        let weights = aggregate::aggregate(global, &updates, &|id| rows.get(id).copied())?;
-        let digest = wire::model_digest(global, &all_rows(&setup));
+        let weights =
+            aggregate::aggregate(global, &updates, &|id| rows.get(id).copied(), &|site| decoders.get(site).copied())?;
+        let digest = wire::model_digest(global, &full_selection(&self.config, &setup));
         let contributions: Vec<Contribution> = updates
             .iter()
             .zip(&weights)
@@ -394,7 +396,7 @@ impl Coordinator {
             let setup = build_setup(&self.config, &inner.registrations);
             self.state.write_setup(&setup)?;
             let (net, completed) = load_global(&self.config, &self.state, &setup)?;
-            inner.digest = wire::model_digest(&net, &all_rows(&setup));
+            inner.digest = wire::model_digest(&net, &full_selection(&self.config, &setup));
             inner.global = Some(net);
             inner.completed = completed;
             info!(classes = setup.classes.len(), norm = ?setup.normalization, "federation set up");
@@ -419,6 +421,7 @@ impl Coordinator {
             round_deadline_s: p.round_deadline_s,
             dice_mode: p.dice_mode.clone(),
             bf16_transport: p.bf16_transport,
+            site_decoders: p.per_site_decoders,
         }
     }
 
@@ -456,13 +459,16 @@ impl Coordinator {
             let inner = self.lock();
             let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
             anyhow::ensure!(digest == inner.digest, "model {digest} is not the current global model {}", inner.digest);
-            let classes: Vec<(String, i64)> = setup
-                .classes
-                .iter()
-                .filter(|c| full || c.site == peer)
-                .map(|c| (c.id.clone(), c.index as i64))
-                .collect();
-            wire::parts_to_wire(inner.global.as_ref().expect("set up"), &classes)
+            let all = full_selection(&self.config, setup);
+            let selection = wire::Selection {
+                classes: all
+                    .classes
+                    .into_iter()
+                    .filter(|(id, _)| full || setup.classes.iter().any(|c| &c.id == id && c.site == peer))
+                    .collect(),
+                decoders: all.decoders.into_iter().filter(|(site, _)| full || site == peer).collect(),
+            };
+            wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection)
         };
         let transport = if self.config.plan.bf16_transport { Transport::Bf16 } else { Transport::Native };
         send_tensors(send, &set, transport).await.map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
@@ -493,8 +499,11 @@ impl Coordinator {
             }
             let setup = inner.setup.as_ref().expect("a round is open");
             let ids: Vec<String> = setup.classes.iter().map(|c| c.id.clone()).collect();
-            let mut limits =
-                RecvLimits::for_manifest(wire::parts_manifest(inner.global.as_ref().expect("set up"), &ids));
+            let mut limits = RecvLimits::for_manifest(wire::parts_manifest(
+                inner.global.as_ref().expect("set up"),
+                &ids,
+                &full_selection(&self.config, setup).decoders,
+            ));
             limits.require_all = false;
             limits.expected_digest = Some(meta.payload_digest.clone());
             limits
@@ -515,7 +524,10 @@ impl Coordinator {
         let owners: BTreeMap<String, String> = setup.classes.iter().map(|c| (c.id.clone(), c.site.clone())).collect();
         let owned: BTreeSet<String> = setup.classes.iter().filter(|c| c.site == peer).map(|c| c.id.clone()).collect();
         let global = inner.global.as_ref().expect("set up");
-        if let Err(e) = aggregate::validate(global, &owned, &owners, peer, &parts, self.config.plan.max_update_norm) {
+        let decoder = self.config.plan.per_site_decoders;
+        if let Err(e) =
+            aggregate::validate(global, &owned, &owners, peer, &parts, self.config.plan.max_update_norm, decoder)
+        {
             return refused(ErrorKind::BadUpdate, format!("{e:#}"));
         }
         if meta.n_cases == 0 {
@@ -649,6 +661,32 @@ fn all_rows(setup: &Setup) -> Vec<(String, i64)> {
     setup.classes.iter().map(|c| (c.id.clone(), c.index as i64)).collect()
 }
 
+/// Everything of the global model: every class's heads and, with per-site decoders, every
+/// site's decoder (decoder index = the site's position in `[federation].sites`).
+fn full_selection(config: &FederationConfig, setup: &Setup) -> wire::Selection {
+    let decoders = if config.plan.per_site_decoders {
+        config.federation.sites.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect()
+    } else {
+        Vec::new()
+    };
+    wire::Selection { classes: all_rows(setup), decoders }
+}
+
+/// The global topology: the preset, with one decoder per site (its classes) when asked for.
+fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology> {
+    let topo = Topology::preset(&config.plan.preset)?;
+    if !config.plan.per_site_decoders {
+        return Ok(topo);
+    }
+    let partition = config
+        .federation
+        .sites
+        .iter()
+        .map(|site| setup.classes.iter().filter(|c| &c.site == site).map(|c| c.index as i64).collect())
+        .collect();
+    topo.with_site_decoders(partition)
+}
+
 fn row_lookup(setup: &Setup) -> BTreeMap<String, i64> {
     all_rows(setup).into_iter().collect()
 }
@@ -695,7 +733,7 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
 
 /// The global model: the last complete checkpoint, else a fresh, deterministic initialisation.
 fn load_global(config: &FederationConfig, state: &StateDir, setup: &Setup) -> Result<(MultiTalentNet, u32)> {
-    let topo = Topology::preset(&config.plan.preset)?;
+    let topo = global_topology(config, setup)?;
     tch::manual_seed(0);
     let mut net = MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)?;
     match state.latest()? {
@@ -763,7 +801,7 @@ pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String
     let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
     let (net, round) = load_global(config, &state, &setup)?;
     anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
-    let digest = wire::model_digest(&net, &all_rows(&setup));
+    let digest = wire::model_digest(&net, &full_selection(config, &setup));
     export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
     Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
 }

@@ -15,6 +15,24 @@ use crate::network::MultiTalentNet;
 use crate::params::Role;
 
 pub const HEAD_PREFIX: &str = "head/";
+pub const DECODER_PREFIX: &str = "decoder/";
+
+/// What of a network goes on the wire besides the backbone: head rows of some classes
+/// (`(class id, row in the network)`) and, for FIRENet's per-site decoders, whole decoders of some
+/// sites (`(site name, decoder index in the network)`).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub classes: Vec<(String, i64)>,
+    pub decoders: Vec<(String, usize)>,
+}
+
+/// `decoder/<site>/<tensor>`, where `<tensor>` is the decoder tensor's name after its
+/// `decoders.<index>.` prefix, so that a site's one local decoder (index 0) and its place in the
+/// global model (index = the site's position) share wire names.
+fn decoder_tensor_name(site: &str, tensor: &str) -> String {
+    let suffix = tensor.strip_prefix("decoders.").and_then(|t| t.split_once('.')).map_or(tensor, |(_, rest)| rest);
+    format!("{DECODER_PREFIX}{site}/{suffix}")
+}
 
 pub fn head_tensor_name(class_id: &str, tensor: &str) -> String {
     format!("{HEAD_PREFIX}{class_id}/{tensor}")
@@ -48,23 +66,29 @@ pub fn from_wire(w: &WireTensor) -> Result<Tensor> {
     Ok(Tensor::from_slice(&values).view(shape.as_slice()))
 }
 
-/// The backbone plus the head rows of `classes` (`(class id, row in net)`), as wire tensors.
-pub fn parts_to_wire(net: &MultiTalentNet, classes: &[(String, i64)]) -> TensorSet {
+/// The backbone plus the selected head rows and site decoders, as wire tensors.
+pub fn parts_to_wire(net: &MultiTalentNet, selection: &Selection) -> TensorSet {
     let mut set = TensorSet::default();
     for (name, t) in net.params().backbone() {
         set.push(to_wire(&name, &t));
     }
     for p in net.params().iter().filter(|p| matches!(p.role, Role::Head { .. })) {
-        for (id, row) in classes {
+        for (id, row) in &selection.classes {
             set.push(to_wire(&head_tensor_name(id, &p.name), &p.tensor.get(*row).unsqueeze(0)));
+        }
+    }
+    for (site, index) in &selection.decoders {
+        for (name, t) in net.params().site_decoder(*index) {
+            set.push(to_wire(&decoder_tensor_name(site, &name), &t));
         }
     }
     set
 }
 
-/// The names, dtypes and shapes [`parts_to_wire`] produces for `class_ids`, for receivers to
-/// refuse anything else before allocating.
-pub fn parts_manifest(net: &MultiTalentNet, class_ids: &[String]) -> Manifest {
+/// The names, dtypes and shapes [`parts_to_wire`] produces for `class_ids` and the decoders of
+/// `decoder_sites` (`(site, decoder index)`), for receivers to refuse anything else before
+/// allocating.
+pub fn parts_manifest(net: &MultiTalentNet, class_ids: &[String], decoder_sites: &[(String, usize)]) -> Manifest {
     let mut m = BTreeMap::new();
     let shape = |t: &Tensor| t.size().iter().map(|&d| d as u64).collect::<Vec<u64>>();
     for p in net.params().iter() {
@@ -79,8 +103,11 @@ pub fn parts_manifest(net: &MultiTalentNet, class_ids: &[String]) -> Manifest {
                     m.insert(head_tensor_name(id, &p.name), (DType::F32, row.clone()));
                 }
             }
-            // FIRENet per-site decoders are not on the wire yet (see params::Role::SiteDecoder).
-            Role::SiteDecoder { .. } => {}
+            Role::SiteDecoder { site: index } => {
+                for (site, _) in decoder_sites.iter().filter(|(_, i)| *i == index) {
+                    m.insert(decoder_tensor_name(site, &p.name), (DType::F32, shape(&p.tensor)));
+                }
+            }
         }
     }
     m
@@ -91,13 +118,21 @@ pub struct Parts {
     pub backbone: Vec<(String, Tensor)>,
     /// class id → (head tensor name → row `[1, ...]`).
     pub heads: BTreeMap<String, Vec<(String, Tensor)>>,
+    /// site → (decoder tensor name without `decoders.<i>.` → tensor), FIRENet per-site decoders.
+    pub decoders: BTreeMap<String, Vec<(String, Tensor)>>,
 }
 
 impl Parts {
     pub fn from_wire(set: &TensorSet) -> Result<Parts> {
-        let mut parts = Parts { backbone: Vec::new(), heads: BTreeMap::new() };
+        let mut parts = Parts { backbone: Vec::new(), heads: BTreeMap::new(), decoders: BTreeMap::new() };
         for w in &set.tensors {
             let t = from_wire(w)?;
+            if let Some(rest) = w.name.strip_prefix(DECODER_PREFIX) {
+                let (site, tensor) =
+                    rest.split_once('/').with_context(|| format!("tensor {:?}: malformed decoder name", w.name))?;
+                parts.decoders.entry(site.to_string()).or_default().push((tensor.to_string(), t));
+                continue;
+            }
             match parse_head_name(&w.name) {
                 Some((class, tensor)) => {
                     parts.heads.entry(class.to_string()).or_default().push((tensor.to_string(), t))
@@ -109,20 +144,44 @@ impl Parts {
         Ok(parts)
     }
 
-    /// Writes the backbone and the head rows into `net`; `row_of` maps class ids to rows of `net`.
-    /// Every head tensor of a class must be present; unknown classes are refused by id.
-    pub fn apply(&self, net: &mut MultiTalentNet, row_of: &dyn Fn(&str) -> Option<i64>) -> Result<()> {
+    /// Writes the backbone, the head rows and the site decoders into `net`; `row_of` maps class
+    /// ids to rows of `net`, `decoder_of` site names to its decoder indices. Every head tensor of
+    /// a class and every tensor of a decoder must be present; unknown classes and sites are
+    /// refused by name.
+    pub fn apply(
+        &self,
+        net: &mut MultiTalentNet,
+        row_of: &dyn Fn(&str) -> Option<i64>,
+        decoder_of: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<()> {
+        net.params_mut().load_named(&self.backbone, false)?;
+        self.apply_owned(net, row_of, decoder_of)
+    }
+
+    /// Writes only what has an owner (head rows, site decoders), not the backbone: how the
+    /// coordinator takes each class's heads from the site that owns it.
+    pub fn apply_owned(
+        &self,
+        net: &mut MultiTalentNet,
+        row_of: &dyn Fn(&str) -> Option<i64>,
+        decoder_of: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<()> {
         let params = net.params_mut();
-        params.load_named(&self.backbone, false)?;
         for (class, rows) in &self.heads {
             let row = row_of(class).with_context(|| format!("heads for unknown class {class:?}"))?;
             params.set_head_rows(&[row], rows).with_context(|| format!("heads of class {class:?}"))?;
+        }
+        for (site, tensors) in &self.decoders {
+            let index = decoder_of(site).with_context(|| format!("decoder of unknown site {site:?}"))?;
+            let named: Vec<(String, Tensor)> =
+                tensors.iter().map(|(n, t)| (format!("decoders.{index}.{n}"), t.shallow_clone())).collect();
+            params.set_site_decoder(index, &named).with_context(|| format!("decoder of site {site:?}"))?;
         }
         Ok(())
     }
 }
 
 /// Digest naming a model version: the wire digest of its full tensor set.
-pub fn model_digest(net: &MultiTalentNet, classes: &[(String, i64)]) -> String {
-    parts_to_wire(net, classes).digest()
+pub fn model_digest(net: &MultiTalentNet, selection: &Selection) -> String {
+    parts_to_wire(net, selection).digest()
 }

@@ -44,6 +44,8 @@ pub struct Plan {
     pub round_deadline_s: u64,
     pub dice_mode: String,
     pub bf16_transport: bool,
+    /// FIRENet per-site decoders: each site's decoder stays with it like its heads.
+    pub site_decoders: bool,
 }
 
 /// A class of the global model.

@@ -16,6 +16,7 @@ pub fn sample_messages() -> Vec<Message> {
         round_deadline_s: 3600,
         dice_mode: "batch".into(),
         bf16_transport: true,
+        site_decoders: false,
     };
     vec![
         Message::Hello {

@@ -46,6 +46,7 @@ fn welcome() -> Message {
             round_deadline_s: 60,
             dice_mode: "batch".into(),
             bf16_transport: false,
+            site_decoders: false,
         },
         classes: vec![],
         normalization: Normalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },

@@ -245,6 +245,7 @@ impl Agent {
             lr: plan.lr,
             total_steps: plan.rounds as u64 * plan.local_steps as u64,
             dice: plan.dice_mode.parse()?,
+            site_decoders: plan.site_decoders,
         };
         let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
         let patch = trainer.trainer.net.topology().patch;
@@ -313,8 +314,10 @@ impl Agent {
 
     /// Fetches the global backbone and this site's heads and loads them into the local network.
     async fn download(&mut self, conn: &quinn::Connection, digest: &str) -> Result<()> {
+        let site = self.config.site.name.clone();
         let trainer = self.trainer.as_mut().expect("set up");
-        let manifest = wire::parts_manifest(&trainer.trainer.net, &trainer.class_ids);
+        let manifest =
+            wire::parts_manifest(&trainer.trainer.net, &trainer.class_ids, &trainer.selection(&site).decoders);
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &Message::ModelRequest { digest: digest.to_string(), full: false }).await?;
         send.finish()?;
@@ -323,7 +326,9 @@ impl Agent {
             .context("downloading the global model")?;
         let parts = Parts::from_wire(&set)?;
         let rows = trainer.rows();
-        parts.apply(&mut trainer.trainer.net, &|id| rows.iter().find(|(c, _)| c == id).map(|(_, r)| *r))?;
+        parts.apply(&mut trainer.trainer.net, &|id| rows.iter().find(|(c, _)| c == id).map(|(_, r)| *r), &|s| {
+            (s == site).then_some(0)
+        })?;
         self.loaded_digest = Some(digest.to_string());
         Ok(())
     }
@@ -337,7 +342,7 @@ impl Agent {
         durations: Vec<(String, u64)>,
     ) -> Result<bool> {
         let trainer = self.trainer.as_ref().expect("set up");
-        let mut set = wire::parts_to_wire(&trainer.trainer.net, &trainer.rows());
+        let mut set = wire::parts_to_wire(&trainer.trainer.net, &trainer.selection(&self.config.site.name));
         let mut round = work.round;
         if let Some(fault) = self.options.fault {
             warn!(?fault, "injecting a fault into this upload (test mode)");

@@ -65,6 +65,8 @@ pub struct LocalTrainer {
     /// Global class ids of the site's classes, in the order of the local heads.
     pub class_ids: Vec<String>,
     pub state: SiteState,
+    /// Whether the network carries this site's own decoder (index 0).
+    pub site_decoder: bool,
     state_dir: PathBuf,
 }
 
@@ -76,12 +78,17 @@ pub struct TrainerSpec<'a> {
     pub lr: f64,
     pub total_steps: u64,
     pub dice: DiceMode,
+    /// FIRENet per-site decoders: the local network has one decoder (index 0), this site's.
+    pub site_decoders: bool,
 }
 
 impl LocalTrainer {
     /// Builds the local trainer and restores heads, optimizer state and progress from `state_dir`.
     pub fn open(spec: TrainerSpec, state_dir: &Path) -> Result<Self> {
-        let topo = Topology::preset(spec.preset)?;
+        let mut topo = Topology::preset(spec.preset)?;
+        if spec.site_decoders {
+            topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()])?;
+        }
         let net = MultiTalentNet::new(&topo, spec.classes.len() as i64, spec.device)?;
         let precision = if spec.device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 };
         let config = TrainConfig {
@@ -113,8 +120,15 @@ impl LocalTrainer {
             regions: ClassRegions::all_annotated(&labels),
             class_ids: spec.class_ids,
             state,
+            site_decoder: spec.site_decoders,
             state_dir: state_dir.to_path_buf(),
         })
+    }
+
+    /// What this site sends and receives: its heads and, with per-site decoders, its decoder.
+    pub fn selection(&self, site: &str) -> fedtalent_model::wire::Selection {
+        let decoders = if self.site_decoder { vec![(site.to_string(), 0)] } else { Vec::new() };
+        fedtalent_model::wire::Selection { classes: self.rows(), decoders }
     }
 
     /// `(class id, local row)` of the site's heads.

@@ -46,6 +46,9 @@ pub struct Plan {
     pub exit_when_done: bool,
     /// Model transfers as bf16 (both directions).
     pub bf16_transport: bool,
+    pub preset: &'static str,
+    /// FIRENet presets: one decoder per site, kept by its owner.
+    pub per_site_decoders: bool,
 }
 
 impl Default for Plan {
@@ -60,6 +63,8 @@ impl Default for Plan {
             shape: [40, 64, 64],
             exit_when_done: true,
             bf16_transport: false,
+            preset: "tiny",
+            per_site_decoders: false,
         }
     }
 }
@@ -128,8 +133,8 @@ impl LocalFederation {
         let sites = allowed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let text = format!(
             "[federation]\nname = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\npki_dir = \"pki\"\nsites = [{sites}]\nlaunch = \"auto\"\nkeep_rounds = 10\nexit_when_done = {}\n\n\
-             [plan]\npreset = \"tiny\"\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\nbf16_transport = {}\n",
-            self.port, p.exit_when_done, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
+             [plan]\npreset = {:?}\nper_site_decoders = {}\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\nbf16_transport = {}\n",
+            self.port, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
         );
         fs::write(self.config_path(), text).unwrap();
     }
