@@ -183,6 +183,8 @@ dice_mode = "batch"
 bf16_transport = false
 # Updates whose backbone moved farther than this (L2) from the global one are refused.
 max_update_norm = 10000.0
+# FIRENet presets only: one decoder per site, kept by its owner like its heads.
+per_site_decoders = false
 "#
     )
 }
