@@ -264,3 +264,55 @@ impl Drop for Children {
         }
     }
 }
+
+/// Every tensor of a safetensors file (panics naming the file).
+pub fn read_tensors(path: &Path) -> Vec<(String, tch::Tensor)> {
+    tch::Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The tensor `name` of a set (panics naming it).
+pub fn tensor<'a>(set: &'a [(String, tch::Tensor)], name: &str) -> &'a tch::Tensor {
+    &set.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1
+}
+
+/// A completed round's global model next to what each contributing site uploaded (its saved
+/// local model), with the sqrt(n) weights recomputed from the round record.
+pub struct RoundUploads {
+    pub record: serde_json::Value,
+    pub global: Vec<(String, tch::Tensor)>,
+    pub locals: Vec<Vec<(String, tch::Tensor)>>,
+    pub weights: Vec<f64>,
+}
+
+impl LocalFederation {
+    pub fn round_uploads(&self, round: u32) -> RoundUploads {
+        let record = self.round_record(round);
+        let global = read_tensors(&self.state_dir().join(format!("rounds/round-{round:06}/model.safetensors")));
+        let contributions = record["contributions"].as_array().unwrap();
+        let roots: Vec<f64> = contributions.iter().map(|c| (c["n_cases"].as_u64().unwrap() as f64).sqrt()).collect();
+        let total: f64 = roots.iter().sum();
+        let locals = contributions
+            .iter()
+            .map(|c| read_tensors(&self.site_dir(c["site"].as_str().unwrap()).join("state/local_model.safetensors")))
+            .collect();
+        RoundUploads { record, global, locals, weights: roots.iter().map(|r| r / total).collect() }
+    }
+}
+
+impl RoundUploads {
+    /// Asserts that every global tensor for which `shared(name)` holds is the weighted mean of the
+    /// uploads (float64, to 1e-6); returns how many tensors were compared.
+    pub fn assert_weighted_mean(&self, shared: impl Fn(&str) -> bool) -> usize {
+        let mut checked = 0;
+        for (name, g) in self.global.iter().filter(|(n, _)| shared(n)) {
+            let mut expected = tch::Tensor::zeros(g.size(), (tch::Kind::Double, tch::Device::Cpu));
+            for (local, w) in self.locals.iter().zip(&self.weights) {
+                expected += tensor(local, name).to_kind(tch::Kind::Double) * *w;
+            }
+            let diff = f64::try_from((g.to_kind(tch::Kind::Double) - expected).abs().max()).unwrap();
+            assert!(diff < 1e-6, "{name}: aggregate differs by {diff}");
+            checked += 1;
+        }
+        checked
+    }
+}

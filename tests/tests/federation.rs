@@ -3,16 +3,7 @@
 
 use std::time::Duration;
 
-use fedtalent_tests::{wait_child, Children, LocalFederation, Plan};
-use tch::{Kind, Tensor};
-
-fn read(path: &std::path::Path) -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn get<'a>(tensors: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1
-}
+use fedtalent_tests::{tensor as get, wait_child, Children, LocalFederation, Plan};
 
 /// Three sites, four rounds: the aggregate is the sqrt(n)-weighted mean of the uploads, every
 /// class's heads are its owner's upload, and the global model's Dice rises over the rounds.
@@ -34,32 +25,14 @@ fn three_sites_four_rounds() {
     assert_eq!(fed.completed_rounds(), vec![1, 2, 3, 4]);
 
     // Recompute the last round's aggregate from what each site uploaded (its saved local model).
-    let record = fed.round_record(4);
-    let global = read(&fed.state_dir().join("rounds/round-000004/model.safetensors"));
+    let uploads = fed.round_uploads(4);
+    let (record, global, locals) = (&uploads.record, &uploads.global, &uploads.locals);
     let contributions = record["contributions"].as_array().unwrap();
     assert_eq!(contributions.len(), 3);
-    let roots: Vec<f64> = contributions.iter().map(|c| (c["n_cases"].as_u64().unwrap() as f64).sqrt()).collect();
-    let total: f64 = roots.iter().sum();
-    let locals: Vec<Vec<(String, Tensor)>> = contributions
-        .iter()
-        .map(|c| read(&fed.site_dir(c["site"].as_str().unwrap()).join("state/local_model.safetensors")))
-        .collect();
-    for (c, root) in contributions.iter().zip(&roots) {
-        assert!((c["weight"].as_f64().unwrap() - root / total).abs() < 1e-12, "weight of {}", c["site"]);
+    for (c, w) in contributions.iter().zip(&uploads.weights) {
+        assert!((c["weight"].as_f64().unwrap() - w).abs() < 1e-12, "weight of {}", c["site"]);
     }
-    let mut checked = 0;
-    for (name, g) in &global {
-        if name.starts_with("seg_outputs") {
-            continue;
-        }
-        let mut expected = Tensor::zeros(g.size(), (Kind::Double, tch::Device::Cpu));
-        for (local, root) in locals.iter().zip(&roots) {
-            expected += get(local, name).to_kind(Kind::Double) * (root / total);
-        }
-        let diff = f64::try_from((g.to_kind(Kind::Double) - expected).abs().max()).unwrap();
-        assert!(diff < 1e-6, "{name}: aggregate differs by {diff}");
-        checked += 1;
-    }
+    let checked = uploads.assert_weighted_mean(|name| !name.starts_with("seg_outputs"));
     assert!(checked > 40, "only {checked} backbone tensors compared");
     // Every class's heads are its owner's upload, at the class's index.
     let classes = record["classes"].as_array().unwrap();
@@ -71,7 +44,7 @@ fn three_sites_four_rounds() {
             classes.iter().filter(|c| c["site"] == site).position(|c| c["id"] == class["id"]).unwrap() as i64;
         for level in 0..3 {
             let name = format!("seg_outputs.{level}.weight");
-            let ours = get(&global, &name).get(class["index"].as_i64().unwrap());
+            let ours = get(global, &name).get(class["index"].as_i64().unwrap());
             assert!(ours.equal(&get(local, &name).get(local_row)), "{name} of {}", class["id"]);
         }
     }

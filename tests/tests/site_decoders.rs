@@ -4,11 +4,7 @@
 use std::time::Duration;
 
 use fedtalent_tests::{wait_child, Children, LocalFederation, Plan};
-use tch::{Kind, Tensor};
-
-fn read(path: &std::path::Path) -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+use tch::Tensor;
 
 #[test]
 fn per_site_decoders_stay_with_their_owner() {
@@ -22,40 +18,23 @@ fn per_site_decoders_stay_with_their_owner() {
     assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
     assert_eq!(fed.completed_rounds(), vec![1, 2]);
 
-    let global = read(&fed.state_dir().join("rounds/round-000002/model.safetensors"));
-    let record = fed.round_record(2);
-    let contributions = record["contributions"].as_array().unwrap();
-    let roots: Vec<f64> = contributions.iter().map(|c| (c["n_cases"].as_u64().unwrap() as f64).sqrt()).collect();
-    let total: f64 = roots.iter().sum();
-    let locals: Vec<Vec<(String, Tensor)>> = contributions
-        .iter()
-        .map(|c| read(&fed.site_dir(c["site"].as_str().unwrap()).join("state/local_model.safetensors")))
-        .collect();
-    let get = |set: &[(String, Tensor)], name: &str| -> Tensor {
-        set.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1.shallow_clone()
-    };
+    let uploads = fed.round_uploads(2);
+    let (global, locals) = (&uploads.global, &uploads.locals);
+    let contributions = uploads.record["contributions"].as_array().unwrap();
+    let get = |set: &[(String, Tensor)], name: &str| fedtalent_tests::tensor(set, name).shallow_clone();
     // Each site's decoder in the global model is exactly its own upload (local decoder 0).
     let mut decoder_tensors = 0;
-    for (c, local) in contributions.iter().zip(&locals) {
+    for (c, local) in contributions.iter().zip(locals) {
         let index = sites.iter().position(|s| *s == c["site"].as_str().unwrap()).unwrap();
         for (name, t) in local.iter().filter(|(n, _)| n.starts_with("decoders.0.")) {
             let global_name = format!("decoders.{index}.{}", &name["decoders.0.".len()..]);
-            assert!(get(&global, &global_name).equal(t), "{global_name} is not its owner's upload");
+            assert!(get(global, &global_name).equal(t), "{global_name} is not its owner's upload");
             decoder_tensors += 1;
         }
     }
     assert!(decoder_tensors > 10, "only {decoder_tensors} decoder tensors compared");
     // The shared part is the sqrt-weighted mean of the uploads.
-    let mut shared = 0;
-    for (name, g) in global.iter().filter(|(n, _)| !n.starts_with("decoders.") && !n.starts_with("seg_outputs.")) {
-        let mut expected = Tensor::zeros(g.size(), (Kind::Double, tch::Device::Cpu));
-        for (local, root) in locals.iter().zip(&roots) {
-            expected += get(local, name).to_kind(Kind::Double) * (root / total);
-        }
-        let diff = f64::try_from((g.to_kind(Kind::Double) - expected).abs().max()).unwrap();
-        assert!(diff < 1e-6, "{name}: aggregate differs by {diff}");
-        shared += 1;
-    }
+    let shared = uploads.assert_weighted_mean(|n| !n.starts_with("decoders.") && !n.starts_with("seg_outputs."));
     assert!(shared > 10, "only {shared} shared tensors compared");
     // The export carries every site's decoder and loads back.
     let out = dir.path().join("model");
