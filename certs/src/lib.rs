@@ -21,7 +21,6 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -35,6 +34,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
 use time::OffsetDateTime;
+
+mod transport;
+pub use transport::{client_endpoint, server_endpoint, transport_config, UDP_BUFFER_BYTES};
 
 /// ALPN protocol identifier of the federation protocol (same bytes as `fedtalent_protocol::ALPN`).
 pub const ALPN: &[u8] = b"fedtalent/1";
@@ -640,27 +642,6 @@ fn roots(ca_cert_pem: &str) -> Result<Arc<RootCertStore>> {
         roots.add(c).map_err(|e| CertError::Tls(format!("federation CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
-}
-
-/// QUIC transport parameters tuned for model transfer: large flow-control windows (so a
-/// 100+ MB model is not throttled by the receiver), keep-alives and an idle timeout.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    // 32 MiB per stream, 64 MiB per connection: ~ 2.5 s of data at 25 ms RTT and 1 GB/s in flight
-    // would need more, but on LAN/WAN these keep a single stream well above 1 Gbit/s.
-    t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
-    t.receive_window(quinn::VarInt::from_u32(64 << 20));
-    t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits")));
-    // Let path-MTU discovery go up to what the path allows (loopback: 64 KiB), rather than
-    // stopping at the 1452-byte default; bigger packets mean less per-packet overhead.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(65_000);
-    t.mtu_discovery_config(Some(mtu));
-    t
 }
 
 /// Server (coordinator) config: TLS 1.3 only, ring provider, ALPN `fedtalent/1`, client

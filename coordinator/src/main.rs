@@ -77,32 +77,7 @@ enum Command {
     },
     /// Run a whole federation on this machine: phantom sites, PKI, this coordinator and one
     /// site-agent process per site on loopback; exports the model to OUT/model.
-    Simulate {
-        #[arg(long)]
-        out: PathBuf,
-        /// Phantom sites: liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide.
-        #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
-        sites: Vec<String>,
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        #[arg(long, default_value_t = 5)]
-        rounds: u32,
-        #[arg(long, default_value_t = 100)]
-        local_steps: u32,
-        #[arg(long, default_value_t = 2)]
-        batch: u32,
-        /// Cases per site.
-        #[arg(long, default_value_t = 8)]
-        cases: usize,
-        /// Phantom volume shape z y x.
-        #[arg(long, num_args = 3, default_values_t = [48, 80, 80])]
-        shape: Vec<usize>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Device of the site agents: auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Simulate(SimulateArgs),
     /// Write the global model of the newest complete round (model.safetensors + model.json).
     Export {
         #[arg(long, default_value = "federation.toml")]
@@ -110,6 +85,55 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// Phantom sites: liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide.
+    #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
+    sites: Vec<String>,
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// FIRENet's multi-decoder mode: each site keeps its own decoder (firenet presets only).
+    #[arg(long)]
+    per_site_decoders: bool,
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    #[arg(long, default_value_t = 100)]
+    local_steps: u32,
+    #[arg(long, default_value_t = 2)]
+    batch: u32,
+    /// Cases per site.
+    #[arg(long, default_value_t = 8)]
+    cases: usize,
+    /// Phantom volume shape z y x.
+    #[arg(long, num_args = 3, default_values_t = [48, 80, 80])]
+    shape: Vec<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Device of the site agents: auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl SimulateArgs {
+    fn options(self) -> Result<SimulateOptions> {
+        Ok(SimulateOptions {
+            sites: self.sites.iter().map(|s| s.parse().context("--sites")).collect::<Result<Vec<_>>>()?,
+            out: self.out,
+            preset: self.preset,
+            per_site_decoders: self.per_site_decoders,
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            batch: self.batch,
+            cases: self.cases,
+            shape: [self.shape[0], self.shape[1], self.shape[2]],
+            seed: self.seed,
+            device: self.device,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -166,20 +190,8 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("launch refused: {other:?}"),
             }
         }
-        Command::Simulate { out, sites, preset, rounds, local_steps, batch, cases, shape, seed, device } => {
-            let sites = sites.iter().map(|s| s.parse().context("--sites")).collect::<Result<Vec<_>>>()?;
-            let opts = SimulateOptions {
-                out,
-                sites,
-                preset,
-                rounds,
-                local_steps,
-                batch,
-                cases,
-                shape: [shape[0], shape[1], shape[2]],
-                seed,
-                device,
-            };
+        Command::Simulate(args) => {
+            let opts = args.options()?;
             let exe = std::env::current_exe().context("locating this executable")?;
             let site_agent = exe.with_file_name("site-agent");
             simulate::run(&opts, &site_agent)?;
@@ -329,7 +341,7 @@ fn admin_request(config: &FederationConfig, request: AdminRequest) -> Result<Mes
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let client = fedtalent_certs::client_config(&files.ca_pem, &files.cert_pem, &files.key_pem)?;
-        let mut endpoint = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())?;
+        let mut endpoint = fedtalent_certs::client_endpoint((Ipv4Addr::UNSPECIFIED, 0).into())?;
         endpoint.set_default_client_config(client);
         let connecting = endpoint.connect(addr, &server_name)?;
         let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)

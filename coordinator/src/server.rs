@@ -15,9 +15,9 @@ use fedtalent_certs::Allowlist;
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
 use fedtalent_protocol::{
-    read_frame, recv_tensors_digest, send_tensors, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind,
-    GlobalClass, HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, Transport,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    read_frame, recv_tensors_digest, send_tensors_cached, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind,
+    GlobalClass, HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests,
+    Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tch::Device;
 use tokio::sync::watch;
@@ -59,6 +59,9 @@ struct Inner {
     setup: Option<Setup>,
     global: Option<MultiTalentNet>,
     digest: String,
+    /// Per-tensor wire digests of `global` (filled as it is hashed or sent), so that streaming
+    /// it to N sites hashes each tensor once, not N times.
+    wire_digests: TensorDigests,
     completed: u32,
     open: Option<OpenRound>,
     launched: bool,
@@ -84,6 +87,7 @@ impl Coordinator {
             setup: None,
             global: None,
             digest: String::new(),
+            wire_digests: TensorDigests::new(transport_of(&config)),
             completed: 0,
             open: None,
             launched: config.federation.launch == "auto",
@@ -92,7 +96,7 @@ impl Coordinator {
         };
         if let Some(setup) = state.read_setup()? {
             let (net, completed) = load_global(&config, &state, &setup)?;
-            inner.digest = wire::model_digest(&net, &full_selection(&config, &setup));
+            (inner.digest, inner.wire_digests) = digest_global(&config, &setup, &net);
             inner.global = Some(net);
             inner.completed = completed;
             inner.setup = Some(setup);
@@ -129,7 +133,7 @@ impl Coordinator {
 
     /// Serves until the federation is finished (with `exit_when_done`) or forever.
     pub async fn serve(self: Arc<Self>, server_config: quinn::ServerConfig) -> Result<()> {
-        let endpoint = quinn::Endpoint::server(server_config, self.config.federation.listen)
+        let endpoint = fedtalent_certs::server_endpoint(server_config, self.config.federation.listen)
             .with_context(|| format!("listening on UDP {}", self.config.federation.listen))?;
         info!(addr = %endpoint.local_addr()?, federation = %self.config.federation.name, "coordinator listening");
         let rounds = tokio::spawn(self.clone().run_rounds());
@@ -204,7 +208,7 @@ impl Coordinator {
         let global = inner.global.as_mut().expect("global model exists after setup");
         let weights =
             aggregate::aggregate(global, &updates, &|id| rows.get(id).copied(), &|site| decoders.get(site).copied())?;
-        let digest = wire::model_digest(global, &full_selection(&self.config, &setup));
+        let (digest, wire_digests) = digest_global(&self.config, &setup, global);
         let contributions: Vec<Contribution> = updates
             .iter()
             .zip(&weights)
@@ -249,6 +253,7 @@ impl Coordinator {
             site.last_loss = Some(u.train_loss);
         }
         inner.digest = digest;
+        inner.wire_digests = wire_digests;
         inner.completed = open.round;
         drop(inner);
         self.changed();
@@ -396,7 +401,7 @@ impl Coordinator {
             let setup = build_setup(&self.config, &inner.registrations);
             self.state.write_setup(&setup)?;
             let (net, completed) = load_global(&self.config, &self.state, &setup)?;
-            inner.digest = wire::model_digest(&net, &full_selection(&self.config, &setup));
+            (inner.digest, inner.wire_digests) = digest_global(&self.config, &setup, &net);
             inner.global = Some(net);
             inner.completed = completed;
             info!(classes = setup.classes.len(), norm = ?setup.normalization, "federation set up");
@@ -455,7 +460,7 @@ impl Coordinator {
 
     /// Streams the current global model's backbone plus the site's heads (all heads if `full`).
     async fn send_model(&self, peer: &str, digest: &str, full: bool, send: &mut quinn::SendStream) -> Result<()> {
-        let set = {
+        let (set, mut digests) = {
             let inner = self.lock();
             let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
             anyhow::ensure!(digest == inner.digest, "model {digest} is not the current global model {}", inner.digest);
@@ -468,10 +473,15 @@ impl Coordinator {
                     .collect(),
                 decoders: all.decoders.into_iter().filter(|(site, _)| full || site == peer).collect(),
             };
-            wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection)
+            (wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection), inner.wire_digests.clone())
         };
-        let transport = if self.config.plan.bf16_transport { Transport::Bf16 } else { Transport::Native };
-        send_tensors(send, &set, transport).await.map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
+        send_tensors_cached(send, &set, &mut digests)
+            .await
+            .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
+        let mut inner = self.lock();
+        if inner.digest == digest {
+            inner.wire_digests.merge(digests);
+        }
         Ok(())
     }
 
@@ -663,6 +673,24 @@ fn all_rows(setup: &Setup) -> Vec<(String, i64)> {
 
 /// Everything of the global model: every class's heads and, with per-site decoders, every
 /// site's decoder (decoder index = the site's position in `[federation].sites`).
+fn transport_of(config: &FederationConfig) -> Transport {
+    if config.plan.bf16_transport {
+        Transport::Bf16
+    } else {
+        Transport::Native
+    }
+}
+
+/// The digest naming `net` (over all its parts) and the per-tensor digests of its parts as they
+/// travel; with native transport one hashing pass gives both.
+fn digest_global(config: &FederationConfig, setup: &Setup, net: &MultiTalentNet) -> (String, TensorDigests) {
+    let set = wire::parts_to_wire(net, &full_selection(config, setup));
+    let mut native = TensorDigests::new(Transport::Native);
+    let digest = set.wire_digest_cached(&mut native);
+    let transport = transport_of(config);
+    (digest, if transport == Transport::Native { native } else { TensorDigests::new(transport) })
+}
+
 fn full_selection(config: &FederationConfig, setup: &Setup) -> wire::Selection {
     let decoders = if config.plan.per_site_decoders {
         config.federation.sites.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect()

@@ -22,6 +22,8 @@ pub struct SimulateOptions {
     pub out: PathBuf,
     pub sites: Vec<SiteKind>,
     pub preset: String,
+    /// `[plan].per_site_decoders` (FIRENet's multi-decoder mode).
+    pub per_site_decoders: bool,
     pub rounds: u32,
     pub local_steps: u32,
     pub batch: u32,
@@ -91,6 +93,7 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
         let key = line.split('=').next().unwrap_or("").trim();
         let replaced = match key {
             "preset" => format!("preset = {:?}", opts.preset),
+            "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
             "rounds" => format!("rounds = {}", opts.rounds),
             "local_steps" => format!("local_steps = {}", opts.local_steps),
             "batch" => format!("batch = {}", opts.batch),

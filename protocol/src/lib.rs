@@ -22,7 +22,8 @@ pub use frame::{
 pub use messages::*;
 pub use tensor::{
     bf16_bits_to_f32, bf16_to_f32_bytes, f32_to_bf16_bits, f32_to_bf16_bytes, recv_tensors, recv_tensors_digest,
-    send_tensors, DType, Manifest, RecvLimits, TensorError, TensorSet, Transport, WireTensor,
+    send_tensors, send_tensors_cached, DType, Manifest, RecvLimits, TensorDigests, TensorError, TensorSet, Transport,
+    WireTensor,
 };
 
 /// Version of the federation protocol, sent in [`Message::Hello`]; a coordinator refuses a

@@ -1,7 +1,7 @@
 //! Helpers for the round trips of the protocol over a QUIC connection.
 
 use crate::frame::{read_frame, write_frame_capped, FrameError};
-use crate::tensor::{recv_tensors_digest, send_tensors, RecvLimits, TensorError, TensorSet, Transport};
+use crate::tensor::{recv_tensors_digest, send_tensors_cached, RecvLimits, TensorDigests, TensorError, TensorSet};
 use crate::{Message, MAX_FRAME_BYTES};
 
 /// Errors of the QUIC helpers.
@@ -26,15 +26,16 @@ pub async fn request(conn: &quinn::Connection, request: &Message) -> Result<Mess
     Ok(read_frame(&mut recv, MAX_FRAME_BYTES).await?)
 }
 
-/// Opens a unidirectional stream, streams `set` on it and finishes it. Returns the set digest of
-/// what was sent.
+/// Opens a unidirectional stream, streams `set` on it with the transport of `digests` (hashing
+/// only what `digests` does not know, see [`TensorDigests`]) and finishes it. Returns the set
+/// digest of what was sent.
 pub async fn send_tensors_uni(
     conn: &quinn::Connection,
     set: &TensorSet,
-    transport: Transport,
+    digests: &mut TensorDigests,
 ) -> Result<String, QuicError> {
     let mut send = conn.open_uni().await?;
-    let digest = send_tensors(&mut send, set, transport).await?;
+    let digest = send_tensors_cached(&mut send, set, digests).await?;
     send.finish()?;
     Ok(digest)
 }

@@ -76,7 +76,7 @@ async fn handle_stream(
         Ok(Message::ModelRequest { .. }) => {
             let c = conn.clone();
             tokio::spawn(async move {
-                let _ = send_tensors_uni(&c, &model(), Transport::Bf16).await;
+                let _ = send_tensors_uni(&c, &model(), &mut TensorDigests::new(Transport::Bf16)).await;
             });
             Message::Ack { round: 0, accepted: true, reason: None }
         }
@@ -169,7 +169,7 @@ async fn honest_site(f: &Fixture, site: &str) {
     let up = {
         let c = conn.clone();
         let u = update.clone();
-        tokio::spawn(async move { send_tensors_uni(&c, &u, Transport::Native).await.unwrap() })
+        tokio::spawn(async move { send_tensors_uni(&c, &u, &mut TensorDigests::new(Transport::Native)).await.unwrap() })
     };
     let header = Message::UpdateHeader {
         round: 1,

@@ -58,6 +58,38 @@ async fn bf16_transport_halves_f32_and_widens_back() {
     assert_eq!(got.tensors[2], set.tensors[2]); // i64 travels as is
 }
 
+#[tokio::test]
+async fn cached_digests_send_the_same_bytes_and_a_stale_one_is_refused() {
+    let set = sample_set();
+    for transport in [Transport::Native, Transport::Bf16] {
+        let (plain, d) = encode(&set, transport).await;
+        // Filled by hashing the set once, then reused for two sends (as to two sites).
+        let mut digests = TensorDigests::new(transport);
+        assert_eq!(set.wire_digest_cached(&mut digests), d);
+        assert_eq!(digests.len(), set.len());
+        for _ in 0..2 {
+            let mut buf = Vec::new();
+            assert_eq!(send_tensors_cached(&mut buf, &set, &mut digests).await.unwrap(), d);
+            assert_eq!(buf, plain, "{transport:?}");
+        }
+        // Filled while streaming: a send into an empty cache leaves every digest behind.
+        let mut filled = TensorDigests::new(transport);
+        let mut buf = Vec::new();
+        send_tensors_cached(&mut buf, &set, &mut filled).await.unwrap();
+        assert_eq!((buf, filled.len()), (plain, set.len()));
+    }
+    // The tensors change under the same names but the cache is kept: the receiver, which
+    // hashes what arrives, refuses the stream and names the tensor.
+    let mut digests = TensorDigests::new(Transport::Native);
+    set.wire_digest_cached(&mut digests);
+    let mut changed = set.clone();
+    changed.tensors[1].data[0] ^= 1;
+    let mut buf = Vec::new();
+    send_tensors_cached(&mut buf, &changed, &mut digests).await.unwrap();
+    let e = refuse(&buf, &RecvLimits::default()).await;
+    assert!(matches!(&e, TensorError::TensorDigestMismatch { name } if name == "conv.bias"), "{e}");
+}
+
 #[test]
 fn bf16_rounding_is_nearest_even() {
     assert_eq!(f32_to_bf16_bits(1.0), 0x3f80);

@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use fedtalent_data::{BatchLoader, ClassRegion};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, send_tensors, write_frame, ClassSpec, ErrorKind, Message, Plan, RecvLimits,
-    TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    quic, read_frame, recv_tensors_digest, send_tensors_cached, write_frame, ClassSpec, ErrorKind, Message, Plan,
+    RecvLimits, TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tch::Device;
 use tracing::{info, warn};
@@ -131,7 +131,7 @@ impl Agent {
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(bind)?;
+        let mut endpoint = fedtalent_certs::client_endpoint(bind)?;
         endpoint.set_default_client_config(client);
         let connecting = endpoint.connect(site.coordinator, &site.server_name)?;
         let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
@@ -348,19 +348,20 @@ impl Agent {
             warn!(?fault, "injecting a fault into this upload (test mode)");
             inject(fault, &mut set, &mut round, self.foreign_class.as_deref().unwrap_or("unknown/class"));
         }
-        let transport = self.transport();
+        // Hash once: the digest announced in the header is reused while streaming.
+        let mut digests = TensorDigests::new(self.transport());
         let header = Message::UpdateHeader {
             round,
             n_cases: self.n_train,
             train_loss: loss,
             dice,
-            payload_digest: set.wire_digest(transport),
+            payload_digest: set.wire_digest_cached(&mut digests),
             durations_ms: durations,
         };
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &header).await?;
         // The coordinator may refuse (a stale round) before reading the payload.
-        let sent = send_tensors(&mut send, &set, transport).await;
+        let sent = send_tensors_cached(&mut send, &set, &mut digests).await;
         let _ = send.finish();
         let reply = read_frame(&mut recv, MAX_FRAME_BYTES).await;
         match reply {

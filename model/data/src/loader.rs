@@ -70,7 +70,8 @@ impl LoaderOptions {
 struct CpuBatch {
     index: u64,
     image: Vec<f32>,
-    labels: Vec<i64>,
+    /// i32, not the device's i64: half the bytes to cut and to copy to the device.
+    labels: Vec<i32>,
     case_ids: Vec<String>,
 }
 
@@ -102,7 +103,7 @@ fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) 
         };
         let p = sample_patch(&view, opts.patch, &opts.normalization, opts.foreground_fraction, &mut rng);
         image.extend_from_slice(&p.image);
-        labels.extend(p.labels.iter().map(|&l| l as i64));
+        labels.extend(p.labels.iter().map(|&l| i32::from(l)));
         case_ids.push(case.meta.id.clone());
     }
     CpuBatch { index, image, labels, case_ids }
@@ -167,7 +168,7 @@ impl BatchLoader {
         let shape = [self.opts.batch as i64, 1, z, y, x];
         let device = self.opts.device;
         let image = Tensor::from_slice(&cpu.image).view(shape).to_device(device);
-        let labels = Tensor::from_slice(&cpu.labels).view(shape).to_device(device);
+        let labels = Tensor::from_slice(&cpu.labels).view(shape).to_device(device).to_kind(Kind::Int64);
         let (image, labels) = match &mut self.augmenter {
             Some(a) => a.apply(&image, &labels),
             None => (image, labels),
