@@ -13,7 +13,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Send and receive buffer asked of the kernel for every federation UDP socket (quic-go asks
-/// for 7 MiB for the same reason). Linux grants at most twice `net.core.{r,w}mem_max` (often
+/// for 7 MiB, bun's HTTP/3 and zquic 4–8 MiB, for the same reason). Linux grants at most twice `net.core.{r,w}mem_max` (often
 /// 4 MiB), still ~20× its default. Measured on loopback with sender and receiver on the same
 /// 2 cores (bench_transfer): no more drops, but ~10 % less throughput than the default buffers,
 /// whose drops throttle the sender into a shorter queue; between two machines, where a drop
@@ -48,12 +48,17 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         // Accept IPv4 too where the address is the IPv6 wildcard, as a dual-stack server should.
         let _ = socket.set_only_v6(false);
     }
-    // Failing to enlarge a buffer is not fatal: the transfer is only slower.
-    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER_BYTES) {
-        tracing::debug!("UDP receive buffer of {UDP_BUFFER_BYTES} bytes refused: {e}");
+    // Only ever raise a buffer (a host may have larger defaults); failing to is not fatal: the
+    // transfer is only slower.
+    if socket.recv_buffer_size().is_ok_and(|size| size < UDP_BUFFER_BYTES) {
+        if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+            tracing::debug!("UDP receive buffer of {UDP_BUFFER_BYTES} bytes refused: {e}");
+        }
     }
-    if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER_BYTES) {
-        tracing::debug!("UDP send buffer of {UDP_BUFFER_BYTES} bytes refused: {e}");
+    if socket.send_buffer_size().is_ok_and(|size| size < UDP_BUFFER_BYTES) {
+        if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER_BYTES) {
+            tracing::debug!("UDP send buffer of {UDP_BUFFER_BYTES} bytes refused: {e}");
+        }
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
