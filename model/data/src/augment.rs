@@ -1,8 +1,9 @@
 //! Batched data augmentation on the training device (nnU-Net v1's default set and probabilities).
 //!
-//! Order as nnU-Net: spatial (rotation + scaling in one affine grid), Gaussian noise, Gaussian
-//! blur, brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring. Labels
-//! only follow the spatial transform (nearest) and the mirroring, so they stay integers from the
+//! Order as nnU-Net: spatial (rotation + scaling in one affine grid, [`crate::spatial`], applied
+//! by the loader because it needs context around the patch), Gaussian noise, Gaussian blur,
+//! brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring. Labels only
+//! follow the spatial transform (nearest) and the mirroring, so they stay integers from the
 //! input's label set. Per-sample decisions and parameters come from a seeded ChaCha RNG; the
 //! noise voxels come from torch's generator on the device.
 
@@ -10,6 +11,8 @@ use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
+
+use crate::spatial::around_one;
 
 /// Augmentation probabilities and ranges (defaults: nnU-Net v1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -66,41 +69,6 @@ pub struct Augmenter {
     rng: ChaCha8Rng,
 }
 
-/// nnU-Net's way to draw a factor from a range around 1: half the time below 1, else above.
-fn around_one<R: Rng>(rng: &mut R, (lo, hi): (f64, f64)) -> f64 {
-    if rng.gen_bool(0.5) && lo < 1.0 {
-        rng.gen_range(lo..1.0)
-    } else {
-        rng.gen_range(1.0f64.max(lo)..hi.max(1.0 + 1e-9))
-    }
-}
-
-fn rotation_xyz(ax: f64, ay: f64, az: f64) -> [[f64; 3]; 3] {
-    let (sx, cx) = ax.sin_cos();
-    let (sy, cy) = ay.sin_cos();
-    let (sz, cz) = az.sin_cos();
-    let rx = [[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]];
-    let ry = [[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]];
-    let rz = [[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]];
-    matmul3(&rz, &matmul3(&ry, &rx))
-}
-
-fn matmul3(a: &[[f64; 3]; 3], b: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
-    std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| a[i][k] * b[k][j]).sum()))
-}
-
-/// `affine_grid` theta (normalized output coords -> normalized input coords, axes x, y, z) for
-/// a voxel-space transform `m` of a patch of `size_xyz` voxels: D⁻¹·M·D with D = diag(size/2).
-fn theta_for(m: &[[f64; 3]; 3], size_xyz: [f64; 3]) -> [f32; 12] {
-    let mut t = [0f32; 12];
-    for i in 0..3 {
-        for j in 0..3 {
-            t[i * 4 + j] = (m[i][j] * size_xyz[j] / size_xyz[i]) as f32;
-        }
-    }
-    t
-}
-
 fn per_sample(values: &[f64], device: Device) -> Tensor {
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
     Tensor::from_slice(&v).to_device(device).view([-1, 1, 1, 1, 1])
@@ -115,60 +83,24 @@ impl Augmenter {
         Augmenter { config, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
-    /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device.
+    /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device, with
+    /// everything but the spatial transform, which the loader applies sample by sample with
+    /// context around each patch ([`crate::spatial`]).
     pub fn apply(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         tch::no_grad(|| {
-            let (img, lab) = self.spatial(image, labels);
-            let img = self.noise(&img);
+            let img = self.noise(image);
             let img = self.blur(&img);
             let img = self.brightness(&img);
             let img = self.contrast(&img);
             let img = self.low_resolution(&img);
             let img = self.gamma(&img, true);
             let img = self.gamma(&img, false);
-            self.mirror(&img, &lab)
+            self.mirror(&img, labels)
         })
     }
 
     fn batch(t: &Tensor) -> usize {
         t.size()[0] as usize
-    }
-
-    fn spatial(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
-        let size = image.size();
-        let size_xyz = [size[4] as f64, size[3] as f64, size[2] as f64];
-        let c = self.config.clone();
-        let (mut sel, mut thetas) = (Vec::new(), Vec::new());
-        for b in 0..Self::batch(image) {
-            let rotate = self.rng.gen_bool(c.p_rotation);
-            let scale = self.rng.gen_bool(c.p_scale);
-            if !(rotate || scale) {
-                continue;
-            }
-            let mut angle = || self.rng.gen_range(-c.max_rotation..=c.max_rotation);
-            let r = if rotate { rotation_xyz(angle(), angle(), angle()) } else { rotation_xyz(0.0, 0.0, 0.0) };
-            let s = if scale { around_one(&mut self.rng, c.scale_range) } else { 1.0 };
-            let m: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| r[i][j] * s));
-            sel.push(b as i64);
-            thetas.extend(theta_for(&m, size_xyz));
-        }
-        if sel.is_empty() {
-            return (image.shallow_clone(), labels.shallow_clone());
-        }
-        let device = image.device();
-        let n = sel.len() as i64;
-        let idx = index_tensor(&sel, device);
-        let theta = Tensor::from_slice(&thetas).to_device(device).view([n, 3, 4]);
-        let grid = Tensor::affine_grid_generator(&theta, [n, 1, size[2], size[3], size[4]], false);
-        // grid_sampler modes: interpolation 0 = bilinear (trilinear in 3D), 1 = nearest; padding 0 = zeros.
-        let img = image.index_select(0, &idx).grid_sampler(&grid, 0, 0, false);
-        let lab = labels
-            .index_select(0, &idx)
-            .to_kind(Kind::Float)
-            .grid_sampler(&grid, 1, 0, false)
-            .round()
-            .to_kind(Kind::Int64);
-        (image.index_copy(0, &idx, &img), labels.index_copy(0, &idx, &lab))
     }
 
     fn noise(&mut self, image: &Tensor) -> Tensor {

@@ -22,6 +22,7 @@ pub mod augment;
 pub mod loader;
 pub mod preprocess;
 pub mod sampler;
+pub mod spatial;
 pub mod synth;
 
 pub use augment::{AugmentConfig, Augmenter};
@@ -30,4 +31,5 @@ pub use preprocess::{
     load_for_inference, preprocess_case, preprocess_cases, site_histogram, CaseMeta, InferenceImage, PreprocessOptions,
     PreprocessedCase,
 };
+pub use spatial::SpatialTransform;
 pub use synth::{generate_sites, GeneratedSite, SiteKind, SynthOptions};

@@ -1,5 +1,6 @@
 //! The batch source: background threads cut patches from memory-mapped preprocessed cases while
-//! the device trains; augmentation then runs batched on the device.
+//! the device trains (a larger region around a patch that will be rotated or scaled, see
+//! [`crate::spatial`]); the device warps those and runs the rest of the augmentation batched.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::augment::{AugmentConfig, Augmenter};
 use crate::preprocess::PreprocessedCase;
-use crate::sampler::{sample_patch, CaseView, FOREGROUND_FRACTION};
+use crate::sampler::{sample_region, CaseView, FOREGROUND_FRACTION};
+use crate::spatial::SpatialTransform;
 use crate::stats::Normalization;
 
 /// A training batch on the device.
@@ -69,10 +71,31 @@ impl LoaderOptions {
 /// A batch cut on the CPU, before it goes to the device.
 struct CpuBatch {
     index: u64,
+    samples: Vec<CpuSample>,
+}
+
+/// One sample's region: the patch itself, or the larger context its spatial transform samples.
+struct CpuSample {
+    case_id: String,
+    region: [usize; 3],
     image: Vec<f32>,
     /// i32, not the device's i64: half the bytes to cut and to copy to the device.
     labels: Vec<i32>,
-    case_ids: Vec<String>,
+    transform: Option<SpatialTransform>,
+}
+
+impl CpuSample {
+    /// The sample on `device` as a [1, 1, Z, Y, X] patch: its region warped by its transform,
+    /// or the region itself (then the patch) when it has none.
+    fn to_device(&self, patch: [usize; 3], device: Device) -> (Tensor, Tensor) {
+        let shape = [1, 1, self.region[0] as i64, self.region[1] as i64, self.region[2] as i64];
+        let image = Tensor::from_slice(&self.image).view(shape).to_device(device);
+        let labels = Tensor::from_slice(&self.labels).view(shape).to_device(device).to_kind(Kind::Int64);
+        match &self.transform {
+            Some(t) => t.warp(&image, &labels, patch),
+            None => (image, labels),
+        }
+    }
 }
 
 /// Produces batches forever (until dropped). Batch `i` depends only on the seed and `i`, whatever
@@ -89,24 +112,28 @@ pub struct BatchLoader {
 
 fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) -> CpuBatch {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let n: usize = opts.patch.iter().product();
-    let mut image = Vec::with_capacity(n * opts.batch);
-    let mut labels = Vec::with_capacity(n * opts.batch);
-    let mut case_ids = Vec::with_capacity(opts.batch);
-    for _ in 0..opts.batch {
-        let case = &cases[rng.gen_range(0..cases.len())];
-        let view = CaseView {
-            shape: case.meta.shape,
-            image: case.image(),
-            labels: case.labels(),
-            class_locations: &case.meta.class_locations,
-        };
-        let p = sample_patch(&view, opts.patch, &opts.normalization, opts.foreground_fraction, &mut rng);
-        image.extend_from_slice(&p.image);
-        labels.extend(p.labels.iter().map(|&l| i32::from(l)));
-        case_ids.push(case.meta.id.clone());
-    }
-    CpuBatch { index, image, labels, case_ids }
+    let samples = (0..opts.batch)
+        .map(|_| {
+            let case = &cases[rng.gen_range(0..cases.len())];
+            let view = CaseView {
+                shape: case.meta.shape,
+                image: case.image(),
+                labels: case.labels(),
+                class_locations: &case.meta.class_locations,
+            };
+            let transform = opts.augment.as_ref().and_then(|c| SpatialTransform::draw(c, &mut rng));
+            let region = transform.map_or(opts.patch, |t| t.source_size(opts.patch));
+            let p = sample_region(&view, opts.patch, region, &opts.normalization, opts.foreground_fraction, &mut rng);
+            CpuSample {
+                case_id: case.meta.id.clone(),
+                region,
+                image: p.image,
+                labels: p.labels.iter().map(|&l| i32::from(l)).collect(),
+                transform,
+            }
+        })
+        .collect();
+    CpuBatch { index, samples }
 }
 
 fn worker(
@@ -164,17 +191,15 @@ impl BatchLoader {
     /// The next batch on the device (augmented unless switched off).
     pub fn next_batch(&mut self) -> Result<Batch> {
         let cpu = self.next_cpu_batch()?;
-        let [z, y, x] = self.opts.patch.map(|v| v as i64);
-        let shape = [self.opts.batch as i64, 1, z, y, x];
-        let device = self.opts.device;
-        let image = Tensor::from_slice(&cpu.image).view(shape).to_device(device);
-        let labels = Tensor::from_slice(&cpu.labels).view(shape).to_device(device).to_kind(Kind::Int64);
+        let (images, labels): (Vec<Tensor>, Vec<Tensor>) =
+            cpu.samples.iter().map(|s| s.to_device(self.opts.patch, self.opts.device)).unzip();
+        let (image, labels) = (Tensor::cat(&images, 0), Tensor::cat(&labels, 0));
         let (image, labels) = match &mut self.augmenter {
             Some(a) => a.apply(&image, &labels),
             None => (image, labels),
         };
         debug_assert_eq!(labels.kind(), Kind::Int64);
-        Ok(Batch { image, labels, case_ids: cpu.case_ids })
+        Ok(Batch { image, labels, case_ids: cpu.samples.into_iter().map(|s| s.case_id).collect() })
     }
 }
 

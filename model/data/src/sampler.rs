@@ -107,8 +107,28 @@ pub fn sample_patch<R: Rng>(
     foreground_fraction: f64,
     rng: &mut R,
 ) -> Patch {
+    sample_region(case, patch, patch, norm, foreground_fraction, rng)
+}
+
+/// Samples one patch as [`sample_patch`] does, but cuts the `region` (at least the patch, each
+/// axis larger by an even count) centred on it: the context a spatial transform of the patch
+/// samples from ([`crate::spatial::SpatialTransform::source_size`]). The returned image and
+/// labels are region-sized and `start` is the region's.
+pub fn sample_region<R: Rng>(
+    case: &CaseView,
+    patch: [usize; 3],
+    region: [usize; 3],
+    norm: &Normalization,
+    foreground_fraction: f64,
+    rng: &mut R,
+) -> Patch {
+    debug_assert!(
+        (0..3).all(|a| region[a] >= patch[a] && (region[a] - patch[a]).is_multiple_of(2)),
+        "{region:?} {patch:?}"
+    );
     let foreground = rng.gen_bool(foreground_fraction.clamp(0.0, 1.0));
-    let (start, centred_on) = choose_start(case, patch, foreground, rng);
-    let (image, labels) = cut(case, patch, start, norm);
+    let (patch_start, centred_on) = choose_start(case, patch, foreground, rng);
+    let start = std::array::from_fn(|a| patch_start[a] - ((region[a] - patch[a]) / 2) as i64);
+    let (image, labels) = cut(case, region, start, norm);
     Patch { image, labels, start, centred_on }
 }
