@@ -17,27 +17,31 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 
 const PATCH: [usize; 3] = [96, 192, 192];
 
-/// Samples/s of `batches` batches from a loader (after two warm-up batches, which fill the
-/// prefetch queue and initialise the device).
+/// Samples/s of `batches` batches from a loader with the default augmentation (after two
+/// warm-up batches, which fill the prefetch queue and initialise the device): of the CPU stage
+/// alone (`whole` false: patches and the larger regions of samples to be rotated or scaled), or
+/// of the whole path on `device`.
 fn samples_per_s(
     cases: Vec<PreprocessedCase>,
     batch: usize,
     threads: usize,
     device: Device,
-    augment: Option<AugmentConfig>,
+    whole: bool,
     batches: usize,
 ) -> Result<f64> {
-    let mut opts = LoaderOptions::new(PATCH, batch, Normalization::PAPER, 7, threads, device);
-    opts.augment = augment;
+    let opts = LoaderOptions::new(PATCH, batch, Normalization::PAPER, 7, threads, device);
     let mut loader = BatchLoader::new(cases, opts)?;
     for _ in 0..2 {
         loader.next_batch()?;
     }
     let t = Instant::now();
     for _ in 0..batches {
-        let b = loader.next_batch()?;
-        // Wait for the device so asynchronous CUDA work is counted.
-        let _ = b.image.sum(tch::Kind::Float).double_value(&[]);
+        let cpu = loader.next_cpu_batch()?;
+        if whole {
+            let b = loader.upload(cpu)?;
+            // Wait for the device so asynchronous CUDA work is counted.
+            let _ = b.image.sum(tch::Kind::Float).double_value(&[]);
+        }
     }
     Ok((batches * batch) as f64 / t.elapsed().as_secs_f64())
 }
@@ -84,12 +88,13 @@ fn main() -> Result<()> {
     let shapes: Vec<[usize; 3]> = prepped.iter().map(|c| c.meta.shape).collect();
 
     let batch = 2;
-    // The CPU stage alone (memory-mapped load, crop, sample, normalize; background threads),
-    // then the whole path with the augmentation on `device`.
-    let cpu_stage = samples_per_s(prepped, batch, threads, Device::Cpu, None, batches)?;
+    // The CPU stage alone (memory-mapped load, crop, sample, normalize, context regions for the
+    // spatial transform; background threads), then the whole path with the augmentation on
+    // `device`.
+    let cpu_stage = samples_per_s(prepped, batch, threads, device, false, batches)?;
     // A second loader over the same cache (preprocessing finds every case cached).
     let (prepped, _) = preprocess_cases(&ds.cases, &opts, &cfg.cache_dir, threads);
-    let whole = samples_per_s(prepped, batch, threads, device, Some(AugmentConfig::default()), batches)?;
+    let whole = samples_per_s(prepped, batch, threads, device, true, batches)?;
     let line = serde_json::json!({
         "bench": "data_path",
         "device": format!("{device:?}"),

@@ -26,7 +26,7 @@ pub mod spatial;
 pub mod synth;
 
 pub use augment::{AugmentConfig, Augmenter};
-pub use loader::{Batch, BatchLoader, LoaderOptions};
+pub use loader::{Batch, BatchLoader, CpuBatch, LoaderOptions};
 pub use preprocess::{
     load_for_inference, preprocess_case, preprocess_cases, site_histogram, CaseMeta, InferenceImage, PreprocessOptions,
     PreprocessedCase,

@@ -68,8 +68,9 @@ impl LoaderOptions {
     }
 }
 
-/// A batch cut on the CPU, before it goes to the device.
-struct CpuBatch {
+/// A batch cut on the CPU (by the loader's threads), before it goes to the device: each sample's
+/// patch, or the larger region its spatial transform samples from.
+pub struct CpuBatch {
     index: u64,
     samples: Vec<CpuSample>,
 }
@@ -175,8 +176,9 @@ impl BatchLoader {
         Ok(BatchLoader { opts, rx: Some(rx), workers, stop, pending: BTreeMap::new(), next_index: 0, augmenter })
     }
 
-    /// Receives batches until the next one in order has arrived.
-    fn next_cpu_batch(&mut self) -> Result<CpuBatch> {
+    /// The CPU stage alone: the next batch in order as cut by the loader threads (waits for it).
+    /// [`BatchLoader::upload`] finishes it; [`BatchLoader::next_batch`] does both.
+    pub fn next_cpu_batch(&mut self) -> Result<CpuBatch> {
         loop {
             if let Some(b) = self.pending.remove(&self.next_index) {
                 self.next_index += 1;
@@ -191,6 +193,12 @@ impl BatchLoader {
     /// The next batch on the device (augmented unless switched off).
     pub fn next_batch(&mut self) -> Result<Batch> {
         let cpu = self.next_cpu_batch()?;
+        self.upload(cpu)
+    }
+
+    /// The device stage: copies a CPU batch to the device, warps its transformed samples onto
+    /// the patch and applies the rest of the augmentation.
+    pub fn upload(&mut self, cpu: CpuBatch) -> Result<Batch> {
         let (images, labels): (Vec<Tensor>, Vec<Tensor>) =
             cpu.samples.iter().map(|s| s.to_device(self.opts.patch, self.opts.device)).unzip();
         let (image, labels) = (Tensor::cat(&images, 0), Tensor::cat(&labels, 0));
