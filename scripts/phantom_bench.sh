@@ -8,7 +8,8 @@
 #                                               FIRENet's per-site decoders
 #   default variants: tiny firenet-tiny firenet-tiny+decoders
 #   env: BENCH_OUT (phantom-bench-out), BENCH_ROUNDS (6), BENCH_STEPS (250), BENCH_SITES
-#        (liver,pancreas,multiorgan), BENCH_HELDOUT (4 cases per site), BENCH_DEVICE (auto)
+#        (liver,pancreas,multiorgan), BENCH_HELDOUT (4 cases per site), BENCH_DEVICE (auto),
+#        BENCH_SEED (0: the training phantoms and the federation; held-out cases use 1000 + it)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VARIANTS=("$@")
@@ -19,6 +20,7 @@ STEPS="${BENCH_STEPS:-250}"
 SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
 HELDOUT="${BENCH_HELDOUT:-4}"
 DEVICE="${BENCH_DEVICE:-auto}"
+SEED="${BENCH_SEED:-0}"
 
 scripts/setup.sh >/dev/null
 . scripts/env.sh
@@ -27,8 +29,8 @@ BIN="$PWD/target/debug"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-echo "== held-out phantoms: $HELDOUT cases per site, seed 1000 (training uses seed 0)"
-"$BIN/site-agent" synth --out "$OUT/heldout" --seed 1000 --cases "$HELDOUT" --shape 48 80 80 --sites "$SITES" >/dev/null
+echo "== held-out phantoms: $HELDOUT cases per site, seed $((1000 + SEED)) (training uses seed $SEED)"
+"$BIN/site-agent" synth --out "$OUT/heldout" --seed $((1000 + SEED)) --cases "$HELDOUT" --shape 48 80 80 --sites "$SITES" >/dev/null
 
 for variant in "${VARIANTS[@]}"; do
   preset="${variant%+decoders}"
@@ -37,7 +39,7 @@ for variant in "${VARIANTS[@]}"; do
   echo "== $variant: $ROUNDS rounds x $STEPS local steps"
   start=$(date +%s)
   "$BIN/coordinator" simulate --out "$OUT/$variant" --preset "$preset" "${extra[@]}" --sites "$SITES" \
-    --rounds "$ROUNDS" --local-steps "$STEPS" --device "$DEVICE" 2>/dev/null >/dev/null
+    --rounds "$ROUNDS" --local-steps "$STEPS" --device "$DEVICE" --seed "$SEED" 2>/dev/null >/dev/null
   echo "   $(( $(date +%s) - start )) s"
   for dataset in "$OUT"/heldout/Dataset*; do
     site="${dataset##*/}"; site="${site#Dataset*_}"
