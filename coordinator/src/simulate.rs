@@ -37,6 +37,13 @@ pub struct SimulateOptions {
 /// Runs the federation to its last round and exports the model to `<out>/model`.
 pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     ensure!(!opts.sites.is_empty(), "--sites: at least one site");
+    // Checked before anything is written, so a refused run leaves no half-made federation.
+    let topology = fedtalent_model::Topology::preset(&opts.preset).context("--preset")?;
+    ensure!(
+        !opts.per_site_decoders || topology.firenet.is_some(),
+        "--per-site-decoders needs a firenet preset (firenet, firenet-tiny), not {:?}",
+        opts.preset
+    );
     ensure!(site_agent.exists(), "{} not found (build the workspace binaries)", site_agent.display());
     ensure!(!opts.out.join("coordinator").exists(), "{} already holds a federation", opts.out.display());
     let synth =
@@ -51,7 +58,6 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     std::fs::write(&config_path, federation_toml(opts, listen, &names))
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = FederationConfig::load(&config_path)?;
-    let topology = fedtalent_model::Topology::preset(&opts.preset)?;
     for site in &generated {
         prepare_site(&opts.out, &coord_dir, site, listen, &opts.device, topology.spacing)?;
     }
@@ -167,5 +173,40 @@ impl Drop for Agents {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(out: &Path, preset: &str, per_site_decoders: bool) -> SimulateOptions {
+        SimulateOptions {
+            out: out.to_path_buf(),
+            sites: vec![SiteKind::Liver],
+            preset: preset.into(),
+            per_site_decoders,
+            rounds: 1,
+            local_steps: 1,
+            batch: 1,
+            cases: 2,
+            shape: [8, 16, 16],
+            seed: 0,
+            device: "cpu".into(),
+        }
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sim");
+        let missing_agent = dir.path().join("no-site-agent");
+        let e = run(&options(&out, "tiny", true), &missing_agent).unwrap_err();
+        assert!(format!("{e:#}").contains("--per-site-decoders needs a firenet preset"), "{e:#}");
+        let e = run(&options(&out, "no-such-preset", false), &missing_agent).unwrap_err();
+        assert!(format!("{e:#}").contains("--preset"), "{e:#}");
+        let e = run(&options(&out, "firenet-tiny", true), &missing_agent).unwrap_err();
+        assert!(format!("{e:#}").contains("not found"), "{e:#}");
+        assert!(!out.exists(), "a refused simulation wrote {}", out.display());
     }
 }
