@@ -149,23 +149,8 @@ fn check(config: Option<PathBuf>, device: &str) -> Result<()> {
 }
 
 fn synth(out: PathBuf, seed: u64, cases: usize, shape: &[usize], sites: &[String]) -> Result<()> {
-    use fedtalent_data::SiteKind;
-    let kinds = sites
-        .iter()
-        .map(|s| {
-            [
-                SiteKind::Liver,
-                SiteKind::Pancreas,
-                SiteKind::MultiOrgan,
-                SiteKind::Kidney,
-                SiteKind::LiverNoVessels,
-                SiteKind::LiverWide,
-            ]
-            .into_iter()
-            .find(|k| k.name() == s)
-            .with_context(|| format!("--sites: unknown phantom site {s:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let kinds =
+        sites.iter().map(|s| s.parse::<fedtalent_data::SiteKind>().context("--sites")).collect::<Result<Vec<_>>>()?;
     let opts = fedtalent_data::SynthOptions {
         seed,
         cases_per_site: cases,
