@@ -4,11 +4,17 @@
 //! flow-control windows, and the kernel's default UDP socket buffers (~208 KiB), in which the
 //! bursts of a fast sender overflow and are dropped (seen on loopback as `RcvbufErrors` in
 //! /proc/net/snmp, ~0.5–2 % of packets, each loss halving the congestion window). Here: bigger
-//! socket buffers and windows sized for a model.
+//! socket buffers and windows sized for a model, and datagrams as large as the path carries.
 
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -33,11 +39,104 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits")));
-    // Path-MTU discovery keeps quinn's default ceiling (1452-byte datagrams, what Ethernet
-    // carries). Measured on loopback (bench_transfer, 2 cores): letting it climb to 9–64 KB
-    // datagrams did not raise throughput (the transfer is bound by SHA-256 and AES-GCM, not by
-    // packet count) and big datagrams made black-hole detection flap back to 1200 bytes.
+    // Path-MTU discovery may climb to the largest UDP payload (quinn's default ceiling is 1452,
+    // what Ethernet carries): it finds ~1450 bytes across the Internet, 9000 on a jumbo-frame
+    // LAN and 64 KB on loopback, where a site and the coordinator share a host. Per-packet work
+    // (headers, header protection, acks, syscalls) falls with the datagram count: on loopback
+    // it doubles throughput (bench_transfer, 2 cores). Probes that the path drops cost nothing
+    // but the probe; see [`GsoBoundedSocket`] for why larger datagrams need it.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// The largest UDP payload QUIC may use (the QUIC limit; IPv4 tops out at 65,507, which path-MTU
+/// discovery finds by itself).
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+
+/// The largest GSO batch handed to the kernel in one send: Linux refuses (`EMSGSIZE`) a UDP
+/// send whose IP packet before segmentation would exceed 64 KiB.
+pub const MAX_GSO_BATCH_BYTES: usize = 64_000;
+
+/// A UDP socket that never hands the kernel a GSO batch over [`MAX_GSO_BATCH_BYTES`].
+///
+/// quinn batches up to 10 datagrams into one GSO send whatever their size. With 1452-byte
+/// datagrams that is 14.5 KB; once path-MTU discovery has grown them to 9–64 KB the batch is
+/// 90–640 KB, the kernel refuses it with `EMSGSIZE`, and quinn-udp, which expects that error
+/// only from MTU probes, drops it silently. The losses then look like an MTU black hole and
+/// the datagram size collapses to 1200 bytes (measured: 20–60 lost packets and one black hole
+/// per connection per 120 MB). This wrapper splits such a batch into sends of at most
+/// [`MAX_GSO_BATCH_BYTES`], each still segmented by the kernel.
+#[derive(Debug)]
+pub struct GsoBoundedSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+}
+
+impl GsoBoundedSocket {
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> Self {
+        GsoBoundedSocket { inner }
+    }
+}
+
+/// The `(start, end)` byte ranges of `len` bytes of `segment`-byte datagrams, grouped so that
+/// each range holds whole datagrams (the last may be short) and at most `max_batch` bytes, or
+/// one datagram where a single one is larger.
+pub fn gso_batches(len: usize, segment: usize, max_batch: usize) -> impl Iterator<Item = (usize, usize)> {
+    let segment = segment.max(1);
+    let step = (max_batch / segment).max(1) * segment;
+    (0..len).step_by(step).map(move |start| (start, (start + step).min(len)))
+}
+
+impl AsyncUdpSocket for GsoBoundedSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        let Some(segment) = transmit.segment_size.filter(|_| transmit.contents.len() > MAX_GSO_BATCH_BYTES) else {
+            return self.inner.try_send(transmit);
+        };
+        // If a later part would block, the whole transmit is retried and the earlier parts go
+        // out twice: QUIC discards duplicate packets, which is cheaper than the false loss
+        // signal of dropping the rest.
+        for (start, end) in gso_batches(transmit.contents.len(), segment, MAX_GSO_BATCH_BYTES) {
+            let contents = &transmit.contents[start..end];
+            self.inner.try_send(&Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents,
+                segment_size: (contents.len() > segment).then_some(segment),
+                src_ip: transmit.src_ip,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 /// A UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] send/receive buffers (as much as the
@@ -66,7 +165,11 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, bind_udp(addr)?, runtime)
+    let socket = Arc::new(GsoBoundedSocket::new(runtime.wrap_udp_socket(bind_udp(addr)?)?));
+    let mut config = quinn::EndpointConfig::default();
+    // Advertise that we accept datagrams as large as path-MTU discovery may send.
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).expect("65,527 is QUIC's maximum");
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
 /// The coordinator's QUIC endpoint, listening on `addr` (call inside a tokio runtime).
@@ -92,5 +195,70 @@ mod tests {
         assert!(granted > 256 << 10, "receive buffer {granted} bytes");
         let ep = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         assert!(ep.local_addr().unwrap().port() != 0);
+    }
+
+    #[test]
+    fn gso_batches_hold_whole_datagrams_under_the_cap() {
+        for (len, segment) in [(14_520, 1452), (90_000, 9000), (85_000, 9000), (655_000, 65_500), (100, 1452)] {
+            let ranges: Vec<_> = gso_batches(len, segment, MAX_GSO_BATCH_BYTES).collect();
+            // Contiguous, complete, and each a whole number of datagrams but the last.
+            assert_eq!(ranges.first().unwrap().0, 0);
+            assert_eq!(ranges.last().unwrap().1, len);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].1, w[1].0);
+                assert_eq!((w[0].1 - w[0].0) % segment, 0);
+            }
+            for (start, end) in &ranges {
+                assert!(end - start <= MAX_GSO_BATCH_BYTES.max(segment), "{len}/{segment}: {start}..{end}");
+            }
+        }
+        assert_eq!(gso_batches(14_520, 1452, MAX_GSO_BATCH_BYTES).count(), 1);
+        assert_eq!(
+            gso_batches(90_000, 9000, MAX_GSO_BATCH_BYTES).collect::<Vec<_>>(),
+            vec![(0, 63_000), (63_000, 90_000)]
+        );
+        assert_eq!(gso_batches(131_000, 65_500, MAX_GSO_BATCH_BYTES).count(), 2);
+    }
+
+    /// On loopback (MTU 64 KiB) path-MTU discovery must grow the datagrams past Ethernet's 1452
+    /// bytes and keep them there through a bulk transfer: without [`GsoBoundedSocket`], the
+    /// kernel refuses quinn's GSO batches of large datagrams, the losses read as a black hole
+    /// and the size falls back to 1200.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_transfer_keeps_large_datagrams() {
+        use crate::{client_config, server_config, Allowlist, FederationCa, SiteKey};
+        let ca = FederationCa::create("mtu-test").unwrap();
+        let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
+        let cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(["site-a"])).unwrap();
+        let server = server_endpoint(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let site = SiteKey::generate("site-a").unwrap();
+        let site_cert = ca.sign_site_csr(&site.csr_pem, 1).unwrap();
+        let mut client = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(ca.cert_pem(), &site_cert, &site.key_pem).unwrap());
+        let connecting = client.connect(server.local_addr().unwrap(), "localhost").unwrap();
+        let accepting = async { server.accept().await.unwrap().await };
+        let (client_conn, server_conn) = tokio::join!(connecting, accepting);
+        let (client_conn, server_conn) = (client_conn.unwrap(), server_conn.unwrap());
+
+        const BYTES: usize = 48 << 20;
+        let payload = vec![0x5au8; BYTES];
+        let send = async {
+            let mut s = client_conn.open_uni().await.unwrap();
+            s.write_all(&payload).await.unwrap();
+            s.finish().unwrap();
+            s.stopped().await.unwrap();
+        };
+        let recv = async {
+            let mut r = server_conn.accept_uni().await.unwrap();
+            r.read_to_end(BYTES).await.unwrap()
+        };
+        let ((), received) = tokio::join!(send, recv);
+        assert_eq!(received.len(), BYTES);
+
+        let path = client_conn.stats().path;
+        assert_eq!(path.black_holes_detected, 0, "{path:?}");
+        assert!(path.current_mtu > 1452, "datagrams stayed at {} bytes: {path:?}", path.current_mtu);
+        client_conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
     }
 }

@@ -17,6 +17,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SITES: usize = 3;
 
+/// CPU seconds (user + system) this process has used so far, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn model(total_bytes: usize) -> TensorSet {
     // ~120 MB in tensors of at most 4 MiB (the unet's largest convolutions are ~3.5 MiB).
     let per = 1usize << 20; // f32 elements per tensor
@@ -77,7 +85,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
     // Down: coordinator → every site. Like the coordinator, which hashes a new global model
     // once (its digest names the version) and streams it to every site without hashing again;
     // that one hashing pass is inside the timed window.
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_seconds());
     let mut digests = TensorDigests::new(transport);
     set.wire_digest_cached(&mut digests);
     let digests = Arc::new(digests);
@@ -94,8 +102,9 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
         t.await.unwrap();
     }
     let down = bytes / t.elapsed().as_secs_f64();
+    eprintln!("quic down: {:.2} s wall, {:.2} s cpu", t.elapsed().as_secs_f64(), cpu_seconds() - c);
     // Up: every site → coordinator; each site hashes its own update once (as it streams).
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_seconds());
     let mut tasks = Vec::new();
     for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
         let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
@@ -109,6 +118,19 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> (f64, f64) {
         t.await.unwrap();
     }
     let up = bytes / t.elapsed().as_secs_f64();
+    eprintln!("quic up: {:.2} s wall, {:.2} s cpu", t.elapsed().as_secs_f64(), cpu_seconds() - c);
+    for (i, (sc, (_, cc))) in server_conns.iter().zip(&site_conns).enumerate() {
+        let (s, c) = (sc.stats().path, cc.stats().path);
+        eprintln!(
+            "site{i}: coordinator→site mtu {} lost {} black holes {}; site→coordinator mtu {} lost {} black holes {}",
+            s.current_mtu,
+            s.lost_packets,
+            s.black_holes_detected,
+            c.current_mtu,
+            c.lost_packets,
+            c.black_holes_detected
+        );
+    }
     for (ep, c) in site_conns {
         c.close(0u32.into(), b"");
         ep.wait_idle().await;
@@ -164,6 +186,11 @@ fn main() {
     let total = set.total_bytes() as usize;
     // With bf16 transport, throughput is counted in model bytes (f32), i.e. what is delivered.
     let (qd, qu) = rt.block_on(quic_run(set, transport));
+    if args.iter().any(|a| a == "--quic-only") {
+        // For profiling the QUIC path alone.
+        println!("{{\"quic_down_MBps\":{:.1},\"quic_up_MBps\":{:.1}}}", qd / 1e6, qu / 1e6);
+        return;
+    }
     let (td, tu) = rt.block_on(tcp_run(total));
     let mbs = |x: f64| (x / 1e6 * 10.0).round() / 10.0;
     println!(
