@@ -306,7 +306,17 @@ impl Agent {
         self.loaded_digest = None; // the local network now holds the site's update
         let t = Instant::now();
         let accepted = self.upload(conn, &work, loss, dice, durations).await?;
-        info!(round = work.round, loss, upload_ms = t.elapsed().as_millis() as u64, accepted, "round done");
+        let path = conn.stats().path;
+        info!(
+            round = work.round,
+            loss,
+            upload_ms = t.elapsed().as_millis() as u64,
+            accepted,
+            datagram_bytes = path.current_mtu,
+            rtt_ms = path.rtt.as_secs_f64() * 1e3,
+            lost_packets = path.lost_packets,
+            "round done"
+        );
         self.trainer.as_mut().expect("set up").save(work.round)?;
         self.rounds_trained += 1;
         Ok(())
