@@ -15,9 +15,9 @@ use fedtalent_certs::Allowlist;
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
 use fedtalent_protocol::{
-    read_frame, recv_tensors_digest, send_tensors_cached, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind,
-    GlobalClass, HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests,
-    Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, GlobalClass,
+    HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests, Transport,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tch::Device;
 use tokio::sync::watch;
@@ -475,7 +475,7 @@ impl Coordinator {
             };
             (wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection), inner.wire_digests.clone())
         };
-        send_tensors_cached(send, &set, &mut digests)
+        fedtalent_protocol::quic::send_tensors_shared(send, Arc::new(set), &mut digests)
             .await
             .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
         let mut inner = self.lock();

@@ -111,7 +111,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> QuicResult {
     let wl = RecvLimits::for_manifest(warm.manifest());
     for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
         let mut digests = TensorDigests::new(transport);
-        let (a, b) = tokio::join!(send_tensors_uni(sc, &warm, &mut digests), recv_tensors_uni(cc, &wl));
+        let (a, b) = tokio::join!(send_tensors_uni(sc, warm.clone(), &mut digests), recv_tensors_uni(cc, &wl));
         a.unwrap();
         b.unwrap();
     }
@@ -134,7 +134,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> QuicResult {
         let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
         let mut digests = coordinator_digests.clone();
         tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(send_tensors_uni(&sc, &set, &mut digests), recv_tensors_uni(&cc, &limits));
+            let (a, b) = tokio::join!(send_tensors_uni(&sc, set.clone(), &mut digests), recv_tensors_uni(&cc, &limits));
             assert_eq!(a.unwrap(), b.unwrap().1);
         }));
     }
@@ -149,7 +149,7 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> QuicResult {
         let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
         let mut digests = site_digests.clone();
         tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(send_tensors_uni(&cc, &set, &mut digests), recv_tensors_uni(&sc, &limits));
+            let (a, b) = tokio::join!(send_tensors_uni(&cc, set.clone(), &mut digests), recv_tensors_uni(&sc, &limits));
             assert_eq!(a.unwrap(), b.unwrap().1);
         }));
     }

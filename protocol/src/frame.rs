@@ -139,15 +139,9 @@ pub async fn write_frame_capped<W: AsyncWrite + Unpin + ?Sized>(
     Ok(())
 }
 
-/// Writes any serde value as a frame (used for the tensor stream header).
-pub(crate) async fn write_value_frame<W: AsyncWrite + Unpin + ?Sized, T: Serialize>(
-    w: &mut W,
-    value: &T,
-    max_bytes: usize,
-) -> Result<(), FrameError> {
-    let frame = frame_payload(encode_value(value)?, max_bytes)?;
-    w.write_all(&frame).await?;
-    Ok(())
+/// Any serde value as a frame (the tensor stream header).
+pub(crate) fn encode_value_frame<T: Serialize>(value: &T, max_bytes: usize) -> Result<Vec<u8>, FrameError> {
+    frame_payload(encode_value(value)?, max_bytes)
 }
 
 /// Reads exactly `buf.len()` bytes; Ok(n) with n < len on EOF.

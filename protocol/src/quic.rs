@@ -1,7 +1,13 @@
 //! Helpers for the round trips of the protocol over a QUIC connection.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+
 use crate::frame::{read_frame, write_frame_capped, FrameError};
-use crate::tensor::{recv_tensors_digest, send_tensors_cached, RecvLimits, TensorDigests, TensorError, TensorSet};
+use crate::tensor::{
+    recv_tensors_digest, stream_tensors, RecvLimits, TensorDigests, TensorError, TensorSet, TensorSink, TensorSource,
+};
 use crate::{Message, MAX_FRAME_BYTES};
 
 /// Errors of the QUIC helpers.
@@ -26,16 +32,38 @@ pub async fn request(conn: &quinn::Connection, request: &Message) -> Result<Mess
     Ok(read_frame(&mut recv, MAX_FRAME_BYTES).await?)
 }
 
-/// Opens a unidirectional stream, streams `set` on it with the transport of `digests` (hashing
-/// only what `digests` does not know, see [`TensorDigests`]) and finishes it. Returns the set
-/// digest of what was sent.
+/// A QUIC send stream takes shared chunks as they are: it keeps a reference until the peer
+/// acknowledges them, so a tensor's bytes are not copied on their way to the packets.
+impl TensorSink for quinn::SendStream {
+    async fn put_slice(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        Ok(self.write_all(bytes).await?)
+    }
+    async fn put_shared(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        Ok(self.write_chunk(bytes).await?)
+    }
+}
+
+/// Streams `set` on `send` (a tensor stream, see [`crate::tensor`]) with the transport of
+/// `digests`, hashing only what `digests` does not know (see [`TensorDigests`]), without
+/// copying the tensors' bytes. Does not finish the stream. Returns the set digest of what was
+/// sent.
+pub async fn send_tensors_shared(
+    send: &mut quinn::SendStream,
+    set: Arc<TensorSet>,
+    digests: &mut TensorDigests,
+) -> Result<String, QuicError> {
+    Ok(stream_tensors(send, TensorSource::Shared(set), digests).await?)
+}
+
+/// Opens a unidirectional stream, streams `set` on it as [`send_tensors_shared`] does and
+/// finishes it. Returns the set digest of what was sent.
 pub async fn send_tensors_uni(
     conn: &quinn::Connection,
-    set: &TensorSet,
+    set: Arc<TensorSet>,
     digests: &mut TensorDigests,
 ) -> Result<String, QuicError> {
     let mut send = conn.open_uni().await?;
-    let digest = send_tensors_cached(&mut send, set, digests).await?;
+    let digest = send_tensors_shared(&mut send, set, digests).await?;
     send.finish()?;
     Ok(digest)
 }

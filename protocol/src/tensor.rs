@@ -18,12 +18,15 @@
 //! returning anything.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{decode_value, read_payload, write_value_frame, FrameError};
+use crate::frame::{decode_value, encode_value_frame, read_payload, FrameError};
 use crate::MAX_FRAME_BYTES;
 
 /// Size of the chunks the raw bytes are written in.
@@ -448,6 +451,65 @@ pub async fn send_tensors_cached<W: AsyncWrite + Unpin + ?Sized>(
     set: &TensorSet,
     digests: &mut TensorDigests,
 ) -> Result<String, TensorError> {
+    stream_tensors(&mut WriterSink(w), TensorSource::Borrowed(set), digests).await
+}
+
+/// The tensors to stream: borrowed (their bytes are copied into the writer) or shared (a QUIC
+/// stream keeps references to the chunks until they are acknowledged; nothing is copied).
+pub(crate) enum TensorSource<'a> {
+    Borrowed(&'a TensorSet),
+    Shared(Arc<TensorSet>),
+}
+
+impl TensorSource<'_> {
+    fn set(&self) -> &TensorSet {
+        match self {
+            TensorSource::Borrowed(set) => set,
+            TensorSource::Shared(set) => set,
+        }
+    }
+}
+
+/// The bytes of tensor `index` of a shared set, as a [`Bytes`] owner.
+struct SharedTensorBytes {
+    set: Arc<TensorSet>,
+    index: usize,
+}
+
+impl AsRef<[u8]> for SharedTensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.set.tensors[self.index].data
+    }
+}
+
+/// Where a tensor stream goes.
+pub(crate) trait TensorSink {
+    /// Writes bytes that the caller keeps.
+    async fn put_slice(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Writes bytes that the sink may keep without copying.
+    async fn put_shared(&mut self, bytes: Bytes) -> std::io::Result<()>;
+}
+
+/// Any byte writer (a file, a buffer, a TCP or QUIC stream through `AsyncWrite`).
+struct WriterSink<'a, W: ?Sized>(&'a mut W);
+
+impl<W: AsyncWrite + Unpin + ?Sized> TensorSink for WriterSink<'_, W> {
+    async fn put_slice(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes).await
+    }
+    async fn put_shared(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.0.write_all(&bytes).await
+    }
+}
+
+/// Streams the tensors of `source` into `sink`: header, chunks + per-tensor SHA-256, set digest
+/// (see the module docs). Returns the hex set digest of what was sent.
+pub(crate) async fn stream_tensors<S: TensorSink>(
+    sink: &mut S,
+    source: TensorSource<'_>,
+    digests: &mut TensorDigests,
+) -> Result<String, TensorError> {
+    let set = source.set();
     for t in &set.tensors {
         if !t.is_consistent() {
             return Err(TensorError::LengthMismatch {
@@ -459,34 +521,45 @@ pub async fn send_tensors_cached<W: AsyncWrite + Unpin + ?Sized>(
     }
     let headers = headers_for(set, digests.transport);
     let header = StreamHeader { magic: STREAM_MAGIC, tensors: headers };
-    write_value_frame(w, &header, usize::MAX >> 1).await.map_err(TensorError::Header)?;
+    sink.put_shared(Bytes::from(encode_value_frame(&header, usize::MAX >> 1).map_err(TensorError::Header)?)).await?;
     let mut ctx = set_digest_ctx(&header.tensors);
-    let mut buf = Vec::with_capacity(CHUNK_BYTES / 2);
-    for (t, h) in set.tensors.iter().zip(&header.tensors) {
+    for (index, (t, h)) in set.tensors.iter().zip(&header.tensors).enumerate() {
         let known = digests.by_name.get(&t.name).copied();
         let mut tctx = known.is_none().then(|| Context::new(&SHA256));
-        for chunk in t.data.chunks(CHUNK_BYTES) {
-            let bytes = if h.widen_to_f32 {
-                f32_to_bf16_into(chunk, &mut buf);
-                &buf[..]
-            } else {
-                chunk
-            };
-            if let Some(tctx) = tctx.as_mut() {
-                tctx.update(bytes);
+        let shared = match &source {
+            TensorSource::Shared(set) if !h.widen_to_f32 => {
+                Some(Bytes::from_owner(SharedTensorBytes { set: set.clone(), index }))
             }
-            w.write_all(bytes).await?;
+            _ => None,
+        };
+        for start in (0..t.data.len()).step_by(CHUNK_BYTES) {
+            let end = (start + CHUNK_BYTES).min(t.data.len());
+            let chunk = &t.data[start..end];
+            if h.widen_to_f32 {
+                let bf16 = f32_to_bf16_bytes(chunk);
+                if let Some(tctx) = tctx.as_mut() {
+                    tctx.update(&bf16);
+                }
+                sink.put_shared(Bytes::from(bf16)).await?;
+            } else {
+                if let Some(tctx) = tctx.as_mut() {
+                    tctx.update(chunk);
+                }
+                match &shared {
+                    Some(bytes) => sink.put_shared(bytes.slice(start..end)).await?,
+                    None => sink.put_slice(chunk).await?,
+                }
+            }
         }
         let td = match tctx {
             Some(tctx) => digests.insert(&t.name, tctx.finish()),
             None => known.expect("a tensor is hashed unless its digest is known"),
         };
-        w.write_all(&td).await?;
+        sink.put_slice(&td).await?;
         ctx.update(&td);
     }
     let d = ctx.finish();
-    w.write_all(d.as_ref()).await?;
-    w.flush().await?;
+    sink.put_slice(d.as_ref()).await?;
     Ok(hex::encode(d.as_ref()))
 }
 

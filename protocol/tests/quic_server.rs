@@ -3,6 +3,7 @@
 //! trip (Hello/Welcome, model download, update upload + Ack) afterwards.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedtalent_certs::{client_config, server_config, Allowlist, FederationCa, SiteKey};
@@ -76,7 +77,7 @@ async fn handle_stream(
         Ok(Message::ModelRequest { .. }) => {
             let c = conn.clone();
             tokio::spawn(async move {
-                let _ = send_tensors_uni(&c, &model(), &mut TensorDigests::new(Transport::Bf16)).await;
+                let _ = send_tensors_uni(&c, Arc::new(model()), &mut TensorDigests::new(Transport::Bf16)).await;
             });
             Message::Ack { round: 0, accepted: true, reason: None }
         }
@@ -169,7 +170,9 @@ async fn honest_site(f: &Fixture, site: &str) {
     let up = {
         let c = conn.clone();
         let u = update.clone();
-        tokio::spawn(async move { send_tensors_uni(&c, &u, &mut TensorDigests::new(Transport::Native)).await.unwrap() })
+        tokio::spawn(async move {
+            send_tensors_uni(&c, Arc::new(u), &mut TensorDigests::new(Transport::Native)).await.unwrap()
+        })
     };
     let header = Message::UpdateHeader {
         round: 1,
@@ -293,4 +296,57 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
     // The refused site itself can still send a good update.
     let reply = upload_raw(&conn, stream.clone(), digest.clone()).await;
     assert_eq!(reply, Message::Ack { round: 1, accepted: true, reason: None });
+}
+
+/// A connected (site, coordinator) pair of connections over loopback.
+async fn connection_pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+    let ca = FederationCa::create("ca").unwrap();
+    let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
+    let cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(["alpha"])).unwrap();
+    let server = fedtalent_certs::server_endpoint(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let k = SiteKey::generate("alpha").unwrap();
+    let site_cert = ca.sign_site_csr(&k.csr_pem, 1).unwrap();
+    let mut client = fedtalent_certs::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(client_config(ca.cert_pem(), &site_cert, &k.key_pem).unwrap());
+    let connecting = client.connect(server.local_addr().unwrap(), "localhost").unwrap();
+    let accepting = async { server.accept().await.unwrap().await };
+    let (site, coordinator) = tokio::join!(connecting, accepting);
+    (client, site.unwrap(), coordinator.unwrap())
+}
+
+/// The QUIC path streams a shared set without copying it (`send_tensors_uni`); what arrives must
+/// be what the generic writer path sends: the same tensors and digests, with tensors that span
+/// several chunks, end mid-chunk, are not f32, or whose digests the sender already knows.
+#[tokio::test]
+async fn shared_tensor_streams_arrive_intact() {
+    let (_client, site, coordinator) = connection_pair().await;
+    let big: Vec<f32> =
+        (0..(fedtalent_protocol::tensor::CHUNK_BYTES / 4) * 5 / 2 + 3).map(|i| (i as f32 * 0.37).cos() * 1e3).collect();
+    let ints: Vec<u8> = (0..4096i64).flat_map(|i| (i * 7919).to_le_bytes()).collect();
+    let set = TensorSet::new(vec![
+        WireTensor::from_f32("big", vec![big.len() as u64], &big),
+        WireTensor { name: "ints".into(), dtype: DType::I64, shape: vec![4096], data: ints },
+        WireTensor::from_f32("small", vec![3], &[1.5, -2.25, f32::MIN_POSITIVE]),
+    ]);
+    let limits = RecvLimits::for_manifest(set.manifest());
+    for transport in [Transport::Native, Transport::Bf16] {
+        // One digest known beforehand, as for a coordinator's cached global model.
+        let mut digests = TensorDigests::new(transport);
+        TensorSet::new(vec![set.tensors[0].clone()]).wire_digest_cached(&mut digests);
+        let (sent, received) = tokio::join!(
+            send_tensors_uni(&site, Arc::new(set.clone()), &mut digests),
+            recv_tensors_uni(&coordinator, &limits)
+        );
+        let (got, digest) = received.unwrap();
+        assert_eq!(sent.unwrap(), set.wire_digest(transport));
+        assert_eq!(digest, set.wire_digest(transport));
+        let mut expected = set.clone();
+        if transport == Transport::Bf16 {
+            for t in expected.tensors.iter_mut().filter(|t| t.dtype == DType::F32) {
+                t.data = bf16_to_f32_bytes(&f32_to_bf16_bytes(&t.data));
+            }
+        }
+        assert_eq!(got, expected, "{transport:?}");
+        assert_eq!(digests.len(), 3);
+    }
 }

@@ -7,14 +7,15 @@
 //! coordinator (certificate, version, dataset) ends the agent with the coordinator's reason.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedtalent_data::{BatchLoader, ClassRegion};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, send_tensors_cached, write_frame, ClassSpec, ErrorKind, Message, Plan,
-    RecvLimits, TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    quic, read_frame, recv_tensors_digest, write_frame, ClassSpec, ErrorKind, Message, Plan, RecvLimits, TensorDigests,
+    TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tch::Device;
 use tracing::{info, warn};
@@ -371,7 +372,7 @@ impl Agent {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &header).await?;
         // The coordinator may refuse (a stale round) before reading the payload.
-        let sent = send_tensors_cached(&mut send, &set, &mut digests).await;
+        let sent = quic::send_tensors_shared(&mut send, Arc::new(set), &mut digests).await;
         let _ = send.finish();
         let reply = read_frame(&mut recv, MAX_FRAME_BYTES).await;
         match reply {
