@@ -451,7 +451,10 @@ pub async fn send_tensors_cached<W: AsyncWrite + Unpin + ?Sized>(
     set: &TensorSet,
     digests: &mut TensorDigests,
 ) -> Result<String, TensorError> {
-    stream_tensors(&mut WriterSink(w), TensorSource::Borrowed(set), digests).await
+    let digest = stream_tensors(&mut WriterSink(&mut *w), TensorSource::Borrowed(set), digests).await?;
+    // A buffered writer must not keep the stream's tail.
+    w.flush().await?;
+    Ok(digest)
 }
 
 /// The tensors to stream: borrowed (their bytes are copied into the writer) or shared (a QUIC

@@ -237,3 +237,14 @@ async fn sender_refuses_inconsistent_tensor() {
     assert!(matches!(&e, TensorError::LengthMismatch { name, .. } if name == "conv.weight"), "{e}");
     assert!(buf.is_empty(), "nothing is sent");
 }
+
+/// A buffered writer holds nothing back once `send_tensors` returns: the stream is flushed.
+#[tokio::test]
+async fn buffered_writer_is_flushed() {
+    let set = sample_set();
+    let mut w = tokio::io::BufWriter::with_capacity(64 << 10, Vec::new());
+    let d = send_tensors(&mut w, &set, Transport::Native).await.unwrap();
+    let buf = w.into_inner();
+    let (got, gd) = recv_tensors_digest(&mut &buf[..], &RecvLimits::for_manifest(set.manifest())).await.unwrap();
+    assert_eq!((got, gd), (set, d));
+}
