@@ -64,6 +64,9 @@ pub struct PlanSection {
     /// encoder and fabric module are averaged).
     #[serde(default)]
     pub per_site_decoders: bool,
+    /// `[plan.local]`: the sites' round-boundary policy.
+    #[serde(default)]
+    pub local: fedtalent_protocol::LocalPolicy,
 }
 
 fn default_launch() -> String {
@@ -140,6 +143,7 @@ impl FederationConfig {
 /// The commented template `coordinator init` writes.
 pub fn template(name: &str, listen: SocketAddr, sites: &[String]) -> String {
     let min_sites = sites.len().clamp(1, 2);
+    let local = fedtalent_protocol::LocalPolicy::default();
     let sites = sites.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     format!(
         r#"# fedtalent federation configuration (written by `coordinator init`).
@@ -185,7 +189,19 @@ bf16_transport = false
 max_update_norm = 10000.0
 # FIRENet presets only: one decoder per site, kept by its owner like its heads.
 per_site_decoders = false
-"#
+
+# What each site does at a round boundary (defaults measured by scripts/quality_bench.sh).
+[plan.local]
+# reset: every round starts with empty SGD momentum (FedAvg); keep: carry it over.
+optimizer_state = "{optimizer_state}"
+# Heads-only steps on the new global backbone before each round's local steps.
+head_warmup_steps = {head_warmup_steps}
+# The last round trains only the heads, on the final global backbone (the exported pairing).
+final_heads_only = {final_heads_only}
+"#,
+        final_heads_only = local.final_heads_only,
+        optimizer_state = local.optimizer_state.name(),
+        head_warmup_steps = local.head_warmup_steps,
     )
 }
 

@@ -99,6 +99,15 @@ struct SimulateArgs {
     /// FIRENet's multi-decoder mode: each site keeps its own decoder (firenet presets only).
     #[arg(long)]
     per_site_decoders: bool,
+    /// [plan.local].optimizer_state: keep | reset (default: the template's).
+    #[arg(long)]
+    optimizer_state: Option<fedtalent_protocol::OptimizerState>,
+    /// [plan.local].head_warmup_steps (default: the template's).
+    #[arg(long)]
+    head_warmup_steps: Option<u32>,
+    /// [plan.local].final_heads_only: true | false (default: the template's).
+    #[arg(long)]
+    final_heads_only: Option<bool>,
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     #[arg(long, default_value_t = 100)]
@@ -109,7 +118,7 @@ struct SimulateArgs {
     #[arg(long, default_value_t = 8)]
     cases: usize,
     /// Phantom volume shape z y x.
-    #[arg(long, num_args = 3, default_values_t = [48, 80, 80])]
+    #[arg(long, num_args = 3, default_values_t = [48, 128, 128])]
     shape: Vec<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -125,6 +134,14 @@ impl SimulateArgs {
             out: self.out,
             preset: self.preset,
             per_site_decoders: self.per_site_decoders,
+            local: {
+                let default = fedtalent_protocol::LocalPolicy::default();
+                fedtalent_protocol::LocalPolicy {
+                    optimizer_state: self.optimizer_state.unwrap_or(default.optimizer_state),
+                    head_warmup_steps: self.head_warmup_steps.unwrap_or(default.head_warmup_steps),
+                    final_heads_only: self.final_heads_only.unwrap_or(default.final_heads_only),
+                }
+            },
             rounds: self.rounds,
             local_steps: self.local_steps,
             batch: self.batch,

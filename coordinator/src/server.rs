@@ -427,6 +427,7 @@ impl Coordinator {
             dice_mode: p.dice_mode.clone(),
             bf16_transport: p.bf16_transport,
             site_decoders: p.per_site_decoders,
+            local: p.local,
         }
     }
 

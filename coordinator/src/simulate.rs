@@ -24,6 +24,8 @@ pub struct SimulateOptions {
     pub preset: String,
     /// `[plan].per_site_decoders` (FIRENet's multi-decoder mode).
     pub per_site_decoders: bool,
+    /// `[plan.local]`: the sites' round-boundary policy.
+    pub local: fedtalent_protocol::LocalPolicy,
     pub rounds: u32,
     pub local_steps: u32,
     pub batch: u32,
@@ -59,7 +61,13 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = FederationConfig::load(&config_path)?;
     for site in &generated {
-        prepare_site(&opts.out, &coord_dir, site, listen, &opts.device, topology.spacing)?;
+        let agent = AgentSettings {
+            device: &opts.device,
+            spacing: topology.spacing,
+            seed: opts.seed,
+            torch_threads: torch_threads_per_site(generated.len()),
+        };
+        prepare_site(&opts.out, &coord_dir, site, listen, &agent)?;
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let mut agents = Agents(Vec::new());
@@ -103,6 +111,9 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
             "rounds" => format!("rounds = {}", opts.rounds),
             "local_steps" => format!("local_steps = {}", opts.local_steps),
             "batch" => format!("batch = {}", opts.batch),
+            "optimizer_state" => format!("optimizer_state = {:?}", opts.local.optimizer_state.name()),
+            "head_warmup_steps" => format!("head_warmup_steps = {}", opts.local.head_warmup_steps),
+            "final_heads_only" => format!("final_heads_only = {}", opts.local.final_heads_only),
             "eval_every" => "eval_every = 1".into(),
             "round_deadline_s" => "round_deadline_s = 3600".into(),
             "exit_when_done" => "exit_when_done = true".into(),
@@ -113,15 +124,31 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
     text
 }
 
+/// How every simulated site agent runs.
+struct AgentSettings<'a> {
+    device: &'a str,
+    spacing: [f64; 3],
+    /// `[site].seed`: each agent mixes it with its site's name, so the streams differ per site.
+    seed: u64,
+    torch_threads: usize,
+}
+
+/// The machine's cores split among the agents (one libtorch thread pool each would oversubscribe).
+fn torch_threads_per_site(sites: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / sites.max(1)).max(1)
+}
+
 /// Key, certificate (signed by the simulation's CA) and site.toml of one phantom site.
 fn prepare_site(
     out: &Path,
     coord_dir: &Path,
     site: &GeneratedSite,
     listen: SocketAddr,
-    device: &str,
-    spacing: [f64; 3],
+    agent: &AgentSettings,
 ) -> Result<()> {
+    let (device, spacing) = (agent.device, agent.spacing);
+    let (torch_threads, seed) = (agent.torch_threads, agent.seed);
     let dir = out.join(&site.name);
     let (_, csr) = fedtalent_certs::write_keygen(&dir, &site.name)?;
     pki::sign(&coord_dir.join("pki"), &csr, &dir.join(format!("{}.crt", site.name)), 30)?;
@@ -130,7 +157,7 @@ fn prepare_site(
     let ca = coord_dir.join("pki").join(fedtalent_certs::CA_CERT_FILE);
     let text = format!(
         "[site]\nname = {name:?}\ncoordinator = \"{listen}\"\nserver_name = \"localhost\"\nca = {ca:?}\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n\
-         state_dir = \"state\"\ndevice = {device:?}\nthreads = 1\n\n[data]\ndataset_dir = {dataset:?}\ncache_dir = \"cache\"\nval_cases = 2\n\
+         state_dir = \"state\"\ndevice = {device:?}\nthreads = 1\ntorch_threads = {torch_threads}\nseed = {seed}\n\n[data]\ndataset_dir = {dataset:?}\ncache_dir = \"cache\"\nval_cases = 2\n\
          target_spacing = {spacing:?}\nclasses = [{classes}]\n",
         name = site.name,
         ca = ca.display().to_string(),
@@ -186,6 +213,7 @@ mod tests {
             sites: vec![SiteKind::Liver],
             preset: preset.into(),
             per_site_decoders,
+            local: fedtalent_protocol::LocalPolicy::default(),
             rounds: 1,
             local_steps: 1,
             batch: 1,

@@ -39,6 +39,26 @@ impl CtNormalization {
     /// The paper's fixed values (MultiTalent, Ulrich et al. 2023).
     pub const PAPER: CtNormalization =
         CtNormalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
+
+    /// The statistics as the federation stores and sends them (f32) from the data crate's f64.
+    pub fn from_data(n: &fedtalent_data::Normalization) -> Self {
+        CtNormalization {
+            clip_low: n.clip_low as f32,
+            clip_high: n.clip_high as f32,
+            mean: n.mean as f32,
+            std: n.std as f32,
+        }
+    }
+
+    /// The data crate's form, which preprocessing and the batch loader apply.
+    pub fn to_data(&self) -> fedtalent_data::Normalization {
+        fedtalent_data::Normalization {
+            clip_low: self.clip_low as f64,
+            clip_high: self.clip_high as f64,
+            mean: self.mean as f64,
+            std: self.std as f64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

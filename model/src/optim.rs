@@ -36,11 +36,28 @@ pub struct Sgd {
     params: Vec<(String, Tensor)>,
     /// Momentum buffers by parameter name; created on a parameter's first step, as in PyTorch.
     momentum: HashMap<String, Tensor>,
+    /// Parameters the step leaves alone (no update, no weight decay, no momentum).
+    frozen: std::collections::HashSet<String>,
 }
 
 impl Sgd {
     pub fn new(params: Vec<(String, Tensor)>, config: SgdConfig) -> Self {
-        Self { config, params, momentum: HashMap::new() }
+        Self { config, params, momentum: HashMap::new(), frozen: Default::default() }
+    }
+
+    /// Freezes the named parameters (heads-only training): they get no gradient (their
+    /// `requires_grad` is switched off, so backward does not even reach them) and the step leaves
+    /// them and their momentum untouched. An empty set unfreezes everything.
+    pub fn set_frozen(&mut self, names: std::collections::HashSet<String>) {
+        for (name, p) in &mut self.params {
+            let _ = p.set_requires_grad(!names.contains(name));
+        }
+        self.frozen = names;
+    }
+
+    /// Drops every momentum buffer: the next step starts like a fresh optimizer.
+    pub fn clear_momentum(&mut self) {
+        self.momentum.clear();
     }
 
     pub fn zero_grad(&mut self) {
@@ -51,7 +68,12 @@ impl Sgd {
 
     /// Gradients present on the parameters (missing ones are skipped, as PyTorch does).
     fn grads(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect()
+        self.params
+            .iter()
+            .filter(|(name, _)| !self.frozen.contains(name))
+            .map(|(_, p)| p.grad())
+            .filter(|g| g.defined())
+            .collect()
     }
 
     /// Global L2 norm of all gradients (a device scalar, no host sync).
@@ -90,7 +112,7 @@ impl Sgd {
         tch::no_grad(|| {
             for (name, p) in &mut self.params {
                 let grad = p.grad();
-                if !grad.defined() {
+                if !grad.defined() || self.frozen.contains(name) {
                     continue;
                 }
                 let mut d = if weight_decay != 0.0 { &grad + &*p * weight_decay } else { grad.shallow_clone() };

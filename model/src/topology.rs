@@ -278,7 +278,7 @@ pub fn tiny() -> Topology {
         decoder_convs: 2,
         ds_weights: nnunet_v1_ds_weights(3, true),
         patch: [16, 32, 32],
-        spacing: [2.5, 1.5, 1.5],
+        spacing: [4.0, 3.0, 3.0],
         firenet: None,
     }
 }
@@ -310,7 +310,7 @@ pub fn firenet_tiny() -> Topology {
         name: "firenet-tiny".into(),
         stages: vec![stage(8, [1, 1, 1], K3, 1), stage(8, [2, 2, 2], K3, 1), stage(16, [2, 2, 2], K3, 1)],
         patch: [16, 32, 32],
-        spacing: [2.5, 1.5, 1.5],
+        spacing: [4.0, 3.0, 3.0],
         ..firenet()
     }
 }

@@ -120,6 +120,22 @@ impl Trainer {
         &self.config
     }
 
+    /// Heads-only training: with `frozen`, every step updates only the per-class heads (the
+    /// backbone and any site decoder keep their values); without, everything trains again.
+    pub fn freeze_backbone(&mut self, frozen: bool) {
+        let names = if frozen {
+            self.net
+                .params()
+                .iter()
+                .filter(|p| !matches!(p.role, crate::params::Role::Head { .. }))
+                .map(|p| p.name.clone())
+                .collect()
+        } else {
+            Default::default()
+        };
+        self.optimizer.set_frozen(names);
+    }
+
     pub fn set_total_steps(&mut self, total: u64) {
         self.config.total_steps = total;
     }

@@ -29,6 +29,59 @@ pub struct HuHistogram {
     pub counts: Vec<u64>,
 }
 
+/// What a site's optimizer momentum does at a round boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerState {
+    /// Momentum buffers carry over from the site's previous round (and survive a restart).
+    Keep,
+    /// Every round starts with empty momentum, as a fresh local optimizer (FedAvg).
+    #[default]
+    Reset,
+}
+
+impl OptimizerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerState::Keep => "keep",
+            OptimizerState::Reset => "reset",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimizerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(OptimizerState::Keep),
+            "reset" => Ok(OptimizerState::Reset),
+            other => Err(format!("unknown optimizer state policy {other:?} (keep | reset)")),
+        }
+    }
+}
+
+/// How a site trains within a round besides the step budget (DESIGN.md §2.1 step 2). The
+/// defaults are the measured best of `scripts/quality_bench.sh` (see the README).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalPolicy {
+    pub optimizer_state: OptimizerState,
+    /// Heads-only steps on the freshly downloaded global backbone before the round's local
+    /// steps: re-fits the site's heads to the averaged backbone (MultiTalent's fine-tuning
+    /// trains heads first for the same reason). Not counted in the lr schedule.
+    pub head_warmup_steps: u32,
+    /// The last round trains the heads alone on the final global backbone, so that the
+    /// exported model pairs that backbone with heads fitted to it (otherwise each site's heads
+    /// fit its own drifted backbone, which the final average replaces).
+    pub final_heads_only: bool,
+}
+
+impl Default for LocalPolicy {
+    fn default() -> Self {
+        LocalPolicy { optimizer_state: OptimizerState::Reset, head_warmup_steps: 0, final_heads_only: false }
+    }
+}
+
 /// The federation plan, fixed for the whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -46,6 +99,7 @@ pub struct Plan {
     pub bf16_transport: bool,
     /// FIRENet per-site decoders: each site's decoder stays with it like its heads.
     pub site_decoders: bool,
+    pub local: LocalPolicy,
 }
 
 /// A class of the global model.

@@ -241,6 +241,7 @@ impl Agent {
         let spec = TrainerSpec {
             preset: &plan.preset,
             classes: &self.classes,
+            datasets: None,
             class_ids: ids,
             device: self.options.device,
             lr: plan.lr,
@@ -249,16 +250,16 @@ impl Agent {
             site_decoders: plan.site_decoders,
         };
         let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
-        let patch = trainer.trainer.net.topology().patch;
-        self.loader = Some(local::batch_loader(
-            &mut self.data,
-            patch,
-            plan.batch,
+        let stream = local::StreamSpec {
+            patch: trainer.trainer.net.topology().patch,
+            batch: plan.batch,
             norm,
-            self.config.site.seed,
-            self.config.site.threads,
-            self.options.device,
-        )?);
+            seed: local::stream_seed(self.config.site.seed, &site),
+            threads: self.config.site.threads,
+            device: self.options.device,
+            start: trainer.state.batches_drawn,
+        };
+        self.loader = Some(local::batch_loader(vec![std::mem::take(&mut self.data.train)], stream)?);
         self.trainer = Some(trainer);
         self.normalization = Some(norm);
         self.plan = Some(plan);
@@ -286,14 +287,22 @@ impl Agent {
         let mut loader = self.loader.take().expect("set up");
         let val = std::mem::take(&mut self.data.val);
         let norm = self.normalization.expect("set up");
-        let (evaluate, round, steps, offset, total) =
-            (work.evaluate, work.round, work.local_steps, work.step_offset, work.total_steps);
+        let plan = self.plan.as_ref().expect("set up");
+        let policy = plan.local;
+        let evaluate = work.evaluate;
+        let local_work = local::RoundWork {
+            round: work.round,
+            steps: work.local_steps,
+            step_offset: work.step_offset,
+            total_steps: work.total_steps,
+            last: work.round == plan.rounds,
+        };
         let result = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let dice = if evaluate && !val.is_empty() { trainer.evaluate(&val, &norm) } else { Ok(Vec::new()) };
             let eval_ms = t.elapsed().as_millis() as u64;
             let t = Instant::now();
-            let loss = dice.and_then(|dice| Ok((dice, trainer.train(&mut loader, steps, offset, total, round)?)));
+            let loss = dice.and_then(|dice| Ok((dice, trainer.train_round(&mut loader, &policy, &local_work)?)));
             (trainer, loader, val, loss, eval_ms, t.elapsed().as_millis() as u64)
         })
         .await?;

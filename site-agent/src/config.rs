@@ -36,9 +36,13 @@ pub struct SiteSection {
     /// CPU threads for preprocessing and batch loading.
     #[serde(default = "default_threads")]
     pub threads: usize,
-    /// Seed of the local data sampling.
+    /// Seed of the local data sampling (mixed with the site's name, see `local::stream_seed`).
     #[serde(default)]
     pub seed: u64,
+    /// libtorch's intra-op threads (default: libtorch's own choice, one per core). Several agents
+    /// sharing a machine should split its cores.
+    #[serde(default)]
+    pub torch_threads: Option<usize>,
 }
 
 fn default_device() -> String {

@@ -11,6 +11,7 @@ use fedtalent_data::{
 use fedtalent_model::infer::{sliding_window_probabilities, InferOptions};
 use fedtalent_model::train::{Precision, TrainConfig, Trainer};
 use fedtalent_model::{BatchTargets, ClassRegions, DiceMode, MultiTalentNet, Topology};
+use fedtalent_protocol::{LocalPolicy, OptimizerState};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -56,12 +57,27 @@ pub fn prepare_data(config: &SiteConfig, spacing: [f64; 3]) -> Result<LocalData>
 pub struct SiteState {
     pub last_round: u32,
     pub global_step: u64,
+    /// Batches taken from the loader so far (local steps plus head warm-up steps): where the
+    /// batch stream resumes after a restart.
+    #[serde(default)]
+    pub batches_drawn: u64,
+}
+
+/// The seed of a site's batch stream: the configured seed mixed with the site's name, so that
+/// sites left at the default seed still draw different patches and augmentations.
+pub fn stream_seed(seed: u64, site: &str) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&seed.to_le_bytes());
+    ctx.update(site.as_bytes());
+    u64::from_le_bytes(ctx.finish().as_ref()[..8].try_into().expect("8 bytes"))
 }
 
 /// The site's network (backbone + its own heads), optimizer and state directory.
 pub struct LocalTrainer {
     pub trainer: Trainer,
-    pub regions: ClassRegions,
+    /// Which classes of the network each dataset annotates (one dataset for a federated site;
+    /// several for pooled training), indexed like the loader's datasets.
+    pub regions: Vec<ClassRegions>,
     /// Global class ids of the site's classes, in the order of the local heads.
     pub class_ids: Vec<String>,
     pub state: SiteState,
@@ -72,7 +88,10 @@ pub struct LocalTrainer {
 
 pub struct TrainerSpec<'a> {
     pub preset: &'a str,
+    /// Every class of the network, in row order.
     pub classes: &'a [ClassRegion],
+    /// Rows (into `classes`) each dataset annotates; `None`: one dataset annotating all.
+    pub datasets: Option<Vec<Vec<usize>>>,
     pub class_ids: Vec<String>,
     pub device: Device,
     pub lr: f64,
@@ -115,9 +134,18 @@ impl LocalTrainer {
             );
         }
         let labels: Vec<Vec<u32>> = spec.classes.iter().map(|c| c.labels.clone()).collect();
+        let regions = match spec.datasets {
+            None => vec![ClassRegions::all_annotated(&labels)],
+            Some(rows) => rows
+                .iter()
+                .map(|rows| ClassRegions {
+                    regions: (0..labels.len()).map(|r| rows.contains(&r).then(|| labels[r].clone())).collect(),
+                })
+                .collect(),
+        };
         Ok(Self {
             trainer,
-            regions: ClassRegions::all_annotated(&labels),
+            regions,
             class_ids: spec.class_ids,
             state,
             site_decoder: spec.site_decoders,
@@ -147,6 +175,49 @@ impl LocalTrainer {
         fedtalent_model::io::write_bytes_atomic(&self.state_dir.join(SITE_STATE), json.as_bytes())
     }
 
+    /// Prepares the round's local training on a freshly loaded global model: applies the
+    /// optimizer-state policy, then re-fits the heads alone to the new backbone for
+    /// `head_warmup_steps` steps (at the round's learning rate; the schedule does not advance).
+    pub fn begin_round(&mut self, loader: &mut BatchLoader, policy: &LocalPolicy, step_offset: u64) -> Result<()> {
+        if policy.optimizer_state == OptimizerState::Reset {
+            self.trainer.optimizer.clear_momentum();
+        }
+        if policy.head_warmup_steps == 0 {
+            return Ok(());
+        }
+        self.trainer.freeze_backbone(true);
+        let warmed = (0..policy.head_warmup_steps).try_for_each(|_| {
+            self.trainer.step = step_offset;
+            self.step(loader).map(|_| ())
+        });
+        self.trainer.freeze_backbone(false);
+        // The heads' warm-up momentum would otherwise kick the first full steps.
+        if policy.optimizer_state == OptimizerState::Reset {
+            self.trainer.optimizer.clear_momentum();
+        }
+        warmed
+    }
+
+    /// A federation round's local training: [`LocalTrainer::begin_round`], then `steps` steps
+    /// (heads only in the last round when the policy says so); returns the mean loss.
+    pub fn train_round(&mut self, loader: &mut BatchLoader, policy: &LocalPolicy, work: &RoundWork) -> Result<f32> {
+        self.begin_round(loader, policy, work.step_offset)?;
+        let heads_only = policy.final_heads_only && work.last;
+        self.trainer.freeze_backbone(heads_only);
+        let loss = self.train(loader, work.steps, work.step_offset, work.total_steps, work.round);
+        self.trainer.freeze_backbone(false);
+        loss
+    }
+
+    /// One training step on the loader's next batch, each sample masked to its dataset's classes.
+    fn step(&mut self, loader: &mut BatchLoader) -> Result<fedtalent_model::train::StepStats> {
+        let batch = loader.next_batch()?;
+        self.state.batches_drawn += 1;
+        let refs: Vec<&ClassRegions> = batch.datasets.iter().map(|&d| &self.regions[d]).collect();
+        let targets = BatchTargets::new(&refs, batch.image.device())?;
+        self.trainer.train_step(&batch.image, &batch.labels, &targets)
+    }
+
     /// Runs `steps` local steps starting at global step `step_offset`; returns the mean loss.
     pub fn train(
         &mut self,
@@ -166,10 +237,7 @@ impl LocalTrainer {
         let mut sum = 0.0;
         let mut counted = 0u32;
         for _ in 0..steps {
-            let batch = loader.next_batch()?;
-            let refs: Vec<&ClassRegions> = (0..batch.image.size()[0]).map(|_| &self.regions).collect();
-            let targets = BatchTargets::new(&refs, batch.image.device())?;
-            let stats = self.trainer.train_step(&batch.image, &batch.labels, &targets)?;
+            let stats = self.step(loader)?;
             if !stats.skipped {
                 sum += stats.loss;
                 counted += 1;
@@ -204,7 +272,7 @@ impl LocalTrainer {
             let pred = probs.gt(0.5).to_device(Device::Cpu);
             let labels = Tensor::from_slice(&case.labels().iter().map(|&l| l as i64).collect::<Vec<_>>())
                 .view([1, 1, z as i64, y as i64, x as i64]);
-            let targets = BatchTargets::new(&[&self.regions], Device::Cpu)?.targets(&labels)?.squeeze_dim(0).gt(0.5);
+            let targets = BatchTargets::new(&[&self.regions[0]], Device::Cpu)?.targets(&labels)?.squeeze_dim(0).gt(0.5);
             for c in 0..classes {
                 let (p, t) = (pred.get(c as i64), targets.get(c as i64));
                 tp[c] += p.logical_and(&t).sum(Kind::Float).double_value(&[]);
@@ -220,17 +288,33 @@ impl LocalTrainer {
     }
 }
 
-/// A training batch source over the site's cases.
-pub fn batch_loader(
-    data: &mut LocalData,
-    patch: [i64; 3],
-    batch: u32,
-    norm: fedtalent_data::Normalization,
-    seed: u64,
-    threads: usize,
-    device: Device,
-) -> Result<BatchLoader> {
-    let cases = std::mem::take(&mut data.train);
-    let patch = patch.map(|p| p as usize);
-    BatchLoader::new(cases, LoaderOptions::new(patch, batch as usize, norm, seed, threads, device))
+/// What a round asks of a site's training.
+pub struct RoundWork {
+    pub round: u32,
+    pub steps: u32,
+    /// Global step of the round's first step, and of the whole federation (the poly schedule).
+    pub step_offset: u64,
+    pub total_steps: u64,
+    /// The federation's last round.
+    pub last: bool,
+}
+
+/// How a batch stream is drawn.
+pub struct StreamSpec {
+    pub patch: [i64; 3],
+    pub batch: u32,
+    pub norm: fedtalent_data::Normalization,
+    pub seed: u64,
+    pub threads: usize,
+    pub device: Device,
+    /// The first batch's index (a resumed site continues its stream).
+    pub start: u64,
+}
+
+/// A training batch source over the training cases of one or several datasets (pooled).
+pub fn batch_loader(datasets: Vec<Vec<PreprocessedCase>>, spec: StreamSpec) -> Result<BatchLoader> {
+    let patch = spec.patch.map(|p| p as usize);
+    let mut opts = LoaderOptions::new(patch, spec.batch as usize, spec.norm, spec.seed, spec.threads, spec.device);
+    opts.start_index = spec.start;
+    BatchLoader::pooled(datasets, opts)
 }

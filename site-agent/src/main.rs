@@ -7,6 +7,7 @@ mod device;
 mod evaluate;
 mod local;
 mod predict;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,9 +63,13 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 6)]
         cases: usize,
-        /// Volume shape z y x in voxels.
-        #[arg(long, num_args = 3, default_values_t = [48, 64, 64])]
+        /// Volume shape z y x in voxels; the field of view is physical (34–40 cm in-plane), so
+        /// this sets the spacing (96 512 512: clinical ~0.7 mm in-plane).
+        #[arg(long, num_args = 3, default_values_t = [48, 128, 128])]
         shape: Vec<usize>,
+        /// Also print each class's round-trip Dice ceiling at this target spacing (z y x, mm).
+        #[arg(long, num_args = 3)]
+        ceiling_spacing: Option<Vec<f64>>,
         /// liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide
         #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
         sites: Vec<String>,
@@ -78,6 +83,8 @@ enum Command {
         #[arg(long)]
         save: Option<PathBuf>,
     },
+    /// Train MultiTalent without a federation on one or several local datasets (alone / pooled).
+    Train(train::Args),
     /// Segment NIfTI volumes with an exported model, one mask per class.
     Predict(predict::Args),
     /// Per-class Dice and HD95 (mm) of an exported model on a labelled folder.
@@ -118,11 +125,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run { config, device, max_rounds, inject_fault } => {
             let config = config::SiteConfig::load(&config)?;
             let device = device::parse(device.as_deref().unwrap_or(&config.site.device))?;
+            if let Some(threads) = config.site.torch_threads {
+                tch::set_num_threads(threads as i32);
+            }
             let options = client::RunOptions { device, fault: inject_fault, max_rounds };
             tokio::runtime::Runtime::new()?.block_on(client::run(config, options))
         }
-        Command::Synth { out, seed, cases, shape, sites } => synth(out, seed, cases, &shape, &sites),
+        Command::Synth { out, seed, cases, shape, sites, ceiling_spacing } => {
+            synth(out, seed, cases, &shape, &sites, ceiling_spacing.as_deref())
+        }
         Command::ModelInfo { preset, classes, save } => model_info(&preset, classes, save),
+        Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -150,7 +163,14 @@ fn check(config: Option<PathBuf>, device: &str) -> Result<()> {
     Ok(())
 }
 
-fn synth(out: PathBuf, seed: u64, cases: usize, shape: &[usize], sites: &[String]) -> Result<()> {
+fn synth(
+    out: PathBuf,
+    seed: u64,
+    cases: usize,
+    shape: &[usize],
+    sites: &[String],
+    ceiling_spacing: Option<&[f64]>,
+) -> Result<()> {
     let kinds =
         sites.iter().map(|s| s.parse::<fedtalent_data::SiteKind>().context("--sites")).collect::<Result<Vec<_>>>()?;
     let opts = fedtalent_data::SynthOptions {
@@ -168,6 +188,16 @@ fn synth(out: PathBuf, seed: u64, cases: usize, shape: &[usize], sites: &[String
     let index = out.join("sites.json");
     fedtalent_model::io::write_bytes_atomic(&index, serde_json::to_string_pretty(&sites)?.as_bytes())?;
     println!("site list: {}", index.display());
+    if let Some(s) = ceiling_spacing {
+        let spacing = [s[0], s[1], s[2]];
+        let ceilings = fedtalent_data::round_trip_ceiling(&opts, spacing);
+        println!("round-trip Dice ceiling at {spacing:?} mm (ground truth -> target spacing -> back):");
+        for c in &ceilings {
+            println!("  {:<12} {:<16} {:.3}  ({} cases)", c.site, c.class, c.dice, c.cases);
+        }
+        let path = out.join("ceiling.json");
+        fedtalent_model::io::write_bytes_atomic(&path, serde_json::to_string_pretty(&ceilings)?.as_bytes())?;
+    }
     Ok(())
 }
 

@@ -23,14 +23,19 @@ pub struct AugmentConfig {
     pub p_scale: f64,
     pub scale_range: (f64, f64),
     pub p_noise: f64,
+    /// batchgenerators calls this range the noise "variance" but draws the std from it.
     pub noise_variance: (f64, f64),
     pub p_blur: f64,
+    /// batchgenerators' p_per_channel of the blur (a second coin per sample and channel).
+    pub p_blur_per_channel: f64,
     pub blur_sigma: (f64, f64),
     pub p_brightness: f64,
     pub brightness_range: (f64, f64),
     pub p_contrast: f64,
     pub contrast_range: (f64, f64),
     pub p_low_res: f64,
+    /// batchgenerators' p_per_channel of the simulated low resolution.
+    pub p_low_res_per_channel: f64,
     pub low_res_zoom: (f64, f64),
     pub p_gamma_inverted: f64,
     pub p_gamma: f64,
@@ -49,11 +54,13 @@ impl Default for AugmentConfig {
             noise_variance: (0.0, 0.1),
             p_blur: 0.2,
             blur_sigma: (0.5, 1.0),
+            p_blur_per_channel: 0.5,
             p_brightness: 0.15,
             brightness_range: (0.75, 1.25),
             p_contrast: 0.15,
             contrast_range: (0.75, 1.25),
             p_low_res: 0.25,
+            p_low_res_per_channel: 0.5,
             low_res_zoom: (0.5, 1.0),
             p_gamma_inverted: 0.1,
             p_gamma: 0.3,
@@ -66,6 +73,7 @@ impl Default for AugmentConfig {
 /// Applies [`AugmentConfig`] to batches.
 pub struct Augmenter {
     pub config: AugmentConfig,
+    seed: u64,
     rng: ChaCha8Rng,
 }
 
@@ -80,7 +88,14 @@ fn index_tensor(sel: &[i64], device: Device) -> Tensor {
 
 impl Augmenter {
     pub fn new(config: AugmentConfig, seed: u64) -> Self {
-        Augmenter { config, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Augmenter { config, seed, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// Augments batch `index` of a stream: its draws depend only on the seed and the index, so
+    /// a stream resumed at a later batch continues exactly (see [`Augmenter::apply`]).
+    pub fn apply_to_batch(&mut self, index: u64, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        self.rng = ChaCha8Rng::seed_from_u64(self.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        self.apply(image, labels)
     }
 
     /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device, with
@@ -108,7 +123,7 @@ impl Augmenter {
         let stds: Vec<f64> = (0..Self::batch(image))
             .map(|_| {
                 if self.rng.gen_bool(c.p_noise) {
-                    self.rng.gen_range(c.noise_variance.0..=c.noise_variance.1).sqrt()
+                    self.rng.gen_range(c.noise_variance.0..=c.noise_variance.1)
                 } else {
                     0.0
                 }
@@ -117,6 +132,9 @@ impl Augmenter {
         if stds.iter().all(|&s| s == 0.0) {
             return image.shallow_clone();
         }
+        // The noise voxels come from torch's generator: seed it from this stream so that the same
+        // seed gives the same noise (and hence the same model).
+        tch::manual_seed(self.rng.gen::<i64>());
         image + image.randn_like() * per_sample(&stds, image.device())
     }
 
@@ -125,7 +143,7 @@ impl Augmenter {
         let c = &self.config;
         let (mut sel, mut kernels) = (Vec::new(), Vec::new());
         for b in 0..Self::batch(image) {
-            if self.rng.gen_bool(c.p_blur) {
+            if self.rng.gen_bool(c.p_blur) && self.rng.gen_bool(c.p_blur_per_channel) {
                 let sigma = self.rng.gen_range(c.blur_sigma.0..=c.blur_sigma.1);
                 let w: Vec<f32> =
                     (-RADIUS..=RADIUS).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
@@ -187,7 +205,7 @@ impl Augmenter {
         let size = image.size();
         let mut out = image.shallow_clone();
         for b in 0..Self::batch(image) {
-            if !self.rng.gen_bool(self.config.p_low_res) {
+            if !(self.rng.gen_bool(self.config.p_low_res) && self.rng.gen_bool(self.config.p_low_res_per_channel)) {
                 continue;
             }
             let zoom = self.rng.gen_range(self.config.low_res_zoom.0..=self.config.low_res_zoom.1);

@@ -32,4 +32,4 @@ pub use preprocess::{
     PreprocessedCase,
 };
 pub use spatial::SpatialTransform;
-pub use synth::{generate_sites, GeneratedSite, SiteKind, SynthOptions};
+pub use synth::{generate_sites, round_trip_ceiling, ClassCeiling, GeneratedSite, SiteKind, SynthOptions};

@@ -27,6 +27,8 @@ pub struct Batch {
     pub labels: Tensor,
     /// Case id of each sample.
     pub case_ids: Vec<String>,
+    /// Dataset (index into the loader's datasets) of each sample: which classes it annotates.
+    pub datasets: Vec<usize>,
 }
 
 /// Settings of a [`BatchLoader`].
@@ -43,6 +45,9 @@ pub struct LoaderOptions {
     pub foreground_fraction: f64,
     /// Batches prepared ahead per thread.
     pub prefetch: usize,
+    /// Index of the first batch: batch `i` is the same whenever it is drawn, so a loader started
+    /// at the training step a site resumes from continues the stream where it stopped.
+    pub start_index: u64,
 }
 
 impl LoaderOptions {
@@ -64,6 +69,7 @@ impl LoaderOptions {
             augment: Some(AugmentConfig::default()),
             foreground_fraction: FOREGROUND_FRACTION,
             prefetch: 2,
+            start_index: 0,
         }
     }
 }
@@ -78,6 +84,7 @@ pub struct CpuBatch {
 /// One sample's region: the patch itself, or the larger context its spatial transform samples.
 struct CpuSample {
     case_id: String,
+    dataset: usize,
     region: [usize; 3],
     image: Vec<f32>,
     /// i32, not the device's i64: half the bytes to cut and to copy to the device.
@@ -101,6 +108,10 @@ impl CpuSample {
 
 /// Produces batches forever (until dropped). Batch `i` depends only on the seed and `i`, whatever
 /// the number of threads; batches are delivered in order.
+///
+/// With several datasets (pooled MultiTalent training), each sample first draws its dataset with
+/// probability proportional to sqrt(cases), the weighting the federation gives each site's
+/// backbone, then a case of it uniformly.
 pub struct BatchLoader {
     opts: LoaderOptions,
     rx: Option<Receiver<CpuBatch>>,
@@ -111,11 +122,50 @@ pub struct BatchLoader {
     augmenter: Option<Augmenter>,
 }
 
-fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) -> CpuBatch {
+/// The cases of each dataset and the cumulative sqrt(n) weights that choose among them.
+struct Pool {
+    datasets: Vec<Vec<PreprocessedCase>>,
+    cumulative: Vec<f64>,
+}
+
+impl Pool {
+    fn new(datasets: Vec<Vec<PreprocessedCase>>) -> Pool {
+        let mut total = 0.0;
+        let cumulative = datasets
+            .iter()
+            .map(|d| {
+                total += (d.len() as f64).sqrt();
+                total
+            })
+            .collect();
+        Pool { datasets, cumulative }
+    }
+
+    /// A dataset (sqrt(n)-weighted; no draw when there is one) and a case of it.
+    fn draw<R: Rng>(&self, rng: &mut R) -> (usize, &PreprocessedCase) {
+        let d = if self.datasets.len() == 1 {
+            0
+        } else {
+            let u = rng.gen_range(0.0..*self.cumulative.last().expect("a dataset"));
+            self.cumulative.iter().position(|&c| u < c).unwrap_or(self.datasets.len() - 1)
+        };
+        let cases = &self.datasets[d];
+        (d, &cases[rng.gen_range(0..cases.len())])
+    }
+}
+
+/// Whether sample `s` of a batch of `batch` is centred on foreground: nnU-Net's rule, the last
+/// round(fraction · batch) samples of every batch (one of two), not a coin per sample, so no batch
+/// goes without foreground.
+pub fn forced_foreground(s: usize, batch: usize, fraction: f64) -> bool {
+    s as f64 >= (batch as f64 * (1.0 - fraction)).round()
+}
+
+fn make_cpu_batch(pool: &Pool, opts: &LoaderOptions, index: u64) -> CpuBatch {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let samples = (0..opts.batch)
-        .map(|_| {
-            let case = &cases[rng.gen_range(0..cases.len())];
+        .map(|s| {
+            let (dataset, case) = pool.draw(&mut rng);
             let view = CaseView {
                 shape: case.meta.shape,
                 image: case.image(),
@@ -124,9 +174,11 @@ fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) 
             };
             let transform = opts.augment.as_ref().and_then(|c| SpatialTransform::draw(c, &mut rng));
             let region = transform.map_or(opts.patch, |t| t.source_size(opts.patch));
-            let p = sample_region(&view, opts.patch, region, &opts.normalization, opts.foreground_fraction, &mut rng);
+            let foreground = f64::from(u8::from(forced_foreground(s, opts.batch, opts.foreground_fraction)));
+            let p = sample_region(&view, opts.patch, region, &opts.normalization, foreground, &mut rng);
             CpuSample {
                 case_id: case.meta.id.clone(),
+                dataset,
                 region,
                 image: p.image,
                 labels: p.labels.iter().map(|&l| i32::from(l)).collect(),
@@ -138,7 +190,7 @@ fn make_cpu_batch(cases: &[PreprocessedCase], opts: &LoaderOptions, index: u64) 
 }
 
 fn worker(
-    cases: Arc<Vec<PreprocessedCase>>,
+    pool: Arc<Pool>,
     opts: LoaderOptions,
     counter: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -146,7 +198,7 @@ fn worker(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let index = counter.fetch_add(1, Ordering::Relaxed);
-        let batch = make_cpu_batch(&cases, &opts, index);
+        let batch = make_cpu_batch(&pool, &opts, index);
         if tx.send(batch).is_err() {
             break; // the loader was dropped
         }
@@ -154,26 +206,36 @@ fn worker(
 }
 
 impl BatchLoader {
+    /// A loader over one dataset's cases.
     pub fn new(cases: Vec<PreprocessedCase>, opts: LoaderOptions) -> Result<BatchLoader> {
-        ensure!(!cases.is_empty(), "no preprocessed cases to sample from");
+        Self::pooled(vec![cases], opts)
+    }
+
+    /// A loader over several datasets (see the type's doc for how samples choose one).
+    pub fn pooled(datasets: Vec<Vec<PreprocessedCase>>, opts: LoaderOptions) -> Result<BatchLoader> {
+        ensure!(!datasets.is_empty(), "no dataset to sample from");
+        for (i, d) in datasets.iter().enumerate() {
+            ensure!(!d.is_empty(), "dataset {i}: no preprocessed cases to sample from");
+        }
         ensure!(opts.batch > 0 && opts.patch.iter().all(|&p| p > 0), "batch and patch must be positive");
-        let cases = Arc::new(cases);
+        let pool = Arc::new(Pool::new(datasets));
         let threads = opts.threads.max(1);
         let (tx, rx) = sync_channel(opts.prefetch.max(1) * threads);
         let stop = Arc::new(AtomicBool::new(false));
-        let counter = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(AtomicU64::new(opts.start_index));
         let workers = (0..threads)
             .map(|t| {
-                let (cases, opts, counter, stop, tx) =
-                    (cases.clone(), opts.clone(), counter.clone(), stop.clone(), tx.clone());
+                let (pool, opts, counter, stop, tx) =
+                    (pool.clone(), opts.clone(), counter.clone(), stop.clone(), tx.clone());
                 std::thread::Builder::new()
                     .name(format!("fedtalent-loader-{t}"))
-                    .spawn(move || worker(cases, opts, counter, stop, tx))
+                    .spawn(move || worker(pool, opts, counter, stop, tx))
                     .map_err(|e| anyhow!("cannot start loader thread: {e}"))
             })
             .collect::<Result<Vec<_>>>()?;
         let augmenter = opts.augment.clone().map(|c| Augmenter::new(c, opts.seed.wrapping_add(1)));
-        Ok(BatchLoader { opts, rx: Some(rx), workers, stop, pending: BTreeMap::new(), next_index: 0, augmenter })
+        let next_index = opts.start_index;
+        Ok(BatchLoader { opts, rx: Some(rx), workers, stop, pending: BTreeMap::new(), next_index, augmenter })
     }
 
     /// The CPU stage alone: the next batch in order as cut by the loader threads (waits for it).
@@ -203,11 +265,12 @@ impl BatchLoader {
             cpu.samples.iter().map(|s| s.to_device(self.opts.patch, self.opts.device)).unzip();
         let (image, labels) = (Tensor::cat(&images, 0), Tensor::cat(&labels, 0));
         let (image, labels) = match &mut self.augmenter {
-            Some(a) => a.apply(&image, &labels),
+            Some(a) => a.apply_to_batch(cpu.index, &image, &labels),
             None => (image, labels),
         };
         debug_assert_eq!(labels.kind(), Kind::Int64);
-        Ok(Batch { image, labels, case_ids: cpu.samples.into_iter().map(|s| s.case_id).collect() })
+        let datasets = cpu.samples.iter().map(|s| s.dataset).collect();
+        Ok(Batch { image, labels, case_ids: cpu.samples.into_iter().map(|s| s.case_id).collect(), datasets })
     }
 }
 

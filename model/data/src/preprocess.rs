@@ -352,22 +352,24 @@ pub struct InferenceImage {
     pub affine: [[f64; 4]; 4],
 }
 
-/// Loads a raw image for inference (crop to nonzero, cubic resampling, CT normalization).
+/// Loads a raw image for inference (crop to nonzero, cubic resampling in HU, CT normalization).
 pub fn load_for_inference(path: &Path, target_spacing: [f64; 3], norm: &Normalization) -> Result<InferenceImage> {
     let vol = read_nifti(path)?;
     if vol.data.iter().any(|v| !v.is_finite()) {
         bail!("{}: image contains NaN or infinite voxels", path.display());
     }
     let bb = nonzero_bbox(&vol.data);
-    let mut img = crop(&vol.data, &bb);
-    img.mapv_inplace(|v| norm.apply(v));
+    let img = crop(&vol.data, &bb);
     let shape = [img.dim().0, img.dim().1, img.dim().2];
-    let image = resample(
+    // Resample in HU, then normalize: the order of the training cache (nnU-Net's), so a case
+    // predicted here looks exactly like the patches the network was trained on.
+    let mut image = resample(
         img.view(),
         target_shape(shape, vol.spacing, target_spacing),
         Interp::Cubic,
         anisotropy_axis(vol.spacing),
     );
+    image.mapv_inplace(|v| norm.apply(v));
     Ok(InferenceImage {
         image,
         original_shape: [vol.data.dim().0, vol.data.dim().1, vol.data.dim().2],

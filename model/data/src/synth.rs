@@ -1,9 +1,12 @@
 //! Phantom CT sites: CT-like volumes in HU with per-case anatomy, written as nnU-Net v2 folders
 //! for sites that each annotate a different, partly overlapping set of structures.
 //!
-//! Anatomy is defined in coordinates normalized to the field of view ([-1, 1] on each axis), so
-//! small test volumes and realistic 512x512 volumes show the same body; spacings only change the
-//! header. Everything derives from the seed: the same options give byte-identical files.
+//! Anatomy is defined in millimetres (a body about 30 cm across, organs of adult size), and each
+//! case draws its field of view (34–40 cm in-plane, 19–25 cm along z); the voxel grid `shape`
+//! then sets the spacing: `[96, 512, 512]` gives clinical CT spacings (0.7 mm in-plane, ~2.3 mm
+//! slices), `[48, 128, 128]` a coarse scan for CPU runs. Structures keep their physical size
+//! whatever the grid, so a model's target spacing decides what it can resolve, as with real
+//! data. Everything derives from the seed: the same options give byte-identical files.
 
 use std::path::{Path, PathBuf};
 
@@ -114,7 +117,7 @@ impl Default for SynthOptions {
         SynthOptions {
             seed: 0,
             cases_per_site: 4,
-            shape: [48, 64, 64],
+            shape: [48, 128, 128],
             sites: vec![SiteKind::Liver, SiteKind::Pancreas, SiteKind::MultiOrgan],
         }
     }
@@ -147,7 +150,7 @@ pub enum Structure {
     PancreasTumour = 8,
 }
 
-/// An ellipsoid in normalized coordinates, rotated about z by `angle`, with a wobbly surface.
+/// An ellipsoid in mm, rotated about z by `angle`, with a wobbly surface.
 #[derive(Debug, Clone, Copy)]
 struct Blob {
     centre: [f64; 3],
@@ -177,7 +180,7 @@ impl Blob {
         let theta = ry.atan2(rx);
         r * (1.0
             + self.wobble[0] * (2.0 * theta + self.wobble[2]).sin()
-            + self.wobble[1] * (3.0 * dz * 4.0).cos() * 0.5)
+            + self.wobble[1] * (5.4 * dz / self.radii[2]).cos() * 0.5)
     }
 
     fn contains(&self, p: [f64; 3]) -> bool {
@@ -223,50 +226,56 @@ struct Anatomy {
     texture: Vec<([f64; 3], f64, f64)>,
 }
 
-fn sphere_in<R: Rng>(rng: &mut R, organ: &Blob, rmin: f64, rmax: f64) -> Blob {
+/// A tumour: a sphere (slightly elongated along z) of radius `rmin..rmax` mm inside `organ`.
+fn tumour_in<R: Rng>(rng: &mut R, organ: &Blob, rmin: f64, rmax: f64) -> Blob {
     let r = rng.gen_range(rmin..rmax);
     let c: [f64; 3] = std::array::from_fn(|i| organ.centre[i] + rng.gen_range(-0.35..0.35) * organ.radii[i]);
-    Blob { centre: c, radii: [r, r, r * 1.3], angle: 0.0, wobble: [0.0; 3] }
+    Blob { centre: c, radii: [r, r, r * 1.2], angle: 0.0, wobble: [0.0; 3] }
 }
 
 impl Anatomy {
+    /// A random abdomen in mm: x left→right of the image, y anterior→posterior, z head→feet,
+    /// origin at the body's centre. Organ sizes follow adult abdominal CT (liver ~16 cm across,
+    /// kidneys ~11 cm long, pancreas ~15 cm long and 2–3 cm thick); tumours are 1–3 cm
+    /// (kidney, pancreas) and 2–5 cm (liver) across, sizes every class can be segmented at the
+    /// CPU preset's 3–4 mm spacing.
     fn random<R: Rng>(rng: &mut R) -> Anatomy {
-        let liver = Blob::random(rng, [-0.35, -0.05, -0.15], [0.33, 0.32, 0.45], 0.05);
+        let liver = Blob::random(rng, [-60.0, -5.0, -25.0], [75.0, 70.0, 75.0], 8.0);
         let vessels = (0..rng.gen_range(2..5))
             .map(|_| {
                 let a = liver.centre;
                 let b: [f64; 3] = std::array::from_fn(|i| a[i] + rng.gen_range(-0.9..0.9) * liver.radii[i]);
-                Tube { a, b, r: rng.gen_range(0.02..0.035) }
+                Tube { a, b, r: rng.gen_range(4.0..7.0) }
             })
             .collect();
-        let liver_tumours = (0..rng.gen_range(1..3)).map(|_| sphere_in(rng, &liver, 0.05, 0.11)).collect();
+        let liver_tumours = (0..rng.gen_range(1..3)).map(|_| tumour_in(rng, &liver, 12.0, 24.0)).collect();
         let kidneys = [
-            Blob::random(rng, [-0.32, 0.3, 0.2], [0.1, 0.12, 0.2], 0.03),
-            Blob::random(rng, [0.32, 0.3, 0.2], [0.1, 0.12, 0.2], 0.03),
+            Blob::random(rng, [-62.0, 45.0, 25.0], [26.0, 30.0, 52.0], 5.0),
+            Blob::random(rng, [62.0, 45.0, 30.0], [26.0, 30.0, 52.0], 5.0),
         ];
         let k = rng.gen_range(0..2);
-        let kidney_tumours = (0..rng.gen_range(0..2)).map(|_| sphere_in(rng, &kidneys[k], 0.04, 0.07)).collect();
-        let pancreas = Blob::random(rng, [0.05, 0.12, 0.05], [0.3, 0.07, 0.1], 0.03);
-        let pancreas_tumours = (0..rng.gen_range(0..2)).map(|_| sphere_in(rng, &pancreas, 0.035, 0.06)).collect();
+        let kidney_tumours = (0..rng.gen_range(0..2)).map(|_| tumour_in(rng, &kidneys[k], 10.0, 16.0)).collect();
+        let pancreas = Blob::random(rng, [10.0, 18.0, 5.0], [68.0, 15.0, 20.0], 5.0);
+        let pancreas_tumours = (0..rng.gen_range(0..2)).map(|_| tumour_in(rng, &pancreas, 11.0, 16.0)).collect();
         let gas = (0..rng.gen_range(2..6))
             .map(|_| {
-                let c = [rng.gen_range(-0.4..0.4), rng.gen_range(-0.45..-0.1), rng.gen_range(-0.2..0.9)];
-                Blob::random(rng, c, [0.06, 0.05, 0.08], 0.0)
+                let c = [rng.gen_range(-60.0..60.0), rng.gen_range(-75.0..-20.0), rng.gen_range(-30.0..110.0)];
+                Blob::random(rng, c, [14.0, 12.0, 18.0], 0.0)
             })
             .collect();
         let texture = (0..4)
             .map(|_| {
-                let k: [f64; 3] = std::array::from_fn(|_| rng.gen_range(-9.0..9.0));
+                let k: [f64; 3] = std::array::from_fn(|_| rng.gen_range(-0.06..0.06));
                 (k, rng.gen_range(0.0..std::f64::consts::TAU), rng.gen_range(3.0..8.0))
             })
             .collect();
         Anatomy {
-            body: [rng.gen_range(0.8..0.93), rng.gen_range(0.6..0.75)],
-            fat: rng.gen_range(0.04..0.1),
-            muscle: rng.gen_range(0.03..0.06),
-            spine: [rng.gen_range(-0.03..0.03), rng.gen_range(0.45..0.52), rng.gen_range(0.1..0.14)],
-            lung_top: rng.gen_range(-0.75..-0.45),
-            spleen: Blob::random(rng, [0.45, 0.1, -0.15], [0.12, 0.15, 0.2], 0.03),
+            body: [rng.gen_range(145.0..175.0), rng.gen_range(105.0..125.0)],
+            fat: rng.gen_range(8.0..22.0),
+            muscle: rng.gen_range(8.0..14.0),
+            spine: [rng.gen_range(-4.0..4.0), rng.gen_range(68.0..78.0), rng.gen_range(16.0..20.0)],
+            lung_top: rng.gen_range(-105.0..-75.0),
+            spleen: Blob::random(rng, [85.0, 20.0, -30.0], [30.0, 45.0, 50.0], 5.0),
             liver,
             vessels,
             liver_tumours,
@@ -283,16 +292,16 @@ impl Anatomy {
         self.texture.iter().map(|(k, ph, a)| a * (k[0] * p[0] + k[1] * p[1] + k[2] * p[2] + ph).sin()).sum()
     }
 
-    /// HU (before noise) and structure at p = (x, y, z) in normalized coordinates.
+    /// HU (before noise) and structure at p = (x, y, z) in mm.
     fn voxel(&self, p: [f64; 3]) -> (f64, Structure) {
         let [x, y, z] = p;
-        let waist = 1.0 + 0.04 * (z * 2.5).sin();
+        let waist = 1.0 + 0.04 * (z / 45.0).sin();
         let body_r = ((x / (self.body[0] * waist)).powi(2) + (y / (self.body[1] * waist)).powi(2)).sqrt();
         if body_r >= 1.0 {
             return (-1000.0, Structure::None);
         }
         let depth = (1.0 - body_r) * self.body[1];
-        if depth < self.fat * 0.25 {
+        if depth < 2.5 {
             return (40.0, Structure::None); // skin
         }
         if depth < self.fat {
@@ -305,7 +314,7 @@ impl Anatomy {
         if spine_d < self.spine[2] {
             return (if spine_d > self.spine[2] * 0.8 { 900.0 } else { 250.0 }, Structure::None);
         }
-        if z < self.lung_top && y < 0.35 && x.abs() > 0.12 && body_r < 0.8 {
+        if z < self.lung_top && y < 50.0 && x.abs() > 20.0 && body_r < 0.8 {
             return (-850.0, Structure::None);
         }
         let (mut hu, mut s) = (15.0, Structure::None);
@@ -333,16 +342,23 @@ impl Anatomy {
     }
 }
 
-/// Renders a case: HU image (with texture and noise) and the structure map.
-fn render(anatomy: &Anatomy, shape: [usize; 3], rng: &mut ChaCha8Rng) -> (Array3<i16>, Array3<u8>) {
+/// Renders a case on a grid of `shape` voxels of `spacing` mm centred on the body (z offset by
+/// `z_shift` mm): HU image (with texture and noise) and the structure map.
+fn render(
+    anatomy: &Anatomy,
+    shape: [usize; 3],
+    spacing: [f64; 3],
+    z_shift: f64,
+    rng: &mut ChaCha8Rng,
+) -> (Array3<i16>, Array3<u8>) {
     let [nz, ny, nx] = shape;
-    let norm = |i: usize, n: usize| (i as f64 + 0.5) / n as f64 * 2.0 - 1.0;
+    let mm = |i: usize, n: usize, s: f64| (i as f64 + 0.5 - n as f64 / 2.0) * s;
     let mut image = Array3::<i16>::zeros((nz, ny, nx));
     let mut structures = Array3::<u8>::zeros((nz, ny, nx));
     for z in 0..nz {
         for y in 0..ny {
             for x in 0..nx {
-                let p = [norm(x, nx), norm(y, ny), norm(z, nz)];
+                let p = [mm(x, nx, spacing[2]), mm(y, ny, spacing[1]), mm(z, nz, spacing[0]) + z_shift];
                 let (hu, s) = anatomy.voxel(p);
                 let tex = if hu > -500.0 { anatomy.texture(p) } else { 0.0 };
                 let v = hu + tex + 12.0 * normal(rng);
@@ -425,18 +441,22 @@ pub struct PhantomCase {
     pub spacing: [f64; 3],
 }
 
-/// Generates one case deterministically from (seed, stream, index).
+/// Generates one case deterministically from (seed, stream, index): its field of view is drawn
+/// and divided into `shape` voxels (see the module doc).
 pub fn phantom_case(seed: u64, stream: &str, index: usize, shape: [usize; 3]) -> PhantomCase {
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, stream, index));
     let anatomy = Anatomy::random(&mut rng);
-    let sxy = rng.gen_range(0.7..0.8);
-    let sz = rng.gen_range(1.0..5.0);
+    let fov_xy = rng.gen_range(340.0..400.0);
+    let fov_z = rng.gen_range(190.0..250.0);
+    let z_shift = rng.gen_range(-10.0..10.0);
+    let spacing = [fov_z / shape[0] as f64, fov_xy / shape[1] as f64, fov_xy / shape[2] as f64];
     let origin = [rng.gen_range(-200.0..-150.0), rng.gen_range(-200.0..-150.0), rng.gen_range(-400.0..0.0)];
     // x and y axes flipped, as typical for CT stored in LPS and viewed in RAS.
+    let [sz, sy, sx] = spacing;
     let affine =
-        [[-sxy, 0.0, 0.0, -origin[0]], [0.0, -sxy, 0.0, -origin[1]], [0.0, 0.0, sz, origin[2]], [0.0, 0.0, 0.0, 1.0]];
-    let (image, structures) = render(&anatomy, shape, &mut rng);
-    PhantomCase { image, structures, header: SpatialHeader::from_affine(&affine), spacing: [sz, sxy, sxy] }
+        [[-sx, 0.0, 0.0, -origin[0]], [0.0, -sy, 0.0, -origin[1]], [0.0, 0.0, sz, origin[2]], [0.0, 0.0, 0.0, 1.0]];
+    let (image, structures) = render(&anatomy, shape, spacing, z_shift, &mut rng);
+    PhantomCase { image, structures, header: SpatialHeader::from_affine(&affine), spacing }
 }
 
 fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
@@ -498,4 +518,64 @@ pub fn generate_sites(out_dir: impl AsRef<Path>, opts: &SynthOptions) -> Result<
         tracing::info!(site = kind.name(), cases = opts.cases_per_site, "phantom site written");
     }
     Ok(sites)
+}
+
+/// One class's round-trip ceiling: the Dice a perfect model at `target_spacing` could reach on the
+/// original grid.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassCeiling {
+    pub site: String,
+    pub class: String,
+    /// Mean over the cases where the class is present.
+    pub dice: f64,
+    pub cases: usize,
+}
+
+/// The resolution limit of every class of `opts.sites` at `target_spacing`: each phantom's ground
+/// truth is resampled to the target spacing (per-label linear, as preprocessing does) and the
+/// class masks back to the original grid (linear probabilities thresholded at 0.5, as predict
+/// does); the Dice against the original mask is what a perfect network could score.
+pub fn round_trip_ceiling(opts: &SynthOptions, target_spacing: [f64; 3]) -> Vec<ClassCeiling> {
+    use crate::resample::{anisotropy_axis, resample, resample_labels, target_shape, Interp, LabelInterp};
+    let mut out = Vec::new();
+    for (k, &kind) in opts.sites.iter().enumerate() {
+        let classes = kind.labels().1;
+        let mut sums = vec![(0.0, 0usize); classes.len()];
+        for i in 0..opts.cases_per_site {
+            let case = phantom_case(opts.seed, &format!("{}-{k}", kind.name()), i, opts.shape);
+            let labels = encode_labels(kind, &case.structures).mapv(u16::from);
+            let shape = opts.shape;
+            let axis = anisotropy_axis(case.spacing);
+            let low = resample_labels(
+                &labels,
+                target_shape(shape, case.spacing, target_spacing),
+                LabelInterp::PerLabelLinear,
+                axis,
+            );
+            for (c, class) in classes.iter().enumerate() {
+                let truth = labels.mapv(|l| class.labels.contains(&u32::from(l)));
+                let low_mask = low.mapv(|l| if class.labels.contains(&u32::from(l)) { 1.0f32 } else { 0.0 });
+                let back = resample(low_mask.view(), shape, Interp::Linear, axis);
+                let (mut tp, mut total) = (0usize, 0usize);
+                for (&t, &p) in truth.iter().zip(back.iter()) {
+                    let p = p > 0.5;
+                    tp += usize::from(t && p);
+                    total += usize::from(t) + usize::from(p);
+                }
+                if truth.iter().any(|&t| t) {
+                    sums[c].0 += 2.0 * tp as f64 / total as f64;
+                    sums[c].1 += 1;
+                }
+            }
+        }
+        for (class, (sum, n)) in classes.iter().zip(sums) {
+            out.push(ClassCeiling {
+                site: kind.name().into(),
+                class: class.name.clone(),
+                dice: if n > 0 { sum / n as f64 } else { f64::NAN },
+                cases: n,
+            });
+        }
+    }
+    out
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Quality benchmark: does federating help? For each seed, the same phantom sites and the same
+# local steps per site are trained three ways, and every model is scored on held-out phantoms
+# of other seeds (each site's own annotation protocol):
+#   alone      `site-agent train` on one site's data (one model per site)
+#   pooled     `site-agent train` on all sites' data (MultiTalent's own, centralised setting;
+#              as many steps as all sites together)
+#   federated  `coordinator simulate` (QUIC + mTLS on loopback, one site agent per site)
+# Prints a per-class Dice table (mean ± sd over seeds) with the three side by side, the mean per
+# site and the sd of the per-seed means, and writes $OUT/quality.json.
+#
+#   scripts/quality_bench.sh
+#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (30),
+#        BENCH_STEPS (50: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
+#        BENCH_HELDOUT (4 cases per site), BENCH_SITES (liver,pancreas,multiorgan),
+#        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_FED_ARGS (extra `simulate` flags,
+#        e.g. "--optimizer-state keep --head-warmup-steps 10")
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
+SEEDS=(${BENCH_SEEDS:-1 2 3})
+ROUNDS="${BENCH_ROUNDS:-30}"
+STEPS="${BENCH_STEPS:-50}"
+CASES="${BENCH_CASES:-8}"
+HELDOUT="${BENCH_HELDOUT:-4}"
+SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
+PRESET="${BENCH_PRESET:-tiny}"
+DEVICE="${BENCH_DEVICE:-auto}"
+read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
+IFS=',' read -r -a SITE_LIST <<< "$SITES"
+TOTAL=$((ROUNDS * STEPS))
+
+scripts/setup.sh >/dev/null
+. scripts/env.sh
+cargo build --release --workspace --bins --quiet
+BIN="$PWD/target/release"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+started=$(date +%s)
+
+evaluate() { # model dir, seed, json prefix
+  for dataset in "$OUT/heldout-$2"/Dataset*; do
+    local site="${dataset##*/}"; site="${site#Dataset*_}"
+    [ -f "$1/model.json" ] || continue
+    if grep -q "\"site\": \"$site\"" "$1/model.json"; then
+      "$BIN/site-agent" evaluate --model "$1" --data "$dataset" --site "$site" --device "$DEVICE" \
+        --json "$3_$site.json" >/dev/null 2>>"$OUT/log.txt"
+    fi
+  done
+}
+
+for seed in "${SEEDS[@]}"; do
+  echo "== seed $seed: $ROUNDS rounds x $STEPS steps per site; held-out phantoms of seed $((1000 + seed))"
+  "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \
+    --sites "$SITES" >/dev/null 2>>"$OUT/log.txt"
+  t=$(date +%s)
+  "$BIN/coordinator" simulate --out "$OUT/fed-$seed" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
+    --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "${FED_ARGS[@]}" \
+    >/dev/null 2>>"$OUT/log.txt"
+  echo "   federated: $(( $(date +%s) - t )) s"
+  evaluate "$OUT/fed-$seed/model" "$seed" "$OUT/fed-$seed/heldout"
+  # The same phantoms and site configs as the federation (and its preprocessing cache).
+  site_args=()
+  for site in "${SITE_LIST[@]}"; do
+    t=$(date +%s)
+    "$BIN/site-agent" train --site "$OUT/fed-$seed/$site/site.toml" --preset "$PRESET" --steps "$TOTAL" \
+      --seed "$seed" --device "$DEVICE" --out "$OUT/alone-$seed-$site" >/dev/null 2>>"$OUT/log.txt"
+    echo "   alone $site: $(( $(date +%s) - t )) s"
+    evaluate "$OUT/alone-$seed-$site/model" "$seed" "$OUT/alone-$seed-$site/heldout"
+    site_args+=(--site "$OUT/fed-$seed/$site/site.toml")
+  done
+  t=$(date +%s)
+  "$BIN/site-agent" train "${site_args[@]}" --preset "$PRESET" --steps $((TOTAL * ${#SITE_LIST[@]})) \
+    --seed "$seed" --device "$DEVICE" --out "$OUT/pooled-$seed" >/dev/null 2>>"$OUT/log.txt"
+  echo "   pooled: $(( $(date +%s) - t )) s"
+  evaluate "$OUT/pooled-$seed/model" "$seed" "$OUT/pooled-$seed/heldout"
+done
+echo "== total $(( $(date +%s) - started )) s"
+
+"$VIRTUAL_ENV/bin/python" scripts/quality_table.py "$OUT" "${SEEDS[@]}"

@@ -1,0 +1,107 @@
+"""Table of scripts/quality_bench.sh: per-class held-out Dice of alone / pooled / federated training,
+mean ± sd over seeds, the per-site means, the issue's targets checked, and quality.json.
+
+usage: quality_table.py OUT SEED [SEED ...]
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+out, seeds = sys.argv[1], sys.argv[2:]
+METHODS = ["alone", "pooled", "federated"]
+
+
+def read(pattern):
+    """class id -> mean Dice, from the evaluate JSONs matching pattern."""
+    dice = {}
+    for f in sorted(glob.glob(pattern)):
+        for c in json.load(open(f))["classes"]:
+            if c["mean_dice"] is not None:
+                dice[c["id"]] = c["mean_dice"]
+    return dice
+
+
+# per seed: method -> class id -> Dice
+runs = {}
+for s in seeds:
+    alone = {}
+    for d in glob.glob(f"{out}/alone-{s}-*"):
+        alone.update(read(f"{d}/heldout_*.json"))
+    runs[s] = {
+        "alone": alone,
+        "pooled": read(f"{out}/pooled-{s}/heldout_*.json"),
+        "federated": read(f"{out}/fed-{s}/heldout_*.json"),
+    }
+
+classes = sorted({c for r in runs.values() for m in r.values() for c in m})
+sites = sorted({c.split("/")[0] for c in classes})
+
+
+def stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(mean_sd):
+    m, sd = mean_sd
+    return "   -        " if m is None else f"{m:.3f} ± {sd:.3f}"
+
+
+table = {}
+print(f"\nheld-out Dice, mean ± sd over seeds {' '.join(seeds)} ({out}/quality.json)")
+print(f"{'class':<28}" + "".join(f"{m:>16}" for m in METHODS))
+for c in classes:
+    row = {m: stats([runs[s][m].get(c) for s in seeds]) for m in METHODS}
+    table[c] = row
+    print(f"{c:<28}" + "".join(f"{fmt(row[m]):>16}" for m in METHODS))
+
+# The mean over a site's classes, per seed, then over seeds.
+site_means = {}
+print()
+for site in sites + ["all"]:
+    own = [c for c in classes if site == "all" or c.startswith(site + "/")]
+    per_seed = {
+        m: [statistics.mean([runs[s][m].get(c, 0.0) for c in own]) for s in seeds if runs[s][m]] for m in METHODS
+    }
+    site_means[site] = {m: stats(per_seed[m]) for m in METHODS}
+    print(f"{'mean ' + site:<28}" + "".join(f"{fmt(site_means[site][m]):>16}" for m in METHODS))
+
+print("\ntargets (issue 13):")
+
+
+def check(ok, text):
+    print(f"  [{'x' if ok else ' '}] {text}")
+    return ok
+
+
+def mean_of(c, m):
+    return table.get(c, {}).get(m, (None, None))[0]
+
+
+results = []
+for site in sites:
+    a, f = site_means[site]["alone"][0], site_means[site]["federated"][0]
+    results.append(check(a is not None and f is not None and f >= a, f"{site}: federated mean {f} >= alone {a}"))
+f_all, p_all = site_means["all"]["federated"][0], site_means["all"]["pooled"][0]
+results.append(check(f_all is not None and p_all is not None and f_all >= p_all - 0.03,
+                     f"federated mean {f_all} within 0.03 of pooled {p_all}"))
+for c in classes:
+    name = c.split("/")[1]
+    f = mean_of(c, "federated")
+    if name in ("liver", "kidneys", "spleen"):
+        results.append(check(f is not None and f >= 0.85, f"{c}: federated {f} >= 0.85"))
+    if name.endswith("tumour"):
+        a = mean_of(c, "alone")
+        results.append(check(f is not None and a is not None and f >= 0.9 * a, f"{c}: federated {f} >= 0.9 x alone {a}"))
+sd = site_means["all"]["federated"][1]
+results.append(check(sd is not None and sd <= 0.05, f"sd of the per-seed federated mean {sd} <= 0.05"))
+print(f"  {sum(results)}/{len(results)} met")
+
+json.dump(
+    {"seeds": seeds, "runs": runs, "classes": {c: {m: list(v) for m, v in r.items()} for c, r in table.items()},
+     "site_means": {s: {m: list(v) for m, v in r.items()} for s, r in site_means.items()}},
+    open(os.path.join(out, "quality.json"), "w"), indent=2)
