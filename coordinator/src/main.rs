@@ -112,6 +112,9 @@ struct SimulateArgs {
     rounds: u32,
     #[arg(long, default_value_t = 100)]
     local_steps: u32,
+    /// Rounds between validations of the global model at the sites (default: 5 per run).
+    #[arg(long)]
+    eval_every: Option<u32>,
     #[arg(long, default_value_t = 2)]
     batch: u32,
     /// Cases per site.
@@ -143,6 +146,7 @@ impl SimulateArgs {
                 }
             },
             rounds: self.rounds,
+            eval_every: self.eval_every.unwrap_or((self.rounds / 5).max(1)),
             local_steps: self.local_steps,
             batch: self.batch,
             cases: self.cases,

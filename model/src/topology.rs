@@ -277,8 +277,8 @@ pub fn tiny() -> Topology {
         ],
         decoder_convs: 2,
         ds_weights: nnunet_v1_ds_weights(3, true),
-        patch: [16, 32, 32],
-        spacing: [4.0, 3.0, 3.0],
+        patch: [16, 48, 48],
+        spacing: [5.0, 4.0, 4.0],
         firenet: None,
     }
 }
@@ -309,8 +309,8 @@ pub fn firenet_tiny() -> Topology {
         firenet: Some(FireNetSpec { nodes: 2, ..FireNetSpec::default() }),
         name: "firenet-tiny".into(),
         stages: vec![stage(8, [1, 1, 1], K3, 1), stage(8, [2, 2, 2], K3, 1), stage(16, [2, 2, 2], K3, 1)],
-        patch: [16, 32, 32],
-        spacing: [4.0, 3.0, 3.0],
+        patch: [16, 48, 48],
+        spacing: [5.0, 4.0, 4.0],
         ..firenet()
     }
 }

@@ -106,3 +106,58 @@ fn poly_schedule() {
     assert!((poly_lr(0.01, 50, 100) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
     assert_eq!(poly_lr(0.01, 100, 100), 0.0);
 }
+
+/// Heads-only steps (the round-start warm-up and the final heads round of a federation): the
+/// backbone and its momentum stay bit-identical, the heads move; clearing momentum empties it.
+#[test]
+fn frozen_backbone_trains_only_the_heads_and_momentum_can_be_cleared() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(0);
+    let topo = Topology::preset("tiny").unwrap();
+    let net = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
+    let regions = ClassRegions::all_annotated(&[vec![1, 2], vec![2]]);
+    let targets = BatchTargets::new(&[&regions, &regions], Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(net, TrainConfig::default()).unwrap();
+    let (image, labels) = synthetic_batch();
+    trainer.train_step(&image, &labels, &targets).unwrap();
+    let snapshot = |t: &Trainer| -> Vec<(String, bool, Tensor, Option<Tensor>)> {
+        t.net
+            .params()
+            .iter()
+            .map(|p| {
+                let head = matches!(p.role, fedtalent_model::params::Role::Head { .. });
+                (p.name.clone(), head, p.tensor.detach().copy(), t.optimizer.momentum_buffer(&p.name).map(|m| m.copy()))
+            })
+            .collect()
+    };
+    let before = snapshot(&trainer);
+    trainer.freeze_backbone(true);
+    for _ in 0..3 {
+        trainer.train_step(&image, &labels, &targets).unwrap();
+    }
+    trainer.freeze_backbone(false);
+    let after = snapshot(&trainer);
+    let mut heads_moved = 0;
+    for ((name, head, old, old_m), (_, _, new, new_m)) in before.iter().zip(&after) {
+        if *head {
+            heads_moved += usize::from(!old.equal(new));
+        } else {
+            assert!(old.equal(new), "backbone tensor {name} changed in a heads-only step");
+            let same_momentum = match (old_m, new_m) {
+                (Some(a), Some(b)) => a.equal(b),
+                (None, None) => true,
+                _ => false,
+            };
+            assert!(same_momentum, "momentum of backbone tensor {name} changed in a heads-only step");
+        }
+    }
+    assert!(heads_moved > 0, "no head moved in heads-only steps");
+    // Unfrozen again, the backbone trains.
+    trainer.train_step(&image, &labels, &targets).unwrap();
+    let name = &before.iter().find(|p| !p.1).unwrap().0;
+    let first = trainer.net.params().iter().find(|p| &p.name == name).unwrap().tensor.detach();
+    assert!(!first.equal(&after.iter().find(|p| &p.0 == name).unwrap().2), "backbone stayed frozen");
+    assert!(trainer.optimizer.momentum_buffer(name).is_some());
+    trainer.optimizer.clear_momentum();
+    assert!(trainer.net.params().iter().all(|p| trainer.optimizer.momentum_buffer(&p.name).is_none()));
+}

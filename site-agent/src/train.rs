@@ -44,6 +44,9 @@ pub struct Args {
     /// Output folder: `state/` (checkpoints) and `model/` (the exported model).
     #[arg(long)]
     out: PathBuf,
+    /// Test mode: stop (without exporting) at the first checkpoint at or after this step.
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<u64>,
 }
 
 /// A dataset of the run: its site's name, classes and preprocessed cases.
@@ -81,6 +84,8 @@ pub fn run(args: Args) -> Result<()> {
         site_decoders: false,
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
+    // A resumed run continues at its checkpoint's step (the schedule and the batch stream).
+    trainer.trainer.step = trainer.state.global_step;
     // One dataset draws the stream its site draws in a federation; several, a stream of their own.
     let stream_name = if sources.len() == 1 { sources[0].site.clone() } else { "pooled".to_string() };
     let stream = StreamSpec {
@@ -100,6 +105,10 @@ pub fn run(args: Args) -> Result<()> {
         let loss = trainer.train(&mut loader, chunk as u32, start, args.steps, chunk_index)?;
         trainer.save(chunk_index)?;
         info!(step = trainer.trainer.step, total = args.steps, loss, "checkpoint written");
+        if args.stop_after_steps.is_some_and(|s| trainer.trainer.step >= s && trainer.trainer.step < args.steps) {
+            info!(step = trainer.trainer.step, "stopping as asked (resume by running again)");
+            return Ok(());
+        }
     }
     let dir = export(&trainer, &args.preset, norm, classes, &args.out.join("model"))?;
     println!("model exported to {}", dir.display());

@@ -49,6 +49,8 @@ pub struct Plan {
     pub preset: &'static str,
     /// FIRENet presets: one decoder per site, kept by its owner.
     pub per_site_decoders: bool,
+    /// `[plan.local]` lines (the round-boundary policy); empty: the defaults.
+    pub local: &'static str,
 }
 
 impl Default for Plan {
@@ -60,11 +62,12 @@ impl Default for Plan {
             deadline_s: 120,
             eval_every: 1,
             cases: 4,
-            shape: [40, 64, 64],
+            shape: [24, 48, 48],
             exit_when_done: true,
             bf16_transport: false,
             preset: "tiny",
             per_site_decoders: false,
+            local: "",
         }
     }
 }
@@ -136,13 +139,14 @@ impl LocalFederation {
              [plan]\npreset = {:?}\nper_site_decoders = {}\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\nbf16_transport = {}\n",
             self.port, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
         );
+        let text = if p.local.is_empty() { text } else { format!("{text}\n[plan.local]\n{}\n", p.local) };
         fs::write(self.config_path(), text).unwrap();
     }
 
     fn write_site_toml(&self, site: &str, dataset: &Path, classes: &str) {
         let text = format!(
             "[site]\nname = {site:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = \"{site}.crt\"\nkey = \"{site}.key\"\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n\
-             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = [2.5, 1.5, 1.5]\nclasses = [{classes}]\n",
+             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = [4.0, 3.0, 3.0]\nclasses = [{classes}]\n",
             self.port,
             dataset.display().to_string()
         );

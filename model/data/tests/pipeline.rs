@@ -22,7 +22,7 @@ fn config_for(site: &GeneratedSite, cache: &Path) -> SiteDataConfig {
         classes: site.classes.clone(),
         val_cases: ValCases::Count(1),
         cache_dir: cache.to_path_buf(),
-        target_spacing: [3.0, 1.5, 1.5],
+        target_spacing: [6.0, 4.0, 4.0],
         label_interp: LabelInterp::Nearest,
     }
 }
@@ -195,7 +195,7 @@ fn preprocessing_cache_is_reused_and_invalidated() {
     let a = preprocess_case(case, &opts, &cache).unwrap();
     let src = read_nifti(&case.image).unwrap();
     // 16 slices at 1-5 mm to 3 mm, 32 at ~0.75 mm to 1.5 mm.
-    assert_eq!(a.meta.shape, resample::target_shape(a.meta.original_shape, src.spacing, [3.0, 1.5, 1.5]));
+    assert_eq!(a.meta.shape, resample::target_shape(a.meta.original_shape, src.spacing, [6.0, 4.0, 4.0]));
     assert_eq!(a.meta.class_locations.len(), 2);
     assert!(!a.meta.class_locations[0].is_empty());
     assert!(a.meta.histogram.total() > 0);
@@ -321,7 +321,7 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
 fn inference_images_map_back_to_the_original_geometry() {
     let dir = tempfile::tempdir().unwrap();
     let sites = small_sites(dir.path(), 6);
-    let inf = load_for_inference(&sites[0].test_image, [3.0, 1.5, 1.5], &Normalization::PAPER).unwrap();
+    let inf = load_for_inference(&sites[0].test_image, [6.0, 4.0, 4.0], &Normalization::PAPER).unwrap();
     let src = read_nifti(&sites[0].test_image).unwrap();
     assert_eq!(inf.original_shape, [src.data.dim().0, src.data.dim().1, src.data.dim().2]);
     let (z, y, x) = inf.image.dim();
@@ -329,4 +329,52 @@ fn inference_images_map_back_to_the_original_geometry() {
     let back = inf.probabilities_to_original(&probs, resample::Interp::Cubic);
     assert_eq!(back.dim(), (2, inf.original_shape[0], inf.original_shape[1], inf.original_shape[2]));
     assert!(back.iter().all(|&p| (p - 0.75).abs() < 1e-5 || p == 0.0));
+}
+
+/// Seeding: batch i is the same whether the stream starts at 0 or resumes at i (augmentation and
+/// its torch noise included); another seed draws other batches; two datasets are both sampled.
+#[test]
+fn batch_streams_are_seeded_and_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = small_sites(dir.path(), 4);
+    let prepared = |site: usize| {
+        let cfg = config_for(&sites[site], &dir.path().join("cache"));
+        let ds = Dataset::open(&cfg).unwrap();
+        let opts = preprocess::PreprocessOptions::from_dataset(&ds);
+        let (cases, failed) = preprocess::preprocess_cases(&ds.cases, &opts, &cfg.cache_dir, 2);
+        assert!(failed.is_empty());
+        cases
+    };
+    let all_on = AugmentConfig { p_noise: 1.0, p_blur: 1.0, p_blur_per_channel: 1.0, ..AugmentConfig::default() };
+    let load = |seed: u64, start: u64| {
+        let mut o = LoaderOptions::new([16, 24, 24], 2, Normalization::PAPER, seed, 2, Device::Cpu);
+        o.augment = Some(all_on.clone());
+        o.start_index = start;
+        BatchLoader::pooled(vec![prepared(0), prepared(1)], o).unwrap()
+    };
+    let mut from_start = load(5, 0);
+    let batches: Vec<_> = (0..6).map(|_| from_start.next_batch().unwrap()).collect();
+    // Torch's generator moved on meanwhile: the resumed stream must not depend on it.
+    let _ = Tensor::randn([100], (Kind::Float, Device::Cpu));
+    let mut resumed = load(5, 4);
+    for b in &batches[4..] {
+        let r = resumed.next_batch().unwrap();
+        assert_eq!(r.case_ids, b.case_ids);
+        assert!(r.image.equal(&b.image) && r.labels.equal(&b.labels), "a resumed stream drew another batch");
+    }
+    let mut other = load(6, 0);
+    let o = other.next_batch().unwrap();
+    assert!(!o.image.equal(&batches[0].image), "another seed drew the same batch");
+    let datasets: BTreeSet<usize> = batches.iter().flat_map(|b| b.datasets.clone()).collect();
+    assert_eq!(datasets, BTreeSet::from([0, 1]), "pooled sampling left a dataset out");
+}
+
+/// nnU-Net's oversampling: the last round(1/3 · batch) samples of every batch are centred on
+/// foreground (one of two, one of three, two of four), never a coin per sample.
+#[test]
+fn foreground_samples_are_forced_per_batch() {
+    use fedtalent_data::loader::forced_foreground;
+    let count = |batch: usize| (0..batch).filter(|&s| forced_foreground(s, batch, 1.0 / 3.0)).count();
+    assert_eq!([count(1), count(2), count(3), count(4), count(6)], [0, 1, 1, 1, 2]);
+    assert!(forced_foreground(1, 2, 1.0 / 3.0) && !forced_foreground(0, 2, 1.0 / 3.0));
 }

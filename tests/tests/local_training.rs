@@ -1,0 +1,94 @@
+//! `site-agent train` against the federation: a one-site federation whose round-boundary policy
+//! is neutral (momentum kept, no head warm-up) is the same training as `site-agent train` on that
+//! site's data, and training is fully seeded.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use fedtalent_tests::{binary, read_tensors, run_ok, wait_child, Children, LocalFederation, Plan};
+
+fn train(site_toml: &Path, steps: u32, seed: u64, out: &Path) -> PathBuf {
+    run_ok(
+        Command::new(binary("site-agent"))
+            .args(["train", "--site"])
+            .arg(site_toml)
+            .args(["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "4"])
+            .args(["--steps", &steps.to_string(), "--seed", &seed.to_string(), "--out"])
+            .arg(out),
+    );
+    out.join("model/model.safetensors")
+}
+
+/// Names of the tensors that differ between two saved models (all of them must exist in both).
+fn differing(a: &Path, b: &Path) -> Vec<String> {
+    let (a, b) = (read_tensors(a), read_tensors(b));
+    assert_eq!(a.len(), b.len(), "the models have different tensor counts");
+    a.iter()
+        .filter(|(name, t)| !t.equal(fedtalent_tests::tensor(&b, name)))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
+    let fed = LocalFederation::create(dir, &["liver"], plan);
+    let mut procs = Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[])]);
+    let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
+    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
+    let status = wait_child(&mut procs.0[1], Duration::from_secs(60), "site");
+    assert!(status.success(), "site failed:\n{}", fed.log("liver"));
+    let model = dir.join("exported");
+    run_ok(Command::new(binary("coordinator")).args(["export", "--config"]).arg(fed.config_path()).arg("--out").arg(&model));
+    (fed, model.join("model.safetensors"))
+}
+
+#[test]
+fn one_site_federation_is_local_training_and_policies_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let neutral = "optimizer_state = \"keep\"\nhead_warmup_steps = 0\nfinal_heads_only = false";
+    let plan = Plan { rounds: 3, local_steps: 4, min_sites: 1, eval_every: 2, cases: 3, local: neutral, ..Plan::default() };
+    let (fed, federated) = federate(&dir.path().join("keep"), plan.clone());
+    let alone = train(&fed.site_dir("liver").join("site.toml"), 12, 0, &dir.path().join("train"));
+    let diff = differing(&federated, &alone);
+    assert!(diff.is_empty(), "a neutral one-site federation and `site-agent train` differ in {diff:?}");
+
+    // Resetting momentum at each round boundary is a different training: the policy is applied.
+    let reset = Plan { local: "optimizer_state = \"reset\"", ..plan };
+    let (_, federated_reset) = federate(&dir.path().join("reset"), reset);
+    assert!(!differing(&federated_reset, &alone).is_empty(), "optimizer_state = \"reset\" changed nothing");
+}
+
+#[test]
+fn training_is_fully_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, ..Plan::default() });
+    let site = fed.site_dir("liver").join("site.toml");
+    let a = train(&site, 6, 7, &dir.path().join("a"));
+    let b = train(&site, 6, 7, &dir.path().join("b"));
+    assert!(differing(&a, &b).is_empty(), "the same seed gave different weights");
+    let c = train(&site, 6, 8, &dir.path().join("c"));
+    assert!(!differing(&a, &c).is_empty(), "another seed gave the same weights");
+}
+
+/// A run stopped after a checkpoint resumes from it and ends where an uninterrupted run ends: the
+/// batch stream, the schedule and the momentum all continue.
+#[test]
+fn train_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, ..Plan::default() });
+    let site = fed.site_dir("liver").join("site.toml");
+    let whole = train(&site, 8, 3, &dir.path().join("whole"));
+    let resumed = dir.path().join("resumed");
+    run_ok(
+        Command::new(binary("site-agent"))
+            .args(["train", "--site"])
+            .arg(&site)
+            .args(["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "4", "--steps", "8", "--seed", "3"])
+            .args(["--stop-after-steps", "4", "--out"])
+            .arg(&resumed),
+    );
+    assert!(!resumed.join("model").exists(), "a stopped run exported a model");
+    let again = train(&site, 8, 3, &resumed);
+    let diff = differing(&whole, &again);
+    assert!(diff.is_empty(), "the resumed run differs from the uninterrupted one in {diff:?}");
+}
