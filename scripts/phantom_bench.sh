@@ -30,7 +30,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 
 echo "== held-out phantoms: $HELDOUT cases per site, seed $((1000 + SEED)) (training uses seed $SEED)"
-"$BIN/site-agent" synth --out "$OUT/heldout" --seed $((1000 + SEED)) --cases "$HELDOUT" --shape 48 80 80 --sites "$SITES" >/dev/null
+"$BIN/site-agent" synth --out "$OUT/heldout" --seed $((1000 + SEED)) --cases "$HELDOUT" --sites "$SITES" >/dev/null
 
 for variant in "${VARIANTS[@]}"; do
   preset="${variant%+decoders}"

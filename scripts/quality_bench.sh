@@ -10,29 +10,34 @@
 # site and the sd of the per-seed means, and writes $OUT/quality.json.
 #
 #   scripts/quality_bench.sh
-#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (30),
-#        BENCH_STEPS (50: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
+#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (10),
+#        BENCH_STEPS (40: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
 #        BENCH_HELDOUT (4 cases per site), BENCH_SITES (liver,pancreas,multiorgan),
 #        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_FED_ARGS (extra `simulate` flags,
-#        e.g. "--optimizer-state keep --head-warmup-steps 10")
+#        e.g. "--optimizer-state keep --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
+#        federation per seed with these flags, shown as "federated-b": the policy comparison;
+#        default: momentum reset each round, 10 heads-only warm-up steps, heads-only last round;
+#        "none" skips it)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
 SEEDS=(${BENCH_SEEDS:-1 2 3})
-ROUNDS="${BENCH_ROUNDS:-30}"
-STEPS="${BENCH_STEPS:-50}"
+ROUNDS="${BENCH_ROUNDS:-10}"
+STEPS="${BENCH_STEPS:-40}"
 CASES="${BENCH_CASES:-8}"
 HELDOUT="${BENCH_HELDOUT:-4}"
 SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
 PRESET="${BENCH_PRESET:-tiny}"
 DEVICE="${BENCH_DEVICE:-auto}"
 read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
+COMPARE="${BENCH_COMPARE_ARGS:---optimizer-state reset --head-warmup-steps 10 --final-heads-only true}"
+read -r -a COMPARE_ARGS <<< "$COMPARE"
 IFS=',' read -r -a SITE_LIST <<< "$SITES"
 TOTAL=$((ROUNDS * STEPS))
 
 scripts/setup.sh >/dev/null
 . scripts/env.sh
-cargo build --release --workspace --bins --quiet
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --workspace --bins --quiet
 BIN="$PWD/target/release"
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -59,6 +64,14 @@ for seed in "${SEEDS[@]}"; do
     >/dev/null 2>>"$OUT/log.txt"
   echo "   federated: $(( $(date +%s) - t )) s"
   evaluate "$OUT/fed-$seed/model" "$seed" "$OUT/fed-$seed/heldout"
+  if [ "$COMPARE" != none ]; then
+    t=$(date +%s)
+    "$BIN/coordinator" simulate --out "$OUT/fedb-$seed" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
+      --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "${COMPARE_ARGS[@]}" \
+      >/dev/null 2>>"$OUT/log.txt"
+    echo "   federated-b ($COMPARE): $(( $(date +%s) - t )) s"
+    evaluate "$OUT/fedb-$seed/model" "$seed" "$OUT/fedb-$seed/heldout"
+  fi
   # The same phantoms and site configs as the federation (and its preprocessing cache).
   site_args=()
   for site in "${SITE_LIST[@]}"; do
