@@ -17,6 +17,7 @@ pub fn sample_messages() -> Vec<Message> {
         dice_mode: "batch".into(),
         bf16_transport: true,
         site_decoders: false,
+        local: fedtalent_protocol::LocalPolicy::default(),
     };
     vec![
         Message::Hello {

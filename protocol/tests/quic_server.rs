@@ -48,6 +48,7 @@ fn welcome() -> Message {
             dice_mode: "batch".into(),
             bf16_transport: false,
             site_decoders: false,
+            local: fedtalent_protocol::LocalPolicy::default(),
         },
         classes: vec![],
         normalization: Normalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },
