@@ -38,8 +38,9 @@ pub fn validate(
     sender: &str,
     parts: &Parts,
     max_norm: f64,
-    own_decoder: bool,
+    own_decoder: Option<usize>,
 ) -> Result<()> {
+    let own_decoder = own_decoder.is_some();
     for site in parts.decoders.keys() {
         ensure!(own_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
     }
@@ -124,4 +125,152 @@ pub fn aggregate(
         u.parts.apply_owned(global, row_of, decoder_of)?;
     }
     Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtalent_model::wire::{self, Selection};
+    use fedtalent_model::Topology;
+    use tch::Device;
+
+    use super::*;
+
+    /// Two sites, one class each: "a/x" (row 0) and "b/y" (row 1); with `decoders`, the
+    /// FIRENet preset with one decoder per site (a = 0, b = 1).
+    struct Fixture {
+        global: MultiTalentNet,
+        owners: BTreeMap<String, String>,
+        decoders: bool,
+    }
+
+    impl Fixture {
+        fn new(decoders: bool) -> Self {
+            tch::manual_seed(0);
+            let topo = if decoders {
+                Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]]).unwrap()
+            } else {
+                Topology::preset("tiny").unwrap()
+            };
+            let global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
+            let owners = [("a/x", "a"), ("b/y", "b")].iter().map(|(c, s)| (c.to_string(), s.to_string())).collect();
+            Self { global, owners, decoders }
+        }
+
+        fn decoder_of(&self, site: &str) -> Option<usize> {
+            self.decoders.then(|| usize::from(site == "b"))
+        }
+
+        /// What an honest site uploads when it did not train at all: its part of the global model.
+        fn upload(&self, site: &str) -> Parts {
+            let (class, row) = if site == "a" { ("a/x", 0) } else { ("b/y", 1) };
+            let decoders = self.decoder_of(site).map(|i| (site.to_string(), i)).into_iter().collect();
+            let selection = Selection { classes: vec![(class.to_string(), row)], decoders };
+            Parts::from_wire(&wire::parts_to_wire(&self.global, &selection)).unwrap()
+        }
+
+        fn validate(&self, site: &str, parts: &Parts) -> Result<()> {
+            let owned = self.owners.iter().filter(|(_, s)| *s == site).map(|(c, _)| c.clone()).collect();
+            validate(&self.global, &owned, &self.owners, site, parts, 1e4, self.decoder_of(site))
+        }
+
+        fn update(&self, site: &str, parts: Parts) -> Update {
+            Update {
+                site: site.into(),
+                n_cases: 4,
+                train_loss: 0.5,
+                dice: Vec::new(),
+                payload_digest: String::new(),
+                bytes: 0,
+                durations_ms: Vec::new(),
+                parts,
+            }
+        }
+
+        fn aggregate(&mut self, updates: &[&Update]) -> Result<Vec<f64>> {
+            let rows = |id: &str| match id {
+                "a/x" => Some(0),
+                "b/y" => Some(1),
+                _ => None,
+            };
+            let decoders = self.decoders;
+            aggregate(&mut self.global, updates, &rows, &|s| decoders.then(|| usize::from(s == "b")))
+        }
+    }
+
+    #[test]
+    fn sqrt_weights_sum_to_one_and_follow_the_case_counts() {
+        let w = sqrt_weights(&[1, 4, 16]);
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!((w[1] / w[0] - 2.0).abs() < 1e-12 && (w[2] / w[1] - 2.0).abs() < 1e-12);
+    }
+
+    /// Issue 21 item 1: dropping any one head tensor (e.g. a deep-supervision level) of an owned
+    /// class must be refused by `validate`, naming the site, the class and the tensor; what
+    /// `validate` accepts must aggregate.
+    #[test]
+    fn partial_heads_are_refused_and_accepted_updates_aggregate() {
+        let mut f = Fixture::new(false);
+        let honest = f.upload("a");
+        f.validate("a", &honest).unwrap();
+        let n_heads = honest.heads["a/x"].len();
+        assert!(n_heads > 2, "the tiny preset has heads at several levels");
+        for dropped in 0..n_heads {
+            let mut partial = f.upload("a");
+            let name = partial.heads.get_mut("a/x").unwrap().remove(dropped).0;
+            let err = format!("{:#}", f.validate("a", &partial).expect_err("a partial head set was accepted"));
+            assert!(err.contains("site a") && err.contains("a/x") && err.contains(&name), "{err}");
+        }
+        // A head tensor sent twice instead of another one.
+        let mut doubled = f.upload("a");
+        let rows = doubled.heads.get_mut("a/x").unwrap();
+        let copy = (rows[0].0.clone(), rows[0].1.shallow_clone());
+        rows[1] = copy;
+        assert!(f.validate("a", &doubled).is_err(), "a repeated head tensor was accepted");
+        // A head row of the wrong shape.
+        let mut wide = f.upload("a");
+        let rows = wide.heads.get_mut("a/x").unwrap();
+        rows[0].1 = Tensor::cat(&[&rows[0].1, &rows[0].1], 0);
+        assert!(f.validate("a", &wide).is_err(), "a head row of two classes was accepted");
+
+        let (a, b) = (f.update("a", f.upload("a")), f.update("b", f.upload("b")));
+        f.validate("b", &b.parts).unwrap();
+        assert_eq!(f.aggregate(&[&a, &b]).unwrap().len(), 2);
+    }
+
+    /// Issue 21 item 1, per-site decoders: a decoder missing one tensor is refused; a whole one
+    /// aggregates.
+    #[test]
+    fn partial_site_decoders_are_refused_and_accepted_updates_aggregate() {
+        let mut f = Fixture::new(true);
+        let honest = f.upload("b");
+        f.validate("b", &honest).unwrap();
+        let n = honest.decoders["b"].len();
+        for dropped in [0, n / 2, n - 1] {
+            let mut partial = f.upload("b");
+            let name = partial.decoders.get_mut("b").unwrap().remove(dropped).0;
+            let err = format!("{:#}", f.validate("b", &partial).expect_err("a partial decoder was accepted"));
+            assert!(err.contains("site b") && err.contains("decoder") && err.contains(&name), "{err}");
+        }
+        let (a, b) = (f.update("a", f.upload("a")), f.update("b", honest));
+        f.validate("a", &a.parts).unwrap();
+        assert_eq!(f.aggregate(&[&a, &b]).unwrap().len(), 2);
+    }
+
+    /// However it gets there, an incomplete update makes `aggregate` fail before it writes
+    /// anything: the global model is left as it was.
+    #[test]
+    fn aggregate_checks_every_update_before_writing() {
+        let mut f = Fixture::new(false);
+        let before = wire::model_digest(&f.global, &Selection::default());
+        let mut moved = f.upload("a");
+        for (_, t) in &mut moved.backbone {
+            *t = &*t + 1.0;
+        }
+        let good = f.update("a", moved);
+        let mut partial = f.upload("b");
+        partial.heads.get_mut("b/y").unwrap().pop();
+        let bad = f.update("b", partial);
+        assert!(f.aggregate(&[&good, &bad]).is_err());
+        assert_eq!(wire::model_digest(&f.global, &Selection::default()), before, "the global model changed");
+    }
 }

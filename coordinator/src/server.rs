@@ -534,7 +534,7 @@ impl Coordinator {
         let owners: BTreeMap<String, String> = setup.classes.iter().map(|c| (c.id.clone(), c.site.clone())).collect();
         let owned: BTreeSet<String> = setup.classes.iter().filter(|c| c.site == peer).map(|c| c.id.clone()).collect();
         let global = inner.global.as_ref().expect("set up");
-        let decoder = self.config.plan.per_site_decoders;
+        let decoder = full_selection(&self.config, &setup).decoders.iter().find(|(s, _)| s == peer).map(|(_, i)| *i);
         if let Err(e) =
             aggregate::validate(global, &owned, &owners, peer, &parts, self.config.plan.max_update_norm, decoder)
         {

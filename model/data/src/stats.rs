@@ -154,3 +154,58 @@ impl HuHistogram {
         Some(Normalization { clip_low, clip_high, mean, std })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(min_hu: i32, counts: Vec<u64>) -> HuHistogram {
+        HuHistogram { min_hu, counts }
+    }
+
+    /// Issue 21 item 3: what a site sends is checked before the coordinator computes with it;
+    /// each refusal names the field.
+    #[test]
+    fn absurd_histograms_are_refused_naming_the_field() {
+        let cases = [
+            (hist(i32::MAX, vec![1, 1]), "min_hu"),
+            (hist(i32::MIN, vec![1]), "min_hu"),
+            (hist(HU_RANGE.0 - 1, vec![1]), "min_hu"),
+            (hist(HU_RANGE.1, vec![1, 1]), "counts"),
+            (hist(0, vec![0; (HU_RANGE.1 - HU_RANGE.0 + 2) as usize]), "counts"),
+            (hist(0, vec![u64::MAX, 1]), "counts"),
+            (hist(0, vec![MAX_VOXELS, 1]), "counts"),
+        ];
+        for (h, field) in cases {
+            let err = h.check().expect_err(&format!("accepted min_hu {} with {} bins", h.min_hu, h.counts.len()));
+            assert!(err.to_string().contains(field), "{err} does not name {field}");
+        }
+        // What sites build is accepted: empty, the whole range, one voxel at either end.
+        let mut whole = HuHistogram::default();
+        for v in [-1e9f32, 1e9, 0.0] {
+            whole.add(v);
+        }
+        for h in [HuHistogram::default(), whole, hist(HU_RANGE.0, vec![1]), hist(HU_RANGE.1, vec![1])] {
+            h.check().unwrap();
+        }
+    }
+
+    /// Counts that sum past u64 saturate instead of overflowing (a panic in debug builds).
+    #[test]
+    fn totals_and_merges_saturate() {
+        let big = hist(0, vec![u64::MAX / 2 + 1, u64::MAX / 2 + 1]);
+        assert_eq!(big.total(), u64::MAX);
+        let merged = HuHistogram::merge(&[big.clone(), big]);
+        assert_eq!(merged.counts, vec![u64::MAX, u64::MAX]);
+        assert_eq!(merged.total(), u64::MAX);
+        assert!(merged.ct_stats().is_some());
+    }
+
+    #[test]
+    fn merge_aligns_ranges_and_stats_are_the_plain_ones() {
+        let merged = HuHistogram::merge(&[hist(-1, vec![1, 2]), hist(1, vec![3]), HuHistogram::default()]);
+        assert_eq!(merged, hist(-1, vec![1, 2, 3]));
+        assert_eq!(merged.percentile(0.0), Some(-1.0));
+        assert_eq!(merged.percentile(100.0), Some(1.0));
+    }
+}
