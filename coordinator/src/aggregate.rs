@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use fedtalent_model::wire::Parts;
+use fedtalent_model::params::Role;
 use fedtalent_model::MultiTalentNet;
 use tch::{Kind, Tensor};
 
@@ -29,8 +30,13 @@ pub fn sqrt_weights(n_cases: &[u32]) -> Vec<f64> {
 }
 
 /// Checks an upload against the global model: the sender's own heads only and all of them,
-/// every backbone tensor, all values finite, and the backbone's distance to the global one under
-/// `max_norm`. The error names the site and the field.
+/// each with exactly every head tensor, its own decoder (with per-site decoders) with exactly
+/// every tensor, every backbone tensor, all values finite, and the backbone's distance to the
+/// global one under `max_norm`. `own_decoder` is the sender's decoder index in `global` when
+/// the federation has per-site decoders. The error names the site and the field.
+///
+/// What this accepts, [`aggregate`] can apply: that is what keeps one site's upload from
+/// stopping the round (and `serve`) after it was acknowledged.
 pub fn validate(
     global: &MultiTalentNet,
     owned: &BTreeSet<String>,
@@ -40,11 +46,8 @@ pub fn validate(
     max_norm: f64,
     own_decoder: Option<usize>,
 ) -> Result<()> {
-    let own_decoder = own_decoder.is_some();
-    for site in parts.decoders.keys() {
-        ensure!(own_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
-    }
-    ensure!(!own_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
+    check_owners(owned, owners, sender, parts, own_decoder.is_some())?;
+    check_complete(global, sender, parts, own_decoder)?;
     for (site, tensors) in &parts.decoders {
         for (name, t) in tensors {
             ensure!(
@@ -53,32 +56,8 @@ pub fn validate(
             );
         }
     }
-    for class in parts.heads.keys() {
-        match owners.get(class) {
-            Some(owner) if owner == sender => {}
-            Some(owner) => bail!("site {sender}: sent heads of class {class:?}, owned by site {owner}"),
-            None => bail!("site {sender}: sent heads of unknown class {class:?}"),
-        }
-    }
-    for class in owned {
-        ensure!(parts.heads.contains_key(class), "site {sender}: heads of its class {class:?} are missing");
-    }
-    let global_backbone = global.params().backbone();
-    ensure!(
-        parts.backbone.len() == global_backbone.len(),
-        "site {sender}: {} backbone tensors, the model has {}",
-        parts.backbone.len(),
-        global_backbone.len()
-    );
     let mut squared = 0f64;
-    for ((name, theirs), (global_name, ours)) in parts.backbone.iter().zip(&global_backbone) {
-        ensure!(name == global_name, "site {sender}: backbone tensor {name:?} where {global_name:?} was expected");
-        ensure!(
-            theirs.size() == ours.size(),
-            "site {sender}: tensor {name:?} has shape {:?}, expected {:?}",
-            theirs.size(),
-            ours.size()
-        );
+    for ((name, theirs), (_, ours)) in parts.backbone.iter().zip(global.params().backbone()) {
         ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
         squared += f64::try_from((theirs - ours).square().sum(Kind::Double))?;
     }
@@ -89,6 +68,92 @@ pub fn validate(
     }
     let norm = squared.sqrt();
     ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
+    Ok(())
+}
+
+/// The sender sent heads of exactly its own classes and no decoder but its own.
+fn check_owners(
+    owned: &BTreeSet<String>,
+    owners: &BTreeMap<String, String>,
+    sender: &str,
+    parts: &Parts,
+    has_decoder: bool,
+) -> Result<()> {
+    for site in parts.decoders.keys() {
+        ensure!(has_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
+    }
+    ensure!(!has_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
+    for class in parts.heads.keys() {
+        match owners.get(class) {
+            Some(owner) if owner == sender => {}
+            Some(owner) => bail!("site {sender}: sent heads of class {class:?}, owned by site {owner}"),
+            None => bail!("site {sender}: sent heads of unknown class {class:?}"),
+        }
+    }
+    for class in owned {
+        ensure!(parts.heads.contains_key(class), "site {sender}: heads of its class {class:?} are missing");
+    }
+    Ok(())
+}
+
+/// The structure [`aggregate`] relies on, without looking at values: the backbone tensor for
+/// tensor in the model's order, every head class with exactly every head tensor as one row,
+/// and the sender's decoder (if `own_decoder`) with exactly every tensor, shapes included.
+fn check_complete(global: &MultiTalentNet, sender: &str, parts: &Parts, own_decoder: Option<usize>) -> Result<()> {
+    let params = global.params();
+    let global_backbone = params.backbone();
+    ensure!(
+        parts.backbone.len() == global_backbone.len(),
+        "site {sender}: {} backbone tensors, the model has {}",
+        parts.backbone.len(),
+        global_backbone.len()
+    );
+    for ((name, theirs), (global_name, ours)) in parts.backbone.iter().zip(&global_backbone) {
+        ensure!(name == global_name, "site {sender}: backbone tensor {name:?} where {global_name:?} was expected");
+        ensure!(
+            theirs.size() == ours.size(),
+            "site {sender}: tensor {name:?} has shape {:?}, expected {:?}",
+            theirs.size(),
+            ours.size()
+        );
+    }
+    let head_rows: BTreeMap<String, Vec<i64>> = params
+        .iter()
+        .filter(|p| matches!(p.role, Role::Head { .. }))
+        .map(|p| {
+            let mut row = p.tensor.size();
+            row[0] = 1;
+            (p.name.clone(), row)
+        })
+        .collect();
+    for (class, rows) in &parts.heads {
+        exactly(&head_rows, rows).map_err(|e| anyhow!("site {sender}: heads of class {class:?}: {e}"))?;
+    }
+    if let Some(index) = own_decoder {
+        let prefix = format!("decoders.{index}.");
+        let expected: BTreeMap<String, Vec<i64>> = params
+            .site_decoder(index)
+            .into_iter()
+            .map(|(name, t)| (name.strip_prefix(&prefix).unwrap_or(&name).to_string(), t.size()))
+            .collect();
+        ensure!(!expected.is_empty(), "site {sender}: the model has no decoder {index} for it");
+        let sent = parts.decoders.get(sender).map_or(&[][..], Vec::as_slice);
+        exactly(&expected, sent).map_err(|e| anyhow!("site {sender}: its decoder: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `given` names each tensor of `expected` exactly once, with its shape, and nothing else.
+fn exactly(expected: &BTreeMap<String, Vec<i64>>, given: &[(String, Tensor)]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for (name, t) in given {
+        let shape = expected.get(name).with_context(|| format!("unexpected tensor {name:?}"))?;
+        ensure!(seen.insert(name.as_str()), "tensor {name:?} sent twice");
+        ensure!(&t.size() == shape, "tensor {name:?} has shape {:?}, expected {shape:?}", t.size());
+    }
+    if let Some(missing) = expected.keys().find(|n| !seen.contains(n.as_str())) {
+        bail!("tensor {missing:?} is missing ({} of {} sent)", seen.len(), expected.len());
+    }
     Ok(())
 }
 
@@ -105,6 +170,15 @@ pub fn aggregate(
     decoder_of: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<Vec<f64>> {
     ensure!(!updates.is_empty(), "no update to aggregate");
+    // Validation already checked each update; checking the structure again here (cheap: no
+    // tensor values are read) means a failure can never leave `global` half written.
+    for u in updates {
+        check_complete(global, &u.site, &u.parts, decoder_of(&u.site))?;
+        ensure!(u.parts.decoders.keys().all(|s| s == &u.site), "site {}: sent another site's decoder", u.site);
+        for class in u.parts.heads.keys() {
+            ensure!(row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
+        }
+    }
     let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
     let names: Vec<String> = global.params().backbone().into_iter().map(|(n, _)| n).collect();
     let mut averaged = Vec::with_capacity(names.len());
