@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use fedtalent_model::wire::Parts;
 use fedtalent_model::params::Role;
+use fedtalent_model::wire::Parts;
 use fedtalent_model::MultiTalentNet;
 use tch::{Kind, Tensor};
 

@@ -15,9 +15,9 @@ use fedtalent_certs::Allowlist;
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
 use fedtalent_protocol::{
-    read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, GlobalClass,
-    Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests, Transport,
-    FrameError, MAX_FRAME_BYTES,
+    read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, FrameError,
+    GlobalClass, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests, Transport,
+    MAX_FRAME_BYTES,
 };
 use tch::Device;
 use tokio::sync::watch;
@@ -182,7 +182,8 @@ impl Coordinator {
 
     async fn run_round(&self, round: u32) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
-        self.lock().open = Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() });
+        self.lock().open =
+            Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() });
         self.changed();
         info!(round, "round opened");
         let expected = self.config.federation.sites.len();
@@ -328,7 +329,8 @@ impl Coordinator {
             }
             // The protocol version was checked by `read_frame` (see `refusal_of_frame_error`).
             Message::Hello { protocol_version: _, site, classes, n_train, n_val: _, hu_histogram, device } => {
-                let histogram = fedtalent_data::HuHistogram { min_hu: hu_histogram.min_hu, counts: hu_histogram.counts };
+                let histogram =
+                    fedtalent_data::HuHistogram { min_hu: hu_histogram.min_hu, counts: hu_histogram.counts };
                 let reg = Registration { classes, n_train, histogram, device };
                 Some(self.hello(&peer, &site, reg).await)
             }

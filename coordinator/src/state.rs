@@ -140,7 +140,12 @@ impl StateDir {
                 }
             }
         }
-        anyhow::ensure!(rounds.is_empty(), "no checkpoint in {} can be read: {}", self.root.display(), unreadable.join("; "));
+        anyhow::ensure!(
+            rounds.is_empty(),
+            "no checkpoint in {} can be read: {}",
+            self.root.display(),
+            unreadable.join("; ")
+        );
         Ok(None)
     }
 
@@ -193,14 +198,15 @@ mod tests {
     use super::*;
 
     fn record(round: u32) -> RoundRecord {
-        let contribution = Contribution {
-            site: "a".into(),
-            n_cases: 4,
-            weight: 1.0,
-            train_loss: 0.5,
-            payload_digest: "d".into(),
-        };
-        RoundRecord { round, digest: format!("g{round}"), contributions: vec![contribution], classes: Vec::new(), unix_time: 0 }
+        let contribution =
+            Contribution { site: "a".into(), n_cases: 4, weight: 1.0, train_loss: 0.5, payload_digest: "d".into() };
+        RoundRecord {
+            round,
+            digest: format!("g{round}"),
+            contributions: vec![contribution],
+            classes: Vec::new(),
+            unix_time: 0,
+        }
     }
 
     /// A checkpoint as `write_checkpoint` leaves it (the model file's content is not read here).

@@ -234,7 +234,8 @@ async fn hello_of_another_protocol_version_is_answered_version_mismatch() {
     let Message::Hello { classes, n_train, n_val, hu_histogram, device, site, .. } = hello("alpha") else {
         unreachable!()
     };
-    let other = Message::Hello { protocol_version: PROTOCOL_VERSION + 1, site, classes, n_train, n_val, hu_histogram, device };
+    let other =
+        Message::Hello { protocol_version: PROTOCOL_VERSION + 1, site, classes, n_train, n_val, hu_histogram, device };
     assert_refused(&peer.request(&other).await, ErrorKind::VersionMismatch, &["alpha", "version 2"]);
     // Variant 0, version 7, then bytes this version cannot read as a Hello.
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
