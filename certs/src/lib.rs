@@ -646,7 +646,8 @@ fn roots(ca_cert_pem: &str) -> Result<Arc<RootCertStore>> {
 
 /// Server (coordinator) config: TLS 1.3 only, ring provider, ALPN `fedtalent/1`, client
 /// certificates required, validated against the federation CA, and their site name checked
-/// against `allowlist` at every handshake.
+/// against `allowlist` at every handshake (session resumption is off, so every connection is a
+/// full handshake that runs the verifier).
 pub fn server_config(
     ca_cert_pem: &str,
     cert_pem: &str,
@@ -666,6 +667,13 @@ pub fn server_config(
         .map_err(|e| CertError::Tls(format!("coordinator certificate/key: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
+    // No session resumption: a resumed TLS 1.3 session authenticates with the PSK of an earlier
+    // handshake and never calls the client-certificate verifier, so a site removed from the
+    // allowlist (or whose certificate expired) would get back in. Every connection is a full
+    // handshake instead: no server-side session store, no tickets (the default ticketer never
+    // produces stateless ones, and with no store a stateful ticket could not be honoured).
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));

@@ -237,3 +237,30 @@ async fn client_refuses_wrong_server_name_and_foreign_coordinator() {
     }
     honest_round_trip(&p, &mut server, "alpha").await;
 }
+
+/// Issue 21 item 2: TLS 1.3 resumption must not bypass the client-certificate verifier. A site
+/// whose client keeps the session tickets of an earlier connection (one client config, as a
+/// long-running site agent has) is refused once removed from the allowlist, and the removal
+/// is logged by the verifier, not skipped.
+#[tokio::test]
+async fn resumed_session_after_removal_is_refused() {
+    let p = pki();
+    let allow = Allowlist::new(["alpha", "beta"]);
+    let mut server = start_server(&p, allow.clone());
+    let (cert, key) = site(&p.ca, "beta");
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    // One endpoint for both connections: the client's session cache lives in `cfg` and is
+    // shared by every connection made with it.
+    assert_eq!(round_trip(cfg.clone(), server.addr, "localhost").await, Ok("pong:beta".into()));
+    assert_eq!(server.next_outcome().await, Ok("beta".into()));
+    assert!(allow.remove("beta"));
+    let client = round_trip(cfg.clone(), server.addr, "localhost").await;
+    expect_refused(&p, &mut server, client, "site 'beta' is not on the federation allowlist").await;
+    // A site still on the list connects again and again with one config (full handshakes).
+    let (cert, key) = site(&p.ca, "alpha");
+    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
+    for _ in 0..2 {
+        assert_eq!(round_trip(cfg.clone(), server.addr, "localhost").await, Ok("pong:alpha".into()));
+        assert_eq!(server.next_outcome().await, Ok("alpha".into()));
+    }
+}

@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use fedtalent_model::params::Role;
 use fedtalent_model::wire::Parts;
 use fedtalent_model::MultiTalentNet;
 use tch::{Kind, Tensor};
@@ -29,8 +30,13 @@ pub fn sqrt_weights(n_cases: &[u32]) -> Vec<f64> {
 }
 
 /// Checks an upload against the global model: the sender's own heads only and all of them,
-/// every backbone tensor, all values finite, and the backbone's distance to the global one under
-/// `max_norm`. The error names the site and the field.
+/// each with exactly every head tensor, its own decoder (with per-site decoders) with exactly
+/// every tensor, every backbone tensor, all values finite, and the backbone's distance to the
+/// global one under `max_norm`. `own_decoder` is the sender's decoder index in `global` when
+/// the federation has per-site decoders. The error names the site and the field.
+///
+/// What this accepts, [`aggregate`] can apply: that is what keeps one site's upload from
+/// stopping the round (and `serve`) after it was acknowledged.
 pub fn validate(
     global: &MultiTalentNet,
     owned: &BTreeSet<String>,
@@ -38,12 +44,10 @@ pub fn validate(
     sender: &str,
     parts: &Parts,
     max_norm: f64,
-    own_decoder: bool,
+    own_decoder: Option<usize>,
 ) -> Result<()> {
-    for site in parts.decoders.keys() {
-        ensure!(own_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
-    }
-    ensure!(!own_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
+    check_owners(owned, owners, sender, parts, own_decoder.is_some())?;
+    check_complete(global, sender, parts, own_decoder)?;
     for (site, tensors) in &parts.decoders {
         for (name, t) in tensors {
             ensure!(
@@ -52,32 +56,8 @@ pub fn validate(
             );
         }
     }
-    for class in parts.heads.keys() {
-        match owners.get(class) {
-            Some(owner) if owner == sender => {}
-            Some(owner) => bail!("site {sender}: sent heads of class {class:?}, owned by site {owner}"),
-            None => bail!("site {sender}: sent heads of unknown class {class:?}"),
-        }
-    }
-    for class in owned {
-        ensure!(parts.heads.contains_key(class), "site {sender}: heads of its class {class:?} are missing");
-    }
-    let global_backbone = global.params().backbone();
-    ensure!(
-        parts.backbone.len() == global_backbone.len(),
-        "site {sender}: {} backbone tensors, the model has {}",
-        parts.backbone.len(),
-        global_backbone.len()
-    );
     let mut squared = 0f64;
-    for ((name, theirs), (global_name, ours)) in parts.backbone.iter().zip(&global_backbone) {
-        ensure!(name == global_name, "site {sender}: backbone tensor {name:?} where {global_name:?} was expected");
-        ensure!(
-            theirs.size() == ours.size(),
-            "site {sender}: tensor {name:?} has shape {:?}, expected {:?}",
-            theirs.size(),
-            ours.size()
-        );
+    for ((name, theirs), (_, ours)) in parts.backbone.iter().zip(global.params().backbone()) {
         ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
         squared += f64::try_from((theirs - ours).square().sum(Kind::Double))?;
     }
@@ -88,6 +68,92 @@ pub fn validate(
     }
     let norm = squared.sqrt();
     ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
+    Ok(())
+}
+
+/// The sender sent heads of exactly its own classes and no decoder but its own.
+fn check_owners(
+    owned: &BTreeSet<String>,
+    owners: &BTreeMap<String, String>,
+    sender: &str,
+    parts: &Parts,
+    has_decoder: bool,
+) -> Result<()> {
+    for site in parts.decoders.keys() {
+        ensure!(has_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
+    }
+    ensure!(!has_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
+    for class in parts.heads.keys() {
+        match owners.get(class) {
+            Some(owner) if owner == sender => {}
+            Some(owner) => bail!("site {sender}: sent heads of class {class:?}, owned by site {owner}"),
+            None => bail!("site {sender}: sent heads of unknown class {class:?}"),
+        }
+    }
+    for class in owned {
+        ensure!(parts.heads.contains_key(class), "site {sender}: heads of its class {class:?} are missing");
+    }
+    Ok(())
+}
+
+/// The structure [`aggregate`] relies on, without looking at values: the backbone tensor for
+/// tensor in the model's order, every head class with exactly every head tensor as one row,
+/// and the sender's decoder (if `own_decoder`) with exactly every tensor, shapes included.
+fn check_complete(global: &MultiTalentNet, sender: &str, parts: &Parts, own_decoder: Option<usize>) -> Result<()> {
+    let params = global.params();
+    let global_backbone = params.backbone();
+    ensure!(
+        parts.backbone.len() == global_backbone.len(),
+        "site {sender}: {} backbone tensors, the model has {}",
+        parts.backbone.len(),
+        global_backbone.len()
+    );
+    for ((name, theirs), (global_name, ours)) in parts.backbone.iter().zip(&global_backbone) {
+        ensure!(name == global_name, "site {sender}: backbone tensor {name:?} where {global_name:?} was expected");
+        ensure!(
+            theirs.size() == ours.size(),
+            "site {sender}: tensor {name:?} has shape {:?}, expected {:?}",
+            theirs.size(),
+            ours.size()
+        );
+    }
+    let head_rows: BTreeMap<String, Vec<i64>> = params
+        .iter()
+        .filter(|p| matches!(p.role, Role::Head { .. }))
+        .map(|p| {
+            let mut row = p.tensor.size();
+            row[0] = 1;
+            (p.name.clone(), row)
+        })
+        .collect();
+    for (class, rows) in &parts.heads {
+        exactly(&head_rows, rows).map_err(|e| anyhow!("site {sender}: heads of class {class:?}: {e}"))?;
+    }
+    if let Some(index) = own_decoder {
+        let prefix = format!("decoders.{index}.");
+        let expected: BTreeMap<String, Vec<i64>> = params
+            .site_decoder(index)
+            .into_iter()
+            .map(|(name, t)| (name.strip_prefix(&prefix).unwrap_or(&name).to_string(), t.size()))
+            .collect();
+        ensure!(!expected.is_empty(), "site {sender}: the model has no decoder {index} for it");
+        let sent = parts.decoders.get(sender).map_or(&[][..], Vec::as_slice);
+        exactly(&expected, sent).map_err(|e| anyhow!("site {sender}: its decoder: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `given` names each tensor of `expected` exactly once, with its shape, and nothing else.
+fn exactly(expected: &BTreeMap<String, Vec<i64>>, given: &[(String, Tensor)]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for (name, t) in given {
+        let shape = expected.get(name).with_context(|| format!("unexpected tensor {name:?}"))?;
+        ensure!(seen.insert(name.as_str()), "tensor {name:?} sent twice");
+        ensure!(&t.size() == shape, "tensor {name:?} has shape {:?}, expected {shape:?}", t.size());
+    }
+    if let Some(missing) = expected.keys().find(|n| !seen.contains(n.as_str())) {
+        bail!("tensor {missing:?} is missing ({} of {} sent)", seen.len(), expected.len());
+    }
     Ok(())
 }
 
@@ -104,6 +170,15 @@ pub fn aggregate(
     decoder_of: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<Vec<f64>> {
     ensure!(!updates.is_empty(), "no update to aggregate");
+    // Validation already checked each update; checking the structure again here (cheap: no
+    // tensor values are read) means a failure can never leave `global` half written.
+    for u in updates {
+        check_complete(global, &u.site, &u.parts, decoder_of(&u.site))?;
+        ensure!(u.parts.decoders.keys().all(|s| s == &u.site), "site {}: sent another site's decoder", u.site);
+        for class in u.parts.heads.keys() {
+            ensure!(row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
+        }
+    }
     let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
     let names: Vec<String> = global.params().backbone().into_iter().map(|(n, _)| n).collect();
     let mut averaged = Vec::with_capacity(names.len());
@@ -124,4 +199,152 @@ pub fn aggregate(
         u.parts.apply_owned(global, row_of, decoder_of)?;
     }
     Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtalent_model::wire::{self, Selection};
+    use fedtalent_model::Topology;
+    use tch::Device;
+
+    use super::*;
+
+    /// Two sites, one class each: "a/x" (row 0) and "b/y" (row 1); with `decoders`, the
+    /// FIRENet preset with one decoder per site (a = 0, b = 1).
+    struct Fixture {
+        global: MultiTalentNet,
+        owners: BTreeMap<String, String>,
+        decoders: bool,
+    }
+
+    impl Fixture {
+        fn new(decoders: bool) -> Self {
+            tch::manual_seed(0);
+            let topo = if decoders {
+                Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]]).unwrap()
+            } else {
+                Topology::preset("tiny").unwrap()
+            };
+            let global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
+            let owners = [("a/x", "a"), ("b/y", "b")].iter().map(|(c, s)| (c.to_string(), s.to_string())).collect();
+            Self { global, owners, decoders }
+        }
+
+        fn decoder_of(&self, site: &str) -> Option<usize> {
+            self.decoders.then(|| usize::from(site == "b"))
+        }
+
+        /// What an honest site uploads when it did not train at all: its part of the global model.
+        fn upload(&self, site: &str) -> Parts {
+            let (class, row) = if site == "a" { ("a/x", 0) } else { ("b/y", 1) };
+            let decoders = self.decoder_of(site).map(|i| (site.to_string(), i)).into_iter().collect();
+            let selection = Selection { classes: vec![(class.to_string(), row)], decoders };
+            Parts::from_wire(&wire::parts_to_wire(&self.global, &selection)).unwrap()
+        }
+
+        fn validate(&self, site: &str, parts: &Parts) -> Result<()> {
+            let owned = self.owners.iter().filter(|(_, s)| *s == site).map(|(c, _)| c.clone()).collect();
+            validate(&self.global, &owned, &self.owners, site, parts, 1e4, self.decoder_of(site))
+        }
+
+        fn update(&self, site: &str, parts: Parts) -> Update {
+            Update {
+                site: site.into(),
+                n_cases: 4,
+                train_loss: 0.5,
+                dice: Vec::new(),
+                payload_digest: String::new(),
+                bytes: 0,
+                durations_ms: Vec::new(),
+                parts,
+            }
+        }
+
+        fn aggregate(&mut self, updates: &[&Update]) -> Result<Vec<f64>> {
+            let rows = |id: &str| match id {
+                "a/x" => Some(0),
+                "b/y" => Some(1),
+                _ => None,
+            };
+            let decoders = self.decoders;
+            aggregate(&mut self.global, updates, &rows, &|s| decoders.then(|| usize::from(s == "b")))
+        }
+    }
+
+    #[test]
+    fn sqrt_weights_sum_to_one_and_follow_the_case_counts() {
+        let w = sqrt_weights(&[1, 4, 16]);
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!((w[1] / w[0] - 2.0).abs() < 1e-12 && (w[2] / w[1] - 2.0).abs() < 1e-12);
+    }
+
+    /// Issue 21 item 1: dropping any one head tensor (e.g. a deep-supervision level) of an owned
+    /// class must be refused by `validate`, naming the site, the class and the tensor; what
+    /// `validate` accepts must aggregate.
+    #[test]
+    fn partial_heads_are_refused_and_accepted_updates_aggregate() {
+        let mut f = Fixture::new(false);
+        let honest = f.upload("a");
+        f.validate("a", &honest).unwrap();
+        let n_heads = honest.heads["a/x"].len();
+        assert!(n_heads > 2, "the tiny preset has heads at several levels");
+        for dropped in 0..n_heads {
+            let mut partial = f.upload("a");
+            let name = partial.heads.get_mut("a/x").unwrap().remove(dropped).0;
+            let err = format!("{:#}", f.validate("a", &partial).expect_err("a partial head set was accepted"));
+            assert!(err.contains("site a") && err.contains("a/x") && err.contains(&name), "{err}");
+        }
+        // A head tensor sent twice instead of another one.
+        let mut doubled = f.upload("a");
+        let rows = doubled.heads.get_mut("a/x").unwrap();
+        let copy = (rows[0].0.clone(), rows[0].1.shallow_clone());
+        rows[1] = copy;
+        assert!(f.validate("a", &doubled).is_err(), "a repeated head tensor was accepted");
+        // A head row of the wrong shape.
+        let mut wide = f.upload("a");
+        let rows = wide.heads.get_mut("a/x").unwrap();
+        rows[0].1 = Tensor::cat(&[&rows[0].1, &rows[0].1], 0);
+        assert!(f.validate("a", &wide).is_err(), "a head row of two classes was accepted");
+
+        let (a, b) = (f.update("a", f.upload("a")), f.update("b", f.upload("b")));
+        f.validate("b", &b.parts).unwrap();
+        assert_eq!(f.aggregate(&[&a, &b]).unwrap().len(), 2);
+    }
+
+    /// Issue 21 item 1, per-site decoders: a decoder missing one tensor is refused; a whole one
+    /// aggregates.
+    #[test]
+    fn partial_site_decoders_are_refused_and_accepted_updates_aggregate() {
+        let mut f = Fixture::new(true);
+        let honest = f.upload("b");
+        f.validate("b", &honest).unwrap();
+        let n = honest.decoders["b"].len();
+        for dropped in [0, n / 2, n - 1] {
+            let mut partial = f.upload("b");
+            let name = partial.decoders.get_mut("b").unwrap().remove(dropped).0;
+            let err = format!("{:#}", f.validate("b", &partial).expect_err("a partial decoder was accepted"));
+            assert!(err.contains("site b") && err.contains("decoder") && err.contains(&name), "{err}");
+        }
+        let (a, b) = (f.update("a", f.upload("a")), f.update("b", honest));
+        f.validate("a", &a.parts).unwrap();
+        assert_eq!(f.aggregate(&[&a, &b]).unwrap().len(), 2);
+    }
+
+    /// However it gets there, an incomplete update makes `aggregate` fail before it writes
+    /// anything: the global model is left as it was.
+    #[test]
+    fn aggregate_checks_every_update_before_writing() {
+        let mut f = Fixture::new(false);
+        let before = wire::model_digest(&f.global, &Selection::default());
+        let mut moved = f.upload("a");
+        for (_, t) in &mut moved.backbone {
+            *t = &*t + 1.0;
+        }
+        let good = f.update("a", moved);
+        let mut partial = f.upload("b");
+        partial.heads.get_mut("b/y").unwrap().pop();
+        let bad = f.update("b", partial);
+        assert!(f.aggregate(&[&good, &bad]).is_err());
+        assert_eq!(wire::model_digest(&f.global, &Selection::default()), before, "the global model changed");
+    }
 }

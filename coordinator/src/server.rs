@@ -15,9 +15,9 @@ use fedtalent_certs::Allowlist;
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
 use fedtalent_protocol::{
-    read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, GlobalClass,
-    HuHistogram, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests, Transport,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, FrameError,
+    GlobalClass, Message, Normalization, Plan, RecvLimits, SiteStatus, StatusReport, TensorDigests, Transport,
+    MAX_FRAME_BYTES,
 };
 use tch::Device;
 use tokio::sync::watch;
@@ -36,7 +36,8 @@ const POLL_WAIT: Duration = Duration::from_secs(10);
 struct Registration {
     classes: Vec<ClassSpec>,
     n_train: u32,
-    histogram: HuHistogram,
+    /// Unchecked as received; [`Coordinator::register`] checks it before storing.
+    histogram: fedtalent_data::HuHistogram,
     device: String,
 }
 
@@ -44,11 +45,17 @@ struct OpenRound {
     round: u32,
     opened: Instant,
     updates: BTreeMap<String, Update>,
+    /// Sites whose update of this round is arriving: the slot is taken before the payload is
+    /// read, so that two concurrent uploads of one site cannot both be acknowledged.
+    arriving: BTreeSet<String>,
 }
 
 #[derive(Default)]
 struct SiteState {
     connections: usize,
+    /// Its Hello was accepted by this run of the coordinator: only then may it poll, download
+    /// or upload (membership is checked per request, not only at Hello).
+    joined: bool,
     last_round: Option<u32>,
     last_loss: Option<f32>,
 }
@@ -175,7 +182,8 @@ impl Coordinator {
 
     async fn run_round(&self, round: u32) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
-        self.lock().open = Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new() });
+        self.lock().open =
+            Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() });
         self.changed();
         info!(round, "round opened");
         let expected = self.config.federation.sites.len();
@@ -303,31 +311,46 @@ impl Coordinator {
         let request = match read_frame(&mut recv, MAX_FRAME_BYTES).await {
             Ok(m) => m,
             Err(e) => {
-                warn!(site = %peer, "refused a malformed request: {e}");
-                let _ =
-                    write_frame(&mut send, &refusal(ErrorKind::BadMessage, format!("malformed request: {e}"))).await;
+                let _ = write_frame(&mut send, &refusal_of_frame_error(&peer, &e)).await;
                 let _ = send.finish();
                 return;
             }
         };
         let is_admin = peer == ADMIN_IDENTITY;
+        let member = is_admin || self.joined(&peer);
         let reply = match request {
             Message::Admin(req) if is_admin => Some(self.admin(req)),
+            // The whole model (every site's heads and decoders) is the operator's only.
+            Message::ModelRequest { digest, full: true } if is_admin => {
+                self.model_reply(&peer, &digest, true, &mut send).await
+            }
             _ if is_admin => {
                 Some(refusal(ErrorKind::BadMessage, "the admin identity only sends admin requests".into()))
             }
-            Message::Hello { protocol_version, site, classes, n_train, n_val: _, hu_histogram, device } => {
-                let reg = Registration { classes, n_train, histogram: hu_histogram, device };
-                Some(self.hello(&peer, protocol_version, &site, reg).await)
+            // The protocol version was checked by `read_frame` (see `refusal_of_frame_error`).
+            Message::Hello { protocol_version: _, site, classes, n_train, n_val: _, hu_histogram, device } => {
+                let histogram =
+                    fedtalent_data::HuHistogram { min_hu: hu_histogram.min_hu, counts: hu_histogram.counts };
+                let reg = Registration { classes, n_train, histogram, device };
+                Some(self.hello(&peer, &site, reg).await)
+            }
+            Message::Heartbeat | Message::ModelRequest { .. } | Message::UpdateHeader { .. } if !member => {
+                warn!(site = %peer, "refused a {} request: the site has not joined", request.kind());
+                let _ = recv.stop(1u32.into());
+                Some(refusal(
+                    ErrorKind::NotAllowed,
+                    format!("site {peer} has not joined this federation (no accepted Hello on this coordinator)"),
+                ))
             }
             Message::Heartbeat => Some(self.poll(&peer).await),
-            Message::ModelRequest { digest, full } => match self.send_model(&peer, &digest, full, &mut send).await {
-                Ok(()) => None,
-                Err(reason) => {
-                    warn!(site = %peer, "model request refused: {reason:#}");
-                    Some(refusal(ErrorKind::BadMessage, format!("{reason:#}")))
-                }
-            },
+            Message::ModelRequest { full: true, .. } => {
+                warn!(site = %peer, "refused a request for the full model");
+                Some(refusal(
+                    ErrorKind::NotAllowed,
+                    format!("site {peer}: only the operator may download every site's heads (full = true)"),
+                ))
+            }
+            Message::ModelRequest { digest, full: false } => self.model_reply(&peer, &digest, false, &mut send).await,
             Message::UpdateHeader { round, n_cases, train_loss, dice, payload_digest, durations_ms } => {
                 let header = UpdateMeta { round, n_cases, train_loss, dice, payload_digest, durations_ms };
                 Some(self.receive_update(&peer, header, &mut recv).await)
@@ -342,14 +365,22 @@ impl Coordinator {
         let _ = send.finish();
     }
 
-    async fn hello(&self, peer: &str, version: u32, site: &str, reg: Registration) -> Message {
-        if version != PROTOCOL_VERSION {
-            warn!(site = %peer, version, "refused: protocol version {version}, this coordinator speaks {PROTOCOL_VERSION}");
-            return refusal(
-                ErrorKind::VersionMismatch,
-                format!("protocol version {version} is not {PROTOCOL_VERSION}"),
-            );
+    fn joined(&self, site: &str) -> bool {
+        self.lock().sites.get(site).is_some_and(|s| s.joined)
+    }
+
+    /// Streams the model, or the refusal to answer instead.
+    async fn model_reply(&self, peer: &str, digest: &str, full: bool, send: &mut quinn::SendStream) -> Option<Message> {
+        match self.send_model(peer, digest, full, send).await {
+            Ok(()) => None,
+            Err(reason) => {
+                warn!(site = %peer, "model request refused: {reason:#}");
+                Some(refusal(ErrorKind::BadMessage, format!("{reason:#}")))
+            }
         }
+    }
+
+    async fn hello(&self, peer: &str, site: &str, reg: Registration) -> Message {
         if site != peer {
             warn!(site = %peer, claimed = %site, "refused: Hello names another site than the certificate");
             return refusal(ErrorKind::NotAllowed, format!("certificate is for site {peer}, Hello says {site}"));
@@ -362,6 +393,7 @@ impl Coordinator {
             warn!(site = %peer, "registration refused: {reason:#}");
             return refusal(ErrorKind::BadDataset, format!("{reason:#}"));
         }
+        self.lock().sites.entry(peer.to_string()).or_default().joined = true;
         self.changed();
         let setup = self.wait_for(FOREVER, |i| i.setup.clone()).await.expect("waits forever");
         let completed = self.lock().completed;
@@ -383,6 +415,11 @@ impl Coordinator {
     /// Records a site's registration; once every listed site registered, fixes the setup.
     fn register(&self, site: &str, reg: Registration) -> Result<()> {
         anyhow::ensure!(!reg.classes.is_empty(), "site {site}: no classes");
+        // n_train is the site's aggregation weight (sqrt); with none, the weights are undefined.
+        anyhow::ensure!(reg.n_train >= 1, "site {site}: n_train is 0");
+        // Checked before it is stored: the setup merges every site's histogram under the lock,
+        // and one absurd histogram there would stop every later registration too.
+        reg.histogram.check().map_err(|e| anyhow!("site {site}: hu_histogram.{e}"))?;
         let mut inner = self.lock();
         if let Some(setup) = &inner.setup {
             let fixed: Vec<(String, Vec<u32>)> =
@@ -392,6 +429,16 @@ impl Coordinator {
             anyhow::ensure!(
                 fixed == sent,
                 "site {site}: classes {sent:?} differ from those registered earlier {fixed:?}"
+            );
+            // The case count is fixed with the setup: it is what every update's n_cases must
+            // match (its aggregation weight), so a changed dataset is refused here, visibly,
+            // rather than each of its updates later.
+            let registered = registered_cases(setup, site);
+            anyhow::ensure!(
+                registered == Some(reg.n_train),
+                "site {site}: n_train {} differs from the {} training cases registered when the federation was set up",
+                reg.n_train,
+                registered.map_or("(none)".to_string(), |n| n.to_string())
             );
             return Ok(());
         }
@@ -492,11 +539,26 @@ impl Coordinator {
             warn!(site = %peer, round, "update refused: {reason}");
             Message::Ack { round, accepted: false, reason: Some(format!("{kind:?}: {reason}")) }
         };
-        // Round and duplicate checks first: a late update is refused without reading its payload.
+        // Header fields, round and duplicate checks first: such an update is refused without
+        // reading its payload.
+        if let Err(reason) = check_header(peer, &meta) {
+            let _ = recv.stop(1u32.into());
+            return refused(ErrorKind::BadUpdate, reason);
+        }
+        let _slot;
         let limits = {
-            let inner = self.lock();
-            match &inner.open {
-                Some(open) if open.round == round && !open.updates.contains_key(peer) => {}
+            let mut inner = self.lock();
+            match inner.open.as_mut() {
+                Some(open) if open.round == round && !open.updates.contains_key(peer) => {
+                    if !open.arriving.insert(peer.to_string()) {
+                        let _ = recv.stop(1u32.into());
+                        return refused(
+                            ErrorKind::BadUpdate,
+                            format!("site {peer}: another update of round {round} is already arriving"),
+                        );
+                    }
+                    _slot = Slot { coordinator: self, site: peer.to_string(), round };
+                }
                 Some(open) if open.round == round => {
                     return refused(ErrorKind::BadUpdate, format!("site {peer} already sent round {round}"))
                 }
@@ -508,6 +570,19 @@ impl Coordinator {
                 }
                 None => return refused(ErrorKind::LateUpdate, format!("round {round} is closed")),
             }
+            let registered = inner.setup.as_ref().and_then(|s| registered_cases(s, peer));
+            if registered != Some(meta.n_cases) {
+                let _ = recv.stop(1u32.into());
+                // The slot is released as `_slot` drops, after this lock.
+                return refused(
+                    ErrorKind::BadUpdate,
+                    format!(
+                        "site {peer}: n_cases {} is not its {} registered training cases",
+                        meta.n_cases,
+                        registered.map_or("(none)".to_string(), |n| n.to_string())
+                    ),
+                );
+            }
             let setup = inner.setup.as_ref().expect("a round is open");
             let ids: Vec<String> = setup.classes.iter().map(|c| c.id.clone()).collect();
             let mut limits = RecvLimits::for_manifest(wire::parts_manifest(
@@ -515,6 +590,9 @@ impl Coordinator {
                 &ids,
                 &full_selection(&self.config, setup).decoders,
             ));
+            // The manifest names every class's heads (so that another site's heads reach
+            // `validate` and are refused by name); which of them must be there, each with every
+            // tensor, is `validate`'s check.
             limits.require_all = false;
             limits.expected_digest = Some(meta.payload_digest.clone());
             limits
@@ -535,14 +613,11 @@ impl Coordinator {
         let owners: BTreeMap<String, String> = setup.classes.iter().map(|c| (c.id.clone(), c.site.clone())).collect();
         let owned: BTreeSet<String> = setup.classes.iter().filter(|c| c.site == peer).map(|c| c.id.clone()).collect();
         let global = inner.global.as_ref().expect("set up");
-        let decoder = self.config.plan.per_site_decoders;
+        let decoder = full_selection(&self.config, &setup).decoders.iter().find(|(s, _)| s == peer).map(|(_, i)| *i);
         if let Err(e) =
             aggregate::validate(global, &owned, &owners, peer, &parts, self.config.plan.max_update_norm, decoder)
         {
             return refused(ErrorKind::BadUpdate, format!("{e:#}"));
-        }
-        if meta.n_cases == 0 {
-            return refused(ErrorKind::BadUpdate, format!("site {peer}: n_cases is 0"));
         }
         // The round may have closed while the payload was streaming.
         let Some(open) = inner.open.as_mut().filter(|o| o.round == round) else {
@@ -635,6 +710,40 @@ impl Coordinator {
     }
 }
 
+/// The reservation of a site's update slot in an open round; released when the update was
+/// stored or refused. Drop it only while the lock is not held.
+struct Slot<'a> {
+    coordinator: &'a Coordinator,
+    site: String,
+    round: u32,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.coordinator.lock();
+        if let Some(open) = inner.open.as_mut().filter(|o| o.round == self.round) {
+            open.arriving.remove(&self.site);
+        }
+    }
+}
+
+/// The scalar fields of an update header: a loss or Dice that is not a finite number would
+/// end up as `null` in the round record and the metrics (and make the checkpoint unreadable).
+fn check_header(peer: &str, meta: &UpdateMeta) -> std::result::Result<(), String> {
+    if !meta.train_loss.is_finite() {
+        return Err(format!("site {peer}: train_loss is {}, not a finite number", meta.train_loss));
+    }
+    if let Some((class, dice)) = meta.dice.iter().find(|(_, d)| !d.is_finite()) {
+        return Err(format!("site {peer}: dice of class {class:?} is {dice}, not a finite number"));
+    }
+    Ok(())
+}
+
+/// The training cases `site` registered with when the federation was set up.
+fn registered_cases(setup: &Setup, site: &str) -> Option<u32> {
+    setup.site_cases.iter().find(|(s, _)| s == site).map(|&(_, n)| n)
+}
+
 struct UpdateMeta {
     round: u32,
     n_cases: u32,
@@ -652,6 +761,26 @@ async fn wait_finished(task: &tokio::task::JoinHandle<Result<()>>) {
 
 fn refusal(kind: ErrorKind, reason: String) -> Message {
     Message::Error { kind, reason }
+}
+
+/// The answer to a request that did not decode. A `Hello` of another protocol version is
+/// recognised by the frame decoder even when the rest of it has another layout
+/// ([`fedtalent_protocol::decode_payload`]); it is answered `VersionMismatch`, which the site
+/// takes as final (retrying cannot help), where anything else malformed is `BadMessage`.
+fn refusal_of_frame_error(peer: &str, e: &FrameError) -> Message {
+    match e {
+        FrameError::VersionMismatch { got, expected } => {
+            warn!(site = %peer, version = got, "refused: protocol version {got}, this coordinator speaks {expected}");
+            refusal(
+                ErrorKind::VersionMismatch,
+                format!("site {peer}: protocol version {got} is not this coordinator's version {expected}"),
+            )
+        }
+        e => {
+            warn!(site = %peer, "refused a malformed request: {e}");
+            refusal(ErrorKind::BadMessage, format!("malformed request: {e}"))
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -735,15 +864,8 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
             });
         }
     }
-    let histograms: Vec<fedtalent_data::HuHistogram> = config
-        .federation
-        .sites
-        .iter()
-        .map(|s| fedtalent_data::HuHistogram {
-            min_hu: regs[s].histogram.min_hu,
-            counts: regs[s].histogram.counts.clone(),
-        })
-        .collect();
+    let histograms: Vec<fedtalent_data::HuHistogram> =
+        config.federation.sites.iter().map(|s| regs[s].histogram.clone()).collect();
     let normalization = match fedtalent_data::HuHistogram::merge(&histograms).ct_stats() {
         Some(n) => CtNormalization {
             clip_low: n.clip_low as f32,

@@ -123,14 +123,41 @@ impl StateDir {
         Ok(())
     }
 
-    /// The newest complete round: its record and model file.
+    /// The newest complete round that can be read: its record and model file. A checkpoint
+    /// whose record does not parse (a NaN loss that an older build wrote as `null`, a damaged
+    /// file) or whose model file is missing is skipped with a warning, so that a restart
+    /// resumes from the round before it instead of failing. Fails closed when rounds exist but
+    /// none can be read: starting afresh would overwrite them.
     pub fn latest(&self) -> Result<Option<(RoundRecord, PathBuf)>> {
-        let Some(&round) = self.rounds()?.last() else { return Ok(None) };
+        let rounds = self.rounds()?;
+        let mut unreadable = Vec::new();
+        for &round in rounds.iter().rev() {
+            match self.read_round(round) {
+                Ok(found) => return Ok(Some(found)),
+                Err(e) => {
+                    tracing::warn!(round, "skipping an unreadable checkpoint: {e:#}");
+                    unreadable.push(format!("{e:#}"));
+                }
+            }
+        }
+        anyhow::ensure!(
+            rounds.is_empty(),
+            "no checkpoint in {} can be read: {}",
+            self.root.display(),
+            unreadable.join("; ")
+        );
+        Ok(None)
+    }
+
+    fn read_round(&self, round: u32) -> Result<(RoundRecord, PathBuf)> {
         let dir = self.round_dir(round);
         let path = dir.join(CHECKPOINT_RECORD);
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let record: RoundRecord = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Ok(Some((record, dir.join(CHECKPOINT_MODEL))))
+        anyhow::ensure!(record.round == round, "{}: records round {}", path.display(), record.round);
+        let model = dir.join(CHECKPOINT_MODEL);
+        anyhow::ensure!(model.is_file(), "{} is missing", model.display());
+        Ok((record, model))
     }
 
     pub fn metrics_path(&self) -> PathBuf {
@@ -163,5 +190,57 @@ impl StateDir {
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         // A line cut by a crash mid-append is skipped, not fatal.
         Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(round: u32) -> RoundRecord {
+        let contribution =
+            Contribution { site: "a".into(), n_cases: 4, weight: 1.0, train_loss: 0.5, payload_digest: "d".into() };
+        RoundRecord {
+            round,
+            digest: format!("g{round}"),
+            contributions: vec![contribution],
+            classes: Vec::new(),
+            unix_time: 0,
+        }
+    }
+
+    /// A checkpoint as `write_checkpoint` leaves it (the model file's content is not read here).
+    fn write_round(state: &StateDir, record: &RoundRecord) -> PathBuf {
+        let dir = state.round_dir(record.round);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(CHECKPOINT_MODEL), b"weights").unwrap();
+        fs::write(dir.join(CHECKPOINT_RECORD), serde_json::to_string_pretty(record).unwrap()).unwrap();
+        dir
+    }
+
+    /// Issue 21 item 9: a newest checkpoint that cannot be parsed (here, a NaN loss serde_json
+    /// wrote as null) makes a restart fall back to the round before it; with none readable,
+    /// opening fails instead of starting afresh.
+    #[test]
+    fn an_unreadable_newest_checkpoint_falls_back_to_the_previous_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.latest().unwrap().is_none());
+        write_round(&state, &record(1));
+        let mut nan = record(2);
+        nan.contributions[0].train_loss = f32::NAN;
+        let newest = write_round(&state, &nan);
+        let text = fs::read_to_string(newest.join(CHECKPOINT_RECORD)).unwrap();
+        assert!(text.contains("null"), "serde_json writes NaN as null: {text}");
+        let (found, model) = state.latest().unwrap().expect("a readable round");
+        assert_eq!(found, record(1));
+        assert_eq!(model, state.round_dir(1).join(CHECKPOINT_MODEL));
+        // A round whose model file is missing is skipped too.
+        write_round(&state, &record(3));
+        fs::remove_file(state.round_dir(3).join(CHECKPOINT_MODEL)).unwrap();
+        assert_eq!(state.latest().unwrap().unwrap().0.round, 1);
+        fs::write(state.round_dir(1).join(CHECKPOINT_RECORD), "{").unwrap();
+        let err = format!("{:#}", state.latest().unwrap_err());
+        assert!(err.contains("no checkpoint") && err.contains("round-000001"), "{err}");
     }
 }

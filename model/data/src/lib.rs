@@ -16,7 +16,7 @@ pub use resample::{
     anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing, resample_probabilities,
     target_shape, Interp, LabelInterp,
 };
-pub use stats::{HuHistogram, Normalization};
+pub use stats::{HistogramError, HuHistogram, Normalization};
 
 pub mod augment;
 pub mod loader;

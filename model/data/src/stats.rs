@@ -25,6 +25,21 @@ pub struct Normalization {
 /// histogram of billions of bins (CT lives in roughly [-1024, 3071]).
 pub const HU_RANGE: (i32, i32) = (-2048, 8191);
 
+/// Cap on the voxels one histogram may count (2^48 ≈ 2.8e14, a thousand times a large CT
+/// collection): with it, the sum over any realistic number of sites stays far from u64::MAX.
+pub const MAX_VOXELS: u64 = 1 << 48;
+
+/// Why a histogram received from a peer is refused; each names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistogramError {
+    #[error("min_hu = {min_hu} is outside [{}, {}]", HU_RANGE.0, HU_RANGE.1)]
+    MinOutOfRange { min_hu: i32 },
+    #[error("counts: {bins} bins from min_hu = {min_hu} reach past {}", HU_RANGE.1)]
+    TooManyBins { min_hu: i32, bins: usize },
+    #[error("counts sum to more than {MAX_VOXELS} voxels")]
+    TooManyVoxels,
+}
+
 impl Normalization {
     /// The fixed statistics of the MultiTalent paper.
     pub const PAPER: Normalization =
@@ -43,8 +58,37 @@ impl Normalization {
 }
 
 impl HuHistogram {
+    /// The counted voxels (saturating: a histogram that passed [`HuHistogram::check`] never
+    /// reaches the cap, and an unchecked one must not panic).
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0u64, |sum, &c| sum.saturating_add(c))
+    }
+
+    /// Checks a histogram received from a peer before anything computes with it: every bin
+    /// within [`HU_RANGE`] (what [`HuHistogram::add`] produces) and at most [`MAX_VOXELS`]
+    /// counted, so that merging, percentiles and the CT statistics cannot overflow or allocate
+    /// more than the range.
+    pub fn check(&self) -> Result<(), HistogramError> {
+        if self.counts.is_empty() {
+            return Ok(());
+        }
+        if !(HU_RANGE.0..=HU_RANGE.1).contains(&self.min_hu) {
+            return Err(HistogramError::MinOutOfRange { min_hu: self.min_hu });
+        }
+        let last = self.min_hu as i64 + self.counts.len() as i64 - 1;
+        if last > HU_RANGE.1 as i64 {
+            return Err(HistogramError::TooManyBins { min_hu: self.min_hu, bins: self.counts.len() });
+        }
+        let mut total = 0u64;
+        for &c in &self.counts {
+            total = total.checked_add(c).filter(|&t| t <= MAX_VOXELS).ok_or(HistogramError::TooManyVoxels)?;
+        }
+        Ok(())
+    }
+
+    /// The HU value of bin `i` (i64: no overflow whatever the histogram holds).
+    fn value_of_bin(&self, i: usize) -> f64 {
+        (self.min_hu as i64 + i as i64) as f64
     }
 
     /// Adds one value (rounded to the nearest HU, clamped into [`HU_RANGE`]); NaNs are ignored.
@@ -89,21 +133,22 @@ impl HuHistogram {
         h
     }
 
-    /// Sum of histograms with possibly different ranges.
+    /// Sum of histograms with possibly different ranges (counts saturate). The parts must have
+    /// passed [`HuHistogram::check`]: the result spans from the lowest to the highest bin.
     pub fn merge(parts: &[HuHistogram]) -> HuHistogram {
         let nonempty: Vec<&HuHistogram> = parts.iter().filter(|h| !h.counts.is_empty()).collect();
-        let Some(lo) = nonempty.iter().map(|h| h.min_hu).min() else {
+        let Some(lo) = nonempty.iter().map(|h| h.min_hu as i64).min() else {
             return HuHistogram::default();
         };
-        let hi = nonempty.iter().map(|h| h.min_hu + h.counts.len() as i32 - 1).max().unwrap();
+        let hi = nonempty.iter().map(|h| h.min_hu as i64 + h.counts.len() as i64 - 1).max().unwrap();
         let mut counts = vec![0u64; (hi - lo + 1) as usize];
         for h in nonempty {
-            let off = (h.min_hu - lo) as usize;
-            for (i, c) in h.counts.iter().enumerate() {
-                counts[off + i] += c;
+            let off = (h.min_hu as i64 - lo) as usize;
+            for (sum, c) in counts[off..].iter_mut().zip(&h.counts) {
+                *sum = sum.saturating_add(*c);
             }
         }
-        HuHistogram { min_hu: lo, counts }
+        HuHistogram { min_hu: lo as i32, counts }
     }
 
     /// The value at percentile `p` (0..100) with numpy's default linear interpolation between the
@@ -117,7 +162,7 @@ impl HuHistogram {
         let lo = rank.floor() as u64;
         let frac = rank - lo as f64;
         let a = self.value_at_rank(lo);
-        let b = self.value_at_rank((lo + 1).min(n - 1));
+        let b = self.value_at_rank(lo.saturating_add(1).min(n - 1));
         Some(a + (b - a) * frac)
     }
 
@@ -125,12 +170,12 @@ impl HuHistogram {
     fn value_at_rank(&self, k: u64) -> f64 {
         let mut seen = 0u64;
         for (i, &c) in self.counts.iter().enumerate() {
-            seen += c;
+            seen = seen.saturating_add(c);
             if seen > k {
-                return (self.min_hu + i as i32) as f64;
+                return self.value_of_bin(i);
             }
         }
-        (self.min_hu + self.counts.len() as i32 - 1) as f64
+        self.value_of_bin(self.counts.len() - 1)
     }
 
     /// CT statistics: the 0.5/99.5 percentiles of the foreground, then mean and std (population) of
@@ -141,7 +186,7 @@ impl HuHistogram {
         let clip_high = self.percentile(99.5)?;
         let (mut n, mut sum, mut sum2) = (0.0f64, 0.0f64, 0.0f64);
         for (i, &c) in self.counts.iter().enumerate() {
-            let v = (self.min_hu + i as i32) as f64;
+            let v = self.value_of_bin(i);
             if v < clip_low || v > clip_high {
                 continue;
             }
@@ -152,5 +197,61 @@ impl HuHistogram {
         let mean = sum / n;
         let std = (sum2 / n - mean * mean).max(0.0).sqrt();
         Some(Normalization { clip_low, clip_high, mean, std })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(min_hu: i32, counts: Vec<u64>) -> HuHistogram {
+        HuHistogram { min_hu, counts }
+    }
+
+    /// Issue 21 item 3: what a site sends is checked before the coordinator computes with it;
+    /// each refusal names the field.
+    #[test]
+    fn absurd_histograms_are_refused_naming_the_field() {
+        let cases = [
+            (hist(i32::MAX, vec![1, 1]), "min_hu"),
+            (hist(i32::MIN, vec![1]), "min_hu"),
+            (hist(HU_RANGE.0 - 1, vec![1]), "min_hu"),
+            (hist(HU_RANGE.1, vec![1, 1]), "counts"),
+            (hist(0, vec![0; (HU_RANGE.1 - HU_RANGE.0 + 2) as usize]), "counts"),
+            (hist(0, vec![u64::MAX, 1]), "counts"),
+            (hist(0, vec![MAX_VOXELS, 1]), "counts"),
+        ];
+        for (h, field) in cases {
+            let err = h.check().expect_err(&format!("accepted min_hu {} with {} bins", h.min_hu, h.counts.len()));
+            assert!(err.to_string().contains(field), "{err} does not name {field}");
+        }
+        // What sites build is accepted: empty, the whole range, one voxel at either end.
+        let mut whole = HuHistogram::default();
+        for v in [-1e9f32, 1e9, 0.0] {
+            whole.add(v);
+        }
+        for h in [HuHistogram::default(), whole, hist(HU_RANGE.0, vec![1]), hist(HU_RANGE.1, vec![1])] {
+            h.check().unwrap();
+        }
+    }
+
+    /// Counts that sum past u64 saturate instead of overflowing (a panic in debug builds).
+    #[test]
+    fn totals_and_merges_saturate() {
+        let big = hist(0, vec![u64::MAX / 2 + 1, u64::MAX / 2 + 1]);
+        assert_eq!(big.total(), u64::MAX);
+        let merged = HuHistogram::merge(&[big.clone(), big]);
+        assert_eq!(merged.counts, vec![u64::MAX, u64::MAX]);
+        assert_eq!(merged.total(), u64::MAX);
+        assert!(merged.ct_stats().is_some());
+        assert_eq!(merged.percentile(100.0), Some(1.0));
+    }
+
+    #[test]
+    fn merge_aligns_ranges_and_stats_are_the_plain_ones() {
+        let merged = HuHistogram::merge(&[hist(-1, vec![1, 2]), hist(1, vec![3]), HuHistogram::default()]);
+        assert_eq!(merged, hist(-1, vec![1, 2, 3]));
+        assert_eq!(merged.percentile(0.0), Some(-1.0));
+        assert_eq!(merged.percentile(100.0), Some(1.0));
     }
 }
