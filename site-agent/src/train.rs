@@ -122,7 +122,12 @@ fn load_sources(paths: &[PathBuf], spacing: [f64; 3]) -> Result<Vec<Source>> {
         let site = config.site.name.clone();
         ensure!(!sources.iter().any(|s| s.site == site), "{}: site {site:?} given twice", path.display());
         let data = local::prepare_data(&config, spacing).with_context(|| format!("{}", path.display()))?;
-        sources.push(Source { site, classes: config.data.classes.clone(), train: data.train, histogram: data.histogram });
+        sources.push(Source {
+            site,
+            classes: config.data.classes.clone(),
+            train: data.train,
+            histogram: data.histogram,
+        });
     }
     Ok(sources)
 }

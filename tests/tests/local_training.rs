@@ -24,10 +24,7 @@ fn train(site_toml: &Path, steps: u32, seed: u64, out: &Path) -> PathBuf {
 fn differing(a: &Path, b: &Path) -> Vec<String> {
     let (a, b) = (read_tensors(a), read_tensors(b));
     assert_eq!(a.len(), b.len(), "the models have different tensor counts");
-    a.iter()
-        .filter(|(name, t)| !t.equal(fedtalent_tests::tensor(&b, name)))
-        .map(|(name, _)| name.clone())
-        .collect()
+    a.iter().filter(|(name, t)| !t.equal(fedtalent_tests::tensor(&b, name))).map(|(name, _)| name.clone()).collect()
 }
 
 fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
@@ -38,7 +35,13 @@ fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
     let status = wait_child(&mut procs.0[1], Duration::from_secs(60), "site");
     assert!(status.success(), "site failed:\n{}", fed.log("liver"));
     let model = dir.join("exported");
-    run_ok(Command::new(binary("coordinator")).args(["export", "--config"]).arg(fed.config_path()).arg("--out").arg(&model));
+    run_ok(
+        Command::new(binary("coordinator"))
+            .args(["export", "--config"])
+            .arg(fed.config_path())
+            .arg("--out")
+            .arg(&model),
+    );
     (fed, model.join("model.safetensors"))
 }
 
@@ -46,7 +49,8 @@ fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
 fn one_site_federation_is_local_training_and_policies_change_it() {
     let dir = tempfile::tempdir().unwrap();
     let neutral = "optimizer_state = \"keep\"\nhead_warmup_steps = 0\nfinal_heads_only = false";
-    let plan = Plan { rounds: 3, local_steps: 4, min_sites: 1, eval_every: 2, cases: 3, local: neutral, ..Plan::default() };
+    let plan =
+        Plan { rounds: 3, local_steps: 4, min_sites: 1, eval_every: 2, cases: 3, local: neutral, ..Plan::default() };
     let (fed, federated) = federate(&dir.path().join("keep"), plan.clone());
     let alone = train(&fed.site_dir("liver").join("site.toml"), 12, 0, &dir.path().join("train"));
     let diff = differing(&federated, &alone);
