@@ -54,24 +54,22 @@ evaluate() { # model dir, seed, json prefix
   done
 }
 
+federate() { # seed, folder prefix, label, simulate flags...
+  local seed=$1 dir="$OUT/$2-$1" label=$3 t
+  shift 3
+  t=$(date +%s)
+  "$BIN/coordinator" simulate --out "$dir" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
+    --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "$@" >/dev/null 2>>"$OUT/log.txt"
+  echo "   $label: $(( $(date +%s) - t )) s"
+  evaluate "$dir/model" "$seed" "$dir/heldout"
+}
+
 for seed in "${SEEDS[@]}"; do
   echo "== seed $seed: $ROUNDS rounds x $STEPS steps per site; held-out phantoms of seed $((1000 + seed))"
   "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \
     --sites "$SITES" >/dev/null 2>>"$OUT/log.txt"
-  t=$(date +%s)
-  "$BIN/coordinator" simulate --out "$OUT/fed-$seed" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
-    --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "${FED_ARGS[@]}" \
-    >/dev/null 2>>"$OUT/log.txt"
-  echo "   federated: $(( $(date +%s) - t )) s"
-  evaluate "$OUT/fed-$seed/model" "$seed" "$OUT/fed-$seed/heldout"
-  if [ "$COMPARE" != none ]; then
-    t=$(date +%s)
-    "$BIN/coordinator" simulate --out "$OUT/fedb-$seed" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
-      --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "${COMPARE_ARGS[@]}" \
-      >/dev/null 2>>"$OUT/log.txt"
-    echo "   federated-b ($COMPARE): $(( $(date +%s) - t )) s"
-    evaluate "$OUT/fedb-$seed/model" "$seed" "$OUT/fedb-$seed/heldout"
-  fi
+  federate "$seed" fed federated "${FED_ARGS[@]}"
+  [ "$COMPARE" = none ] || federate "$seed" fedb "federated-b ($COMPARE)" "${COMPARE_ARGS[@]}"
   # The same phantoms and site configs as the federation (and its preprocessing cache).
   site_args=()
   for site in "${SITE_LIST[@]}"; do

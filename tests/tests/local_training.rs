@@ -65,7 +65,7 @@ fn one_site_federation_is_local_training_and_policies_change_it() {
 #[test]
 fn training_is_fully_seeded() {
     let dir = tempfile::tempdir().unwrap();
-    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, ..Plan::default() });
+    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, min_sites: 1, ..Plan::default() });
     let site = fed.site_dir("liver").join("site.toml");
     let a = train(&site, 6, 7, &dir.path().join("a"));
     let b = train(&site, 6, 7, &dir.path().join("b"));
@@ -79,7 +79,7 @@ fn training_is_fully_seeded() {
 #[test]
 fn train_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, ..Plan::default() });
+    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, min_sites: 1, ..Plan::default() });
     let site = fed.site_dir("liver").join("site.toml");
     let whole = train(&site, 8, 3, &dir.path().join("whole"));
     let resumed = dir.path().join("resumed");

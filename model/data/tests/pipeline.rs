@@ -61,9 +61,10 @@ fn phantoms_are_deterministic_per_seed_and_vary_per_case() {
     let liver0 = read_nifti(a.path().join("Dataset001_liver/imagesTr/liver_000_0000.nii.gz")).unwrap();
     let liver1 = read_nifti(a.path().join("Dataset001_liver/imagesTr/liver_001_0000.nii.gz")).unwrap();
     assert_ne!(liver0.data, liver1.data);
-    assert!(
-        liver0.spacing[0] >= 1.0 && liver0.spacing[0] <= 5.0 && liver0.spacing[1] >= 0.7 && liver0.spacing[1] <= 0.8
-    );
+    // A physical field of view (34-40 cm in-plane, 19-25 cm along z) divided into the grid.
+    let (nz, ny, _) = liver0.data.dim();
+    let (fov_z, fov_xy) = (liver0.spacing[0] * nz as f64, liver0.spacing[1] * ny as f64);
+    assert!((190.0..=250.0).contains(&fov_z) && (340.0..=400.0).contains(&fov_xy), "fov {fov_z} x {fov_xy} mm");
     // CT-like: air, fat, soft tissue and bone are all present.
     let has = |lo: f32, hi: f32| liver0.data.iter().any(|&v| v >= lo && v <= hi);
     assert!(has(-1024.0, -950.0) && has(-130.0, -70.0) && has(40.0, 80.0) && has(600.0, 1200.0));
