@@ -51,8 +51,9 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
             .arg(ours.join("stranger.csr")),
     );
 
-    let mut procs =
-        Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);
+    // The impostors try while the coordinator waits for its sites, so the federation cannot have
+    // finished (and stopped answering) before an impostor is done preprocessing its data.
+    let mut procs = Children(vec![fed.spawn_coordinator()]);
     for (name, certs) in [("intruder", &other), ("stranger", &ours)] {
         let config = impostor(&fed, name, certs);
         let out = Command::new(binary("site-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
@@ -60,6 +61,8 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
         assert!(!out.status.success(), "{name} was let in:\n{stderr}");
         assert!(stderr.contains("refused"), "{name}: no refusal reason:\n{stderr}");
     }
+    procs.0.push(fed.spawn_site("liver", &[]));
+    procs.0.push(fed.spawn_site("pancreas", &[]));
     let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
     assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
     assert_eq!(fed.completed_rounds(), vec![1, 2]);
