@@ -253,4 +253,24 @@ mod tests {
         let missing = FederationConfig::load(&dir.path().join("nope.toml")).unwrap_err();
         assert!(format!("{missing:#}").contains("nope.toml"));
     }
+
+    /// `[plan.local]`: a broken value or key is refused naming it; the template's defaults load.
+    #[test]
+    fn broken_local_policies_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FederationConfig::load(&write(dir.path(), &valid())).unwrap();
+        assert_eq!(config.plan.local, fedtalent_protocol::LocalPolicy::default());
+        let cases = [
+            (valid().replace("optimizer_state = \"keep\"", "optimizer_state = \"fedavgm\""), "optimizer_state"),
+            (valid().replace("head_warmup_steps = 0", "head_warmup_steps = -3"), "head_warmup_steps"),
+            (valid().replace("final_heads_only = false", "final_heads_only = \"yes\""), "final_heads_only"),
+            (valid().replace("head_warmup_steps = 0", "head_warmup = 0"), "head_warmup"),
+        ];
+        for (text, expected) in cases {
+            assert_ne!(text, valid(), "the case did not change the template");
+            let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+            assert!(err.contains("federation.toml"), "the file is not named: {err}");
+        }
+    }
 }

@@ -9,12 +9,19 @@ use std::time::Duration;
 use fedtalent_tests::{binary, read_tensors, run_ok, wait_child, Children, LocalFederation, Plan};
 
 fn train(site_toml: &Path, steps: u32, seed: u64, out: &Path) -> PathBuf {
+    train_with(site_toml, steps, seed, out, &[])
+}
+
+/// `site-agent train` (tiny, CPU, checkpoints every 4 steps) with `extra` flags; the model it exports.
+fn train_with(site_toml: &Path, steps: u32, seed: u64, out: &Path, extra: &[&str]) -> PathBuf {
     run_ok(
         Command::new(binary("site-agent"))
             .args(["train", "--site"])
             .arg(site_toml)
             .args(["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "4"])
-            .args(["--steps", &steps.to_string(), "--seed", &seed.to_string(), "--out"])
+            .args(["--steps", &steps.to_string(), "--seed", &seed.to_string()])
+            .args(extra)
+            .arg("--out")
             .arg(out),
     );
     out.join("model/model.safetensors")
@@ -83,14 +90,7 @@ fn train_resumes_from_its_checkpoint() {
     let site = fed.site_dir("liver").join("site.toml");
     let whole = train(&site, 8, 3, &dir.path().join("whole"));
     let resumed = dir.path().join("resumed");
-    run_ok(
-        Command::new(binary("site-agent"))
-            .args(["train", "--site"])
-            .arg(&site)
-            .args(["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "4", "--steps", "8", "--seed", "3"])
-            .args(["--stop-after-steps", "4", "--out"])
-            .arg(&resumed),
-    );
+    train_with(&site, 8, 3, &resumed, &["--stop-after-steps", "4"]);
     assert!(!resumed.join("model").exists(), "a stopped run exported a model");
     let again = train(&site, 8, 3, &resumed);
     let diff = differing(&whole, &again);
