@@ -10,6 +10,8 @@ use fedtalent_model::wire::Parts;
 use fedtalent_model::MultiTalentNet;
 use tch::{Kind, Tensor};
 
+use crate::config::ServerOptimizer;
+
 /// One site's decoded upload for the open round.
 pub struct Update {
     pub site: String,
@@ -161,11 +163,22 @@ fn all_finite(t: &Tensor) -> bool {
     t.isfinite().all().int64_value(&[]) == 1
 }
 
+/// FedAvgM's velocity over the backbone, by tensor name (empty until the first round with
+/// momentum); checkpointed with the global model so that a restarted coordinator resumes it.
+#[derive(Default)]
+pub struct ServerState {
+    pub velocity: Vec<(String, Tensor)>,
+}
+
 /// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
-/// `row_of` maps class ids to the global model's rows, `decoder_of` sites to their decoders.
+/// The backbone takes `server`'s step along the sqrt(n)-weighted mean change of the sites'
+/// backbones (with lr 1 and no momentum: that mean); heads and site decoders are the owners'
+/// uploads. `row_of` maps class ids to the global model's rows, `decoder_of` sites to their
+/// decoders.
 pub fn aggregate(
     global: &mut MultiTalentNet,
     updates: &[&Update],
+    server: (&ServerOptimizer, &mut ServerState),
     row_of: &dyn Fn(&str) -> Option<i64>,
     decoder_of: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<Vec<f64>> {
@@ -179,21 +192,33 @@ pub fn aggregate(
             ensure!(row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
         }
     }
+    let (optimizer, state) = server;
     let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
-    let names: Vec<String> = global.params().backbone().into_iter().map(|(n, _)| n).collect();
-    let mut averaged = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        let mut acc: Option<Tensor> = None;
+    let current = global.params().backbone();
+    let with_momentum = optimizer.momentum > 0.0;
+    if with_momentum && state.velocity.len() != current.len() {
+        state.velocity = current.iter().map(|(n, t)| (n.clone(), t.zeros_like().to_kind(Kind::Double))).collect();
+    }
+    let mut stepped = Vec::with_capacity(current.len());
+    for (i, (name, old)) in current.iter().enumerate() {
+        let old = old.to_kind(Kind::Double);
+        let mut change: Option<Tensor> = None;
         for (u, w) in updates.iter().zip(&weights) {
-            let term = u.parts.backbone[i].1.to_kind(Kind::Double) * *w;
-            acc = Some(match acc {
-                Some(a) => a + term,
+            let term = (u.parts.backbone[i].1.to_kind(Kind::Double) - &old) * *w;
+            change = Some(match change {
+                Some(c) => c + term,
                 None => term,
             });
         }
-        averaged.push((name.clone(), acc.expect("at least one update").to_kind(Kind::Float)));
+        let mut change = change.expect("at least one update");
+        if with_momentum {
+            let velocity = &mut state.velocity[i].1;
+            *velocity = &*velocity * optimizer.momentum + &change;
+            change = velocity.shallow_clone();
+        }
+        stepped.push((name.clone(), (old + change * optimizer.lr).to_kind(Kind::Float)));
     }
-    global.params_mut().load_named(&averaged, false)?;
+    global.params_mut().load_named(&stepped, false)?;
     for u in updates {
         // Heads and site decoders: the owner's upload, as is.
         u.parts.apply_owned(global, row_of, decoder_of)?;
@@ -261,13 +286,24 @@ mod tests {
         }
 
         fn aggregate(&mut self, updates: &[&Update]) -> Result<Vec<f64>> {
+            self.aggregate_with(updates, &ServerOptimizer::default(), &mut ServerState::default())
+        }
+
+        fn aggregate_with(
+            &mut self,
+            updates: &[&Update],
+            optimizer: &ServerOptimizer,
+            state: &mut ServerState,
+        ) -> Result<Vec<f64>> {
             let rows = |id: &str| match id {
                 "a/x" => Some(0),
                 "b/y" => Some(1),
                 _ => None,
             };
             let decoders = self.decoders;
-            aggregate(&mut self.global, updates, &rows, &|s| decoders.then(|| usize::from(s == "b")))
+            aggregate(&mut self.global, updates, (optimizer, state), &rows, &|s| {
+                decoders.then(|| usize::from(s == "b"))
+            })
         }
     }
 
@@ -346,5 +382,50 @@ mod tests {
         let bad = f.update("b", partial);
         assert!(f.aggregate(&[&good, &bad]).is_err());
         assert_eq!(wire::model_digest(&f.global, &Selection::default()), before, "the global model changed");
+    }
+
+    /// The first backbone tensor of `parts` / of the global model, as doubles.
+    fn first(parts: &Parts) -> Tensor {
+        parts.backbone[0].1.to_kind(Kind::Double)
+    }
+
+    /// Site a moved every backbone tensor by `by`, site b did not move.
+    fn moved_updates(f: &Fixture, by: f64) -> (Update, Update) {
+        let mut moved = f.upload("a");
+        for (_, t) in &mut moved.backbone {
+            *t = &*t + by;
+        }
+        (f.update("a", moved), f.update("b", f.upload("b")))
+    }
+
+    /// `[plan.server]`: lr 1 without momentum is the weighted mean; lr η steps η times the mean
+    /// change; momentum μ adds μ times the previous round's step (FedAvgM). Heads stay the
+    /// owners' uploads whatever the server does.
+    #[test]
+    fn the_server_optimizer_steps_along_the_mean_change() {
+        let step = |optimizer: ServerOptimizer, rounds: usize| {
+            let mut f = Fixture::new(false);
+            let start = first(&f.upload("a"));
+            let mut state = ServerState::default();
+            for _ in 0..rounds {
+                let (a, b) = moved_updates(&f, 0.5);
+                f.aggregate_with(&[&a, &b], &optimizer, &mut state).unwrap();
+            }
+            let after = first(&f.upload("a"));
+            let head = f.upload("b").heads["b/y"][0].1.shallow_clone();
+            (f64::try_from((after - start).mean(Kind::Double)).unwrap(), head, state)
+        };
+        // Equal case counts: the mean change is 0.25 per round.
+        let (fedavg, head, state) = step(ServerOptimizer::default(), 1);
+        assert!((fedavg - 0.25).abs() < 1e-6, "{fedavg}");
+        assert!(state.velocity.is_empty(), "FedAvg keeps no server state");
+        let (scaled, scaled_head, _) = step(ServerOptimizer { lr: 3.0, momentum: 0.0 }, 1);
+        assert!((scaled - 0.75).abs() < 1e-6, "{scaled}");
+        assert!(head.equal(&scaled_head), "the server step touched a head");
+        let (with_momentum, _, state) = step(ServerOptimizer { lr: 1.0, momentum: 0.5 }, 2);
+        // Round 1 steps 0.25; round 2 steps 0.5 * 0.25 + 0.25.
+        assert!((with_momentum - 0.625).abs() < 1e-6, "{with_momentum}");
+        let velocity = f64::try_from(state.velocity[0].1.mean(Kind::Double)).unwrap();
+        assert!((velocity - 0.375).abs() < 1e-6, "{velocity}");
     }
 }

@@ -67,6 +67,40 @@ pub struct PlanSection {
     /// `[plan.local]`: the sites' round-boundary policy.
     #[serde(default)]
     pub local: fedtalent_protocol::LocalPolicy,
+    /// `[plan.server]`: how the coordinator applies the sites' mean backbone change.
+    #[serde(default)]
+    pub server: ServerOptimizer,
+}
+
+/// `[plan.server]`: the coordinator's optimizer over the backbone (Flower's FedAvgM, Hsu et
+/// al. 2019). The sqrt(n)-weighted mean of the sites' backbone changes Δ is a pseudo-gradient:
+/// `v ← momentum · v + Δ`, `backbone ← backbone + lr · v`. `lr = 1, momentum = 0` is FedAvg (the
+/// global backbone becomes the sites' weighted mean). Heads are never touched: each class keeps
+/// its owner's upload.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerOptimizer {
+    #[serde(default = "ServerOptimizer::default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+}
+
+impl ServerOptimizer {
+    fn default_lr() -> f64 {
+        Self::default().lr
+    }
+
+    /// FedAvg: no server-side state.
+    pub fn is_plain_average(&self) -> bool {
+        self.lr == 1.0 && self.momentum == 0.0
+    }
+}
+
+impl Default for ServerOptimizer {
+    fn default() -> Self {
+        Self { lr: 1.0, momentum: 0.0 }
+    }
 }
 
 fn default_launch() -> String {
@@ -132,6 +166,12 @@ impl FederationConfig {
         ensure!(p.round_deadline_s >= 1, "[plan].round_deadline_s must be at least 1");
         p.dice_mode.parse::<fedtalent_model::DiceMode>().context("[plan].dice_mode")?;
         ensure!(p.max_update_norm > 0.0, "[plan].max_update_norm must be positive");
+        ensure!(p.server.lr > 0.0 && p.server.lr <= 10.0, "[plan.server].lr = {} must be in (0, 10]", p.server.lr);
+        ensure!(
+            (0.0..1.0).contains(&p.server.momentum),
+            "[plan.server].momentum = {} must be in [0, 1)",
+            p.server.momentum
+        );
         Ok(())
     }
 
@@ -144,6 +184,7 @@ impl FederationConfig {
 pub fn template(name: &str, listen: SocketAddr, sites: &[String]) -> String {
     let min_sites = sites.len().clamp(1, 2);
     let local = fedtalent_protocol::LocalPolicy::default();
+    let server = ServerOptimizer::default();
     let sites = sites.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     format!(
         r#"# fedtalent federation configuration (written by `coordinator init`).
@@ -198,7 +239,15 @@ optimizer_state = "{optimizer_state}"
 head_warmup_steps = {head_warmup_steps}
 # The last round trains only the heads, on the final global backbone (the exported pairing).
 final_heads_only = {final_heads_only}
+
+# How the coordinator applies the sites' weighted mean backbone change (FedAvgM): lr = 1 and
+# momentum = 0 is FedAvg; lr > 1 gives each site's change more of its own weight.
+[plan.server]
+lr = {server_lr:?}
+momentum = {server_momentum:?}
 "#,
+        server_lr = server.lr,
+        server_momentum = server.momentum,
         final_heads_only = local.final_heads_only,
         optimizer_state = local.optimizer_state.name(),
         head_warmup_steps = local.head_warmup_steps,

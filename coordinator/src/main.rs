@@ -108,6 +108,12 @@ struct SimulateArgs {
     /// [plan.local].final_heads_only: true | false (default: the template's).
     #[arg(long)]
     final_heads_only: Option<bool>,
+    /// [plan.server].lr: the server's step along the sites' mean backbone change (1: FedAvg).
+    #[arg(long)]
+    server_lr: Option<f64>,
+    /// [plan.server].momentum: FedAvgM's server momentum (0: none).
+    #[arg(long)]
+    server_momentum: Option<f64>,
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     #[arg(long, default_value_t = 100)]
@@ -143,6 +149,13 @@ impl SimulateArgs {
                     optimizer_state: self.optimizer_state.unwrap_or(default.optimizer_state),
                     head_warmup_steps: self.head_warmup_steps.unwrap_or(default.head_warmup_steps),
                     final_heads_only: self.final_heads_only.unwrap_or(default.final_heads_only),
+                }
+            },
+            server: {
+                let default = config::ServerOptimizer::default();
+                config::ServerOptimizer {
+                    lr: self.server_lr.unwrap_or(default.lr),
+                    momentum: self.server_momentum.unwrap_or(default.momentum),
                 }
             },
             rounds: self.rounds,

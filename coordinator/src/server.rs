@@ -23,9 +23,9 @@ use tch::Device;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::aggregate::{self, Update};
+use crate::aggregate::{self, ServerState, Update};
 use crate::config::{FederationConfig, ADMIN_IDENTITY};
-use crate::state::{Contribution, RoundRecord, Setup, StateDir};
+use crate::state::{Contribution, RoundRecord, Setup, StateDir, CHECKPOINT_SERVER};
 
 /// "No timeout" for waits that end only on an event (ten years, far from Instant overflow).
 const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -65,6 +65,8 @@ struct Inner {
     registrations: BTreeMap<String, Registration>,
     setup: Option<Setup>,
     global: Option<MultiTalentNet>,
+    /// The server optimizer's state over `global`'s backbone.
+    server: ServerState,
     digest: String,
     /// Per-tensor wire digests of `global` (filled as it is hashed or sent), so that streaming
     /// it to N sites hashes each tensor once, not N times.
@@ -93,6 +95,7 @@ impl Coordinator {
             registrations: BTreeMap::new(),
             setup: None,
             global: None,
+            server: ServerState::default(),
             digest: String::new(),
             wire_digests: TensorDigests::new(transport_of(&config)),
             completed: 0,
@@ -102,9 +105,10 @@ impl Coordinator {
             last_dice: BTreeMap::new(),
         };
         if let Some(setup) = state.read_setup()? {
-            let (net, completed) = load_global(&config, &state, &setup)?;
+            let (net, completed, server) = load_global(&config, &state, &setup)?;
             (inner.digest, inner.wire_digests) = digest_global(&config, &setup, &net);
             inner.global = Some(net);
+            inner.server = server;
             inner.completed = completed;
             inner.setup = Some(setup);
             info!(completed, digest = %inner.digest, "resumed federation from {}", state.root().display());
@@ -213,9 +217,15 @@ impl Coordinator {
         let updates: Vec<&Update> = open.updates.values().collect();
         let rows = row_lookup(&setup);
         let decoders: BTreeMap<String, usize> = full_selection(&self.config, &setup).decoders.into_iter().collect();
-        let global = inner.global.as_mut().expect("global model exists after setup");
-        let weights =
-            aggregate::aggregate(global, &updates, &|id| rows.get(id).copied(), &|site| decoders.get(site).copied())?;
+        let Inner { global, server, .. } = &mut *inner;
+        let global = global.as_mut().expect("global model exists after setup");
+        let weights = aggregate::aggregate(
+            global,
+            &updates,
+            (&self.config.plan.server, server),
+            &|id| rows.get(id).copied(),
+            &|site| decoders.get(site).copied(),
+        )?;
         let (digest, wire_digests) = digest_global(&self.config, &setup, global);
         let contributions: Vec<Contribution> = updates
             .iter()
@@ -235,7 +245,7 @@ impl Coordinator {
             classes: setup.classes.clone(),
             unix_time: unix_now(),
         };
-        self.state.write_checkpoint(global, &record, self.config.federation.keep_rounds)?;
+        self.state.write_checkpoint(global, server, &record, self.config.federation.keep_rounds)?;
         let mut lines = metric_lines(open.round, &updates, &weights);
         lines.push(serde_json::json!({
             "round": open.round,
@@ -447,9 +457,10 @@ impl Coordinator {
         if self.config.federation.sites.iter().all(|s| inner.registrations.contains_key(s)) {
             let setup = build_setup(&self.config, &inner.registrations);
             self.state.write_setup(&setup)?;
-            let (net, completed) = load_global(&self.config, &self.state, &setup)?;
+            let (net, completed, server) = load_global(&self.config, &self.state, &setup)?;
             (inner.digest, inner.wire_digests) = digest_global(&self.config, &setup, &net);
             inner.global = Some(net);
+            inner.server = server;
             inner.completed = completed;
             info!(classes = setup.classes.len(), norm = ?setup.normalization, "federation set up");
             inner.setup = Some(setup);
@@ -882,8 +893,13 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
     Setup { classes, normalization, site_cases }
 }
 
-/// The global model: the last complete checkpoint, else a fresh, deterministic initialisation.
-fn load_global(config: &FederationConfig, state: &StateDir, setup: &Setup) -> Result<(MultiTalentNet, u32)> {
+/// The global model and the server optimizer's state: the last complete checkpoint, else a
+/// fresh, deterministic initialisation.
+fn load_global(
+    config: &FederationConfig,
+    state: &StateDir,
+    setup: &Setup,
+) -> Result<(MultiTalentNet, u32, ServerState)> {
     let topo = global_topology(config, setup)?;
     tch::manual_seed(0);
     let mut net = MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)?;
@@ -893,10 +909,28 @@ fn load_global(config: &FederationConfig, state: &StateDir, setup: &Setup) -> Re
                 bail!("checkpoint of round {} has other classes than {}", record.round, state.root().display());
             }
             net.load(&model)?;
-            Ok((net, record.round))
+            let velocity_file = model.with_file_name(CHECKPOINT_SERVER);
+            let mut server = ServerState::default();
+            if velocity_file.is_file() {
+                server.velocity = fedtalent_model::io::read_tensors(&velocity_file)?;
+                check_velocity(&net, &server, &velocity_file)?;
+            }
+            Ok((net, record.round, server))
         }
-        None => Ok((net, 0)),
+        None => Ok((net, 0, ServerState::default())),
     }
+}
+
+/// A checkpointed velocity names the backbone's tensors, in order, with their shapes.
+fn check_velocity(net: &MultiTalentNet, server: &ServerState, file: &Path) -> Result<()> {
+    let backbone = net.params().backbone();
+    anyhow::ensure!(
+        backbone.len() == server.velocity.len()
+            && backbone.iter().zip(&server.velocity).all(|((a, x), (b, y))| a == b && x.size() == y.size()),
+        "{}: the server momentum does not match the model's backbone",
+        file.display()
+    );
+    Ok(())
 }
 
 /// Metrics log lines of a round: one per site, one per (site, class) Dice.
@@ -950,7 +984,7 @@ pub fn export_model(
 pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String> {
     let state = StateDir::open(&config.federation.state_dir)?;
     let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
-    let (net, round) = load_global(config, &state, &setup)?;
+    let (net, round, _) = load_global(config, &state, &setup)?;
     anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
     let digest = wire::model_digest(&net, &full_selection(config, &setup));
     export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;

@@ -26,6 +26,8 @@ pub struct SimulateOptions {
     pub per_site_decoders: bool,
     /// `[plan.local]`: the sites' round-boundary policy.
     pub local: fedtalent_protocol::LocalPolicy,
+    /// `[plan.server]`: the coordinator's optimizer.
+    pub server: crate::config::ServerOptimizer,
     pub rounds: u32,
     pub local_steps: u32,
     /// Rounds between the sites' validation of the global model (and always the last).
@@ -105,21 +107,29 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
 /// The simulation's federation.toml: the `init` template with the simulation's plan.
 fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String]) -> String {
     let mut text = String::new();
+    let mut section = "";
     for line in config::template("simulation", listen, sites).lines() {
+        if line.starts_with('[') {
+            section = line.trim();
+        }
         let key = line.split('=').next().unwrap_or("").trim();
-        let replaced = match key {
-            "preset" => format!("preset = {:?}", opts.preset),
-            "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
-            "rounds" => format!("rounds = {}", opts.rounds),
-            "local_steps" => format!("local_steps = {}", opts.local_steps),
-            "batch" => format!("batch = {}", opts.batch),
-            "optimizer_state" => format!("optimizer_state = {:?}", opts.local.optimizer_state.name()),
-            "head_warmup_steps" => format!("head_warmup_steps = {}", opts.local.head_warmup_steps),
-            "final_heads_only" => format!("final_heads_only = {}", opts.local.final_heads_only),
-            "eval_every" => format!("eval_every = {}", opts.eval_every),
-            "round_deadline_s" => "round_deadline_s = 3600".into(),
-            "exit_when_done" => "exit_when_done = true".into(),
-            _ => line.to_string(),
+        let replaced = match (section, key) {
+            ("[plan.server]", "lr") => format!("lr = {:?}", opts.server.lr),
+            ("[plan.server]", "momentum") => format!("momentum = {:?}", opts.server.momentum),
+            (_, key) => match key {
+                "preset" => format!("preset = {:?}", opts.preset),
+                "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
+                "rounds" => format!("rounds = {}", opts.rounds),
+                "local_steps" => format!("local_steps = {}", opts.local_steps),
+                "batch" => format!("batch = {}", opts.batch),
+                "optimizer_state" => format!("optimizer_state = {:?}", opts.local.optimizer_state.name()),
+                "head_warmup_steps" => format!("head_warmup_steps = {}", opts.local.head_warmup_steps),
+                "final_heads_only" => format!("final_heads_only = {}", opts.local.final_heads_only),
+                "eval_every" => format!("eval_every = {}", opts.eval_every),
+                "round_deadline_s" => "round_deadline_s = 3600".into(),
+                "exit_when_done" => "exit_when_done = true".into(),
+                _ => line.to_string(),
+            },
         };
         let _ = writeln!(text, "{replaced}");
     }
@@ -216,6 +226,7 @@ mod tests {
             preset: preset.into(),
             per_site_decoders,
             local: fedtalent_protocol::LocalPolicy::default(),
+            server: crate::config::ServerOptimizer::default(),
             rounds: 1,
             local_steps: 1,
             eval_every: 1,

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fedtalent_model::{ClassInfo, CtNormalization, MultiTalentNet};
+
+use crate::aggregate::ServerState;
 use serde::{Deserialize, Serialize};
 
 const SETUP_FILE: &str = "federation.json";
@@ -17,6 +19,8 @@ const ROUNDS_DIR: &str = "rounds";
 const METRICS_FILE: &str = "metrics.jsonl";
 pub const CHECKPOINT_MODEL: &str = "model.safetensors";
 pub const CHECKPOINT_RECORD: &str = "round.json";
+/// FedAvgM's velocity (only with `[plan.server].momentum` > 0).
+pub const CHECKPOINT_SERVER: &str = "server_momentum.safetensors";
 
 /// What registration fixed for the whole federation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,12 +87,21 @@ impl StateDir {
     }
 
     /// Writes round `record.round` atomically, then prunes all but the newest `keep` rounds.
-    pub fn write_checkpoint(&self, net: &MultiTalentNet, record: &RoundRecord, keep: usize) -> Result<PathBuf> {
+    pub fn write_checkpoint(
+        &self,
+        net: &MultiTalentNet,
+        server: &ServerState,
+        record: &RoundRecord,
+        keep: usize,
+    ) -> Result<PathBuf> {
         let final_dir = self.round_dir(record.round);
         let tmp = self.root.join(ROUNDS_DIR).join(format!(".tmp-round-{:06}", record.round));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         net.save(&tmp.join(CHECKPOINT_MODEL))?;
+        if !server.velocity.is_empty() {
+            fedtalent_model::io::write_tensors_atomic(&tmp.join(CHECKPOINT_SERVER), &server.velocity)?;
+        }
         fedtalent_model::io::write_bytes_atomic(
             &tmp.join(CHECKPOINT_RECORD),
             serde_json::to_string_pretty(record)?.as_bytes(),
