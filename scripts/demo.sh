@@ -8,8 +8,8 @@
 # Uses the GPU when there is one. Output in demo-out/ (removed at the start).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROUNDS="${DEMO_ROUNDS:-10}"
-STEPS="${DEMO_STEPS:-40}"
+ROUNDS="${DEMO_ROUNDS:-40}"
+STEPS="${DEMO_STEPS:-10}"
 SITES=(liver pancreas multiorgan)
 
 scripts/setup.sh

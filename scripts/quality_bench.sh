@@ -10,27 +10,27 @@
 # site and the sd of the per-seed means, and writes $OUT/quality.json.
 #
 #   scripts/quality_bench.sh
-#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (10),
-#        BENCH_STEPS (40: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
+#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (40),
+#        BENCH_STEPS (10: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
 #        BENCH_HELDOUT (4 cases per site), BENCH_SITES (liver,pancreas,multiorgan),
 #        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_FED_ARGS (extra `simulate` flags,
-#        e.g. "--optimizer-state keep --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
-#        federation per seed with these flags, shown as "federated-b": the policy comparison;
-#        default: momentum reset each round, 10 heads-only warm-up steps, heads-only last round;
-#        "none" skips it)
+#        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
+#        federation per seed with these flags, appended after the others so they override them,
+#        shown as "federated-b": the policy comparison; default: the same steps in 4x longer
+#        rounds, 10 x 40, the round length of the previous default; "none" skips it)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
 SEEDS=(${BENCH_SEEDS:-1 2 3})
-ROUNDS="${BENCH_ROUNDS:-10}"
-STEPS="${BENCH_STEPS:-40}"
+ROUNDS="${BENCH_ROUNDS:-40}"
+STEPS="${BENCH_STEPS:-10}"
 CASES="${BENCH_CASES:-8}"
 HELDOUT="${BENCH_HELDOUT:-4}"
 SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
 PRESET="${BENCH_PRESET:-tiny}"
 DEVICE="${BENCH_DEVICE:-auto}"
 read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
-COMPARE="${BENCH_COMPARE_ARGS:---optimizer-state reset --head-warmup-steps 10 --final-heads-only true}"
+COMPARE="${BENCH_COMPARE_ARGS:---rounds $((ROUNDS / 4)) --local-steps $((STEPS * 4))}"
 read -r -a COMPARE_ARGS <<< "$COMPARE"
 IFS=',' read -r -a SITE_LIST <<< "$SITES"
 TOTAL=$((ROUNDS * STEPS))

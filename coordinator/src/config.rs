@@ -322,4 +322,31 @@ mod tests {
             assert!(err.contains("federation.toml"), "the file is not named: {err}");
         }
     }
+
+    /// `[plan.server]`: the template's FedAvg defaults load; a learning rate or momentum out of
+    /// range, or an unknown key, is refused naming it.
+    #[test]
+    fn broken_server_optimizers_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FederationConfig::load(&write(dir.path(), &valid())).unwrap();
+        assert_eq!(config.plan.server, ServerOptimizer::default());
+        let server = |body: &str| {
+            let start = valid().find("[plan.server]").expect("the template has [plan.server]");
+            format!("{}[plan.server]\n{body}\n", &valid()[..start])
+        };
+        let loaded = FederationConfig::load(&write(dir.path(), &server("lr = 1.5\nmomentum = 0.9"))).unwrap();
+        assert_eq!(loaded.plan.server, ServerOptimizer { lr: 1.5, momentum: 0.9 });
+        let cases = [
+            (server("lr = 0.0"), "[plan.server].lr"),
+            (server("lr = -1.0"), "[plan.server].lr"),
+            (server("momentum = 1.0"), "[plan.server].momentum"),
+            (server("momentum = -0.1"), "[plan.server].momentum"),
+            (server("learning_rate = 1.0"), "learning_rate"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &text)).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+            assert!(err.contains("federation.toml"), "the file is not named: {err}");
+        }
+    }
 }

@@ -76,7 +76,9 @@ enum Command {
         config: PathBuf,
     },
     /// Run a whole federation on this machine: phantom sites, PKI, this coordinator and one
-    /// site-agent process per site on loopback; exports the model to OUT/model.
+    /// site-agent process per site on loopback; exports the model to OUT/model. A flag given
+    /// twice takes its last value (scripts append their overrides).
+    #[command(args_override_self = true)]
     Simulate(SimulateArgs),
     /// Write the global model of the newest complete round (model.safetensors + model.json).
     Export {
