@@ -264,3 +264,21 @@ async fn resumed_session_after_removal_is_refused() {
         assert_eq!(server.next_outcome().await, Ok("alpha".into()));
     }
 }
+
+/// Issue 21 item 12: the unverified CN of a refused certificate is escaped in the refusal (and
+/// the log line made of it): a newline in it cannot forge a second log line.
+#[tokio::test]
+async fn unverified_names_are_escaped_in_refusals() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![site_san("alpha")]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "alpha\nINFO site mallory joined");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    let cfg = client_config(p.ca.cert_pem(), &cert.pem(), &key.serialize_pem()).unwrap();
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    assert!(client.is_err(), "a self-signed certificate got in: {client:?}");
+    let reason = server.next_outcome().await.expect_err("the handshake should be refused");
+    assert!(reason.contains("alpha\\nINFO site mallory") && !reason.contains('\n'), "{reason:?}");
+}
