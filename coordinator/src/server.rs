@@ -272,8 +272,14 @@ impl Coordinator {
             }
         };
         let mut backoff = Duration::from_secs(1);
-        while let Err(e) = self.state.write_checkpoint(&next.net, &next.server, &next.record, self.config.federation.keep_rounds) {
-            tracing::error!(round, "checkpoint not written, the global model stays at round {}; retrying in {backoff:?}: {e:#}", round - 1);
+        while let Err(e) =
+            self.state.write_checkpoint(&next.net, &next.server, &next.record, self.config.federation.keep_rounds)
+        {
+            tracing::error!(
+                round,
+                "checkpoint not written, the global model stays at round {}; retrying in {backoff:?}: {e:#}",
+                round - 1
+            );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
@@ -286,9 +292,8 @@ impl Coordinator {
         let inner = self.lock();
         let setup = inner.setup.clone().expect("rounds run after setup");
         let mut net = copy_net(inner.global.as_ref().expect("global model exists after setup"))?;
-        let mut server = ServerState {
-            velocity: inner.server.velocity.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
-        };
+        let mut server =
+            ServerState { velocity: inner.server.velocity.iter().map(|(n, t)| (n.clone(), t.copy())).collect() };
         drop(inner);
         let updates: Vec<&Update> = open.updates.values().collect();
         let rows = row_lookup(&setup);
@@ -312,8 +317,13 @@ impl Coordinator {
                 payload_digest: u.payload_digest.clone(),
             })
             .collect();
-        let record =
-            RoundRecord { round: open.round, digest, contributions, classes: setup.classes.clone(), unix_time: unix_now() };
+        let record = RoundRecord {
+            round: open.round,
+            digest,
+            contributions,
+            classes: setup.classes.clone(),
+            unix_time: unix_now(),
+        };
         Ok(NextGlobal { net, server, record, wire_digests, weights })
     }
 
@@ -764,7 +774,7 @@ impl Coordinator {
             return refused(ErrorKind::BadUpdate, reason);
         }
         let _slot;
-        let mut until = Instant::now();
+        let until;
         let limits = {
             let mut inner = self.lock();
             match inner.open.as_mut() {
@@ -831,7 +841,10 @@ impl Coordinator {
             }
             Err(_) => {
                 let _ = recv.stop(1u32.into());
-                return refused(ErrorKind::LateUpdate, format!("payload of round {round} still arriving at its deadline"));
+                return refused(
+                    ErrorKind::LateUpdate,
+                    format!("payload of round {round} still arriving at its deadline"),
+                );
             }
         };
         let parts = match Parts::from_wire(&set) {

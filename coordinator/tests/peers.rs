@@ -10,8 +10,7 @@ use fedtalent_certs::{FederationCa, SiteKey};
 use fedtalent_coordinator::{config, Coordinator, FederationConfig};
 use fedtalent_protocol::{
     quic, read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, HuHistogram,
-    Message, RecvLimits,
-    TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    Message, RecvLimits, TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -180,7 +179,14 @@ impl Peer {
     }
 
     /// As [`Peer::begin_upload`] with the header's metrics.
-    async fn begin_upload_with(&self, round: u32, n_cases: u32, train_loss: f32, m: Metrics, set: &TensorSet) -> Upload {
+    async fn begin_upload_with(
+        &self,
+        round: u32,
+        n_cases: u32,
+        train_loss: f32,
+        m: Metrics,
+        set: &TensorSet,
+    ) -> Upload {
         let mut digests = TensorDigests::new(Transport::Native);
         let header = Message::UpdateHeader {
             round,

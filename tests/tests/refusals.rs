@@ -46,7 +46,13 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
     // `sign` refuses a name that is not listed; the stranger was listed once (a copy of the
     // config with it), was certified, and is not listed any more.
     let sign = |config: &std::path::Path| {
-        Command::new(binary("coordinator")).args(["sign", "--config"]).arg(config).arg("--csr").arg(ours.join("stranger.csr")).output().unwrap()
+        Command::new(binary("coordinator"))
+            .args(["sign", "--config"])
+            .arg(config)
+            .arg("--csr")
+            .arg(ours.join("stranger.csr"))
+            .output()
+            .unwrap()
     };
     let refused = sign(&fed.config_path());
     assert!(!refused.status.success(), "an unlisted site was signed");
