@@ -282,6 +282,12 @@ impl Coordinator {
             );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
+            // Fail closed: an aggregate that holds a site removed meanwhile is not committed.
+            let removed = open.updates.keys().find(|s| self.lock().removed.contains(*s)).cloned();
+            if let Some(site) = removed {
+                warn!(round, site = %site, "round dropped, it will be repeated: site {site} was removed before its checkpoint was written");
+                return;
+            }
         }
         self.commit_round(&open, next, closing);
     }
