@@ -58,6 +58,8 @@ pub enum CertError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("private key {path} is readable by others (mode {mode:04o}): run `chmod 600 {path}` (and replace the key if it may have been copied)")]
+    KeyPermissions { path: PathBuf, mode: u32 },
     #[error("refusing to overwrite existing {path}")]
     Exists { path: PathBuf },
     #[error("{what}: no PEM {kind} found")]
@@ -109,31 +111,14 @@ pub fn site_san(site: &str) -> String {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// then fsync of the directory. `mode` is applied (on Unix) to the temporary file before any byte
-/// is written, so a private key is never readable by others, even transiently.
+/// then fsync of the directory. The temporary file is new ([`create_temp_sibling`]: never a
+/// planted file or symlink) and has `mode` (on Unix) before any byte is written, so a private
+/// key is never readable by others, even transiently.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let werr = |source| CertError::Write { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name =
-        path.file_name().ok_or_else(|| werr(std::io::Error::other("no file name")))?.to_string_lossy().into_owned();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
+    let (mut f, tmp) = create_temp_sibling(path, mode).map_err(werr)?;
     let result = (|| {
-        let mut f = opts.open(&tmp)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // The mode given to open() is filtered by the umask; set it exactly.
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -147,6 +132,53 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(werr)
+}
+
+/// Creates a new, empty temporary sibling of `path` (`.<name>.tmp.<pid>`, then `-1`, `-2`, … while
+/// a name is taken) for an atomic write. `O_EXCL` (`create_new`): an existing file, or a
+/// symlink planted at that name, is never opened, so a write cannot be redirected elsewhere.
+/// `mode` is set exactly (on Unix; open() would filter it by the umask).
+pub fn create_temp_sibling(path: &Path, mode: u32) -> std::io::Result<(fs::File, PathBuf)> {
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("no file name"))?.to_string_lossy().into_owned();
+    for attempt in 0..100u32 {
+        let suffix = if attempt == 0 { String::new() } else { format!("-{attempt}") };
+        let tmp = path.with_file_name(format!(".{name}.tmp.{}{suffix}", std::process::id()));
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        match opts.open(&tmp) {
+            Ok(f) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    f.set_permissions(fs::Permissions::from_mode(mode))?;
+                }
+                #[cfg(not(unix))]
+                let _ = mode;
+                return Ok((f, tmp));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free temporary name"))
+}
+
+/// Reads a private key file, refusing one that others may read (group or world permission
+/// bits, on Unix): such a key may already be copied, and silently using it would hide that.
+/// The operator fixes it with `chmod 600` (or issues a new key if it could have leaked).
+pub fn read_private_key(path: &Path) -> Result<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CertError::KeyPermissions { path: path.to_path_buf(), mode });
+        }
+    }
+    read_to_string(path)
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
@@ -211,7 +243,7 @@ impl FederationCa {
     /// Loads a CA from its certificate and private key PEM files.
     pub fn load(cert_pem_path: &Path, key_pem_path: &Path) -> Result<FederationCa> {
         let cert_pem = read_to_string(cert_pem_path)?;
-        let key_pem = read_to_string(key_pem_path)?;
+        let key_pem = read_private_key(key_pem_path)?;
         let what_key = key_pem_path.display().to_string();
         let key = KeyPair::from_pem(&key_pem).map_err(rc(what_key))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(rc(cert_pem_path.display().to_string()))?;
@@ -481,11 +513,13 @@ pub fn site_name_from_cert_der(der: &[u8]) -> Result<String> {
 }
 
 /// Best-effort CN of a certificate, for log messages about certificates that failed validation.
+/// Escaped (`escape_debug`): the name is unverified, whoever connects chooses it, and a newline
+/// or control character in it must not forge a log line.
 fn claimed_name(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der)
         .ok()
         .and_then(|(_, c)| c.subject().iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_string))
-        .unwrap_or_else(|| "<unreadable>".into())
+        .map_or_else(|| "<unreadable>".into(), |cn| cn.escape_debug().to_string())
 }
 
 /// The authenticated site name of the peer of a (server-side) connection.

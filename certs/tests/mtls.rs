@@ -149,16 +149,21 @@ async fn client_cert_from_another_ca_is_refused() {
     expect_refused(&p, &mut server, client, "site 'alpha' refused: not issued by the federation CA").await;
 }
 
+/// A client presenting a self-signed site certificate (SAN of alpha) with the subject CN `cn`.
+fn self_signed_client(p: &Pki, cn: &str) -> quinn::ClientConfig {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![site_san("alpha")]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    client_config(p.ca.cert_pem(), &cert.pem(), &key.serialize_pem()).unwrap()
+}
+
 #[tokio::test]
 async fn self_signed_client_cert_is_refused() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec![site_san("alpha")]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "alpha");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.self_signed(&key).unwrap();
-    let cfg = client_config(p.ca.cert_pem(), &cert.pem(), &key.serialize_pem()).unwrap();
+    let cfg = self_signed_client(&p, "alpha");
     let client = round_trip(cfg, server.addr, "localhost").await;
     expect_refused(&p, &mut server, client, "not issued by the federation CA").await;
 }
@@ -263,4 +268,17 @@ async fn resumed_session_after_removal_is_refused() {
         assert_eq!(round_trip(cfg.clone(), server.addr, "localhost").await, Ok("pong:alpha".into()));
         assert_eq!(server.next_outcome().await, Ok("alpha".into()));
     }
+}
+
+/// Issue 21 item 12: the unverified CN of a refused certificate is escaped in the refusal (and
+/// the log line made of it): a newline in it cannot forge a second log line.
+#[tokio::test]
+async fn unverified_names_are_escaped_in_refusals() {
+    let p = pki();
+    let mut server = start_server(&p, Allowlist::new(["alpha"]));
+    let cfg = self_signed_client(&p, "alpha\nINFO site mallory joined");
+    let client = round_trip(cfg, server.addr, "localhost").await;
+    assert!(client.is_err(), "a self-signed certificate got in: {client:?}");
+    let reason = server.next_outcome().await.expect_err("the handshake should be refused");
+    assert!(reason.contains("alpha\\nINFO site mallory") && !reason.contains('\n'), "{reason:?}");
 }

@@ -144,3 +144,21 @@ fn allowlist_is_shared_and_live() {
     assert!(b.insert("w"));
     assert_eq!(a.names(), vec!["w".to_string(), "z".to_string()]);
 }
+
+/// Issue 21 item 16: a key's temporary file is created new (O_EXCL): a symlink planted at its
+/// name is neither written through nor renamed into place.
+#[cfg(unix)]
+#[test]
+fn key_writes_do_not_follow_planted_symlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let key = dir.path().join("alpha.key");
+    let planted = dir.path().join(format!(".alpha.key.tmp.{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    write_atomic(&key, b"secret", 0o600).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(!std::fs::symlink_metadata(&key).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret");
+    assert_eq!(mode(&key), 0o600);
+}

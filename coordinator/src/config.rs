@@ -27,8 +27,8 @@ pub struct FederationSection {
     pub state_dir: PathBuf,
     /// CA, coordinator and admin certificates.
     pub pki_dir: PathBuf,
-    /// Allowed sites, in the order that fixes the global class order. Removing a site locks it
-    /// out at its next handshake.
+    /// Allowed sites, in the order that fixes the global class order. Removing a site while
+    /// serving closes its connections and drops it from the rounds ([`listed_sites`]).
     pub sites: Vec<String>,
     /// `auto`: rounds start once every listed site has registered; `manual`: on `coordinator launch`.
     #[serde(default = "default_launch")]
@@ -180,6 +180,29 @@ impl FederationConfig {
     }
 }
 
+/// `[federation].sites` of a config file, read on its own: a running coordinator applies a
+/// removal even when the rest of the file is invalid (e.g. `[plan].min_sites` now exceeds the
+/// number of sites), since keeping a removed site in would fail open. A listed name that is not
+/// a valid site name is left out (and so locked out), with a warning.
+pub fn listed_sites(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let sites = table
+        .get("federation")
+        .and_then(|f| f.get("sites"))
+        .and_then(|s| s.as_array())
+        .with_context(|| format!("{}: no [federation].sites list", path.display()))?;
+    let mut names = Vec::new();
+    for value in sites {
+        match value.as_str().map(|s| (s, fedtalent_certs::validate_site_name(s))) {
+            Some((name, Ok(()))) => names.push(name.to_string()),
+            Some((_, Err(e))) => tracing::warn!("{}: [federation].sites: {e}; left out", path.display()),
+            None => tracing::warn!("{}: [federation].sites: {value} is not a string; left out", path.display()),
+        }
+    }
+    Ok(names)
+}
+
 /// The commented template `coordinator init` writes.
 pub fn template(name: &str, listen: SocketAddr, sites: &[String]) -> String {
     let min_sites = sites.len().clamp(1, 2);
@@ -198,7 +221,8 @@ state_dir = "state"
 # Federation CA, coordinator and admin certificates. Keep ca.key offline if you can.
 pki_dir = "pki"
 # Sites allowed to join, in the order that fixes the global class order. Removing a site here
-# (and restarting `serve`) locks it out at its next handshake.
+# takes effect within 2 s (its connections are closed, rounds stop waiting for it); adding one
+# needs a restart of `serve`.
 sites = [{sites}]
 # auto: rounds start once every listed site has registered; manual: on `coordinator launch`.
 launch = "auto"
@@ -301,6 +325,22 @@ mod tests {
         }
         let missing = FederationConfig::load(&dir.path().join("nope.toml")).unwrap_err();
         assert!(format!("{missing:#}").contains("nope.toml"));
+    }
+
+    /// Issue 21 item 5: a removal must not be blocked by an unrelated error: the sites list is
+    /// read although the file no longer validates (min_sites now exceeds the sites), and a
+    /// broken name is left out rather than keeping the old list.
+    #[test]
+    fn the_sites_list_is_read_from_an_otherwise_invalid_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\"]"));
+        let err = format!("{:#}", FederationConfig::load(&path).unwrap_err());
+        assert!(err.contains("[plan].min_sites"), "{err}");
+        assert_eq!(listed_sites(&path).unwrap(), ["a"]);
+        let path = write(dir.path(), &valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"b c\", 3]"));
+        assert_eq!(listed_sites(&path).unwrap(), ["a"]);
+        let path = write(dir.path(), "[federation\n");
+        assert!(format!("{:#}", listed_sites(&path).unwrap_err()).contains("federation.toml"));
     }
 
     /// `[plan.local]`: a broken value or key is refused naming it; the template's defaults load.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use fedtalent_coordinator::config::{self, FederationConfig, ADMIN_IDENTITY};
+use fedtalent_coordinator::config::{self, FederationConfig};
 use fedtalent_coordinator::pki::{self, ClientPki};
 use fedtalent_coordinator::server::{self, Coordinator};
 use fedtalent_coordinator::simulate::{self, SimulateOptions};
@@ -196,16 +196,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sign { config, csr, out, days } => {
             let config = FederationConfig::load(&config)?;
             let out = out.unwrap_or_else(|| csr.with_extension("crt"));
-            let (site, path) = pki::sign(&config.federation.pki_dir, &csr, &out, days)?;
-            let listed = config.federation.sites.contains(&site);
+            let (site, path) = pki::sign(&config.federation.pki_dir, &csr, &out, days, &config.federation.sites)?;
             println!("signed certificate for site {site:?}: {}", path.display());
             println!(
                 "give the site this certificate and {}",
                 config.federation.pki_dir.join(fedtalent_certs::CA_CERT_FILE).display()
             );
-            if !listed {
-                println!("note: {site:?} is not in [federation].sites yet; add it there to let it join");
-            }
             Ok(())
         }
         Command::Serve { config } => serve(&config),
@@ -267,37 +263,16 @@ fn serve(config_path: &Path) -> Result<()> {
     let read = |f: &str| {
         std::fs::read_to_string(pki_dir.join(f)).with_context(|| format!("reading {}", pki_dir.join(f).display()))
     };
-    let (ca, cert, key) =
-        (read(fedtalent_certs::CA_CERT_FILE)?, read(pki::COORDINATOR_CERT)?, read(pki::COORDINATOR_KEY)?);
+    let key = fedtalent_certs::read_private_key(&pki_dir.join(pki::COORDINATOR_KEY))?;
+    let (ca, cert) = (read(fedtalent_certs::CA_CERT_FILE)?, read(pki::COORDINATOR_CERT)?);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let coordinator = Coordinator::open(config)?;
         let server_config = fedtalent_certs::server_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
-        tokio::spawn(watch_allowlist(config_path.to_path_buf(), coordinator.clone()));
+        // Removing a site from federation.toml locks it out within 2 s, without a restart.
+        tokio::spawn(coordinator.clone().watch_config(config_path.to_path_buf(), std::time::Duration::from_secs(2)));
         coordinator.serve(server_config).await
     })
-}
-
-/// Re-reads `[federation].sites` every 2 s so that removing a site locks it out at its next
-/// handshake without restarting the coordinator.
-async fn watch_allowlist(path: PathBuf, coordinator: std::sync::Arc<Coordinator>) {
-    let mut last: Option<Vec<String>> = None;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        match FederationConfig::load(&path) {
-            Ok(c) if last.as_ref() != Some(&c.federation.sites) => {
-                let mut names = c.federation.sites.clone();
-                names.push(ADMIN_IDENTITY.into());
-                if last.is_some() {
-                    tracing::info!(sites = ?c.federation.sites, "allowlist reloaded from {}", path.display());
-                }
-                coordinator.allowlist.replace(names);
-                last = Some(c.federation.sites);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("keeping the current allowlist: {e:#}"),
-        }
-    }
 }
 
 fn status(config_path: &Path) -> Result<()> {

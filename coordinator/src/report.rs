@@ -28,7 +28,10 @@ impl RoundBreakdown {
 
     /// The overhead without the sites' evaluation (which a federation may run rarely).
     pub fn overhead_fraction_without_evaluation(&self) -> f64 {
-        (self.wall_ms.saturating_sub(self.train_ms + self.evaluate_ms)) as f64 / self.wall_ms.max(1) as f64
+        // Saturating: the durations come from the sites (capped since issue 21, but older
+        // metrics logs may hold anything).
+        (self.wall_ms.saturating_sub(self.train_ms.saturating_add(self.evaluate_ms))) as f64
+            / self.wall_ms.max(1) as f64
     }
 }
 
@@ -97,5 +100,17 @@ mod tests {
         assert!((rows[0].overhead_fraction() - 0.05).abs() < 1e-12);
         assert!((rows[0].overhead_fraction_without_evaluation() - 0.03).abs() < 1e-12);
         assert!(format_table(&rows).contains("5.0%"));
+    }
+
+    /// Issue 21 item 15: absurd durations in a metrics log do not overflow the report.
+    #[test]
+    fn absurd_durations_do_not_overflow_the_report() {
+        let metrics = vec![
+            json!({"round": 1, "site": "a", "durations_ms": {"evaluate": u64::MAX, "train": u64::MAX}}),
+            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": u64::MAX}),
+        ];
+        let rows = breakdowns(&metrics);
+        assert_eq!(rows[0].overhead_fraction_without_evaluation(), 0.0);
+        assert!(format_table(&rows).contains("0.0%"));
     }
 }

@@ -30,6 +30,21 @@ use crate::state::{Contribution, RoundRecord, Setup, StateDir, CHECKPOINT_SERVER
 /// "No timeout" for waits that end only on an event (ten years, far from Instant overflow).
 const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Handshakes one remote IP may start in a burst, and per second after it. A handshake costs
+/// the coordinator a signature and a certificate-chain verification; a site connects a few
+/// times a day (plus reconnects with back-off), the operator's CLI once per command. The
+/// address is not validated yet at this point (UDP): a spoofer could spend a site's budget,
+/// which delays that site's next connection by seconds, never its membership.
+const HANDSHAKE_BURST: f64 = 20.0;
+const HANDSHAKE_PER_SECOND: f64 = 1.0;
+
+/// Requests of one site (over all its connections) the coordinator serves at once: a site
+/// needs two or three (its poll, a download or an upload); more only pin memory and tasks.
+const MAX_STREAMS_PER_SITE: usize = 8;
+
+/// How long a request frame may take to arrive once its stream is open.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+
 /// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
 const POLL_WAIT: Duration = Duration::from_secs(10);
 
@@ -52,7 +67,10 @@ struct OpenRound {
 
 #[derive(Default)]
 struct SiteState {
-    connections: usize,
+    /// Its open connections by [`quinn::Connection::stable_id`], so that a removal can close them.
+    connections: BTreeMap<usize, quinn::Connection>,
+    /// Its requests being served now (see [`MAX_STREAMS_PER_SITE`]).
+    streams: usize,
     /// Its Hello was accepted by this run of the coordinator: only then may it poll, download
     /// or upload (membership is checked per request, not only at Hello).
     joined: bool,
@@ -68,6 +86,10 @@ struct Inner {
     /// The server optimizer's state over `global`'s backbone.
     server: ServerState,
     digest: String,
+    /// Per site, the digest of its part of `global` as its download carries it (what its
+    /// `RoundStart` announces, so that the site can bind the download to the announcement);
+    /// filled on demand, emptied whenever `global` changes.
+    site_digests: BTreeMap<String, String>,
     /// Per-tensor wire digests of `global` (filled as it is hashed or sent), so that streaming
     /// it to N sites hashes each tensor once, not N times.
     wire_digests: TensorDigests,
@@ -75,6 +97,9 @@ struct Inner {
     open: Option<OpenRound>,
     launched: bool,
     sites: BTreeMap<String, SiteState>,
+    /// Sites of `[federation].sites` (as at start) that the operator removed since: they are
+    /// no longer members, and rounds neither wait for nor count them.
+    removed: BTreeSet<String>,
     last_dice: BTreeMap<String, f32>,
 }
 
@@ -97,11 +122,13 @@ impl Coordinator {
             global: None,
             server: ServerState::default(),
             digest: String::new(),
+            site_digests: BTreeMap::new(),
             wire_digests: TensorDigests::new(transport_of(&config)),
             completed: 0,
             open: None,
             launched: config.federation.launch == "auto",
             sites: BTreeMap::new(),
+            removed: BTreeSet::new(),
             last_dice: BTreeMap::new(),
         };
         if let Some(setup) = state.read_setup()? {
@@ -143,15 +170,30 @@ impl Coordinator {
     }
 
     /// Serves until the federation is finished (with `exit_when_done`) or forever.
-    pub async fn serve(self: Arc<Self>, server_config: quinn::ServerConfig) -> Result<()> {
+    pub async fn serve(self: Arc<Self>, mut server_config: quinn::ServerConfig) -> Result<()> {
+        // Every request is a bidirectional stream: a peer may not open unidirectional ones
+        // (they would never be accepted, only buffered), and a site needs few bidi streams.
+        let mut transport = fedtalent_certs::transport_config();
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_concurrent_bidi_streams((MAX_STREAMS_PER_SITE as u32).into());
+        server_config.transport_config(Arc::new(transport));
         let endpoint = fedtalent_certs::server_endpoint(server_config, self.config.federation.listen)
             .with_context(|| format!("listening on UDP {}", self.config.federation.listen))?;
         info!(addr = %endpoint.local_addr()?, federation = %self.config.federation.name, "coordinator listening");
         let rounds = tokio::spawn(self.clone().run_rounds());
+        let mut limiter = HandshakeLimiter::new(HANDSHAKE_BURST, HANDSHAKE_PER_SECOND);
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let ip = incoming.remote_address().ip();
+                    if !limiter.allow(ip, Instant::now()) {
+                        // Refused before any TLS work; logged at debug so that a flood does not
+                        // flood the log too.
+                        tracing::debug!(%ip, "handshake refused: rate limit of this address");
+                        incoming.refuse();
+                        continue;
+                    }
                     tokio::spawn(self.clone().handle_connection(incoming));
                 }
                 _ = wait_finished(&rounds) => break,
@@ -180,19 +222,25 @@ impl Coordinator {
                 }
                 std::future::pending::<()>().await;
             }
-            self.run_round(round).await?;
+            self.run_round(round).await;
         }
     }
 
-    async fn run_round(&self, round: u32) -> Result<()> {
+    async fn run_round(&self, round: u32) {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
         self.lock().open =
             Some(OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() });
         self.changed();
         info!(round, "round opened");
-        let expected = self.config.federation.sites.len();
+        // A round closes early once every site still in the federation reported, and only if
+        // that is enough to count; removed sites are not waited for (their updates were dropped).
+        let min_sites = self.config.plan.min_sites as usize;
         let wait = deadline.saturating_duration_since(Instant::now());
-        self.wait_for(wait, |i| i.open.as_ref().filter(|o| o.updates.len() == expected).map(|_| ())).await;
+        self.wait_for(wait, |i| {
+            let target = self.active_sites(i).max(min_sites);
+            i.open.as_ref().filter(|o| o.updates.len() >= target).map(|_| ())
+        })
+        .await;
         let open = self.lock().open.take().expect("the round task owns the open round");
         self.changed();
         let reported = open.updates.len();
@@ -203,30 +251,67 @@ impl Coordinator {
                 min_sites = self.config.plan.min_sites,
                 "round closed without enough updates; it will be repeated"
             );
-            return Ok(());
+            return;
         }
-        self.close_round(open)?;
-        Ok(())
+        self.close_round(open).await;
     }
 
-    /// Aggregates the round's updates, checkpoints atomically and logs metrics.
-    fn close_round(&self, open: OpenRound) -> Result<()> {
+    /// Aggregates the round into a copy of the global model and commits it. An aggregation
+    /// error drops the round (it is repeated). A checkpoint error (disk full, state dir not
+    /// writable) must not stop `serve` nor leave the in-memory model ahead of the disk: the
+    /// global model stays the previous round's until the checkpoint is written, and the commit
+    /// is retried with back-off, keeping the sites' updates (they poll `Heartbeat` meanwhile).
+    async fn close_round(&self, open: OpenRound) {
+        let round = open.round;
         let closing = Instant::now();
-        let mut inner = self.lock();
+        let next = match self.aggregate_round(&open) {
+            Ok(next) => next,
+            Err(e) => {
+                warn!(round, "round dropped, it will be repeated: aggregation failed: {e:#}");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_secs(1);
+        while let Err(e) =
+            self.state.write_checkpoint(&next.net, &next.server, &next.record, self.config.federation.keep_rounds)
+        {
+            tracing::error!(
+                round,
+                "checkpoint not written, the global model stays at round {}; retrying in {backoff:?}: {e:#}",
+                round - 1
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            // Fail closed: an aggregate that holds a site removed meanwhile is not committed.
+            let removed = open.updates.keys().find(|s| self.lock().removed.contains(*s)).cloned();
+            if let Some(site) = removed {
+                warn!(round, site = %site, "round dropped, it will be repeated: site {site} was removed before its checkpoint was written");
+                return;
+            }
+        }
+        self.commit_round(&open, next, closing);
+    }
+
+    /// The aggregate of `open`'s updates, computed on copies of the global model and the server
+    /// optimizer's state (the originals are untouched until [`Coordinator::commit_round`]).
+    fn aggregate_round(&self, open: &OpenRound) -> Result<NextGlobal> {
+        let inner = self.lock();
         let setup = inner.setup.clone().expect("rounds run after setup");
+        let mut net = copy_net(inner.global.as_ref().expect("global model exists after setup"))?;
+        let mut server =
+            ServerState { velocity: inner.server.velocity.iter().map(|(n, t)| (n.clone(), t.copy())).collect() };
+        drop(inner);
         let updates: Vec<&Update> = open.updates.values().collect();
         let rows = row_lookup(&setup);
         let decoders: BTreeMap<String, usize> = full_selection(&self.config, &setup).decoders.into_iter().collect();
-        let Inner { global, server, .. } = &mut *inner;
-        let global = global.as_mut().expect("global model exists after setup");
         let weights = aggregate::aggregate(
-            global,
+            &mut net,
             &updates,
-            (&self.config.plan.server, server),
+            (&self.config.plan.server, &mut server),
             &|id| rows.get(id).copied(),
             &|site| decoders.get(site).copied(),
         )?;
-        let (digest, wire_digests) = digest_global(&self.config, &setup, global);
+        let (digest, wire_digests) = digest_global(&self.config, &setup, &net);
         let contributions: Vec<Contribution> = updates
             .iter()
             .zip(&weights)
@@ -240,13 +325,19 @@ impl Coordinator {
             .collect();
         let record = RoundRecord {
             round: open.round,
-            digest: digest.clone(),
+            digest,
             contributions,
             classes: setup.classes.clone(),
             unix_time: unix_now(),
         };
-        self.state.write_checkpoint(global, server, &record, self.config.federation.keep_rounds)?;
-        let mut lines = metric_lines(open.round, &updates, &weights);
+        Ok(NextGlobal { net, server, record, wire_digests, weights })
+    }
+
+    /// Makes the checkpointed aggregate the global model and logs the round's metrics. A
+    /// metrics write error is a warning: the checkpoint, already written, is what counts.
+    fn commit_round(&self, open: &OpenRound, next: NextGlobal, closing: Instant) {
+        let updates: Vec<&Update> = open.updates.values().collect();
+        let mut lines = metric_lines(open.round, &updates, &next.weights);
         lines.push(serde_json::json!({
             "round": open.round,
             "kind": "round",
@@ -255,13 +346,16 @@ impl Coordinator {
             "close_ms": closing.elapsed().as_millis() as u64,
             "sites": updates.len(),
         }));
-        self.state.append_metrics(&lines)?;
+        if let Err(e) = self.state.append_metrics(&lines) {
+            warn!(round = open.round, "metrics of the round not written (its checkpoint is): {e:#}");
+        }
         info!(
             round = open.round,
             reported = updates.len(),
             close_ms = closing.elapsed().as_millis() as u64,
             "round aggregated and checkpointed"
         );
+        let mut inner = self.lock();
         for u in &updates {
             for (class, dice) in &u.dice {
                 inner.last_dice.insert(class.clone(), *dice);
@@ -270,12 +364,14 @@ impl Coordinator {
             site.last_round = Some(open.round);
             site.last_loss = Some(u.train_loss);
         }
-        inner.digest = digest;
-        inner.wire_digests = wire_digests;
+        inner.global = Some(next.net);
+        inner.server = next.server;
+        inner.digest = next.record.digest;
+        inner.site_digests.clear();
+        inner.wire_digests = next.wire_digests;
         inner.completed = open.round;
         drop(inner);
         self.changed();
-        Ok(())
     }
 
     // ----------------------------------------------------------------------------------------
@@ -298,8 +394,12 @@ impl Coordinator {
                 return;
             }
         };
+        if !self.add_connection(&peer, &conn) {
+            warn!(site = %peer, %remote, "refused: the site was removed while it connected");
+            conn.close(1u32.into(), removed_reason(&peer).as_bytes());
+            return;
+        }
         info!(site = %peer, %remote, "connected");
-        self.lock().sites.entry(peer.clone()).or_default().connections += 1;
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
@@ -313,16 +413,113 @@ impl Coordinator {
         }
         let mut inner = self.lock();
         if let Some(site) = inner.sites.get_mut(&peer) {
-            site.connections = site.connections.saturating_sub(1);
+            site.connections.remove(&conn.stable_id());
+        }
+    }
+
+    /// Records an open connection of `peer`, unless `peer` is no longer allowed. The allowlist is
+    /// read under the lock that [`Coordinator::set_sites`] closes connections under, so that a
+    /// handshake racing a removal is either closed there or refused here.
+    fn add_connection(&self, peer: &str, conn: &quinn::Connection) -> bool {
+        let mut inner = self.lock();
+        if !self.allowlist.contains(peer) {
+            return false;
+        }
+        inner.sites.entry(peer.to_string()).or_default().connections.insert(conn.stable_id(), conn.clone());
+        true
+    }
+
+    /// Re-reads `[federation].sites` from `path` every `every`, so that removing a site there
+    /// locks it out without restarting `serve` ([`Coordinator::set_sites`]). Errors elsewhere in
+    /// the file are warned about (once per change) and do not hold a removal back; a file whose
+    /// sites list cannot be read at all keeps the current list, since it names no removal.
+    pub async fn watch_config(self: Arc<Self>, path: PathBuf, every: Duration) {
+        let (mut applied, mut last_error): (Option<Vec<String>>, Option<String>) = (None, None);
+        loop {
+            tokio::time::sleep(every).await;
+            let error = match crate::config::listed_sites(&path) {
+                Ok(sites) => {
+                    if applied.as_ref() != Some(&sites) {
+                        self.set_sites(&sites);
+                        applied = Some(sites);
+                    }
+                    FederationConfig::load(&path).err().map(|e| format!("{e:#}; its [federation].sites is applied"))
+                }
+                Err(e) => Some(format!("{e:#}; keeping the current allowlist")),
+            };
+            if error.is_some() && error != last_error {
+                warn!("{}", error.as_deref().unwrap_or_default());
+            }
+            last_error = error;
+        }
+    }
+
+    /// Sites of this federation that were not removed since it started.
+    fn active_sites(&self, inner: &Inner) -> usize {
+        self.config.federation.sites.iter().filter(|s| !inner.removed.contains(*s)).count()
+    }
+
+    /// Applies a new list of allowed sites (federation.toml's `[federation].sites` or the
+    /// operator's `SetAllowlist`). Revocation fails closed: a site stays a member only while it
+    /// is listed both when `serve` started (that list fixed the class layout) and now. The
+    /// allowlist is replaced first, so that no new handshake of a removed site succeeds; then
+    /// each removed site's open connections are closed, it must say Hello again if re-added,
+    /// and its update leaves the open round. Nothing else in the list can block a removal:
+    /// problems with the rest are warnings.
+    pub fn set_sites(&self, sites: &[String]) {
+        let configured = &self.config.federation.sites;
+        for extra in sites.iter().filter(|s| !configured.contains(s)) {
+            warn!(site = %extra, "not added: the sites of a running federation are those listed when serve started (restart serve to add one)");
+        }
+        let kept: Vec<String> = configured.iter().filter(|s| sites.contains(s)).cloned().collect();
+        let mut names = kept.clone();
+        names.push(ADMIN_IDENTITY.into());
+        self.allowlist.replace(names);
+        let mut inner = self.lock();
+        for site in configured {
+            if kept.contains(site) {
+                if inner.removed.remove(site) {
+                    info!(site = %site, "site allowed again (it must connect and say Hello again)");
+                }
+            } else if inner.removed.insert(site.clone()) {
+                revoke(&mut inner, site);
+            }
+        }
+        let active = self.active_sites(&inner);
+        let setup = inner.setup.is_some();
+        drop(inner);
+        self.changed();
+        info!(sites = ?kept, "allowlist applied");
+        if active < self.config.plan.min_sites as usize {
+            warn!(
+                active,
+                min_sites = self.config.plan.min_sites,
+                "fewer sites than [plan].min_sites remain: no round can complete until a site is allowed again"
+            );
+        }
+        if !setup && active < configured.len() {
+            warn!("the federation is not set up yet: it waits for every site listed when serve started; restart serve with the new list to set up without the removed ones");
         }
     }
 
     async fn handle_stream(self: Arc<Self>, peer: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let request = match read_frame(&mut recv, MAX_FRAME_BYTES).await {
-            Ok(m) => m,
-            Err(e) => {
+        let Some(_stream) = StreamSlot::take(&self, &peer) else {
+            warn!(site = %peer, "refused a request: {MAX_STREAMS_PER_SITE} of its requests are already open");
+            let reason = format!("site {peer}: more than {MAX_STREAMS_PER_SITE} concurrent requests");
+            let _ = write_frame(&mut send, &refusal(ErrorKind::BadMessage, reason)).await;
+            let _ = send.finish();
+            return;
+        };
+        let request = match tokio::time::timeout(REQUEST_WAIT, read_frame(&mut recv, MAX_FRAME_BYTES)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
                 let _ = write_frame(&mut send, &refusal_of_frame_error(&peer, &e)).await;
                 let _ = send.finish();
+                return;
+            }
+            Err(_) => {
+                warn!(site = %peer, "refused a request that did not arrive within {REQUEST_WAIT:?}");
+                let _ = recv.stop(1u32.into());
                 return;
             }
         };
@@ -395,7 +592,7 @@ impl Coordinator {
             warn!(site = %peer, claimed = %site, "refused: Hello names another site than the certificate");
             return refusal(ErrorKind::NotAllowed, format!("certificate is for site {peer}, Hello says {site}"));
         }
-        if !self.config.federation.sites.iter().any(|s| s == peer) {
+        if !self.config.federation.sites.iter().any(|s| s == peer) || !self.allowlist.contains(peer) {
             warn!(site = %peer, "refused: not a site of this federation");
             return refusal(ErrorKind::NotAllowed, format!("site {peer} is not in this federation"));
         }
@@ -425,6 +622,11 @@ impl Coordinator {
     /// Records a site's registration; once every listed site registered, fixes the setup.
     fn register(&self, site: &str, reg: Registration) -> Result<()> {
         anyhow::ensure!(!reg.classes.is_empty(), "site {site}: no classes");
+        // Class ids are `<site>/<name>`: a name listed twice would give two classes one id.
+        let mut names = BTreeSet::new();
+        if let Some(twice) = reg.classes.iter().find(|c| !names.insert(c.name.as_str())) {
+            bail!("site {site}: class {:?} is listed twice", twice.name);
+        }
         // n_train is the site's aggregation weight (sqrt); with none, the weights are undefined.
         anyhow::ensure!(reg.n_train >= 1, "site {site}: n_train is 0");
         // Checked before it is stored: the setup merges every site's histogram under the lock,
@@ -459,6 +661,7 @@ impl Coordinator {
             self.state.write_setup(&setup)?;
             let (net, completed, server) = load_global(&self.config, &self.state, &setup)?;
             (inner.digest, inner.wire_digests) = digest_global(&self.config, &setup, &net);
+            inner.site_digests.clear();
             inner.global = Some(net);
             inner.server = server;
             inner.completed = completed;
@@ -514,31 +717,51 @@ impl Coordinator {
                 })
             })
             .await;
-        work.unwrap_or(Message::Heartbeat)
+        match work {
+            Some(Message::RoundStart { round, model_digest, local_steps, step_offset, total_steps, evaluate }) => {
+                let mut inner = self.lock();
+                // Announce the site's part of the model the round was opened with; if a round
+                // closed meanwhile, the site simply polls again.
+                if inner.digest != model_digest || inner.open.as_ref().map(|o| o.round) != Some(round) {
+                    return Message::Heartbeat;
+                }
+                let model_digest = self.site_digest(&mut inner, peer);
+                Message::RoundStart { round, model_digest, local_steps, step_offset, total_steps, evaluate }
+            }
+            other => other.unwrap_or(Message::Heartbeat),
+        }
+    }
+
+    /// The digest of `peer`'s part of the current global model (see `Inner::site_digests`).
+    fn site_digest(&self, inner: &mut Inner, peer: &str) -> String {
+        if let Some(digest) = inner.site_digests.get(peer) {
+            return digest.clone();
+        }
+        let Inner { setup, global, wire_digests, site_digests, .. } = inner;
+        let selection = site_selection(&self.config, setup.as_ref().expect("set up"), peer, false);
+        let digest = wire::parts_to_wire(global.as_ref().expect("set up"), &selection).wire_digest_cached(wire_digests);
+        site_digests.insert(peer.to_string(), digest.clone());
+        digest
     }
 
     /// Streams the current global model's backbone plus the site's heads (all heads if `full`).
     async fn send_model(&self, peer: &str, digest: &str, full: bool, send: &mut quinn::SendStream) -> Result<()> {
-        let (set, mut digests) = {
-            let inner = self.lock();
+        let (set, mut digests, version) = {
+            let mut inner = self.lock();
             let setup = inner.setup.as_ref().context("the federation is not set up yet")?;
-            anyhow::ensure!(digest == inner.digest, "model {digest} is not the current global model {}", inner.digest);
-            let all = full_selection(&self.config, setup);
-            let selection = wire::Selection {
-                classes: all
-                    .classes
-                    .into_iter()
-                    .filter(|(id, _)| full || setup.classes.iter().any(|c| &c.id == id && c.site == peer))
-                    .collect(),
-                decoders: all.decoders.into_iter().filter(|(site, _)| full || site == peer).collect(),
-            };
-            (wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection), inner.wire_digests.clone())
+            let selection = site_selection(&self.config, setup, peer, full);
+            // The operator names the whole model by its global digest, a site its part by the
+            // digest its RoundStart announced.
+            let current = if full { inner.digest.clone() } else { self.site_digest(&mut inner, peer) };
+            anyhow::ensure!(digest == current, "model {digest} is not the current global model {current}");
+            let set = wire::parts_to_wire(inner.global.as_ref().expect("set up"), &selection);
+            (set, inner.wire_digests.clone(), inner.digest.clone())
         };
         fedtalent_protocol::quic::send_tensors_shared(send, Arc::new(set), &mut digests)
             .await
             .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
         let mut inner = self.lock();
-        if inner.digest == digest {
+        if inner.digest == version {
             inner.wire_digests.merge(digests);
         }
         Ok(())
@@ -557,6 +780,7 @@ impl Coordinator {
             return refused(ErrorKind::BadUpdate, reason);
         }
         let _slot;
+        let until;
         let limits = {
             let mut inner = self.lock();
             match inner.open.as_mut() {
@@ -569,6 +793,7 @@ impl Coordinator {
                         );
                     }
                     _slot = Slot { coordinator: self, site: peer.to_string(), round };
+                    until = open.opened + Duration::from_secs(self.config.plan.round_deadline_s);
                 }
                 Some(open) if open.round == round => {
                     return refused(ErrorKind::BadUpdate, format!("site {peer} already sent round {round}"))
@@ -595,6 +820,10 @@ impl Coordinator {
                 );
             }
             let setup = inner.setup.as_ref().expect("a round is open");
+            if let Err(reason) = check_metrics(peer, &meta, setup) {
+                let _ = recv.stop(1u32.into());
+                return refused(ErrorKind::BadUpdate, reason);
+            }
             let ids: Vec<String> = setup.classes.iter().map(|c| c.id.clone()).collect();
             let mut limits = RecvLimits::for_manifest(wire::parts_manifest(
                 inner.global.as_ref().expect("set up"),
@@ -608,11 +837,20 @@ impl Coordinator {
             limits.expected_digest = Some(meta.payload_digest.clone());
             limits
         };
-        let (set, digest) = match recv_tensors_digest(recv, &limits).await {
-            Ok(v) => v,
-            Err(e) => {
+        // A stalled payload would hold its slot (and this task) forever: it must arrive before
+        // the round closes, when it could not count any more.
+        let (set, digest) = match tokio::time::timeout_at(until.into(), recv_tensors_digest(recv, &limits)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
                 let _ = recv.stop(1u32.into());
                 return refused(ErrorKind::BadUpdate, format!("payload: {e}"));
+            }
+            Err(_) => {
+                let _ = recv.stop(1u32.into());
+                return refused(
+                    ErrorKind::LateUpdate,
+                    format!("payload of round {round} still arriving at its deadline"),
+                );
             }
         };
         let parts = match Parts::from_wire(&set) {
@@ -630,7 +868,10 @@ impl Coordinator {
         {
             return refused(ErrorKind::BadUpdate, format!("{e:#}"));
         }
-        // The round may have closed while the payload was streaming.
+        // The site may have been removed, or the round closed, while the payload was streaming.
+        if !inner.sites.get(peer).is_some_and(|s| s.joined) {
+            return refused(ErrorKind::NotAllowed, format!("site {peer} was removed from the federation"));
+        }
         let Some(open) = inner.open.as_mut().filter(|o| o.round == round) else {
             return refused(ErrorKind::LateUpdate, format!("round {round} closed while the update was arriving"));
         };
@@ -673,10 +914,8 @@ impl Coordinator {
                 Err(e) => AdminReply::Refused { reason: format!("{e:#}") },
             },
             AdminRequest::SetAllowlist { sites } => {
-                let mut names = sites.clone();
-                names.push(ADMIN_IDENTITY.into());
-                self.allowlist.replace(names);
-                AdminReply::Done { message: format!("allowlist is now {sites:?}") }
+                self.set_sites(&sites);
+                AdminReply::Done { message: format!("allowlist is now {:?}", self.allowlist.names()) }
             }
         };
         Message::AdminReply(reply)
@@ -693,7 +932,7 @@ impl Coordinator {
                 let s = inner.sites.get(name);
                 SiteStatus {
                     site: name.clone(),
-                    connected: s.is_some_and(|s| s.connections > 0),
+                    connected: s.is_some_and(|s| !s.connections.is_empty()),
                     allowed: self.allowlist.contains(name),
                     last_round: s.and_then(|s| s.last_round),
                     n_cases: inner.registrations.get(name).map_or(0, |r| r.n_train),
@@ -721,6 +960,80 @@ impl Coordinator {
     }
 }
 
+/// A round's aggregate, not yet the global model (see [`Coordinator::close_round`]).
+struct NextGlobal {
+    net: MultiTalentNet,
+    server: ServerState,
+    record: RoundRecord,
+    wire_digests: TensorDigests,
+    /// Each update's backbone weight, in the order of the round's updates.
+    weights: Vec<f64>,
+}
+
+/// A deep copy of `net` (same topology, every parameter's values copied).
+fn copy_net(net: &MultiTalentNet) -> Result<MultiTalentNet> {
+    let mut copy = MultiTalentNet::new(net.topology(), net.classes(), net.device())?;
+    copy.params_mut().load_named(&net.params().named_tensors(false), true)?;
+    Ok(copy)
+}
+
+/// A token bucket per remote IP: `burst` handshakes at once, refilled at `per_second`.
+pub struct HandshakeLimiter {
+    buckets: std::collections::HashMap<std::net::IpAddr, (f64, Instant)>,
+    burst: f64,
+    per_second: f64,
+}
+
+impl HandshakeLimiter {
+    pub fn new(burst: f64, per_second: f64) -> Self {
+        Self { buckets: std::collections::HashMap::new(), burst, per_second }
+    }
+
+    /// Takes a token of `ip`'s bucket if it has one.
+    pub fn allow(&mut self, ip: std::net::IpAddr, now: Instant) -> bool {
+        if self.buckets.len() > 10_000 {
+            // Forget the addresses whose bucket is full again (as good as new).
+            let (burst, rate) = (self.burst, self.per_second);
+            self.buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = self.buckets.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One of a site's [`MAX_STREAMS_PER_SITE`] request slots, released on drop.
+struct StreamSlot {
+    coordinator: Arc<Coordinator>,
+    site: String,
+}
+
+impl StreamSlot {
+    fn take(coordinator: &Arc<Coordinator>, site: &str) -> Option<StreamSlot> {
+        let mut inner = coordinator.lock();
+        let state = inner.sites.entry(site.to_string()).or_default();
+        if state.streams >= MAX_STREAMS_PER_SITE {
+            return None;
+        }
+        state.streams += 1;
+        Some(StreamSlot { coordinator: coordinator.clone(), site: site.to_string() })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some(state) = self.coordinator.lock().sites.get_mut(&self.site) {
+            state.streams = state.streams.saturating_sub(1);
+        }
+    }
+}
+
 /// The reservation of a site's update slot in an open round; released when the update was
 /// stored or refused. Drop it only while the lock is not held.
 struct Slot<'a> {
@@ -738,6 +1051,29 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// What a removed site's connections are closed with (error code 1: the site agent takes it as
+/// final and stops with this reason).
+fn removed_reason(site: &str) -> String {
+    format!("site {site} was removed from the federation")
+}
+
+/// Ends a removed site's membership: closes its connections, forgets its Hello and drops its
+/// update from the open round (it must not count toward min_sites).
+fn revoke(inner: &mut Inner, site: &str) {
+    let reason = removed_reason(site);
+    if let Some(state) = inner.sites.get_mut(site) {
+        state.joined = false;
+        for conn in std::mem::take(&mut state.connections).into_values() {
+            conn.close(1u32.into(), reason.as_bytes());
+        }
+    }
+    let dropped = inner.open.as_mut().and_then(|o| o.updates.remove(site).map(|_| o.round));
+    match dropped {
+        Some(round) => warn!(site, round, "site removed: connections closed, its update of round {round} dropped"),
+        None => warn!(site, "site removed: connections closed"),
+    }
+}
+
 /// The scalar fields of an update header: a loss or Dice that is not a finite number would
 /// end up as `null` in the round record and the metrics (and make the checkpoint unreadable).
 fn check_header(peer: &str, meta: &UpdateMeta) -> std::result::Result<(), String> {
@@ -746,6 +1082,42 @@ fn check_header(peer: &str, meta: &UpdateMeta) -> std::result::Result<(), String
     }
     if let Some((class, dice)) = meta.dice.iter().find(|(_, d)| !d.is_finite()) {
         return Err(format!("site {peer}: dice of class {class:?} is {dice}, not a finite number"));
+    }
+    Ok(())
+}
+
+/// The longest duration a site may report for one phase of a round (a week): `coordinator
+/// report` sums them, and nothing of a round takes longer than its deadline anyway.
+const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// At most this many durations per update (a site reports download, evaluate, train).
+const MAX_DURATIONS: usize = 16;
+
+/// The metrics of an update header: Dice only for classes the sender owns, each once (they
+/// become the federation's reported Dice of those classes); durations few, short-named and
+/// below [`MAX_DURATION_MS`].
+fn check_metrics(peer: &str, meta: &UpdateMeta, setup: &Setup) -> std::result::Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for (class, _) in &meta.dice {
+        if !setup.classes.iter().any(|c| &c.id == class && c.site == peer) {
+            return Err(format!("site {peer}: dice of class {class:?}, which is not one of its classes"));
+        }
+        if !seen.insert(class) {
+            return Err(format!("site {peer}: dice of class {class:?} reported twice"));
+        }
+    }
+    if meta.durations_ms.len() > MAX_DURATIONS {
+        return Err(format!("site {peer}: {} durations_ms entries (at most {MAX_DURATIONS})", meta.durations_ms.len()));
+    }
+    let mut seen = BTreeSet::new();
+    for (key, ms) in &meta.durations_ms {
+        let plain = !key.is_empty() && key.len() <= 32 && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        if !plain || !seen.insert(key) {
+            return Err(format!("site {peer}: durations_ms key {key:?} is not a distinct [a-z_]{{1,32}} name"));
+        }
+        if *ms > MAX_DURATION_MS {
+            return Err(format!("site {peer}: durations_ms.{key} = {ms} ms is over the cap of {MAX_DURATION_MS} ms"));
+        }
     }
     Ok(())
 }
@@ -830,6 +1202,19 @@ fn digest_global(config: &FederationConfig, setup: &Setup, net: &MultiTalentNet)
     let digest = set.wire_digest_cached(&mut native);
     let transport = transport_of(config);
     (digest, if transport == Transport::Native { native } else { TensorDigests::new(transport) })
+}
+
+/// What `peer` downloads: the backbone, its own heads and decoder (`full`: every site's).
+fn site_selection(config: &FederationConfig, setup: &Setup, peer: &str, full: bool) -> wire::Selection {
+    let all = full_selection(config, setup);
+    wire::Selection {
+        classes: all
+            .classes
+            .into_iter()
+            .filter(|(id, _)| full || setup.classes.iter().any(|c| &c.id == id && c.site == peer))
+            .collect(),
+        decoders: all.decoders.into_iter().filter(|(site, _)| full || site == peer).collect(),
+    }
 }
 
 fn full_selection(config: &FederationConfig, setup: &Setup) -> wire::Selection {
@@ -989,4 +1374,23 @@ pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String
     let digest = wire::model_digest(&net, &full_selection(config, &setup));
     export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
     Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21 item 12: a burst per address, then the refill rate; other addresses unaffected.
+    #[test]
+    fn handshakes_are_rate_limited_per_address() {
+        let mut limiter = HandshakeLimiter::new(3.0, 2.0);
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        assert_eq!((0..4).map(|_| limiter.allow(a, t0)).collect::<Vec<_>>(), [true, true, true, false]);
+        assert!(limiter.allow(b, t0), "another address shares the bucket");
+        assert!(!limiter.allow(a, t0 + Duration::from_millis(400)));
+        // 0.8 tokens at 400 ms, 2 at 1 s.
+        let t1 = t0 + Duration::from_millis(1000);
+        assert_eq!((0..3).map(|_| limiter.allow(a, t1)).collect::<Vec<_>>(), [true, true, false]);
+    }
 }

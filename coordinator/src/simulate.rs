@@ -163,7 +163,8 @@ fn prepare_site(
     let (torch_threads, seed) = (agent.torch_threads, agent.seed);
     let dir = out.join(&site.name);
     let (_, csr) = fedtalent_certs::write_keygen(&dir, &site.name)?;
-    pki::sign(&coord_dir.join("pki"), &csr, &dir.join(format!("{}.crt", site.name)), 30)?;
+    let listed = [site.name.clone()];
+    pki::sign(&coord_dir.join("pki"), &csr, &dir.join(format!("{}.crt", site.name)), 30, &listed)?;
     let classes: Vec<String> =
         site.classes.iter().map(|c| format!("{{ name = {:?}, labels = {:?} }}", c.name, c.labels)).collect();
     let ca = coord_dir.join("pki").join(fedtalent_certs::CA_CERT_FILE);

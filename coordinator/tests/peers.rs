@@ -9,8 +9,8 @@ use std::time::Duration;
 use fedtalent_certs::{FederationCa, SiteKey};
 use fedtalent_coordinator::{config, Coordinator, FederationConfig};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, write_frame, ClassSpec, ErrorKind, HuHistogram, Message, RecvLimits,
-    TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    quic, read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, HuHistogram,
+    Message, RecvLimits, TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -57,13 +57,19 @@ impl Federation {
         Federation { dir, ca, addr: config.federation.listen, coordinator }
     }
 
-    /// A connection of `site`, certified by the federation CA (retried while `serve` binds).
-    async fn connect(&self, site: &str) -> Peer {
+    /// A client endpoint presenting a fresh certificate of `site` from the federation CA.
+    fn endpoint_of(&self, site: &str) -> quinn::Endpoint {
         let k = SiteKey::generate(site).unwrap();
         let cert = self.ca.sign_site_csr(&k.csr_pem, 1).unwrap();
         let cfg = fedtalent_certs::client_config(self.ca.cert_pem(), &cert, &k.key_pem).unwrap();
         let mut endpoint = fedtalent_certs::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(cfg);
+        endpoint
+    }
+
+    /// A connection of `site`, certified by the federation CA (retried while `serve` binds).
+    async fn connect(&self, site: &str) -> Peer {
+        let endpoint = self.endpoint_of(site);
         for _ in 0..20 {
             let connecting = endpoint.connect(self.addr, "localhost").unwrap();
             if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), connecting).await {
@@ -91,6 +97,13 @@ fn hello(site: &str) -> Message {
         hu_histogram: HuHistogram { min_hu: -100, counts: vec![5; 300] },
         device: "cpu".into(),
     }
+}
+
+/// The metrics fields of an update header.
+#[derive(Default)]
+struct Metrics {
+    dice: Vec<(String, f32)>,
+    durations_ms: Vec<(String, u64)>,
 }
 
 /// A round's work as announced to a site.
@@ -125,6 +138,11 @@ impl Peer {
 
     /// Downloads the global model (`full`: all of it) or the coordinator's refusal.
     async fn download(&self, digest: &str, full: bool) -> Result<TensorSet, Message> {
+        self.download_digest(digest, full).await.map(|(set, _)| set)
+    }
+
+    /// As [`Peer::download`], also returning the set digest the stream carried.
+    async fn download_digest(&self, digest: &str, full: bool) -> Result<(TensorSet, String), Message> {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
         write_frame(&mut send, &Message::ModelRequest { digest: digest.into(), full }).await.unwrap();
         send.finish().unwrap();
@@ -137,23 +155,35 @@ impl Peer {
         if let Ok(message) = fedtalent_protocol::decode_frame(&reply, MAX_FRAME_BYTES) {
             return Err(message);
         }
-        let (set, _) = recv_tensors_digest(&mut reply.as_slice(), &RecvLimits::default())
+        let received = recv_tensors_digest(&mut reply.as_slice(), &RecvLimits::default())
             .await
             .unwrap_or_else(|e| panic!("site {}: the model stream is broken: {e}", self.site));
-        Ok(set)
+        Ok(received)
     }
 
     /// Opens an upload of `set` as this site's update of `round`: the header is sent, the
     /// payload not yet (see [`Upload::send`]).
     async fn begin_upload(&self, round: u32, n_cases: u32, train_loss: f32, set: &TensorSet) -> Upload {
+        self.begin_upload_with(round, n_cases, train_loss, Metrics::default(), set).await
+    }
+
+    /// As [`Peer::begin_upload`] with the header's metrics.
+    async fn begin_upload_with(
+        &self,
+        round: u32,
+        n_cases: u32,
+        train_loss: f32,
+        m: Metrics,
+        set: &TensorSet,
+    ) -> Upload {
         let mut digests = TensorDigests::new(Transport::Native);
         let header = Message::UpdateHeader {
             round,
             n_cases,
             train_loss,
-            dice: Vec::new(),
+            dice: m.dice,
             payload_digest: set.wire_digest_cached(&mut digests),
-            durations_ms: Vec::new(),
+            durations_ms: m.durations_ms,
         };
         let (mut send, recv) = self.conn.open_bi().await.unwrap();
         write_frame(&mut send, &header).await.unwrap();
@@ -388,4 +418,205 @@ async fn only_joined_sites_poll_download_and_upload() {
     assert_refused(&gamma.request(&hello("gamma")).await, ErrorKind::NotAllowed, &["gamma"]);
     assert_eq!(alpha.upload(work.round, 4, 0.5, &set).await, (true, String::new()));
     finish_round_one(&fed, &beta).await;
+}
+
+/// Sends the operator's `SetAllowlist` (what the federation.toml watcher applies too).
+async fn set_sites(fed: &Federation, sites: &[&str]) {
+    let admin = fed.connect(config::ADMIN_IDENTITY).await;
+    let sites = sites.iter().map(|s| s.to_string()).collect();
+    let reply = admin.request(&Message::Admin(AdminRequest::SetAllowlist { sites })).await;
+    assert!(matches!(reply, Message::AdminReply(AdminReply::Done { .. })), "{reply:?}");
+}
+
+/// Waits (briefly) until the coordinator closed `peer`'s connection; returns the close reason.
+async fn closed_by_coordinator(peer: &Peer) -> String {
+    let closed = tokio::time::timeout(Duration::from_secs(10), peer.conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("site {}: its connection stayed open after its removal", peer.site));
+    closed.to_string()
+}
+
+/// Issue 21 item 5: removing a site closes its open connection (keep-alive would otherwise keep
+/// it in for days), drops the update it already sent from the open round (it does not count
+/// toward min_sites), and later rounds do not wait for it (they close long before the 30 s
+/// deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_site_is_disconnected_and_dropped_from_the_rounds() {
+    let fed = Federation::start(&["alpha", "beta", "gamma"], 2).await;
+    let (alpha, beta, gamma) = (fed.connect("alpha").await, fed.connect("beta").await, fed.connect("gamma").await);
+    tokio::join!(alpha.join(), beta.join(), gamma.join());
+    for peer in [&alpha, &gamma] {
+        let work = peer.work().await;
+        assert_eq!(peer.honest_update(&work).await, (true, String::new()));
+    }
+    set_sites(&fed, &["alpha", "beta"]).await;
+    let reason = closed_by_coordinator(&gamma).await;
+    assert!(reason.contains("gamma") && reason.contains("removed"), "{reason}");
+    // alpha's update alone is below min_sites = 2: the round stays open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fed.coordinator.status().current_round, 0, "round 1 closed with the removed site's update");
+    let work = beta.work().await;
+    assert_eq!(beta.honest_update(&work).await, (true, String::new()));
+    wait_completed(&fed, 1).await;
+    let sites: Vec<String> = contributions(&fed, 1).into_iter().map(|c| c.0).collect();
+    assert_eq!(sites, ["alpha", "beta"]);
+    let started = std::time::Instant::now();
+    for peer in [&alpha, &beta] {
+        let work = peer.work().await;
+        assert_eq!(work.round, 2);
+        assert_eq!(peer.honest_update(&work).await, (true, String::new()));
+    }
+    wait_completed(&fed, 2).await;
+    assert!(started.elapsed() < Duration::from_secs(15), "round 2 waited {:?} for the removed site", started.elapsed());
+    let status = fed.coordinator.status();
+    let gamma_status = status.sites.iter().find(|s| s.site == "gamma").unwrap();
+    assert!(!gamma_status.allowed && !gamma_status.connected, "{gamma_status:?}");
+}
+
+/// Issue 21 item 5: removing a site from federation.toml (the watcher of `serve`) applies even
+/// though the edited file is invalid otherwise (min_sites = 3 with 2 sites left): the removed
+/// site is disconnected, the others stay connected and allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_in_federation_toml_applies_despite_other_errors() {
+    let fed = Federation::start(&["alpha", "beta", "gamma"], 3).await;
+    let (alpha, beta, gamma) = (fed.connect("alpha").await, fed.connect("beta").await, fed.connect("gamma").await);
+    tokio::join!(alpha.join(), beta.join(), gamma.join());
+    let path = fed.dir.path().join("federation.toml");
+    let sites = ["alpha".to_string(), "beta".to_string()];
+    let text = config::template("peers", fed.addr, &sites).replace("min_sites = 2", "min_sites = 3");
+    std::fs::write(&path, text).unwrap();
+    assert!(FederationConfig::load(&path).is_err(), "the edited file should be invalid");
+    tokio::spawn(fed.coordinator.clone().watch_config(path, Duration::from_millis(100)));
+    let reason = closed_by_coordinator(&gamma).await;
+    assert!(reason.contains("removed"), "{reason}");
+    let status = fed.coordinator.status();
+    let allowed: Vec<(&str, bool, bool)> =
+        status.sites.iter().map(|s| (s.site.as_str(), s.allowed, s.connected)).collect();
+    assert_eq!(allowed, [("alpha", true, true), ("beta", true, true), ("gamma", false, false)]);
+    assert!(alpha.conn.close_reason().is_none() && beta.conn.close_reason().is_none());
+}
+
+/// Issue 21 item 15: metrics are validated like the rest of an update: Dice of a class the
+/// sender does not own (or twice), and absurd durations (which overflowed `coordinator report`)
+/// are refused naming the site and the field; honest metrics are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_dice_and_absurd_durations_are_refused() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let set = alpha.download(&work.digest, false).await.unwrap();
+    let dice = |pairs: &[(&str, f32)]| pairs.iter().map(|(c, d)| (c.to_string(), *d)).collect::<Vec<_>>();
+    let duration = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<Vec<_>>();
+    let forged = [
+        (Metrics { dice: dice(&[("beta/organ", 0.9)]), ..Default::default() }, "beta/organ"),
+        (Metrics { dice: dice(&[("alpha/organ", 0.5), ("alpha/organ", 0.9)]), ..Default::default() }, "twice"),
+        (Metrics { durations_ms: duration(&[("train", u64::MAX)]), ..Default::default() }, "durations_ms.train"),
+        (Metrics { durations_ms: duration(&[("x\ny", 1)]), ..Default::default() }, "durations_ms"),
+    ];
+    for (metrics, needle) in forged {
+        let reply = alpha.begin_upload_with(work.round, 4, 0.5, metrics, &set).await.send().await;
+        let (accepted, reason) = ack(&reply);
+        assert!(!accepted && reason.contains("site alpha") && reason.contains(needle), "{needle}: {reason}");
+    }
+    let honest = Metrics { dice: dice(&[("alpha/organ", 0.7)]), durations_ms: duration(&[("train", 1200)]) };
+    let reply = alpha.begin_upload_with(work.round, 4, 0.5, honest, &set).await.send().await;
+    assert_eq!(ack(&reply), (true, String::new()));
+    finish_round_one(&fed, &beta).await;
+}
+
+/// Issue 21 item 15: a Hello listing one class name twice is refused naming the site and class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_class_names_are_refused_at_hello() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let alpha = fed.connect("alpha").await;
+    let organ = |labels| ClassSpec { name: "organ".into(), labels };
+    let mut twice = hello("alpha");
+    if let Message::Hello { classes, .. } = &mut twice {
+        *classes = vec![organ(vec![1]), organ(vec![2])];
+    }
+    assert_refused(&alpha.request(&twice).await, ErrorKind::BadDataset, &["site alpha", "\"organ\""]);
+}
+
+/// Issue 21 item 13: a checkpoint that cannot be written (here `state/rounds` is a file, which
+/// stops root too) neither stops `serve` nor changes the global model in memory ahead of the
+/// disk; once the state dir is writable again the same round's updates are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_keeps_serving_and_the_model_unchanged() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let rounds = fed.dir.path().join("state/rounds");
+    std::fs::remove_dir_all(&rounds).unwrap();
+    std::fs::write(&rounds, b"not a directory").unwrap();
+    let before = fed.coordinator.status().model_digest;
+    assert_eq!(alpha.honest_update(&work).await, (true, String::new()));
+    let work = beta.work().await;
+    assert_eq!(beta.honest_update(&work).await, (true, String::new()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = fed.coordinator.status();
+    assert_eq!((status.current_round, status.model_digest.as_str()), (0, before.as_str()));
+    std::fs::remove_file(&rounds).unwrap();
+    std::fs::create_dir(&rounds).unwrap();
+    wait_completed(&fed, 1).await;
+    assert_eq!(contributions(&fed, 1), vec![("alpha".into(), 4, 0.5), ("beta".into(), 4, 0.5)]);
+}
+
+/// Issue 21 item 17: the digest a site's RoundStart announces is the digest its download
+/// carries, so that the site can bind the download to it (site-agent refuses any other); a
+/// request naming another model is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_announced_digest_is_the_downloads_digest() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let (_, carried) = alpha.download_digest(&work.digest, false).await.expect("alpha's part");
+    assert_eq!(carried, work.digest, "alpha's RoundStart announced another model than it downloads");
+    let beta_work = beta.work().await;
+    assert_ne!(beta_work.digest, work.digest, "beta's part (its heads) is another set than alpha's");
+    let (_, carried) = beta.download_digest(&beta_work.digest, false).await.expect("beta's part");
+    assert_eq!(carried, beta_work.digest);
+    let Err(refusal) = alpha.download(&beta_work.digest, false).await else { panic!("served another digest") };
+    assert_refused(&refusal, ErrorKind::BadMessage, &[&beta_work.digest]);
+}
+
+/// Issue 21 item 12: one address gets a burst of handshakes, then is refused (before any TLS
+/// work) until its bucket refills (1 a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_from_one_address_are_rate_limited() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    // The first one may race `serve` binding its socket.
+    drop(fed.connect("alpha").await);
+    // 40 at once: the burst (20, one spent above) gets in, the rest is refused.
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (endpoint, addr) = (fed.endpoint_of("alpha"), fed.addr);
+        attempts.spawn(async move {
+            let connecting = endpoint.connect(addr, "localhost").unwrap();
+            let accepted = matches!(tokio::time::timeout(TIMEOUT, connecting).await, Ok(Ok(_)));
+            endpoint.close(0u32.into(), b"done");
+            accepted
+        });
+    }
+    let mut accepted = 0;
+    while let Some(outcome) = attempts.join_next().await {
+        accepted += usize::from(outcome.unwrap());
+    }
+    assert!(accepted >= 15, "only {accepted} of 40 handshakes accepted: the burst is refused");
+    assert!(accepted < 40, "40 concurrent handshakes from one address were all accepted");
+}
+
+/// Issue 21 item 10: a site's concurrent requests are capped over all its connections: with 8
+/// stalled requests open (a partial frame each), the next one is refused at once, naming the
+/// site, instead of pinning another task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_concurrent_requests_are_capped() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let stalled = fed.connect("alpha").await;
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = stalled.conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0]).await.unwrap();
+        streams.push((send, recv));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = fed.connect("alpha").await;
+    assert_refused(&other.request(&Message::Heartbeat).await, ErrorKind::BadMessage, &["site alpha", "concurrent"]);
+    drop(streams);
 }

@@ -1,5 +1,6 @@
 //! safetensors files, written atomically (temp file in the same dir, fsync, rename, fsync dir), so a
-//! crash never leaves a half-written model, checkpoint or optimizer state behind.
+//! crash never leaves a half-written model, checkpoint or optimizer state behind. Every file is
+//! owner-only (0600): they hold model weights (a site's heads are its own).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -30,12 +31,16 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Runs `write` on a temporary sibling of `path`, then syncs and renames it into place.
+/// Runs `write` on a temporary sibling of `path`, then syncs and renames it into place. The
+/// temporary file is created here, new (`O_EXCL`: a planted file or symlink is never written
+/// through) and owner-only, before `write` fills it.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    let tmp = temp_sibling(path);
+    let tmp = create_private_temp(path)?;
     let result = write(&tmp).and_then(|()| {
+        // Again after `write`: a writer that replaced the file would have reset its mode.
+        set_owner_only(&tmp, 0o600)?;
         File::open(&tmp)?.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         // The rename is durable only once the directory entry is.
@@ -47,7 +52,60 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     result
 }
 
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+/// Creates `dir` (and its parents) and makes it owner-only (0700): a state dir of model data.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    set_owner_only(dir, 0o700)
+}
+
+fn set_owner_only(path: &Path, mode: u32) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} owner-only", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// A new, empty, owner-only temporary sibling of `path` (see [`fedtalent_certs::create_temp_sibling`]).
+fn create_private_temp(path: &Path) -> Result<PathBuf> {
+    let (_, tmp) = fedtalent_certs::create_temp_sibling(path, 0o600)
+        .with_context(|| format!("creating a temporary file next to {}", path.display()))?;
+    Ok(tmp)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Issue 21 item 17: model files are owner-only, and a symlink planted at the temporary
+    /// name is not written through (nor renamed into place).
+    #[test]
+    fn atomic_writes_are_owner_only_and_ignore_planted_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        // The temporary names this writer used before and uses first now.
+        for name in [".state.json.tmp-", ".state.json.tmp."] {
+            let planted = dir.path().join(format!("{name}{}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        }
+        write_bytes_atomic(&path, b"model").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "model");
+        assert_eq!(mode(&path), 0o600);
+        let private = dir.path().join("site-state");
+        create_private_dir(&private).unwrap();
+        assert_eq!(mode(&private), 0o700);
+    }
 }

@@ -219,7 +219,8 @@ pub enum Message {
     /// coordinator → site: train one round.
     RoundStart {
         round: u32,
-        /// Digest ([`crate::TensorSet::digest`]) of the global model this round starts from.
+        /// Wire digest of the site's part (backbone, its heads and decoder) of the global model
+        /// this round starts from: the set digest its download must carry (the site checks).
         model_digest: String,
         local_steps: u32,
         /// Global step where this round's lr schedule starts.

@@ -80,6 +80,8 @@ enum SessionEnd {
 }
 
 pub async fn run(config: SiteConfig, options: RunOptions) -> Result<()> {
+    // Before the (long) preprocessing: a key that others can read stops the agent here.
+    fedtalent_certs::read_private_key(&config.site.key)?;
     let spacing = config.data.target_spacing;
     let classes = config.data.classes.clone();
     let data = {
@@ -126,7 +128,8 @@ impl Agent {
     async fn connect(&self) -> Result<(quinn::Endpoint, quinn::Connection)> {
         let site = &self.config.site;
         let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-        let client = fedtalent_certs::client_config(&read(&site.ca)?, &read(&site.cert)?, &read(&site.key)?)?;
+        let key = fedtalent_certs::read_private_key(&site.key)?;
+        let client = fedtalent_certs::client_config(&read(&site.ca)?, &read(&site.cert)?, &key)?;
         let bind: SocketAddr = if site.coordinator.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -341,9 +344,12 @@ impl Agent {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &Message::ModelRequest { digest: digest.to_string(), full: false }).await?;
         send.finish()?;
-        let (set, _) = recv_tensors_digest(&mut recv, &RecvLimits::for_manifest(manifest))
+        // Bound to the announcement: a stream of any other model is refused (the session
+        // ends with this error and is retried after its back-off).
+        let limits = RecvLimits { expected_digest: Some(digest.to_string()), ..RecvLimits::for_manifest(manifest) };
+        let (set, _) = recv_tensors_digest(&mut recv, &limits)
             .await
-            .context("downloading the global model")?;
+            .with_context(|| format!("downloading the global model {digest} announced in RoundStart"))?;
         let parts = Parts::from_wire(&set)?;
         let rows = trainer.rows();
         parts.apply(&mut trainer.trainer.net, &|id| rows.iter().find(|(c, _)| c == id).map(|(_, r)| *r), &|s| {
@@ -361,6 +367,9 @@ impl Agent {
         dice: Vec<(String, f32)>,
         durations: Vec<(String, u64)>,
     ) -> Result<bool> {
+        // A class with neither prediction nor label in the validation cases has no Dice (NaN);
+        // the coordinator refuses non-finite metrics, so such a class is left out of the report.
+        let dice: Vec<(String, f32)> = dice.into_iter().filter(|(_, d)| d.is_finite()).collect();
         let trainer = self.trainer.as_ref().expect("set up");
         let mut set = wire::parts_to_wire(&trainer.trainer.net, &trainer.selection(&self.config.site.name));
         let mut round = work.round;

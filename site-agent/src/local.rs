@@ -118,7 +118,8 @@ impl LocalTrainer {
             ..TrainConfig::default()
         };
         let mut trainer = Trainer::new(net, config)?;
-        std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        // Owner-only: the site's heads, optimizer state and backbone live here.
+        fedtalent_model::io::create_private_dir(state_dir)?;
         let mut state = SiteState::default();
         let state_file = state_dir.join(SITE_STATE);
         if state_file.exists() {

@@ -43,13 +43,26 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
     let ours = dir.path().join("stranger-pki");
     fs::create_dir_all(&ours).unwrap();
     run_ok(Command::new(binary("site-agent")).args(["keygen", "--site", "stranger", "--dir"]).arg(&ours));
-    run_ok(
+    // `sign` refuses a name that is not listed; the stranger was listed once (a copy of the
+    // config with it), was certified, and is not listed any more.
+    let sign = |config: &std::path::Path| {
         Command::new(binary("coordinator"))
             .args(["sign", "--config"])
-            .arg(fed.config_path())
+            .arg(config)
             .arg("--csr")
-            .arg(ours.join("stranger.csr")),
-    );
+            .arg(ours.join("stranger.csr"))
+            .output()
+            .unwrap()
+    };
+    let refused = sign(&fed.config_path());
+    assert!(!refused.status.success(), "an unlisted site was signed");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("\"stranger\" is not in [federation].sites"), "{stderr}");
+    let listed = fed.config_path().with_file_name("with-stranger.toml");
+    let text = fs::read_to_string(fed.config_path()).unwrap();
+    let sites_line = text.lines().find(|l| l.starts_with("sites = [")).unwrap().to_string();
+    fs::write(&listed, text.replace(&sites_line, &sites_line.replace("sites = [", "sites = [\"stranger\", "))).unwrap();
+    assert!(sign(&listed).status.success(), "signing a listed site failed");
 
     // The impostors try while the coordinator waits for its sites, so the federation cannot have
     // finished (and stopped answering) before an impostor is done preprocessing its data.
