@@ -40,11 +40,12 @@
 //! features of c's site's decoder. The FRM-level heads read the shared FRM output. The outputs
 //! keep the `[B, C, ...]` layout, so the loss is unchanged.
 
-
 use anyhow::{bail, ensure, Result};
 use tch::Tensor;
 
-use crate::blocks::{Activation, ConvNorm, ConvNormNames, ConvNormSpec, Head, HeadSpec, ResidualBlock, ResidualNames, ResidualSpec};
+use crate::blocks::{
+    Activation, ConvNorm, ConvNormNames, ConvNormSpec, Head, HeadSpec, ResidualBlock, ResidualNames, ResidualSpec,
+};
 use crate::network::Outputs;
 use crate::params::{Init, ParamId, ParamScope, ParamStore, Role};
 use crate::topology::{FireNetSpec, Topology};
@@ -96,7 +97,9 @@ impl Aspp {
         let branches = dilations
             .iter()
             .enumerate()
-            .map(|(k, &dilation)| conv_norm(&scope.pp(k), ConvNormSpec { dilation, ..ConvNormSpec::new(width, width, [3; 3]) }))
+            .map(|(k, &dilation)| {
+                conv_norm(&scope.pp(k), ConvNormSpec { dilation, ..ConvNormSpec::new(width, width, [3; 3]) })
+            })
             .collect();
         let merged = dilations.len() as i64 * width;
         let merge = conv_norm(&scope.pp("merge"), ConvNormSpec::new(merged, width, [1; 3]));
@@ -163,8 +166,9 @@ impl Frm {
     /// `bottleneck`: the bottleneck width (branch 0's).
     fn new(scope: &ParamScope, spec: &FireNetSpec, bottleneck: i64) -> Self {
         let width = |b: usize| bottleneck << b;
-        let entry =
-            (1..spec.branches).map(|b| conv_norm(&scope.pp("entry").pp(b), align_spec(width(b - 1), width(b)))).collect();
+        let entry = (1..spec.branches)
+            .map(|b| conv_norm(&scope.pp("entry").pp(b), align_spec(width(b - 1), width(b))))
+            .collect();
         let nodes = (0..spec.nodes)
             .map(|n| (0..spec.branches).map(|b| Node::new(&scope.pp("nodes").pp(n).pp(b), spec, b, width)).collect())
             .collect();
@@ -216,10 +220,13 @@ impl Decoder {
                 let (w, k) = (stages[l].width, stages[l].kernel);
                 let scope = scope.pp("levels").pp(l);
                 let up = conv_norm(&scope.pp("up"), align_spec(stages[l + 1].width, w));
-                let skip =
-                    conv_norm(&scope.pp("skip"), ConvNormSpec { activation: Activation::Linear, ..ConvNormSpec::new(w, w, k) });
-                let blocks =
-                    (0..topo.decoder_convs).map(|j| residual_block(&scope.pp("blocks").pp(j), w, w, k, [1; 3])).collect();
+                let skip = conv_norm(
+                    &scope.pp("skip"),
+                    ConvNormSpec { activation: Activation::Linear, ..ConvNormSpec::new(w, w, k) },
+                );
+                let blocks = (0..topo.decoder_convs)
+                    .map(|j| residual_block(&scope.pp("blocks").pp(j), w, w, k, [1; 3]))
+                    .collect();
                 SumDecoderLevel { up, skip, blocks }
             })
             .collect();
@@ -316,7 +323,8 @@ pub(crate) fn build(topo: &Topology, classes: i64, root: &ParamScope) -> Result<
     }
     let stages = &topo.stages;
     let n = stages.len();
-    let stem = conv_norm(&root.pp("encoder.stem"), ConvNormSpec::new(topo.in_channels, stages[0].width, stages[0].kernel));
+    let stem =
+        conv_norm(&root.pp("encoder.stem"), ConvNormSpec::new(topo.in_channels, stages[0].width, stages[0].kernel));
     let mut encoder = Vec::with_capacity(n - 1);
     let mut cin = stages[0].width;
     for (s, stage) in stages.iter().enumerate().skip(1) {
@@ -341,7 +349,10 @@ pub(crate) fn build(topo: &Topology, classes: i64, root: &ParamScope) -> Result<
     };
     let heads = (0..n)
         .map(|level| {
-            Head::new(&root.pp("seg_outputs").pp(level), HeadSpec { width: stages[level].width, classes, level, bias: true })
+            Head::new(
+                &root.pp("seg_outputs").pp(level),
+                HeadSpec { width: stages[level].width, classes, level, bias: true },
+            )
         })
         .collect();
     let routing = (!sites.is_empty()).then(|| SiteRouting::new(sites, root.device()));
@@ -395,8 +406,7 @@ impl FireGraph {
     /// The logits of decoder level `level`, from the shared decoder or each site's own.
     fn decoded_logits(&self, p: &ParamStore, features: &[Vec<Option<Tensor>>], level: usize) -> Tensor {
         let head = &self.heads[level];
-        let per_decoder: Vec<&Tensor> =
-            features.iter().map(|f| f[level].as_ref().expect("decoded level")).collect();
+        let per_decoder: Vec<&Tensor> = features.iter().map(|f| f[level].as_ref().expect("decoded level")).collect();
         match &self.routing {
             None => head.forward(p, per_decoder[0]),
             Some(routing) => routing.logits(p, head, &per_decoder),

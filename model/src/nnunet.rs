@@ -102,6 +102,23 @@ fn block_stride(stage: &Stage, j: usize) -> [i64; 3] {
     }
 }
 
+/// Zips each level's convs (deepest first) with its upsampler and the head that `head(u, level)`
+/// creates; `u` counts from the deepest level, `level` from full resolution. The heads are created
+/// here, in level order, after everything else (nnU-Net's registration order).
+fn decoder_levels(
+    convs: Vec<Vec<ConvNorm>>,
+    upsample: Vec<Upsample>,
+    mut head: impl FnMut(usize, usize) -> Head,
+) -> Vec<ConcatDecoderLevel> {
+    let levels = convs.len();
+    convs
+        .into_iter()
+        .zip(upsample)
+        .enumerate()
+        .map(|(u, (convs, upsample))| ConcatDecoderLevel { upsample, convs, head: head(u, levels - 1 - u) })
+        .collect()
+}
+
 /// nnU-Net v1 `Generic_UNet`: registers `conv_blocks_localization`, `conv_blocks_context`, `tu`,
 /// `seg_outputs`, in that order.
 pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> UnetGraph {
@@ -129,24 +146,21 @@ pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> 
         for j in 0..stage.depth {
             // The bottleneck is a Sequential of one-conv StackedConvLayers: other names.
             let conv_scope = if d == n - 1 { scope.pp(j).pp("blocks.0") } else { scope.pp("blocks").pp(j) };
-            let spec =
-                ConvNormSpec { stride: block_stride(stage, j), bias: true, ..ConvNormSpec::new(cin, stage.width, stage.kernel) };
+            let spec = ConvNormSpec {
+                stride: block_stride(stage, j),
+                bias: true,
+                ..ConvNormSpec::new(cin, stage.width, stage.kernel)
+            };
             convs.push(ConvNorm::new(&conv_scope, ConvNormNames::CONV_INSTNORM, spec));
             cin = stage.width;
         }
         encoder.push(EncoderStage::Plain(convs));
     }
     let upsample = upsamplers(topo, &root.pp("tu"));
-    let decoder = localization
-        .into_iter()
-        .zip(upsample)
-        .enumerate()
-        .map(|(u, (convs, upsample))| {
-            let level = n - 2 - u;
-            let spec = HeadSpec { width: stages[level].width, classes, level, bias: false };
-            ConcatDecoderLevel { upsample, convs, head: Head::new(&root.pp("seg_outputs").pp(u), spec) }
-        })
-        .collect();
+    let decoder = decoder_levels(localization, upsample, |u, level| {
+        let spec = HeadSpec { width: stages[level].width, classes, level, bias: false };
+        Head::new(&root.pp("seg_outputs").pp(u), spec)
+    });
     UnetGraph { stem: None, encoder, decoder }
 }
 
@@ -183,7 +197,7 @@ pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope)
     };
     let mut full_res_head = Some(head(&decoder_scope.pp("segmentation_output"), 0));
     let upsample = upsamplers(topo, &decoder_scope.pp("tus"));
-    let level_convs: Vec<ConvNorm> = (0..levels)
+    let level_convs: Vec<Vec<ConvNorm>> = (0..levels)
         .map(|u| {
             let (_, skip) = level_stages(stages, u);
             let scope = decoder_scope.pp("stages").pp(u).pp("convs.0");
@@ -196,21 +210,12 @@ pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope)
             scope.alias(conv.weight, "all.0.weight");
             scope.alias(conv.norm_weight, "all.2.weight");
             scope.alias(conv.norm_bias, "all.2.bias");
-            conv
+            vec![conv]
         })
         .collect();
-    let decoder = level_convs
-        .into_iter()
-        .zip(upsample)
-        .enumerate()
-        .map(|(u, (conv, upsample))| {
-            let level = n - 2 - u;
-            let head = match level {
-                0 => full_res_head.take().expect("one full-resolution level"),
-                _ => head(&decoder_scope.pp("deep_supervision_outputs").pp(u), level),
-            };
-            ConcatDecoderLevel { upsample, convs: vec![conv], head }
-        })
-        .collect();
+    let decoder = decoder_levels(level_convs, upsample, |u, level| match level {
+        0 => full_res_head.take().expect("one full-resolution level"),
+        _ => head(&decoder_scope.pp("deep_supervision_outputs").pp(u), level),
+    });
     UnetGraph { stem: Some(stem), encoder, decoder }
 }
