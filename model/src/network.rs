@@ -29,7 +29,8 @@ pub(crate) enum Outputs {
 enum Graph {
     /// [`Layout::GenericUnet`] and [`Layout::ResidualEncoder`].
     Unet(UnetGraph),
-    FireNet(FireGraph),
+    /// Boxed: its struct is several times the nnU-Net graph's size (clippy's `large_enum_variant`).
+    FireNet(Box<FireGraph>),
 }
 
 /// A MultiTalent network: shared backbone and one sigmoid head per class on every decoder level.
@@ -51,7 +52,7 @@ impl MultiTalentNet {
         let graph = match topology.layout {
             Layout::GenericUnet => Graph::Unet(crate::nnunet::generic_unet(topology, classes, &root)),
             Layout::ResidualEncoder => Graph::Unet(crate::nnunet::residual_encoder(topology, classes, &root)),
-            Layout::FireNet => Graph::FireNet(crate::firenet::build(topology, classes, &root)?),
+            Layout::FireNet => Graph::FireNet(Box::new(crate::firenet::build(topology, classes, &root)?)),
         };
         Ok(Self { topology: topology.clone(), classes, params: store.into_inner(), graph })
     }
