@@ -122,7 +122,7 @@ struct Node {
 }
 
 impl Node {
-    /// Node of `branch` (0-based) among `branches`, whose width is `width(branch)`.
+    /// The node of `branch` (0-based); `width(b)` is branch b's channels.
     fn new(scope: &ParamScope, spec: &FireNetSpec, branch: usize, width: impl Fn(usize) -> i64) -> Self {
         let neighbours = branch.saturating_sub(1)..=(branch + 1).min(spec.branches - 1);
         let inputs: Vec<NodeInput> = neighbours
