@@ -40,59 +40,263 @@
 //! features of c's site's decoder. The FRM-level heads read the shared FRM output. The outputs
 //! keep the `[B, C, ...]` layout, so the loss is unchanged.
 
-use anyhow::{ensure, Result};
-use tch::{Device, Tensor};
+use anyhow::{bail, ensure, Result};
+use tch::Tensor;
 
-use crate::params::{Init, ParamId, ParamStore, Role};
+use crate::blocks::{
+    Activation, ConvNorm, ConvNormNames, ConvNormSpec, Head, HeadSpec, ResidualBlock, ResidualNames, ResidualSpec,
+};
+use crate::network::Outputs;
+use crate::params::{Init, ParamId, ParamScope, ParamStore, Role};
 use crate::topology::{FireNetSpec, Topology};
 
-/// Conv3d (no bias) -> InstanceNorm3d (affine).
-#[derive(Debug, Clone)]
-struct ConvNorm {
-    weight: ParamId,
-    norm_weight: ParamId,
-    norm_bias: ParamId,
-    stride: [i64; 3],
-    padding: [i64; 3],
-    dilation: [i64; 3],
+/// Every FIRENet conv: `<scope>.conv`, `<scope>.norm`.
+fn conv_norm(scope: &ParamScope, spec: ConvNormSpec) -> ConvNorm {
+    ConvNorm::new(scope, ConvNormNames::CONV_NORM, spec)
 }
 
-#[derive(Debug, Clone)]
-struct ResBlock {
-    first: ConvNorm,
-    second: ConvNorm,
-    skip: Option<ConvNorm>,
+/// Feature alignment's conv: 1x1x1 to `cout` channels, no activation.
+fn align_spec(cin: i64, cout: i64) -> ConvNormSpec {
+    ConvNormSpec { activation: Activation::Linear, ..ConvNormSpec::new(cin, cout, [1; 3]) }
 }
 
+fn residual_block(scope: &ParamScope, cin: i64, cout: i64, kernel: [i64; 3], stride: [i64; 3]) -> ResidualBlock {
+    let spec = ResidualSpec { cin, cout, kernel, stride, second_norm_scale: Init::Ones };
+    ResidualBlock::new(scope, ResidualNames::FIRENET, spec)
+}
+
+/// One input of an FRM node: a branch of the previous column, aligned to the node's branch
+/// unless it is the node's own.
 #[derive(Debug, Clone)]
-struct Node {
-    /// One per input, in the order of `sources`; `None` for the node's own branch.
-    align: Vec<Option<ConvNorm>>,
-    /// Branches (0-based) of the previous column this node reads.
-    sources: Vec<usize>,
-    /// `[inputs]` scalars, squashed by a sigmoid.
-    fuse: ParamId,
-    aspp: Vec<ConvNorm>,
+struct NodeInput {
+    /// 0-based branch of the previous column.
+    branch: usize,
+    align: Option<ConvNorm>,
+}
+
+impl NodeInput {
+    fn forward(&self, p: &ParamStore, column: &[Tensor], size: &[i64]) -> Tensor {
+        let x = &column[self.branch];
+        match &self.align {
+            None => x.shallow_clone(),
+            Some(align) => resize(&align.forward(p, x), size),
+        }
+    }
+}
+
+/// ASPP3D: parallel dilated 3x3x3 convs, concatenated and merged by a 1x1x1 conv.
+#[derive(Debug, Clone)]
+struct Aspp {
+    branches: Vec<ConvNorm>,
     merge: ConvNorm,
 }
 
+impl Aspp {
+    /// `<scope>.<k>` for dilation k, `<scope>.merge`.
+    fn new(scope: &ParamScope, width: i64, dilations: &[i64]) -> Self {
+        let branches = dilations
+            .iter()
+            .enumerate()
+            .map(|(k, &dilation)| {
+                conv_norm(&scope.pp(k), ConvNormSpec { dilation, ..ConvNormSpec::new(width, width, [3; 3]) })
+            })
+            .collect();
+        let merged = dilations.len() as i64 * width;
+        let merge = conv_norm(&scope.pp("merge"), ConvNormSpec::new(merged, width, [1; 3]));
+        Self { branches, merge }
+    }
+
+    fn forward(&self, p: &ParamStore, x: &Tensor) -> Tensor {
+        let branches: Vec<Tensor> = self.branches.iter().map(|conv| conv.forward(p, x)).collect();
+        self.merge.forward(p, &Tensor::cat(&branches, 1))
+    }
+}
+
+/// FRM node (n, b): the trainable feature sum of its inputs, then ASPP3D.
 #[derive(Debug, Clone)]
-struct DecoderLevel {
+struct Node {
+    inputs: Vec<NodeInput>,
+    /// `[inputs]` scalars, squashed by a sigmoid.
+    fuse: ParamId,
+    aspp: Aspp,
+}
+
+impl Node {
+    /// The node of `branch` (0-based); `width(b)` is branch b's channels.
+    fn new(scope: &ParamScope, spec: &FireNetSpec, branch: usize, width: impl Fn(usize) -> i64) -> Self {
+        let neighbours = branch.saturating_sub(1)..=(branch + 1).min(spec.branches - 1);
+        let inputs: Vec<NodeInput> = neighbours
+            .map(|src| NodeInput {
+                branch: src,
+                align: (src != branch)
+                    .then(|| conv_norm(&scope.pp("align").pp(src), align_spec(width(src), width(branch)))),
+            })
+            .collect();
+        let fuse = scope.add("fuse", &[inputs.len() as i64], Init::Zeros);
+        let aspp = Aspp::new(&scope.pp("aspp"), width(branch), &spec.dilations);
+        Self { inputs, fuse, aspp }
+    }
+
+    /// `column`: the previous column's outputs; `size`: the spatial size of the node's branch.
+    fn forward(&self, p: &ParamStore, column: &[Tensor], size: &[i64]) -> Tensor {
+        let gates = p.get(self.fuse).sigmoid();
+        let fused = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, input)| input.forward(p, column, size) * gates.get(k as i64))
+            .reduce(|sum, term| sum + term)
+            .expect("a node has at least its own branch as input");
+        self.aspp.forward(p, &fused)
+    }
+}
+
+/// The fabric representation module at the bottleneck, named `frm.*`.
+#[derive(Debug, Clone)]
+struct Frm {
+    /// Column 0 of branches 1.. (alignment of the previous branch).
+    entry: Vec<ConvNorm>,
+    /// `nodes[n][b]`.
+    nodes: Vec<Vec<Node>>,
+    /// Fold-back of every branch's last node to the bottleneck width.
+    exit: ConvNorm,
+}
+
+impl Frm {
+    /// `bottleneck`: the bottleneck width (branch 0's).
+    fn new(scope: &ParamScope, spec: &FireNetSpec, bottleneck: i64) -> Self {
+        let width = |b: usize| bottleneck << b;
+        let entry = (1..spec.branches)
+            .map(|b| conv_norm(&scope.pp("entry").pp(b), align_spec(width(b - 1), width(b))))
+            .collect();
+        let nodes = (0..spec.nodes)
+            .map(|n| (0..spec.branches).map(|b| Node::new(&scope.pp("nodes").pp(n).pp(b), spec, b, width)).collect())
+            .collect();
+        let all: i64 = (0..spec.branches).map(width).sum();
+        let exit = conv_norm(&scope.pp("exit"), ConvNormSpec::new(all, bottleneck, [1; 3]));
+        Self { entry, nodes, exit }
+    }
+
+    fn forward(&self, p: &ParamStore, x: &Tensor) -> Tensor {
+        let size0 = x.size()[2..].to_vec();
+        let mut sizes = vec![size0.clone()];
+        let mut column = vec![x.shallow_clone()];
+        for entry in &self.entry {
+            let size = half(sizes.last().expect("branch 1"));
+            let prev = column.last().expect("branch 1");
+            column.push(resize(&entry.forward(p, prev), &size));
+            sizes.push(size);
+        }
+        for nodes in &self.nodes {
+            column = nodes.iter().enumerate().map(|(b, node)| node.forward(p, &column, &sizes[b])).collect();
+        }
+        let back: Vec<Tensor> = column.iter().map(|t| resize(t, &size0)).collect();
+        self.exit.forward(p, &Tensor::cat(&back, 1))
+    }
+}
+
+/// Decoder level l: the deeper level aligned to stage l's width and the skip's size, plus the
+/// skip's conv, activated; then residual blocks.
+#[derive(Debug, Clone)]
+struct SumDecoderLevel {
     up: ConvNorm,
     skip: ConvNorm,
-    blocks: Vec<ResBlock>,
+    blocks: Vec<ResidualBlock>,
 }
 
 /// One decoder: its levels deepest first (level `levels-2` down to 0).
 #[derive(Debug, Clone)]
 struct Decoder {
-    levels: Vec<DecoderLevel>,
+    levels: Vec<SumDecoderLevel>,
 }
 
-#[derive(Debug, Clone)]
-struct Head {
-    weight: ParamId,
-    bias: ParamId,
+impl Decoder {
+    /// Levels `n-2` down to 0 under `<scope>.levels.<l>`; their tensors get the scope's role.
+    fn new(scope: &ParamScope, topo: &Topology) -> Self {
+        let stages = &topo.stages;
+        let levels = (0..stages.len() - 1)
+            .rev()
+            .map(|l| {
+                let (w, k) = (stages[l].width, stages[l].kernel);
+                let scope = scope.pp("levels").pp(l);
+                let up = conv_norm(&scope.pp("up"), align_spec(stages[l + 1].width, w));
+                let skip = conv_norm(
+                    &scope.pp("skip"),
+                    ConvNormSpec { activation: Activation::Linear, ..ConvNormSpec::new(w, w, k) },
+                );
+                let blocks = (0..topo.decoder_convs)
+                    .map(|j| residual_block(&scope.pp("blocks").pp(j), w, w, k, [1; 3]))
+                    .collect();
+                SumDecoderLevel { up, skip, blocks }
+            })
+            .collect();
+        Self { levels }
+    }
+
+    /// Features by level (`None` for levels not needed and for the FRM level).
+    fn forward(&self, p: &ParamStore, frm: &Tensor, skips: &[Tensor], outputs: Outputs) -> Vec<Option<Tensor>> {
+        let mut out: Vec<Option<Tensor>> = (0..skips.len()).map(|_| None).collect();
+        let mut x = frm.shallow_clone();
+        for (i, level) in self.levels.iter().enumerate() {
+            let l = skips.len() - 1 - i;
+            let skip = &skips[l];
+            let up = resize(&level.up.forward(p, &x), &skip.size()[2..]);
+            let merged = (up + level.skip.forward(p, skip)).leaky_relu();
+            x = level.blocks.iter().fold(merged, |x, block| block.forward(p, &x));
+            if outputs == Outputs::AllLevels || l == 0 {
+                out[l] = Some(x.shallow_clone());
+            }
+        }
+        out
+    }
+}
+
+/// Per-site decoders: which classes' heads read which decoder.
+#[derive(Debug)]
+struct SiteRouting {
+    /// Class indices of each site.
+    rows: Vec<Tensor>,
+    /// The permutation putting the sites' concatenated logits back into class order.
+    inverse: Tensor,
+}
+
+impl SiteRouting {
+    fn new(sites: &[Vec<i64>], device: tch::Device) -> Self {
+        let order: Vec<i64> = sites.iter().flatten().copied().collect();
+        let mut inverse = vec![0i64; order.len()];
+        for (pos, &c) in order.iter().enumerate() {
+            inverse[c as usize] = pos as i64;
+        }
+        let rows = sites.iter().map(|s| Tensor::from_slice(s).to_device(device)).collect();
+        Self { rows, inverse: Tensor::from_slice(&inverse).to_device(device) }
+    }
+
+    /// Logits of `head` in class order, each site's classes from its own decoder's `features`.
+    fn logits(&self, p: &ParamStore, head: &Head, features: &[&Tensor]) -> Tensor {
+        let per_site: Vec<Tensor> =
+            self.rows.iter().zip(features).map(|(rows, x)| head.forward_rows(p, x, rows)).collect();
+        Tensor::cat(&per_site, 1).index_select(1, &self.inverse)
+    }
+}
+
+/// Refuses per-site decoders that are no partition of the classes `0..classes`.
+fn check_site_partition(sites: &[Vec<i64>], classes: i64) -> Result<()> {
+    let mut seen = vec![false; classes as usize];
+    for (s, site) in sites.iter().enumerate() {
+        ensure!(!site.is_empty(), "firenet per-site decoders: site {s} has no class");
+        for &c in site {
+            ensure!(
+                c >= 0 && c < classes,
+                "firenet per-site decoders: site {s} lists class {c}, the network has {classes}"
+            );
+            ensure!(!seen[c as usize], "firenet per-site decoders: class {c} is listed twice");
+            seen[c as usize] = true;
+        }
+    }
+    if let Some(c) = seen.iter().position(|s| !s) {
+        bail!("firenet per-site decoders: class {c} belongs to no site");
+    }
+    Ok(())
 }
 
 /// The FIRENet forward graph over a [`ParamStore`].
@@ -100,202 +304,59 @@ struct Head {
 pub struct FireGraph {
     stem: ConvNorm,
     /// Encoder stages 1.. (residual blocks).
-    encoder: Vec<Vec<ResBlock>>,
-    /// Column 0 of branches 1.. (alignment of the previous branch).
-    entry: Vec<ConvNorm>,
-    /// `nodes[n][b]`.
-    nodes: Vec<Vec<Node>>,
-    exit: ConvNorm,
+    encoder: Vec<Vec<ResidualBlock>>,
+    frm: Frm,
     /// One decoder, or one per site.
     decoders: Vec<Decoder>,
-    /// Per-site decoders: class indices of each site, and the permutation putting the sites'
-    /// concatenated logits back into class order.
-    routing: Option<(Vec<Tensor>, Tensor)>,
+    /// `Some` exactly with per-site decoders.
+    routing: Option<SiteRouting>,
     /// `heads[level]`, level 0 = full resolution, last = FRM.
     heads: Vec<Head>,
 }
 
-/// Builds the graph, registering its parameters in `store` (encoder, FRM, decoders, heads).
-pub(crate) fn build(topo: &Topology, classes: i64, store: &mut ParamStore, device: Device) -> Result<FireGraph> {
+/// Builds the graph, registering its parameters under `root` (encoder, FRM, decoders, heads).
+pub(crate) fn build(topo: &Topology, classes: i64, root: &ParamScope) -> Result<FireGraph> {
     let spec = topo.firenet.clone().unwrap_or_default();
     let sites = &spec.site_decoders;
     if !sites.is_empty() {
-        let mut seen = vec![false; classes as usize];
-        for (s, site) in sites.iter().enumerate() {
-            ensure!(!site.is_empty(), "firenet per-site decoders: site {s} has no class");
-            for &c in site {
-                ensure!(
-                    c >= 0 && c < classes,
-                    "firenet per-site decoders: site {s} lists class {c}, the network has {classes}"
-                );
-                ensure!(!seen[c as usize], "firenet per-site decoders: class {c} is listed twice");
-                seen[c as usize] = true;
-            }
-        }
-        if let Some(c) = seen.iter().position(|s| !s) {
-            anyhow::bail!("firenet per-site decoders: class {c} belongs to no site");
-        }
+        check_site_partition(sites, classes)?;
     }
-    let mut b = Builder { store, device };
     let stages = &topo.stages;
     let n = stages.len();
     let stem =
-        b.conv_norm("encoder.stem", topo.in_channels, stages[0].width, stages[0].kernel, [1; 3], 1, Role::Backbone);
+        conv_norm(&root.pp("encoder.stem"), ConvNormSpec::new(topo.in_channels, stages[0].width, stages[0].kernel));
     let mut encoder = Vec::with_capacity(n - 1);
     let mut cin = stages[0].width;
     for (s, stage) in stages.iter().enumerate().skip(1) {
+        let scope = root.pp("encoder.stages").pp(s).pp("blocks");
         let blocks = (0..stage.depth)
             .map(|j| {
                 let stride = if j == 0 { stage.stride } else { [1; 3] };
-                let block = b.res_block(
-                    &format!("encoder.stages.{s}.blocks.{j}"),
-                    cin,
-                    stage.width,
-                    stage.kernel,
-                    stride,
-                    Role::Backbone,
-                );
+                let block = residual_block(&scope.pp(j), cin, stage.width, stage.kernel, stride);
                 cin = stage.width;
                 block
             })
             .collect();
         encoder.push(blocks);
     }
-    let (entry, nodes, exit) = b.frm(&spec, stages[n - 1].width);
+    let frm = Frm::new(&root.pp("frm"), &spec, stages[n - 1].width);
     let decoders = if sites.is_empty() {
-        vec![b.decoder("decoder", topo, Role::Backbone)]
+        vec![Decoder::new(&root.pp("decoder"), topo)]
     } else {
-        (0..sites.len()).map(|s| b.decoder(&format!("decoders.{s}"), topo, Role::SiteDecoder { site: s })).collect()
+        (0..sites.len())
+            .map(|s| Decoder::new(&root.pp("decoders").pp(s).with_role(Role::SiteDecoder { site: s }), topo))
+            .collect()
     };
     let heads = (0..n)
         .map(|level| {
-            let role = Role::Head { level };
-            let width = stages[level].width;
-            let weight = b.store.add(
-                format!("seg_outputs.{level}.weight"),
-                &[classes, width, 1, 1, 1],
-                Init::KaimingNormal,
-                role,
-                device,
-            );
-            let bias = b.store.add(format!("seg_outputs.{level}.bias"), &[classes], Init::Zeros, role, device);
-            Head { weight, bias }
+            Head::new(
+                &root.pp("seg_outputs").pp(level),
+                HeadSpec { width: stages[level].width, classes, level, bias: true },
+            )
         })
         .collect();
-    let routing = (!sites.is_empty()).then(|| {
-        let order: Vec<i64> = sites.iter().flatten().copied().collect();
-        let mut inverse = vec![0i64; order.len()];
-        for (pos, &c) in order.iter().enumerate() {
-            inverse[c as usize] = pos as i64;
-        }
-        let per_site = sites.iter().map(|s| Tensor::from_slice(s).to_device(device)).collect();
-        (per_site, Tensor::from_slice(&inverse).to_device(device))
-    });
-    Ok(FireGraph { stem, encoder, entry, nodes, exit, decoders, routing, heads })
-}
-
-struct Builder<'a> {
-    store: &'a mut ParamStore,
-    device: Device,
-}
-
-impl Builder<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn conv_norm(
-        &mut self,
-        prefix: &str,
-        cin: i64,
-        cout: i64,
-        kernel: [i64; 3],
-        stride: [i64; 3],
-        dilation: i64,
-        role: Role,
-    ) -> ConvNorm {
-        let d = self.device;
-        let shape = [cout, cin, kernel[0], kernel[1], kernel[2]];
-        let weight = self.store.add(format!("{prefix}.conv.weight"), &shape, Init::KaimingNormal, role, d);
-        let norm_weight = self.store.add(format!("{prefix}.norm.weight"), &[cout], Init::Ones, role, d);
-        let norm_bias = self.store.add(format!("{prefix}.norm.bias"), &[cout], Init::Zeros, role, d);
-        let padding = kernel.map(|k| (k - 1) / 2 * dilation);
-        ConvNorm { weight, norm_weight, norm_bias, stride, padding, dilation: [dilation; 3] }
-    }
-
-    fn res_block(
-        &mut self,
-        prefix: &str,
-        cin: i64,
-        cout: i64,
-        kernel: [i64; 3],
-        stride: [i64; 3],
-        role: Role,
-    ) -> ResBlock {
-        let first = self.conv_norm(&format!("{prefix}.conv1"), cin, cout, kernel, stride, 1, role);
-        let second = self.conv_norm(&format!("{prefix}.conv2"), cout, cout, kernel, [1; 3], 1, role);
-        let skip = (stride != [1; 3] || cin != cout)
-            .then(|| self.conv_norm(&format!("{prefix}.skip"), cin, cout, [1; 3], stride, 1, role));
-        ResBlock { first, second, skip }
-    }
-
-    fn frm(&mut self, spec: &FireNetSpec, c: i64) -> (Vec<ConvNorm>, Vec<Vec<Node>>, ConvNorm) {
-        let bb = spec.branches;
-        let width = |b: usize| c << b;
-        let role = Role::Backbone;
-        let entry = (1..bb)
-            .map(|b| self.conv_norm(&format!("frm.entry.{b}"), width(b - 1), width(b), [1; 3], [1; 3], 1, role))
-            .collect();
-        let mut nodes = Vec::with_capacity(spec.nodes);
-        for n in 0..spec.nodes {
-            let mut column = Vec::with_capacity(bb);
-            for b in 0..bb {
-                let p = format!("frm.nodes.{n}.{b}");
-                let sources: Vec<usize> = (b.saturating_sub(1)..=(b + 1).min(bb - 1)).collect();
-                let align = sources
-                    .iter()
-                    .map(|&src| {
-                        (src != b).then(|| {
-                            self.conv_norm(&format!("{p}.align.{src}"), width(src), width(b), [1; 3], [1; 3], 1, role)
-                        })
-                    })
-                    .collect();
-                let fuse = self.store.add(format!("{p}.fuse"), &[sources.len() as i64], Init::Zeros, role, self.device);
-                let aspp = spec
-                    .dilations
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &d)| {
-                        self.conv_norm(&format!("{p}.aspp.{k}"), width(b), width(b), [3; 3], [1; 3], d, role)
-                    })
-                    .collect();
-                let k = spec.dilations.len() as i64;
-                let merge = self.conv_norm(&format!("{p}.aspp.merge"), k * width(b), width(b), [1; 3], [1; 3], 1, role);
-                column.push(Node { align, sources, fuse, aspp, merge });
-            }
-            nodes.push(column);
-        }
-        let all: i64 = (0..bb).map(width).sum();
-        let exit = self.conv_norm("frm.exit", all, c, [1; 3], [1; 3], 1, role);
-        (entry, nodes, exit)
-    }
-
-    /// Decoder levels `n-2` down to 0 (deepest first).
-    fn decoder(&mut self, prefix: &str, topo: &Topology, role: Role) -> Decoder {
-        let stages = &topo.stages;
-        let n = stages.len();
-        let levels = (0..n - 1)
-            .rev()
-            .map(|l| {
-                let (w, k) = (stages[l].width, stages[l].kernel);
-                let p = format!("{prefix}.levels.{l}");
-                let up = self.conv_norm(&format!("{p}.up"), stages[l + 1].width, w, [1; 3], [1; 3], 1, role);
-                let skip = self.conv_norm(&format!("{p}.skip"), w, w, k, [1; 3], 1, role);
-                let blocks = (0..topo.decoder_convs)
-                    .map(|j| self.res_block(&format!("{p}.blocks.{j}"), w, w, k, [1; 3], role))
-                    .collect();
-                DecoderLevel { up, skip, blocks }
-            })
-            .collect();
-        Decoder { levels }
-    }
+    let routing = (!sites.is_empty()).then(|| SiteRouting::new(sites, root.device()));
+    Ok(FireGraph { stem, encoder, frm, decoders, routing, heads })
 }
 
 fn resize(x: &Tensor, size: &[i64]) -> Tensor {
@@ -317,130 +378,38 @@ impl FireGraph {
         self.decoders.len()
     }
 
-    /// Head outputs, full resolution first (`all_heads`), or only the full-resolution one.
-    pub(crate) fn forward(&self, p: &ParamStore, x: &Tensor, all_heads: bool) -> Vec<Tensor> {
-        let mut x = self.conv_norm(p, x, &self.stem, true);
+    /// Head outputs, full resolution first (every level's, or only the full-resolution one).
+    pub(crate) fn forward(&self, p: &ParamStore, x: &Tensor, outputs: Outputs) -> Vec<Tensor> {
+        let mut x = self.stem.forward(p, x);
         let mut skips = vec![x.shallow_clone()];
         for blocks in &self.encoder {
-            x = blocks.iter().fold(x, |x, blk| self.res_block(p, &x, blk));
+            x = blocks.iter().fold(x, |x, block| block.forward(p, &x));
             skips.push(x.shallow_clone());
         }
         skips.pop(); // the bottleneck feeds the FRM
-        let frm = self.frm(p, &x);
-        let levels = self.heads.len();
+        let frm = self.frm.forward(p, &x);
         // Per decoder, the features of every decoder level, index = level.
-        let feats: Vec<Vec<Option<Tensor>>> =
-            self.decoders.iter().map(|d| self.decode(p, &frm, &skips, d, all_heads)).collect();
-        let mut outputs = Vec::with_capacity(levels);
-        for level in 0..levels - 1 {
-            if !all_heads && level > 0 {
-                break;
-            }
-            let head = &self.heads[level];
-            let out = match &self.routing {
-                None => self.head(p, feats[0][level].as_ref().expect("decoded level"), head, None),
-                Some((sites, inverse)) => {
-                    let per_site: Vec<Tensor> = sites
-                        .iter()
-                        .zip(&feats)
-                        .map(|(classes, f)| {
-                            self.head(p, f[level].as_ref().expect("decoded level"), head, Some(classes))
-                        })
-                        .collect();
-                    Tensor::cat(&per_site, 1).index_select(1, inverse)
-                }
-            };
-            outputs.push(out);
-        }
-        if all_heads {
-            outputs.push(self.head(p, &frm, &self.heads[levels - 1], None));
-        }
-        outputs
-    }
-
-    fn head(&self, p: &ParamStore, x: &Tensor, head: &Head, classes: Option<&Tensor>) -> Tensor {
-        let (w, b) = (p.get(head.weight), p.get(head.bias));
-        match classes {
-            None => x.conv3d(w, Some(b), [1; 3], [0; 3], [1; 3], 1),
-            Some(idx) => x.conv3d(&w.index_select(0, idx), Some(b.index_select(0, idx)), [1; 3], [0; 3], [1; 3], 1),
-        }
-    }
-
-    /// Decoder features by level (`None` for levels not needed and for the FRM level).
-    fn decode(
-        &self,
-        p: &ParamStore,
-        frm: &Tensor,
-        skips: &[Tensor],
-        dec: &Decoder,
-        all_levels: bool,
-    ) -> Vec<Option<Tensor>> {
-        let mut out: Vec<Option<Tensor>> = (0..skips.len()).map(|_| None).collect();
-        let mut x = frm.shallow_clone();
-        for (i, level) in dec.levels.iter().enumerate() {
-            let l = skips.len() - 1 - i;
-            let skip = &skips[l];
-            let up = resize(&self.conv_norm(p, &x, &level.up, false), &skip.size()[2..]);
-            let merged = (up + self.conv_norm(p, skip, &level.skip, false)).leaky_relu();
-            x = level.blocks.iter().fold(merged, |x, blk| self.res_block(p, &x, blk));
-            if all_levels || l == 0 {
-                out[l] = Some(x.shallow_clone());
-            }
-        }
-        out
-    }
-
-    fn frm(&self, p: &ParamStore, x: &Tensor) -> Tensor {
-        let size0 = x.size()[2..].to_vec();
-        let mut sizes = vec![size0.clone()];
-        let mut column = vec![x.shallow_clone()];
-        for entry in &self.entry {
-            let size = half(sizes.last().expect("branch 1"));
-            let prev = column.last().expect("branch 1");
-            column.push(resize(&self.conv_norm(p, prev, entry, false), &size));
-            sizes.push(size);
-        }
-        for nodes in &self.nodes {
-            column = nodes
-                .iter()
-                .enumerate()
-                .map(|(b, node)| {
-                    let gates = p.get(node.fuse).sigmoid();
-                    let mut fused: Option<Tensor> = None;
-                    for (k, (&src, align)) in node.sources.iter().zip(&node.align).enumerate() {
-                        let input = match align {
-                            None => column[src].shallow_clone(),
-                            Some(a) => resize(&self.conv_norm(p, &column[src], a, false), &sizes[b]),
-                        };
-                        let term = input * gates.get(k as i64);
-                        fused = Some(match fused {
-                            Some(f) => f + term,
-                            None => term,
-                        });
-                    }
-                    let fused = fused.expect("a node has at least its own branch as input");
-                    let branches: Vec<Tensor> =
-                        node.aspp.iter().map(|cn| self.conv_norm(p, &fused, cn, true)).collect();
-                    self.conv_norm(p, &Tensor::cat(&branches, 1), &node.merge, true)
-                })
-                .collect();
-        }
-        let back: Vec<Tensor> = column.iter().map(|t| resize(t, &size0)).collect();
-        self.conv_norm(p, &Tensor::cat(&back, 1), &self.exit, true)
-    }
-
-    fn res_block(&self, p: &ParamStore, x: &Tensor, blk: &ResBlock) -> Tensor {
-        let y = self.conv_norm(p, x, &blk.first, true);
-        let y = self.conv_norm(p, &y, &blk.second, false);
-        let skip = match &blk.skip {
-            Some(s) => self.conv_norm(p, x, s, false),
-            None => x.shallow_clone(),
+        let features: Vec<Vec<Option<Tensor>>> =
+            self.decoders.iter().map(|d| d.forward(p, &frm, &skips, outputs)).collect();
+        let frm_level = self.heads.len() - 1;
+        let decoded = match outputs {
+            Outputs::AllLevels => frm_level,
+            Outputs::FullResolution => 1,
         };
-        (y + skip).leaky_relu()
+        let mut logits: Vec<Tensor> = (0..decoded).map(|level| self.decoded_logits(p, &features, level)).collect();
+        if outputs == Outputs::AllLevels {
+            logits.push(self.heads[frm_level].forward(p, &frm));
+        }
+        logits
     }
 
-    fn conv_norm(&self, p: &ParamStore, x: &Tensor, cn: &ConvNorm, activate: bool) -> Tensor {
-        let y = x.conv3d::<Tensor>(p.get(cn.weight), None, cn.stride, cn.padding, cn.dilation, 1);
-        crate::network::instance_norm_act(&y, p.get(cn.norm_weight), p.get(cn.norm_bias), activate)
+    /// The logits of decoder level `level`, from the shared decoder or each site's own.
+    fn decoded_logits(&self, p: &ParamStore, features: &[Vec<Option<Tensor>>], level: usize) -> Tensor {
+        let head = &self.heads[level];
+        let per_decoder: Vec<&Tensor> = features.iter().map(|f| f[level].as_ref().expect("decoded level")).collect();
+        match &self.routing {
+            None => head.forward(p, per_decoder[0]),
+            Some(routing) => routing.logits(p, head, &per_decoder),
+        }
     }
 }

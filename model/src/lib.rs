@@ -2,6 +2,7 @@
 //! paper's presets), the per-class heads the federation moves around, the masked BCE + Dice loss,
 //! the training step (SGD Nesterov, poly lr, clipping, mixed precision) and model files.
 
+mod blocks;
 pub mod firenet;
 pub mod infer;
 pub mod io;
@@ -9,6 +10,7 @@ pub mod loss;
 pub mod manifest;
 pub mod metrics;
 pub mod network;
+mod nnunet;
 pub mod optim;
 pub mod params;
 pub mod predict;

@@ -254,3 +254,57 @@ fn kaiming_normal(shape: &[i64], device: Device) -> Tensor {
     let gain = (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt();
     Tensor::randn(shape, (Kind::Float, device)) * (gain / fan_in.sqrt())
 }
+
+/// A scope in the parameter namespace (candle's `VarBuilder::pp`): it knows the dotted path of
+/// the module being built, the [`Role`] its tensors get and the device, and creates parameters
+/// under `<path>.<leaf>` in the store's registration order. Blocks take a scope instead of
+/// formatting names, so a module's name is written once, where the module is placed.
+///
+/// Cheap to clone; every clone of one builder writes into the same store.
+#[derive(Clone)]
+pub(crate) struct ParamScope<'a> {
+    store: &'a std::cell::RefCell<ParamStore>,
+    device: Device,
+    role: Role,
+    path: String,
+}
+
+impl<'a> ParamScope<'a> {
+    /// The empty path: backbone tensors on `device`.
+    pub(crate) fn root(store: &'a std::cell::RefCell<ParamStore>, device: Device) -> Self {
+        Self { store, device, role: Role::Backbone, path: String::new() }
+    }
+
+    /// The sub-scope `<path>.<part>`; `part` may itself be dotted (`"downsample_skip.0"`).
+    pub(crate) fn pp(&self, part: impl std::fmt::Display) -> Self {
+        Self { path: self.name(part), ..self.clone() }
+    }
+
+    /// The same path, whose tensors get `role`.
+    pub(crate) fn with_role(&self, role: Role) -> Self {
+        Self { role, ..self.clone() }
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The full name of `leaf` in this scope.
+    fn name(&self, leaf: impl std::fmt::Display) -> String {
+        if self.path.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.path)
+        }
+    }
+
+    /// Creates the parameter `<path>.<leaf>` (see [`ParamStore::add`]).
+    pub(crate) fn add(&self, leaf: &str, shape: &[i64], init: Init) -> ParamId {
+        self.store.borrow_mut().add(self.name(leaf), shape, init, self.role, self.device)
+    }
+
+    /// Lists parameter `id` also as `<path>.<leaf>` (see [`Param::aliases`]).
+    pub(crate) fn alias(&self, id: ParamId, leaf: &str) {
+        self.store.borrow_mut().add_alias(id, self.name(leaf));
+    }
+}

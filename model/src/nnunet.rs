@@ -1,0 +1,221 @@
+//! The nnU-Net v1 graphs: `Generic_UNet` (plain layout) and `FabiansUNet` (residual encoder), with
+//! the same parameter names and registration order, so a saved state dict loads into those classes
+//! with `strict=True`.
+//!
+//! Both are an encoder of stages, and a decoder whose level upsamples by a transposed conv,
+//! concatenates the encoder's skip and runs its convs; a head per level. They differ in the encoder
+//! blocks, the names and the order in which nnU-Net registers the modules.
+
+use tch::Tensor;
+
+use crate::blocks::{
+    ConvNorm, ConvNormNames, ConvNormSpec, Head, HeadSpec, ResidualBlock, ResidualNames, ResidualSpec, Upsample,
+};
+use crate::network::Outputs;
+use crate::params::{Init, ParamScope, ParamStore};
+use crate::topology::{Stage, Topology};
+
+#[derive(Debug, Clone)]
+enum EncoderStage {
+    Plain(Vec<ConvNorm>),
+    Residual(Vec<ResidualBlock>),
+}
+
+impl EncoderStage {
+    fn forward(&self, p: &ParamStore, x: &Tensor) -> Tensor {
+        match self {
+            Self::Plain(convs) => convs.iter().fold(x.shallow_clone(), |x, conv| conv.forward(p, &x)),
+            Self::Residual(blocks) => blocks.iter().fold(x.shallow_clone(), |x, block| block.forward(p, &x)),
+        }
+    }
+}
+
+/// Upsample, concatenate the skip, convs, head.
+#[derive(Debug, Clone)]
+struct ConcatDecoderLevel {
+    upsample: Upsample,
+    convs: Vec<ConvNorm>,
+    head: Head,
+}
+
+/// The forward graph of both nnU-Net layouts.
+#[derive(Debug)]
+pub(crate) struct UnetGraph {
+    /// FabiansUNet's initial conv; Generic_UNet has none.
+    stem: Option<ConvNorm>,
+    encoder: Vec<EncoderStage>,
+    /// Decoder levels in execution order (deepest first).
+    decoder: Vec<ConcatDecoderLevel>,
+}
+
+impl UnetGraph {
+    /// Head outputs full resolution first (or only the full-resolution one).
+    pub fn forward(&self, p: &ParamStore, x: &Tensor, outputs: Outputs) -> Vec<Tensor> {
+        let mut x = match &self.stem {
+            Some(stem) => stem.forward(p, x),
+            None => x.shallow_clone(),
+        };
+        let mut skips = Vec::with_capacity(self.encoder.len());
+        for stage in &self.encoder {
+            x = stage.forward(p, &x);
+            skips.push(x.shallow_clone());
+        }
+        skips.pop(); // the bottleneck is no skip
+        let mut logits = Vec::new();
+        let last = self.decoder.len() - 1;
+        for (i, level) in self.decoder.iter().enumerate() {
+            let up = level.upsample.forward(p, &x);
+            x = Tensor::cat(&[up, skips.pop().expect("one skip per decoder level")], 1);
+            x = level.convs.iter().fold(x, |x, conv| conv.forward(p, &x));
+            if outputs == Outputs::AllLevels || i == last {
+                logits.push(level.head.forward(p, &x));
+            }
+        }
+        logits.reverse();
+        logits
+    }
+}
+
+/// The stage a decoder level `u` (0 = deepest) upsamples from, and the stage it upsamples to (whose
+/// skip it concatenates, whose width and kernel it has).
+fn level_stages(stages: &[Stage], u: usize) -> (&Stage, &Stage) {
+    let n = stages.len();
+    (&stages[n - 1 - u], &stages[n - 2 - u])
+}
+
+/// One transposed convolution per decoder level (deepest first), named `<scope>.<u>.weight`.
+fn upsamplers(topo: &Topology, scope: &ParamScope) -> Vec<Upsample> {
+    (0..topo.stages.len() - 1)
+        .map(|u| {
+            let (from, to) = level_stages(&topo.stages, u);
+            Upsample::new(&scope.pp(u), from.width, to.width, from.stride)
+        })
+        .collect()
+}
+
+/// The stride of a stage's block `j`: the stage's own on its first block, 1 after.
+fn block_stride(stage: &Stage, j: usize) -> [i64; 3] {
+    if j == 0 {
+        stage.stride
+    } else {
+        [1; 3]
+    }
+}
+
+/// Zips each level's convs (deepest first) with its upsampler and the head that `head(u, level)`
+/// creates; `u` counts from the deepest level, `level` from full resolution. The heads are created
+/// here, in level order, after everything else (nnU-Net's registration order).
+fn decoder_levels(
+    convs: Vec<Vec<ConvNorm>>,
+    upsample: Vec<Upsample>,
+    mut head: impl FnMut(usize, usize) -> Head,
+) -> Vec<ConcatDecoderLevel> {
+    let levels = convs.len();
+    convs
+        .into_iter()
+        .zip(upsample)
+        .enumerate()
+        .map(|(u, (convs, upsample))| ConcatDecoderLevel { upsample, convs, head: head(u, levels - 1 - u) })
+        .collect()
+}
+
+/// nnU-Net v1 `Generic_UNet`: registers `conv_blocks_localization`, `conv_blocks_context`, `tu`,
+/// `seg_outputs`, in that order.
+pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> UnetGraph {
+    let stages = &topo.stages;
+    let n = stages.len();
+    let levels = n - 1;
+    let localization: Vec<Vec<ConvNorm>> = (0..levels)
+        .map(|u| {
+            let (_, skip) = level_stages(stages, u);
+            let scope = root.pp("conv_blocks_localization").pp(u);
+            (0..topo.decoder_convs)
+                .map(|j| {
+                    let cin = if j == 0 { 2 * skip.width } else { skip.width };
+                    let spec = ConvNormSpec { bias: true, ..ConvNormSpec::new(cin, skip.width, skip.kernel) };
+                    ConvNorm::new(&scope.pp(j).pp("blocks.0"), ConvNormNames::CONV_INSTNORM, spec)
+                })
+                .collect()
+        })
+        .collect();
+    let mut encoder = Vec::with_capacity(n);
+    let mut cin = topo.in_channels;
+    for (d, stage) in stages.iter().enumerate() {
+        let scope = root.pp("conv_blocks_context").pp(d);
+        let mut convs = Vec::with_capacity(stage.depth);
+        for j in 0..stage.depth {
+            // The bottleneck is a Sequential of one-conv StackedConvLayers: other names.
+            let conv_scope = if d == n - 1 { scope.pp(j).pp("blocks.0") } else { scope.pp("blocks").pp(j) };
+            let spec = ConvNormSpec {
+                stride: block_stride(stage, j),
+                bias: true,
+                ..ConvNormSpec::new(cin, stage.width, stage.kernel)
+            };
+            convs.push(ConvNorm::new(&conv_scope, ConvNormNames::CONV_INSTNORM, spec));
+            cin = stage.width;
+        }
+        encoder.push(EncoderStage::Plain(convs));
+    }
+    let upsample = upsamplers(topo, &root.pp("tu"));
+    let decoder = decoder_levels(localization, upsample, |u, level| {
+        let spec = HeadSpec { width: stages[level].width, classes, level, bias: false };
+        Head::new(&root.pp("seg_outputs").pp(u), spec)
+    });
+    UnetGraph { stem: None, encoder, decoder }
+}
+
+/// nnU-Net v1 `FabiansUNet`: `encoder.initial_*`, `encoder.stages`, then the decoder's
+/// `segmentation_output`, `tus`, `stages`, `deep_supervision_outputs`.
+pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope) -> UnetGraph {
+    let stages = &topo.stages;
+    let n = stages.len();
+    let levels = n - 1;
+    let w0 = stages[0].width;
+    let stem_names = ConvNormNames { conv: "initial_conv", norm: "initial_norm" };
+    let stem = ConvNorm::new(&root.pp("encoder"), stem_names, ConvNormSpec::new(topo.in_channels, w0, [3; 3]));
+    let mut encoder = Vec::with_capacity(n);
+    let mut cin = w0;
+    for (s, stage) in stages.iter().enumerate() {
+        let scope = root.pp("encoder.stages").pp(s).pp("convs");
+        let mut blocks = Vec::with_capacity(stage.depth);
+        for b in 0..stage.depth {
+            let spec = ResidualSpec {
+                cin,
+                cout: stage.width,
+                kernel: stage.kernel,
+                stride: block_stride(stage, b),
+                second_norm_scale: Init::Zeros,
+            };
+            blocks.push(ResidualBlock::new(&scope.pp(b), ResidualNames::FABIANS_UNET, spec));
+            cin = stage.width;
+        }
+        encoder.push(EncoderStage::Residual(blocks));
+    }
+    let decoder_scope = root.pp("decoder");
+    let head = |scope: &ParamScope, level: usize| {
+        Head::new(scope, HeadSpec { width: stages[level].width, classes, level, bias: true })
+    };
+    let mut full_res_head = Some(head(&decoder_scope.pp("segmentation_output"), 0));
+    let upsample = upsamplers(topo, &decoder_scope.pp("tus"));
+    let level_convs: Vec<Vec<ConvNorm>> = (0..levels)
+        .map(|u| {
+            let (_, skip) = level_stages(stages, u);
+            let scope = decoder_scope.pp("stages").pp(u).pp("convs.0");
+            let conv = ConvNorm::new(
+                &scope,
+                ConvNormNames::CONV_NORM,
+                ConvNormSpec::new(2 * skip.width, skip.width, skip.kernel),
+            );
+            // FabiansUNet also lists the conv and norm under its Sequential `all`.
+            scope.alias(conv.weight, "all.0.weight");
+            scope.alias(conv.norm_weight, "all.2.weight");
+            scope.alias(conv.norm_bias, "all.2.bias");
+            vec![conv]
+        })
+        .collect();
+    let decoder = decoder_levels(level_convs, upsample, |u, level| match level {
+        0 => full_res_head.take().expect("one full-resolution level"),
+        _ => head(&decoder_scope.pp("deep_supervision_outputs").pp(u), level),
+    });
+    UnetGraph { stem: Some(stem), encoder, decoder }
+}
