@@ -170,6 +170,30 @@ pub struct ServerState {
     pub velocity: Vec<(String, Tensor)>,
 }
 
+impl ServerState {
+    /// Reads a checkpointed velocity, in the backbone's order (safetensors files do not keep
+    /// the order tensors were written in); every backbone tensor must be there with its shape.
+    pub fn load(global: &MultiTalentNet, file: &std::path::Path) -> Result<Self> {
+        let mut saved: BTreeMap<String, Tensor> = fedtalent_model::io::read_tensors(file)?.into_iter().collect();
+        let backbone = global.params().backbone();
+        ensure!(
+            saved.len() == backbone.len(),
+            "{}: {} server momentum tensors, the backbone has {}",
+            file.display(),
+            saved.len(),
+            backbone.len()
+        );
+        let mut velocity = Vec::with_capacity(backbone.len());
+        for (name, t) in &backbone {
+            let v =
+                saved.remove(name).with_context(|| format!("{}: no server momentum for {name:?}", file.display()))?;
+            ensure!(v.size() == t.size(), "{}: server momentum {name:?} has shape {:?}", file.display(), v.size());
+            velocity.push((name.clone(), v.to_kind(Kind::Double)));
+        }
+        Ok(Self { velocity })
+    }
+}
+
 /// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
 /// The backbone takes `server`'s step along the sqrt(n)-weighted mean change of the sites'
 /// backbones (with lr 1 and no momentum: that mean); heads and site decoders are the owners'
@@ -427,5 +451,29 @@ mod tests {
         assert!((with_momentum - 0.625).abs() < 1e-6, "{with_momentum}");
         let velocity = f64::try_from(state.velocity[0].1.mean(Kind::Double)).unwrap();
         assert!((velocity - 0.375).abs() < 1e-6, "{velocity}");
+    }
+
+    /// A checkpointed velocity comes back in the backbone's order whatever order the file
+    /// keeps; a file missing a tensor is refused naming it.
+    #[test]
+    fn a_checkpointed_velocity_loads_in_backbone_order_and_a_broken_one_is_refused() {
+        let f = Fixture::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server_momentum.safetensors");
+        let velocity: Vec<(String, Tensor)> =
+            f.global.params().backbone().into_iter().map(|(n, t)| (n, t.rand_like().to_kind(Kind::Double))).collect();
+        let mut reversed: Vec<(String, Tensor)> =
+            velocity.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        reversed.reverse();
+        fedtalent_model::io::write_tensors_atomic(&file, &reversed).unwrap();
+        let loaded = ServerState::load(&f.global, &file).unwrap();
+        assert_eq!(loaded.velocity.len(), velocity.len());
+        for ((a, x), (b, y)) in loaded.velocity.iter().zip(&velocity) {
+            assert_eq!(a, b);
+            assert!(x.equal(y), "{a}: values changed");
+        }
+        fedtalent_model::io::write_tensors_atomic(&file, &velocity[1..]).unwrap();
+        let err = format!("{:#}", ServerState::load(&f.global, &file).err().expect("a partial velocity was accepted"));
+        assert!(err.contains("server_momentum.safetensors") && err.contains("server momentum"), "{err}");
     }
 }

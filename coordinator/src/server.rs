@@ -1295,27 +1295,12 @@ fn load_global(
             }
             net.load(&model)?;
             let velocity_file = model.with_file_name(CHECKPOINT_SERVER);
-            let mut server = ServerState::default();
-            if velocity_file.is_file() {
-                server.velocity = fedtalent_model::io::read_tensors(&velocity_file)?;
-                check_velocity(&net, &server, &velocity_file)?;
-            }
+            let server =
+                if velocity_file.is_file() { ServerState::load(&net, &velocity_file)? } else { ServerState::default() };
             Ok((net, record.round, server))
         }
         None => Ok((net, 0, ServerState::default())),
     }
-}
-
-/// A checkpointed velocity names the backbone's tensors, in order, with their shapes.
-fn check_velocity(net: &MultiTalentNet, server: &ServerState, file: &Path) -> Result<()> {
-    let backbone = net.params().backbone();
-    anyhow::ensure!(
-        backbone.len() == server.velocity.len()
-            && backbone.iter().zip(&server.velocity).all(|((a, x), (b, y))| a == b && x.size() == y.size()),
-        "{}: the server momentum does not match the model's backbone",
-        file.display()
-    );
-    Ok(())
 }
 
 /// Metrics log lines of a round: one per site, one per (site, class) Dice.
