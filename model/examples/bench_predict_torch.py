@@ -1,5 +1,5 @@
 """PyTorch counterpart of `bench_predict.rs`: times nnU-Net-style sliding-window inference of one
-volume with the network of ../shared/bench/torch_reference.py (random weights, random normalized
+volume with the network of model/tests/reference/torch_reference.py (random weights, random normalized
 image): step 0.5 of the patch, Gaussian importance (sigma = patch/8, max 1, zeros clamped),
 optional 8-way mirroring of sigmoid probabilities, fp16 autocast on CUDA, accumulation on the
 device (or --accumulate cpu). Prints one JSON line.
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "shared", "bench"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 from torch_reference import MultiTalentUNet  # noqa: E402
 
 PRESETS = {  # features, pools (strides of stages 1..), patch

@@ -8,9 +8,10 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// `../shared` beside the checkout (reference layouts, the PyTorch reference network).
-pub fn shared_dir() -> PathBuf {
-    repo_root().parent().unwrap().join("shared")
+/// `model/tests/reference`: nnU-Net v1's reference layouts and the PyTorch reference network
+/// (`torch_reference.py`), kept in the repository so that a clone anywhere can run the oracles.
+pub fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference")
 }
 
 /// Runs a Python oracle script with the repo's venv and returns its stdout.
@@ -20,7 +21,7 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
         .arg("-c")
         .arg(script)
         .args(args)
-        .env("PYTHONPATH", shared_dir().join("bench"))
+        .env("PYTHONPATH", reference_dir())
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e} (run scripts/setup.sh)", python.display()));
     assert!(out.status.success(), "python oracle failed:\n{}", String::from_utf8_lossy(&out.stderr));

@@ -39,7 +39,7 @@ fn per_class_difference_and_split() {
 #[test]
 fn tensor_names_match_nnunet_v1() {
     for preset in ["unet", "resenc"] {
-        let path = common::shared_dir().join(format!("reference/nnunet_v1_{preset}_c47.json"));
+        let path = common::reference_dir().join(format!("nnunet_v1_{preset}_c47.json"));
         let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let expected: Vec<(String, Vec<i64>, bool)> = reference["tensors"]
             .as_array()

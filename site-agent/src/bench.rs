@@ -1,5 +1,5 @@
 //! `site-agent bench train`: N MultiTalent training steps of a preset, one JSON line
-//! (compare with `../shared/bench/torch_reference.py` at the same batch, patch and dtype).
+//! (compare with `model/tests/reference/torch_reference.py` at the same batch, patch and dtype).
 
 use std::time::Instant;
 
