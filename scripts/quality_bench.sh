@@ -13,7 +13,8 @@
 #   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (40),
 #        BENCH_STEPS (10: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
 #        BENCH_HELDOUT (4 cases per site), BENCH_SITES (liver,pancreas,multiorgan),
-#        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_FED_ARGS (extra `simulate` flags,
+#        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_BIN (prebuilt binaries' folder),
+#        BENCH_FED_ARGS (extra `simulate` flags,
 #        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
 #        federation per seed with these flags, appended after the others so they override them,
 #        shown as "federated-b": the policy comparison; default: the same steps in 4x longer
@@ -37,8 +38,12 @@ TOTAL=$((ROUNDS * STEPS))
 
 scripts/setup.sh >/dev/null
 . scripts/env.sh
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --workspace --bins --quiet
-BIN="$PWD/target/release"
+# BENCH_BIN: binaries built elsewhere (e.g. a copy, so that a rebuild during a long run cannot
+# swap them mid-way); nothing is built then.
+if [ -n "${BENCH_BIN:-}" ]; then BIN="$BENCH_BIN"; else
+  [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --workspace --bins --quiet
+  BIN="$PWD/target/release"
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 started=$(date +%s)

@@ -270,7 +270,7 @@ mod tests {
         fn new(decoders: bool) -> Self {
             tch::manual_seed(0);
             let topo = if decoders {
-                Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]]).unwrap()
+                Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]])
             } else {
                 Topology::preset("tiny").unwrap()
             };

@@ -60,8 +60,8 @@ pub struct PlanSection {
     /// round's global backbone are refused.
     #[serde(default = "default_max_update_norm")]
     pub max_update_norm: f64,
-    /// FIRENet presets only: one decoder per site, kept by its owner like its heads (only the
-    /// encoder and fabric module are averaged).
+    /// One decoder per site, kept by its owner like its heads (only the encoder, and FIRENet's
+    /// fabric module, are averaged): FIRENet's multi-decoder mode, for every preset.
     #[serde(default)]
     pub per_site_decoders: bool,
     /// `[plan.local]`: the sites' round-boundary policy.
@@ -146,12 +146,7 @@ impl FederationConfig {
             f.launch
         );
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
-        let topology = fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
-        ensure!(
-            !p.per_site_decoders || topology.firenet.is_some(),
-            "[plan].per_site_decoders needs a firenet preset, not {:?}",
-            p.preset
-        );
+        fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
         ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
         ensure!(p.batch >= 1, "[plan].batch must be at least 1");
@@ -254,7 +249,9 @@ dice_mode = "batch"
 bf16_transport = false
 # Updates whose backbone moved farther than this (L2) from the global one are refused.
 max_update_norm = 10000.0
-# FIRENet presets only: one decoder per site, kept by its owner like its heads.
+# One decoder per site, kept by its owner like its heads; only the encoder is averaged
+# (FIRENet's multi-decoder mode, any preset). The exported model then has every site's decoder
+# and is no nnU-Net v1 state dict.
 per_site_decoders = false
 
 # What each site does at a round boundary (defaults measured by scripts/quality_bench.sh).

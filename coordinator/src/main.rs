@@ -98,7 +98,7 @@ struct SimulateArgs {
     sites: Vec<String>,
     #[arg(long, default_value = "tiny")]
     preset: String,
-    /// FIRENet's multi-decoder mode: each site keeps its own decoder (firenet presets only).
+    /// Per-site decoders (FIRENet's multi-decoder mode, every preset): each site keeps its own decoder.
     #[arg(long)]
     per_site_decoders: bool,
     /// [plan.local].optimizer_state: keep | reset (default: the template's).

@@ -1238,7 +1238,7 @@ fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology>
         .iter()
         .map(|site| setup.classes.iter().filter(|c| &c.site == site).map(|c| c.index as i64).collect())
         .collect();
-    topo.with_site_decoders(partition)
+    Ok(topo.with_site_decoders(partition))
 }
 
 fn row_lookup(setup: &Setup) -> BTreeMap<String, i64> {

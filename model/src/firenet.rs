@@ -40,7 +40,7 @@
 //! features of c's site's decoder. The FRM-level heads read the shared FRM output. The outputs
 //! keep the `[B, C, ...]` layout, so the loss is unchanged.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::Result;
 use tch::Tensor;
 
 use crate::blocks::{
@@ -48,6 +48,7 @@ use crate::blocks::{
 };
 use crate::network::Outputs;
 use crate::params::{Init, ParamId, ParamScope, ParamStore, Role};
+use crate::routing::{check_site_partition, SiteRouting};
 use crate::topology::{FireNetSpec, Topology};
 
 /// Every FIRENet conv: `<scope>.conv`, `<scope>.norm`.
@@ -251,54 +252,6 @@ impl Decoder {
     }
 }
 
-/// Per-site decoders: which classes' heads read which decoder.
-#[derive(Debug)]
-struct SiteRouting {
-    /// Class indices of each site.
-    rows: Vec<Tensor>,
-    /// The permutation putting the sites' concatenated logits back into class order.
-    inverse: Tensor,
-}
-
-impl SiteRouting {
-    fn new(sites: &[Vec<i64>], device: tch::Device) -> Self {
-        let order: Vec<i64> = sites.iter().flatten().copied().collect();
-        let mut inverse = vec![0i64; order.len()];
-        for (pos, &c) in order.iter().enumerate() {
-            inverse[c as usize] = pos as i64;
-        }
-        let rows = sites.iter().map(|s| Tensor::from_slice(s).to_device(device)).collect();
-        Self { rows, inverse: Tensor::from_slice(&inverse).to_device(device) }
-    }
-
-    /// Logits of `head` in class order, each site's classes from its own decoder's `features`.
-    fn logits(&self, p: &ParamStore, head: &Head, features: &[&Tensor]) -> Tensor {
-        let per_site: Vec<Tensor> =
-            self.rows.iter().zip(features).map(|(rows, x)| head.forward_rows(p, x, rows)).collect();
-        Tensor::cat(&per_site, 1).index_select(1, &self.inverse)
-    }
-}
-
-/// Refuses per-site decoders that are no partition of the classes `0..classes`.
-fn check_site_partition(sites: &[Vec<i64>], classes: i64) -> Result<()> {
-    let mut seen = vec![false; classes as usize];
-    for (s, site) in sites.iter().enumerate() {
-        ensure!(!site.is_empty(), "firenet per-site decoders: site {s} has no class");
-        for &c in site {
-            ensure!(
-                c >= 0 && c < classes,
-                "firenet per-site decoders: site {s} lists class {c}, the network has {classes}"
-            );
-            ensure!(!seen[c as usize], "firenet per-site decoders: class {c} is listed twice");
-            seen[c as usize] = true;
-        }
-    }
-    if let Some(c) = seen.iter().position(|s| !s) {
-        bail!("firenet per-site decoders: class {c} belongs to no site");
-    }
-    Ok(())
-}
-
 /// The FIRENet forward graph over a [`ParamStore`].
 #[derive(Debug)]
 pub struct FireGraph {
@@ -317,10 +270,8 @@ pub struct FireGraph {
 /// Builds the graph, registering its parameters under `root` (encoder, FRM, decoders, heads).
 pub(crate) fn build(topo: &Topology, classes: i64, root: &ParamScope) -> Result<FireGraph> {
     let spec = topo.firenet.clone().unwrap_or_default();
-    let sites = &spec.site_decoders;
-    if !sites.is_empty() {
-        check_site_partition(sites, classes)?;
-    }
+    let sites = &topo.site_decoders;
+    check_site_partition(sites, classes)?;
     let stages = &topo.stages;
     let n = stages.len();
     let stem =

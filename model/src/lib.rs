@@ -14,6 +14,7 @@ mod nnunet;
 pub mod optim;
 pub mod params;
 pub mod predict;
+mod routing;
 pub mod topology;
 pub mod train;
 pub mod wire;

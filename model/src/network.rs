@@ -50,8 +50,8 @@ impl MultiTalentNet {
         let store = RefCell::new(ParamStore::new());
         let root = ParamScope::root(&store, device);
         let graph = match topology.layout {
-            Layout::GenericUnet => Graph::Unet(crate::nnunet::generic_unet(topology, classes, &root)),
-            Layout::ResidualEncoder => Graph::Unet(crate::nnunet::residual_encoder(topology, classes, &root)),
+            Layout::GenericUnet => Graph::Unet(crate::nnunet::generic_unet(topology, classes, &root)?),
+            Layout::ResidualEncoder => Graph::Unet(crate::nnunet::residual_encoder(topology, classes, &root)?),
             Layout::FireNet => Graph::FireNet(Box::new(crate::firenet::build(topology, classes, &root)?)),
         };
         Ok(Self { topology: topology.clone(), classes, params: store.into_inner(), graph })
@@ -105,8 +105,7 @@ impl MultiTalentNet {
         self.params.load_named(&tensors, true).with_context(|| format!("loading {}", path.display()))
     }
 
-    /// Parameter counts: (total, backbone, per class). Per-site decoders (FIRENet) are in the
-    /// total only.
+    /// Parameter counts: (total, backbone, per class). Per-site decoders are in the total only.
     pub fn parameter_counts(&self) -> (i64, i64, i64) {
         let total = self.params.count(|_| true);
         let backbone = self.params.count(|p: &Param| p.role == Role::Backbone);
@@ -114,9 +113,9 @@ impl MultiTalentNet {
         (total, backbone, heads / self.classes)
     }
 
-    /// The class indices of each site's own decoder (FIRENet's per-site decoders); empty when
-    /// every class shares one decoder.
+    /// The class indices of each site's own decoder (per-site decoders); empty when every class
+    /// shares one decoder.
     pub fn site_decoders(&self) -> &[Vec<i64>] {
-        self.topology.firenet.as_ref().map_or(&[], |f| f.site_decoders.as_slice())
+        &self.topology.site_decoders
     }
 }

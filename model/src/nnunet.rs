@@ -5,14 +5,21 @@
 //! Both are an encoder of stages, and a decoder whose level upsamples by a transposed conv,
 //! concatenates the encoder's skip and runs its convs; a head per level. They differ in the encoder
 //! blocks, the names and the order in which nnU-Net registers the modules.
+//!
+//! Per-site decoders ([`Topology::site_decoders`]): one decoder per site under
+//! `decoders.<s>.<nnU-Net's decoder names>` with [`Role::SiteDecoder`], in nnU-Net's registration
+//! order; the heads stay shared modules whose rows read their site's decoder
+//! ([`crate::routing`]). Such a network is no nnU-Net v1 state dict.
 
+use anyhow::Result;
 use tch::Tensor;
 
 use crate::blocks::{
     ConvNorm, ConvNormNames, ConvNormSpec, Head, HeadSpec, ResidualBlock, ResidualNames, ResidualSpec, Upsample,
 };
 use crate::network::Outputs;
-use crate::params::{Init, ParamScope, ParamStore};
+use crate::params::{Init, ParamScope, ParamStore, Role};
+use crate::routing::{check_site_partition, SiteRouting};
 use crate::topology::{Stage, Topology};
 
 #[derive(Debug, Clone)]
@@ -30,12 +37,34 @@ impl EncoderStage {
     }
 }
 
-/// Upsample, concatenate the skip, convs, head.
+/// Upsample, concatenate the skip, convs.
 #[derive(Debug, Clone)]
 struct ConcatDecoderLevel {
     upsample: Upsample,
     convs: Vec<ConvNorm>,
-    head: Head,
+}
+
+/// A decoder's levels in execution order (deepest first).
+#[derive(Debug, Clone)]
+struct Decoder {
+    levels: Vec<ConcatDecoderLevel>,
+}
+
+impl Decoder {
+    /// The features of every level in execution order (deepest first); `None` where `outputs`
+    /// needs no head.
+    fn forward(&self, p: &ParamStore, bottleneck: &Tensor, skips: &[Tensor], outputs: Outputs) -> Vec<Option<Tensor>> {
+        let last = self.levels.len() - 1;
+        let mut x = bottleneck.shallow_clone();
+        let mut features = Vec::with_capacity(self.levels.len());
+        for (u, level) in self.levels.iter().enumerate() {
+            let up = level.upsample.forward(p, &x);
+            x = Tensor::cat(&[up, skips[skips.len() - 1 - u].shallow_clone()], 1);
+            x = level.convs.iter().fold(x, |x, conv| conv.forward(p, &x));
+            features.push((outputs == Outputs::AllLevels || u == last).then(|| x.shallow_clone()));
+        }
+        features
+    }
 }
 
 /// The forward graph of both nnU-Net layouts.
@@ -44,8 +73,12 @@ pub(crate) struct UnetGraph {
     /// FabiansUNet's initial conv; Generic_UNet has none.
     stem: Option<ConvNorm>,
     encoder: Vec<EncoderStage>,
-    /// Decoder levels in execution order (deepest first).
-    decoder: Vec<ConcatDecoderLevel>,
+    /// One decoder, or one per site.
+    decoders: Vec<Decoder>,
+    /// `heads[u]`: decoder level `u`'s (deepest first).
+    heads: Vec<Head>,
+    /// `Some` exactly with per-site decoders.
+    routing: Option<SiteRouting>,
 }
 
 impl UnetGraph {
@@ -61,16 +94,21 @@ impl UnetGraph {
             skips.push(x.shallow_clone());
         }
         skips.pop(); // the bottleneck is no skip
-        let mut logits = Vec::new();
-        let last = self.decoder.len() - 1;
-        for (i, level) in self.decoder.iter().enumerate() {
-            let up = level.upsample.forward(p, &x);
-            x = Tensor::cat(&[up, skips.pop().expect("one skip per decoder level")], 1);
-            x = level.convs.iter().fold(x, |x, conv| conv.forward(p, &x));
-            if outputs == Outputs::AllLevels || i == last {
-                logits.push(level.head.forward(p, &x));
-            }
-        }
+        let features: Vec<Vec<Option<Tensor>>> =
+            self.decoders.iter().map(|d| d.forward(p, &x, &skips, outputs)).collect();
+        let mut logits: Vec<Tensor> = self
+            .heads
+            .iter()
+            .enumerate()
+            .filter_map(|(u, head)| {
+                let per_decoder: Option<Vec<&Tensor>> = features.iter().map(|f| f[u].as_ref()).collect();
+                let per_decoder = per_decoder?;
+                Some(match &self.routing {
+                    None => head.forward(p, per_decoder[0]),
+                    Some(routing) => routing.logits(p, head, &per_decoder),
+                })
+            })
+            .collect();
         logits.reverse();
         logits
     }
@@ -102,42 +140,59 @@ fn block_stride(stage: &Stage, j: usize) -> [i64; 3] {
     }
 }
 
-/// Zips each level's convs (deepest first) with its upsampler and the head that `head(u, level)`
-/// creates; `u` counts from the deepest level, `level` from full resolution. The heads are created
-/// here, in level order, after everything else (nnU-Net's registration order).
-fn decoder_levels(
-    convs: Vec<Vec<ConvNorm>>,
-    upsample: Vec<Upsample>,
-    mut head: impl FnMut(usize, usize) -> Head,
-) -> Vec<ConcatDecoderLevel> {
-    let levels = convs.len();
-    convs
-        .into_iter()
-        .zip(upsample)
-        .enumerate()
-        .map(|(u, (convs, upsample))| ConcatDecoderLevel { upsample, convs, head: head(u, levels - 1 - u) })
-        .collect()
+/// Zips each level's convs (deepest first) with its upsampler.
+fn decoder(convs: Vec<Vec<ConvNorm>>, upsample: Vec<Upsample>) -> Decoder {
+    Decoder {
+        levels: convs
+            .into_iter()
+            .zip(upsample)
+            .map(|(convs, upsample)| ConcatDecoderLevel { upsample, convs })
+            .collect(),
+    }
+}
+
+/// The scope of each decoder: `root` for the shared one, `decoders.<s>` (role
+/// [`Role::SiteDecoder`]) for each site's.
+fn decoder_scopes<'a>(topo: &Topology, root: &ParamScope<'a>) -> Vec<ParamScope<'a>> {
+    if topo.site_decoders.is_empty() {
+        vec![root.clone()]
+    } else {
+        (0..topo.site_decoders.len())
+            .map(|s| root.pp("decoders").pp(s).with_role(Role::SiteDecoder { site: s }))
+            .collect()
+    }
+}
+
+/// The heads' routing to per-site decoders, after checking the partition.
+fn routing(topo: &Topology, classes: i64, root: &ParamScope) -> Result<Option<SiteRouting>> {
+    check_site_partition(&topo.site_decoders, classes)?;
+    Ok((!topo.site_decoders.is_empty()).then(|| SiteRouting::new(&topo.site_decoders, root.device())))
 }
 
 /// nnU-Net v1 `Generic_UNet`: registers `conv_blocks_localization`, `conv_blocks_context`, `tu`,
-/// `seg_outputs`, in that order.
-pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> UnetGraph {
+/// `seg_outputs`, in that order (with per-site decoders, each decoder's localization and `tu`
+/// where the one decoder's are).
+pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> Result<UnetGraph> {
     let stages = &topo.stages;
     let n = stages.len();
     let levels = n - 1;
-    let localization: Vec<Vec<ConvNorm>> = (0..levels)
-        .map(|u| {
-            let (_, skip) = level_stages(stages, u);
-            let scope = root.pp("conv_blocks_localization").pp(u);
-            (0..topo.decoder_convs)
-                .map(|j| {
-                    let cin = if j == 0 { 2 * skip.width } else { skip.width };
-                    let spec = ConvNormSpec { bias: true, ..ConvNormSpec::new(cin, skip.width, skip.kernel) };
-                    ConvNorm::new(&scope.pp(j).pp("blocks.0"), ConvNormNames::CONV_INSTNORM, spec)
-                })
-                .collect()
-        })
-        .collect();
+    let scopes = decoder_scopes(topo, root);
+    let localization = |decoder: &ParamScope| -> Vec<Vec<ConvNorm>> {
+        (0..levels)
+            .map(|u| {
+                let (_, skip) = level_stages(stages, u);
+                let scope = decoder.pp("conv_blocks_localization").pp(u);
+                (0..topo.decoder_convs)
+                    .map(|j| {
+                        let cin = if j == 0 { 2 * skip.width } else { skip.width };
+                        let spec = ConvNormSpec { bias: true, ..ConvNormSpec::new(cin, skip.width, skip.kernel) };
+                        ConvNorm::new(&scope.pp(j).pp("blocks.0"), ConvNormNames::CONV_INSTNORM, spec)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let localizations: Vec<Vec<Vec<ConvNorm>>> = scopes.iter().map(localization).collect();
     let mut encoder = Vec::with_capacity(n);
     let mut cin = topo.in_channels;
     for (d, stage) in stages.iter().enumerate() {
@@ -156,17 +211,25 @@ pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> 
         }
         encoder.push(EncoderStage::Plain(convs));
     }
-    let upsample = upsamplers(topo, &root.pp("tu"));
-    let decoder = decoder_levels(localization, upsample, |u, level| {
-        let spec = HeadSpec { width: stages[level].width, classes, level, bias: false };
-        Head::new(&root.pp("seg_outputs").pp(u), spec)
-    });
-    UnetGraph { stem: None, encoder, decoder }
+    let decoders = localizations
+        .into_iter()
+        .zip(&scopes)
+        .map(|(convs, scope)| decoder(convs, upsamplers(topo, &scope.pp("tu"))))
+        .collect();
+    let heads = (0..levels)
+        .map(|u| {
+            let level = levels - 1 - u;
+            let spec = HeadSpec { width: stages[level].width, classes, level, bias: false };
+            Head::new(&root.pp("seg_outputs").pp(u), spec)
+        })
+        .collect();
+    Ok(UnetGraph { stem: None, encoder, decoders, heads, routing: routing(topo, classes, root)? })
 }
 
 /// nnU-Net v1 `FabiansUNet`: `encoder.initial_*`, `encoder.stages`, then the decoder's
-/// `segmentation_output`, `tus`, `stages`, `deep_supervision_outputs`.
-pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope) -> UnetGraph {
+/// `segmentation_output`, `tus`, `stages`, `deep_supervision_outputs` (with per-site decoders,
+/// each decoder's `tus` and `stages` under `decoders.<s>.decoder`).
+pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope) -> Result<UnetGraph> {
     let stages = &topo.stages;
     let n = stages.len();
     let levels = n - 1;
@@ -191,31 +254,40 @@ pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope)
         }
         encoder.push(EncoderStage::Residual(blocks));
     }
-    let decoder_scope = root.pp("decoder");
+    let heads_scope = root.pp("decoder");
     let head = |scope: &ParamScope, level: usize| {
         Head::new(scope, HeadSpec { width: stages[level].width, classes, level, bias: true })
     };
-    let mut full_res_head = Some(head(&decoder_scope.pp("segmentation_output"), 0));
-    let upsample = upsamplers(topo, &decoder_scope.pp("tus"));
-    let level_convs: Vec<Vec<ConvNorm>> = (0..levels)
-        .map(|u| {
-            let (_, skip) = level_stages(stages, u);
-            let scope = decoder_scope.pp("stages").pp(u).pp("convs.0");
-            let conv = ConvNorm::new(
-                &scope,
-                ConvNormNames::CONV_NORM,
-                ConvNormSpec::new(2 * skip.width, skip.width, skip.kernel),
-            );
-            // FabiansUNet also lists the conv and norm under its Sequential `all`.
-            scope.alias(conv.weight, "all.0.weight");
-            scope.alias(conv.norm_weight, "all.2.weight");
-            scope.alias(conv.norm_bias, "all.2.bias");
-            vec![conv]
+    let full_res_head = head(&heads_scope.pp("segmentation_output"), 0);
+    let level_convs = |decoder_scope: &ParamScope| -> Vec<Vec<ConvNorm>> {
+        (0..levels)
+            .map(|u| {
+                let (_, skip) = level_stages(stages, u);
+                let scope = decoder_scope.pp("stages").pp(u).pp("convs.0");
+                let conv = ConvNorm::new(
+                    &scope,
+                    ConvNormNames::CONV_NORM,
+                    ConvNormSpec::new(2 * skip.width, skip.width, skip.kernel),
+                );
+                // FabiansUNet also lists the conv and norm under its Sequential `all`.
+                scope.alias(conv.weight, "all.0.weight");
+                scope.alias(conv.norm_weight, "all.2.weight");
+                scope.alias(conv.norm_bias, "all.2.bias");
+                vec![conv]
+            })
+            .collect()
+    };
+    let decoders = decoder_scopes(topo, root)
+        .iter()
+        .map(|scope| {
+            let scope = scope.pp("decoder");
+            let upsample = upsamplers(topo, &scope.pp("tus"));
+            decoder(level_convs(&scope), upsample)
         })
         .collect();
-    let decoder = decoder_levels(level_convs, upsample, |u, level| match level {
-        0 => full_res_head.take().expect("one full-resolution level"),
-        _ => head(&decoder_scope.pp("deep_supervision_outputs").pp(u), level),
-    });
-    UnetGraph { stem: Some(stem), encoder, decoder }
+    // Deepest first, like the decoder levels; the full-resolution head was registered first.
+    let mut heads: Vec<Head> =
+        (0..levels - 1).map(|u| head(&heads_scope.pp("deep_supervision_outputs").pp(u), levels - 1 - u)).collect();
+    heads.push(full_res_head);
+    Ok(UnetGraph { stem: Some(stem), encoder, decoders, heads, routing: routing(topo, classes, root)? })
 }

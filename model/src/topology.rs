@@ -33,16 +33,12 @@ pub struct FireNetSpec {
     pub nodes: usize,
     /// Dilations of ASPP3D's parallel 3x3x3 convolutions.
     pub dilations: Vec<i64>,
-    /// Per-site decoders (FIRENet's multi-decoder mode): the class indices of each site, a
-    /// partition of `0..classes`. Empty: one decoder shared by every class.
-    #[serde(default)]
-    pub site_decoders: Vec<Vec<i64>>,
 }
 
 impl Default for FireNetSpec {
-    /// Our defaults: B = 3, N = 3, dilations 1, 2, 4, one shared decoder.
+    /// Our defaults: B = 3, N = 3, dilations 1, 2, 4.
     fn default() -> Self {
-        Self { branches: 3, nodes: 3, dilations: vec![1, 2, 4], site_decoders: Vec::new() }
+        Self { branches: 3, nodes: 3, dilations: vec![1, 2, 4] }
     }
 }
 
@@ -77,6 +73,12 @@ pub struct Topology {
     /// FIRENet hyper-parameters; `Some` exactly when `layout` is [`Layout::FireNet`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firenet: Option<FireNetSpec>,
+    /// Per-site decoders (FIRENet's multi-decoder mode, for every layout): the class indices of
+    /// each site, a partition of `0..classes`; site s's classes read the features of decoder s.
+    /// Empty: one decoder shared by every class. In a federation each site trains and keeps its
+    /// own decoder like its heads, so the features only its classes need are not averaged away.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub site_decoders: Vec<Vec<i64>>,
 }
 
 impl Topology {
@@ -89,15 +91,11 @@ impl Topology {
         }
     }
 
-    /// This topology with one FIRENet decoder per site (`sites[s]`: the class indices of site s,
-    /// together a partition of the network's classes). Errors for other layouts.
-    pub fn with_site_decoders(mut self, sites: Vec<Vec<i64>>) -> anyhow::Result<Topology> {
-        let spec = self
-            .firenet
-            .as_mut()
-            .with_context(|| format!("topology {}: per-site decoders need the firenet layout", self.name))?;
-        spec.site_decoders = sites;
-        Ok(self)
+    /// This topology with one decoder per site (`sites[s]`: the class indices of site s,
+    /// together a partition of the network's classes; checked when the network is built).
+    pub fn with_site_decoders(mut self, sites: Vec<Vec<i64>>) -> Topology {
+        self.site_decoders = sites;
+        self
     }
 
     /// Total downsampling factor per axis; a patch must be divisible by it.
@@ -238,6 +236,7 @@ pub fn unet() -> Topology {
         patch: [96, 192, 192],
         spacing: [1.5, 1.0, 1.0],
         firenet: None,
+        site_decoders: Vec::new(),
     }
 }
 
@@ -260,6 +259,7 @@ pub fn resenc() -> Topology {
         patch: [96, 192, 192],
         spacing: [1.5, 1.0, 1.0],
         firenet: None,
+        site_decoders: Vec::new(),
     }
 }
 
@@ -280,6 +280,7 @@ pub fn tiny() -> Topology {
         patch: [16, 48, 48],
         spacing: [5.0, 4.0, 4.0],
         firenet: None,
+        site_decoders: Vec::new(),
     }
 }
 
@@ -299,6 +300,7 @@ pub fn firenet() -> Topology {
         patch: [96, 192, 192],
         spacing: [1.5, 1.0, 1.0],
         firenet: Some(FireNetSpec::default()),
+        site_decoders: Vec::new(),
     }
 }
 

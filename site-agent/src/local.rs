@@ -106,7 +106,7 @@ impl LocalTrainer {
     pub fn open(spec: TrainerSpec, state_dir: &Path) -> Result<Self> {
         let mut topo = Topology::preset(spec.preset)?;
         if spec.site_decoders {
-            topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()])?;
+            topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()]);
         }
         let net = MultiTalentNet::new(&topo, spec.classes.len() as i64, spec.device)?;
         let precision = if spec.device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 };

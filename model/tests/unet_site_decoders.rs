@@ -1,0 +1,140 @@
+//! Per-site decoders on the nnU-Net layouts (`tiny`: Generic_UNet; its stages as FabiansUNet): counts and roles, the shared layout untouched, routing of each class to its
+//! site's decoder, and gradients that never cross to another site's decoder.
+
+use fedtalent_model::params::Role;
+use fedtalent_model::{BatchTargets, ClassRegions, Layout, MultiTalentLoss, MultiTalentNet, Topology};
+use tch::{Device, Kind, Tensor};
+
+/// The tests seed libtorch's global RNG; running them one at a time keeps each deterministic.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn net(topo: &Topology, classes: i64) -> MultiTalentNet {
+    MultiTalentNet::new(topo, classes, Device::Cpu).unwrap()
+}
+
+/// `tiny`, or `tiny`'s stages in the FabiansUNet layout (the `resenc` graph at CPU size).
+fn topology(layout: &str) -> Topology {
+    let tiny = Topology::preset("tiny").unwrap();
+    match layout {
+        "tiny" => tiny,
+        "resenc-tiny" => {
+            Topology { name: "resenc-tiny".into(), layout: Layout::ResidualEncoder, decoder_convs: 1, ..tiny }
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// Sites: A = classes {0, 2}, B = class {1}.
+fn two_sites(layout: &str) -> MultiTalentNet {
+    tch::manual_seed(11);
+    net(&topology(layout).with_site_decoders(vec![vec![0, 2], vec![1]]), 3)
+}
+
+#[test]
+fn each_site_has_one_whole_decoder_and_the_backbone_is_the_encoder() {
+    let _serial = serial();
+    for preset in ["tiny", "resenc-tiny"] {
+        let shared = net(&topology(preset), 3);
+        let per_site = two_sites(preset);
+        let site = |s: usize| per_site.params().count(|p| p.role == Role::SiteDecoder { site: s });
+        let decoder_of_shared = shared.params().count(|p| {
+            p.role == Role::Backbone
+                && ["conv_blocks_localization", "tu.", "decoder.tus", "decoder.stages"]
+                    .iter()
+                    .any(|n| p.name.starts_with(n))
+        });
+        assert!(decoder_of_shared > 0, "{preset}: no decoder tensors found by name");
+        assert_eq!(site(0), decoder_of_shared, "{preset}: site A's decoder is one decoder");
+        assert_eq!(site(1), decoder_of_shared, "{preset}: site B's decoder is one decoder");
+        let (total, backbone, per_class) = per_site.parameter_counts();
+        assert_eq!(total, shared.parameter_counts().0 + decoder_of_shared, "{preset}: total");
+        assert_eq!(backbone, shared.parameter_counts().1 - decoder_of_shared, "{preset}: backbone = encoder");
+        assert_eq!(per_class, shared.parameter_counts().2, "{preset}: heads are unchanged");
+        assert!(per_site.params().backbone().iter().all(|(name, _)| !name.starts_with("decoders.")));
+        assert_eq!(per_site.site_decoders(), &[vec![0, 2], vec![1]]);
+        // Heads keep their nnU-Net names; only the decoders move under `decoders.<s>`.
+        for p in per_site.params().iter() {
+            match p.role {
+                Role::SiteDecoder { site } => assert!(p.name.starts_with(&format!("decoders.{site}.")), "{}", p.name),
+                Role::Head { .. } => assert!(shared.params().id(&p.name).is_some(), "{}: renamed head", p.name),
+                Role::Backbone => assert!(shared.params().id(&p.name).is_some(), "{}: not in the shared net", p.name),
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_partitions_are_refused_for_the_unet_too() {
+    let _serial = serial();
+    let topo = Topology::preset("tiny").unwrap().with_site_decoders(vec![vec![0, 1], vec![1, 2]]);
+    let err = MultiTalentNet::new(&topo, 3, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("listed twice"), "{err}");
+    let topo = Topology::preset("tiny").unwrap().with_site_decoders(vec![vec![0], vec![2]]);
+    let err = MultiTalentNet::new(&topo, 3, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("class 1 belongs to no site"), "{err}");
+}
+
+#[test]
+fn each_class_reads_its_own_sites_decoder_on_every_level() {
+    let _serial = serial();
+    for preset in ["tiny", "resenc-tiny"] {
+        let mut n = two_sites(preset);
+        let patch = [16, 48, 48];
+        let x = Tensor::randn([1, 1, patch[0], patch[1], patch[2]], (Kind::Float, Device::Cpu));
+        let before = tch::no_grad(|| n.forward_ds(&x));
+        assert_eq!(before.len(), n.topology().levels(), "{preset}: one output per level");
+        assert_eq!(before[0].size(), vec![1, 3, patch[0], patch[1], patch[2]], "{preset}: full resolution first");
+        let full = tch::no_grad(|| n.forward(&x));
+        assert!(full.equal(&before[0]), "{preset}: inference output = first deep-supervision output");
+        let new_a: Vec<(String, Tensor)> =
+            n.params().site_decoder(0).into_iter().map(|(name, t)| (name, t.randn_like())).collect();
+        n.params_mut().set_site_decoder(0, &new_a).unwrap();
+        let after = tch::no_grad(|| n.forward_ds(&x));
+        for level in 0..before.len() {
+            assert!(
+                before[level].select(1, 1).equal(&after[level].select(1, 1)),
+                "{preset} level {level}: site B's class moved with site A's decoder"
+            );
+            for c in [0, 2] {
+                assert!(
+                    !before[level].select(1, c).equal(&after[level].select(1, c)),
+                    "{preset} level {level}: class {c} ignores its site's decoder"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_of_site_a_never_reach_site_b_decoder() {
+    let _serial = serial();
+    let n = two_sites("tiny");
+    let labels = Tensor::zeros([2, 1, 16, 48, 48], (Kind::Int64, Device::Cpu));
+    let _ = labels.narrow(2, 4, 8).narrow(3, 10, 20).narrow(4, 10, 20).fill_(1);
+    let image = labels.to_kind(Kind::Float) + Tensor::randn([2, 1, 16, 48, 48], (Kind::Float, Device::Cpu)) * 0.3;
+    // Site A's dataset annotates classes 0 and 2, not site B's class 1.
+    let regions = ClassRegions { regions: vec![Some(vec![1]), None, Some(vec![1])] };
+    let targets = BatchTargets::new(&[&regions, &regions], Device::Cpu).unwrap();
+    let loss = MultiTalentLoss { ds_weights: n.topology().ds_weights.clone(), dice: Default::default() };
+    loss.compute(&n.forward_ds(&image), &labels, &targets).unwrap().backward();
+    let (mut a_norm, mut encoder_norm, mut b_tensors) = (0f64, 0f64, 0);
+    for p in n.params().iter() {
+        let g = p.tensor.grad();
+        let norm = if g.defined() { f64::try_from(g.abs().sum(Kind::Double)).unwrap() } else { 0.0 };
+        match p.role {
+            Role::SiteDecoder { site: 1 } => {
+                b_tensors += 1;
+                assert_eq!(norm, 0.0, "{}: site B's decoder got gradient {norm}", p.name);
+            }
+            Role::SiteDecoder { .. } => a_norm += norm,
+            Role::Backbone => encoder_norm += norm,
+            Role::Head { .. } => {}
+        }
+    }
+    assert!(b_tensors > 0);
+    assert!(a_norm > 0.0, "site A's decoder got no gradient");
+    assert!(encoder_norm > 0.0, "the shared encoder got no gradient");
+}
