@@ -248,7 +248,6 @@ pub fn aggregate(
 mod tests {
     use fedtalent_model::wire;
     use fedtalent_model::Topology;
-    use fedtalent_protocol::PhaseTimings;
     use fedtalent_vocab::{ClassRegion, GlobalClass};
     use tch::Device;
 
@@ -287,7 +286,7 @@ mod tests {
         }
 
         fn update(&self, site: &str, parts: Parts) -> Update {
-            update(site, 4, parts)
+            super::aggregate_test::update(site, 4, parts)
         }
 
         fn aggregate(&mut self, updates: &[&Update]) -> Result<Vec<f64>> {
@@ -302,19 +301,6 @@ mod tests {
         ) -> Result<Vec<f64>> {
             aggregate(&mut self.global, updates, (optimizer, state), &self.selection)
         }
-    }
-
-    /// An update of `site` with `n_cases` training cases.
-    fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
-        let header = UpdateHeader {
-            round: 1,
-            n_cases,
-            train_loss: 0.5,
-            dice: Vec::new(),
-            payload_digest: String::new(),
-            durations_ms: PhaseTimings::default(),
-        };
-        Update { site: site.into(), header, bytes: 0, parts }
     }
 
     #[test]

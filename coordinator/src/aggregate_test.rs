@@ -34,7 +34,8 @@ fn upload(net: &MultiTalentNet, selection: &Selection, site: &str, backbone: f64
     parts
 }
 
-fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
+/// An update of `site` with `n_cases` training cases (shared with `super::tests`).
+pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
     let header = UpdateHeader {
         round: 1,
         n_cases,

@@ -32,6 +32,31 @@ pub struct ModelManifest {
 }
 
 impl ModelManifest {
+    /// The manifest of `net` as exported from `preset`: its topology, patch and spacing, the
+    /// given normalization and classes; round 0 and no digest until the caller sets them.
+    pub fn of(net: &MultiTalentNet, preset: &str, normalization: CtNormalization, classes: Vec<GlobalClass>) -> Self {
+        let topology = net.topology().clone();
+        ModelManifest {
+            format: MANIFEST_FORMAT.into(),
+            preset: preset.into(),
+            patch: topology.patch,
+            spacing: topology.spacing,
+            topology,
+            normalization,
+            classes,
+            round: 0,
+            digest: String::new(),
+            weights: WEIGHTS_FILE.into(),
+        }
+    }
+
+    /// Writes an exported model folder: `net`'s weights (nnU-Net names) and this manifest.
+    pub fn save(&self, net: &MultiTalentNet, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        net.save(&dir.join(&self.weights))?;
+        self.write(dir)
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use fedtalent_data::PreprocessedCase;
-use fedtalent_model::manifest::{ModelManifest, MANIFEST_FORMAT, WEIGHTS_FILE};
+use fedtalent_model::manifest::ModelManifest;
 use fedtalent_model::{wire, Topology};
 use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram};
 use tracing::info;
@@ -156,22 +156,8 @@ fn export(
     classes: Vec<GlobalClass>,
     dir: &Path,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let net = &trainer.trainer.net;
-    net.save(&dir.join(WEIGHTS_FILE))?;
-    let topology = net.topology().clone();
-    let manifest = ModelManifest {
-        format: MANIFEST_FORMAT.into(),
-        preset: preset.into(),
-        patch: topology.patch,
-        spacing: topology.spacing,
-        topology,
-        normalization: norm,
-        classes,
-        round: 0,
-        digest: wire::model_digest(net, &trainer.selection),
-        weights: WEIGHTS_FILE.into(),
-    };
-    manifest.write(dir)?;
+    let digest = wire::model_digest(net, &trainer.selection);
+    ModelManifest { digest, ..ModelManifest::of(net, preset, norm, classes) }.save(net, dir)?;
     Ok(dir.to_path_buf())
 }

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use fedtalent_model::manifest::{MANIFEST_FORMAT, WEIGHTS_FILE};
 use fedtalent_model::wire::{self, Selection};
 use fedtalent_model::{ModelManifest, MultiTalentNet};
 
@@ -33,22 +32,12 @@ pub fn export_model(
     digest: &str,
     dir: &Path,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    net.save(&dir.join(WEIGHTS_FILE))?;
-    let topo = net.topology().clone();
     let manifest = ModelManifest {
-        format: MANIFEST_FORMAT.into(),
-        preset: preset.into(),
-        patch: topo.patch,
-        spacing: topo.spacing,
-        topology: topo,
-        normalization: setup.normalization,
-        classes: setup.classes.clone(),
         round,
         digest: digest.into(),
-        weights: WEIGHTS_FILE.into(),
+        ..ModelManifest::of(net, preset, setup.normalization, setup.classes.clone())
     };
-    manifest.write(dir)?;
+    manifest.save(net, dir)?;
     Ok(dir.to_path_buf())
 }
 
