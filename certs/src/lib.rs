@@ -38,8 +38,8 @@ use time::OffsetDateTime;
 mod transport;
 pub use transport::{client_endpoint, server_endpoint, transport_config, UDP_BUFFER_BYTES};
 
-/// ALPN protocol identifier of the federation protocol (same bytes as `fedtalent_protocol::ALPN`).
-pub const ALPN: &[u8] = b"fedtalent/1";
+/// ALPN protocol identifier of the federation protocol (defined once, in the vocabulary).
+pub use fedtalent_vocab::ALPN;
 
 /// Suffix of the authoritative SAN DNS name of a site certificate: `<site>.site.fedtalent`.
 pub const SITE_SAN_SUFFIX: &str = ".site.fedtalent";

@@ -6,21 +6,23 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fedtalent_model::params::Role;
-use fedtalent_model::wire::Parts;
+use fedtalent_model::wire::{owner_of, Parts, Selection};
 use fedtalent_model::MultiTalentNet;
+use fedtalent_protocol::UpdateHeader;
 use tch::{Kind, Tensor};
 
 use crate::config::ServerOptimizer;
 
+#[cfg(test)]
+#[path = "aggregate_test.rs"]
+mod aggregate_test;
+
 /// One site's decoded upload for the open round.
 pub struct Update {
     pub site: String,
-    pub n_cases: u32,
-    pub train_loss: f32,
-    pub dice: Vec<(String, f32)>,
-    pub payload_digest: String,
+    /// As the site sent it; `payload_digest` is the digest the payload was checked against.
+    pub header: UpdateHeader,
     pub bytes: u64,
-    pub durations_ms: Vec<(String, u64)>,
     pub parts: Parts,
 }
 
@@ -34,22 +36,21 @@ pub fn sqrt_weights(n_cases: &[u32]) -> Vec<f64> {
 /// Checks an upload against the global model: the sender's own heads only and all of them,
 /// each with exactly every head tensor, its own decoder (with per-site decoders) with exactly
 /// every tensor, every backbone tensor, all values finite, and the backbone's distance to the
-/// global one under `max_norm`. `own_decoder` is the sender's decoder index in `global` when
-/// the federation has per-site decoders. The error names the site and the field.
+/// global one under `max_norm`. `selection` is what of `global` travels (every class's heads
+/// and every site's decoder, at their places); it names the classes and decoders the sender
+/// owns. The error names the site and the field.
 ///
 /// What this accepts, [`aggregate`] can apply: that is what keeps one site's upload from
 /// stopping the round (and `serve`) after it was acknowledged.
 pub fn validate(
     global: &MultiTalentNet,
-    owned: &BTreeSet<String>,
-    owners: &BTreeMap<String, String>,
+    selection: &Selection,
     sender: &str,
     parts: &Parts,
     max_norm: f64,
-    own_decoder: Option<usize>,
 ) -> Result<()> {
-    check_owners(owned, owners, sender, parts, own_decoder.is_some())?;
-    check_complete(global, sender, parts, own_decoder)?;
+    check_owners(selection, sender, parts)?;
+    check_complete(global, sender, parts, selection.decoder_of(sender))?;
     for (site, tensors) in &parts.decoders {
         for (name, t) in tensors {
             ensure!(
@@ -74,25 +75,20 @@ pub fn validate(
 }
 
 /// The sender sent heads of exactly its own classes and no decoder but its own.
-fn check_owners(
-    owned: &BTreeSet<String>,
-    owners: &BTreeMap<String, String>,
-    sender: &str,
-    parts: &Parts,
-    has_decoder: bool,
-) -> Result<()> {
+fn check_owners(selection: &Selection, sender: &str, parts: &Parts) -> Result<()> {
+    let has_decoder = selection.decoder_of(sender).is_some();
     for site in parts.decoders.keys() {
         ensure!(has_decoder && site == sender, "site {sender}: sent the decoder of site {site}");
     }
     ensure!(!has_decoder || parts.decoders.contains_key(sender), "site {sender}: its decoder is missing");
     for class in parts.heads.keys() {
-        match owners.get(class) {
+        match selection.row_of(class).and(owner_of(class)) {
             Some(owner) if owner == sender => {}
             Some(owner) => bail!("site {sender}: sent heads of class {class:?}, owned by site {owner}"),
             None => bail!("site {sender}: sent heads of unknown class {class:?}"),
         }
     }
-    for class in owned {
+    for class in selection.of_site(sender).class_ids() {
         ensure!(parts.heads.contains_key(class), "site {sender}: heads of its class {class:?} are missing");
     }
     Ok(())
@@ -197,27 +193,25 @@ impl ServerState {
 /// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
 /// The backbone takes `server`'s step along the sqrt(n)-weighted mean change of the sites'
 /// backbones (with lr 1 and no momentum: that mean); heads and site decoders are the owners'
-/// uploads. `row_of` maps class ids to the global model's rows, `decoder_of` sites to their
-/// decoders.
+/// uploads, placed by `selection` (the global model's rows and decoders).
 pub fn aggregate(
     global: &mut MultiTalentNet,
     updates: &[&Update],
     server: (&ServerOptimizer, &mut ServerState),
-    row_of: &dyn Fn(&str) -> Option<i64>,
-    decoder_of: &dyn Fn(&str) -> Option<usize>,
+    selection: &Selection,
 ) -> Result<Vec<f64>> {
     ensure!(!updates.is_empty(), "no update to aggregate");
     // Validation already checked each update; checking the structure again here (cheap: no
     // tensor values are read) means a failure can never leave `global` half written.
     for u in updates {
-        check_complete(global, &u.site, &u.parts, decoder_of(&u.site))?;
+        check_complete(global, &u.site, &u.parts, selection.decoder_of(&u.site))?;
         ensure!(u.parts.decoders.keys().all(|s| s == &u.site), "site {}: sent another site's decoder", u.site);
         for class in u.parts.heads.keys() {
-            ensure!(row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
+            ensure!(selection.row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
         }
     }
     let (optimizer, state) = server;
-    let weights = sqrt_weights(&updates.iter().map(|u| u.n_cases).collect::<Vec<_>>());
+    let weights = sqrt_weights(&updates.iter().map(|u| u.header.n_cases).collect::<Vec<_>>());
     let current = global.params().backbone();
     let with_momentum = optimizer.momentum > 0.0;
     if with_momentum && state.velocity.len() != current.len() {
@@ -245,15 +239,16 @@ pub fn aggregate(
     global.params_mut().load_named(&stepped, false)?;
     for u in updates {
         // Heads and site decoders: the owner's upload, as is.
-        u.parts.apply_owned(global, row_of, decoder_of)?;
+        u.parts.apply_owned(global, selection)?;
     }
     Ok(weights)
 }
 
 #[cfg(test)]
 mod tests {
-    use fedtalent_model::wire::{self, Selection};
+    use fedtalent_model::wire;
     use fedtalent_model::Topology;
+    use fedtalent_vocab::{ClassRegion, GlobalClass};
     use tch::Device;
 
     use super::*;
@@ -262,8 +257,8 @@ mod tests {
     /// FIRENet preset with one decoder per site (a = 0, b = 1).
     struct Fixture {
         global: MultiTalentNet,
-        owners: BTreeMap<String, String>,
-        decoders: bool,
+        /// The global model's classes and decoders, as the coordinator builds them.
+        selection: Selection,
     }
 
     impl Fixture {
@@ -275,38 +270,23 @@ mod tests {
                 Topology::preset("tiny").unwrap()
             };
             let global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
-            let owners = [("a/x", "a"), ("b/y", "b")].iter().map(|(c, s)| (c.to_string(), s.to_string())).collect();
-            Self { global, owners, decoders }
-        }
-
-        fn decoder_of(&self, site: &str) -> Option<usize> {
-            self.decoders.then(|| usize::from(site == "b"))
+            let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
+            let classes = [GlobalClass::new(0, "a", &region("x")), GlobalClass::new(1, "b", &region("y"))];
+            let sites = if decoders { vec!["a".to_string(), "b".to_string()] } else { Vec::new() };
+            Self { global, selection: Selection::global(&classes, &sites) }
         }
 
         /// What an honest site uploads when it did not train at all: its part of the global model.
         fn upload(&self, site: &str) -> Parts {
-            let (class, row) = if site == "a" { ("a/x", 0) } else { ("b/y", 1) };
-            let decoders = self.decoder_of(site).map(|i| (site.to_string(), i)).into_iter().collect();
-            let selection = Selection { classes: vec![(class.to_string(), row)], decoders };
-            Parts::from_wire(&wire::parts_to_wire(&self.global, &selection)).unwrap()
+            Parts::from_wire(&wire::parts_to_wire(&self.global, &self.selection.of_site(site))).unwrap()
         }
 
         fn validate(&self, site: &str, parts: &Parts) -> Result<()> {
-            let owned = self.owners.iter().filter(|(_, s)| *s == site).map(|(c, _)| c.clone()).collect();
-            validate(&self.global, &owned, &self.owners, site, parts, 1e4, self.decoder_of(site))
+            validate(&self.global, &self.selection, site, parts, 1e4)
         }
 
         fn update(&self, site: &str, parts: Parts) -> Update {
-            Update {
-                site: site.into(),
-                n_cases: 4,
-                train_loss: 0.5,
-                dice: Vec::new(),
-                payload_digest: String::new(),
-                bytes: 0,
-                durations_ms: Vec::new(),
-                parts,
-            }
+            super::aggregate_test::update(site, 4, parts)
         }
 
         fn aggregate(&mut self, updates: &[&Update]) -> Result<Vec<f64>> {
@@ -319,15 +299,7 @@ mod tests {
             optimizer: &ServerOptimizer,
             state: &mut ServerState,
         ) -> Result<Vec<f64>> {
-            let rows = |id: &str| match id {
-                "a/x" => Some(0),
-                "b/y" => Some(1),
-                _ => None,
-            };
-            let decoders = self.decoders;
-            aggregate(&mut self.global, updates, (optimizer, state), &rows, &|s| {
-                decoders.then(|| usize::from(s == "b"))
-            })
+            aggregate(&mut self.global, updates, (optimizer, state), &self.selection)
         }
     }
 

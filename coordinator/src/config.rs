@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
+pub use fedtalent_vocab::{Plan, ServerOptimizer};
 use serde::{Deserialize, Serialize};
 
 /// The identity the operator's CLI (`status`, `launch`) presents; never a site.
@@ -13,7 +14,8 @@ pub const ADMIN_IDENTITY: &str = "coordinator-admin";
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     pub federation: FederationSection,
-    pub plan: PlanSection,
+    /// `[plan]`: sent to every site in `Welcome` as read.
+    pub plan: Plan,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,8 +33,8 @@ pub struct FederationSection {
     /// serving closes its connections and drops it from the rounds ([`listed_sites`]).
     pub sites: Vec<String>,
     /// `auto`: rounds start once every listed site has registered; `manual`: on `coordinator launch`.
-    #[serde(default = "default_launch")]
-    pub launch: String,
+    #[serde(default)]
+    pub launch: Launch,
     /// Round checkpoints kept on disk.
     #[serde(default = "default_keep")]
     pub keep_rounds: usize,
@@ -41,79 +43,19 @@ pub struct FederationSection {
     pub exit_when_done: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanSection {
-    pub preset: String,
-    pub rounds: u32,
-    pub local_steps: u32,
-    pub batch: u32,
-    pub lr: f64,
-    pub eval_every: u32,
-    pub min_sites: u32,
-    pub round_deadline_s: u64,
-    #[serde(default = "default_dice")]
-    pub dice_mode: String,
-    #[serde(default)]
-    pub bf16_transport: bool,
-    /// Updates whose backbone moved farther than this (L2 over all backbone tensors) from the
-    /// round's global backbone are refused.
-    #[serde(default = "default_max_update_norm")]
-    pub max_update_norm: f64,
-    /// One decoder per site, kept by its owner like its heads (only the encoder, and FIRENet's
-    /// fabric module, are averaged): FIRENet's multi-decoder mode, for every preset.
-    #[serde(default)]
-    pub per_site_decoders: bool,
-    /// `[plan.local]`: the sites' round-boundary policy.
-    #[serde(default)]
-    pub local: fedtalent_protocol::LocalPolicy,
-    /// `[plan.server]`: how the coordinator applies the sites' mean backbone change.
-    #[serde(default)]
-    pub server: ServerOptimizer,
+/// `[federation].launch`: when the rounds start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Launch {
+    /// Once every listed site has registered.
+    #[default]
+    Auto,
+    /// On `coordinator launch`.
+    Manual,
 }
 
-/// `[plan.server]`: the coordinator's optimizer over the backbone (Flower's FedAvgM, Hsu et
-/// al. 2019). The sqrt(n)-weighted mean of the sites' backbone changes Δ is a pseudo-gradient:
-/// `v ← momentum · v + Δ`, `backbone ← backbone + lr · v`. `lr = 1, momentum = 0` is FedAvg (the
-/// global backbone becomes the sites' weighted mean). Heads are never touched: each class keeps
-/// its owner's upload.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerOptimizer {
-    #[serde(default = "ServerOptimizer::default_lr")]
-    pub lr: f64,
-    #[serde(default)]
-    pub momentum: f64,
-}
-
-impl ServerOptimizer {
-    fn default_lr() -> f64 {
-        Self::default().lr
-    }
-
-    /// FedAvg: no server-side state.
-    pub fn is_plain_average(&self) -> bool {
-        self.lr == 1.0 && self.momentum == 0.0
-    }
-}
-
-impl Default for ServerOptimizer {
-    fn default() -> Self {
-        Self { lr: 1.0, momentum: 0.0 }
-    }
-}
-
-fn default_launch() -> String {
-    "auto".into()
-}
 fn default_keep() -> usize {
     3
-}
-fn default_dice() -> String {
-    "batch".into()
-}
-fn default_max_update_norm() -> f64 {
-    1.0e4
 }
 
 impl FederationConfig {
@@ -140,11 +82,6 @@ impl FederationConfig {
         sorted.sort();
         sorted.dedup();
         ensure!(sorted.len() == f.sites.len(), "[federation].sites: a site is listed twice");
-        ensure!(
-            matches!(f.launch.as_str(), "auto" | "manual"),
-            "[federation].launch: {:?} is not auto | manual",
-            f.launch
-        );
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
         fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
@@ -159,7 +96,6 @@ impl FederationConfig {
             f.sites.len()
         );
         ensure!(p.round_deadline_s >= 1, "[plan].round_deadline_s must be at least 1");
-        p.dice_mode.parse::<fedtalent_model::DiceMode>().context("[plan].dice_mode")?;
         ensure!(p.max_update_norm > 0.0, "[plan].max_update_norm must be positive");
         ensure!(p.server.lr > 0.0 && p.server.lr <= 10.0, "[plan.server].lr = {} must be in (0, 10]", p.server.lr);
         ensure!(
@@ -171,7 +107,17 @@ impl FederationConfig {
     }
 
     pub fn total_steps(&self) -> u64 {
-        self.plan.rounds as u64 * self.plan.local_steps as u64
+        self.plan.total_steps()
+    }
+
+    /// The sites whose decoders the global model holds, at their positions: every site with
+    /// `[plan].per_site_decoders`, else none.
+    pub fn decoder_sites(&self) -> &[String] {
+        if self.plan.per_site_decoders {
+            &self.federation.sites
+        } else {
+            &[]
+        }
     }
 }
 
@@ -310,8 +256,10 @@ mod tests {
             (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"a\"]"), "listed twice"),
             (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"bad name\"]"), "[federation].sites"),
             (valid().replace("sites = [\"a\", \"b\"]", "sites = [\"a\", \"coordinator-admin\"]"), "reserved"),
-            (valid().replace("launch = \"auto\"", "launch = \"later\""), "[federation].launch"),
-            (valid().replace("dice_mode = \"batch\"", "dice_mode = \"global\""), "[plan].dice_mode"),
+            (valid().replace("launch = \"auto\"", "launch = \"later\""), "launch = \"later\""),
+            (valid().replace("dice_mode = \"batch\"", "dice_mode = \"global\""), "dice_mode = \"global\""),
+            (valid().replace("bf16_transport = false", "bf16_transport = \"no\""), "bf16_transport"),
+            (valid().replace("batch = 2", "batch = 2\nbatches = 3"), "unknown field `batches`"),
             (valid().replace("lr = 0.01", "lr = -1.0"), "[plan].lr"),
             (valid().replace("rounds = 100", "rounds = 0"), "[plan].rounds"),
             (format!("{}\nsurprise = 1\n", valid()), "unknown field"),

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fedtalent_coordinator::config::{self, FederationConfig};
+use fedtalent_coordinator::metrics::{DiceLine, MetricsLine};
 use fedtalent_coordinator::pki::{self, ClientPki};
 use fedtalent_coordinator::server::{self, Coordinator};
 use fedtalent_coordinator::simulate::{self, SimulateOptions};
@@ -328,11 +329,17 @@ fn offline_status(config: &FederationConfig) -> Result<()> {
         None => println!("federation {}: no round completed yet", config.federation.name),
     }
     let metrics = state.read_metrics()?;
-    let last_dice: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("dice").is_some()).collect();
-    if let Some(last_round) = last_dice.iter().filter_map(|m| m["round"].as_u64()).max() {
-        println!("Dice reported in round {last_round} (of the model of round {}):", last_round - 1);
-        for m in last_dice.iter().filter(|m| m["round"].as_u64() == Some(last_round)) {
-            println!("  {:<32} {:.4}", m["class"].as_str().unwrap_or("?"), m["dice"].as_f64().unwrap_or(f64::NAN));
+    let dice: Vec<&DiceLine> = metrics
+        .iter()
+        .filter_map(|m| match m {
+            MetricsLine::Dice(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    if let Some(last) = dice.iter().map(|d| d.round).max() {
+        println!("Dice reported in round {last} (of the model of round {}):", last - 1);
+        for d in dice.iter().filter(|d| d.round == last) {
+            println!("  {:<32} {:.4}", d.class, d.dice);
         }
     }
     Ok(())

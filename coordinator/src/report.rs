@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use crate::metrics::MetricsLine;
 
 /// One round's breakdown.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,21 +36,26 @@ impl RoundBreakdown {
 }
 
 /// Breakdowns of every completed round found in the metrics lines.
-pub fn breakdowns(metrics: &[Value]) -> Vec<RoundBreakdown> {
+pub fn breakdowns(metrics: &[MetricsLine]) -> Vec<RoundBreakdown> {
     let mut out = Vec::new();
-    for summary in metrics.iter().filter(|m| m["kind"] == "round") {
-        let round = summary["round"].as_u64().unwrap_or(0);
+    for summary in metrics.iter().filter_map(|m| match m {
+        MetricsLine::Round(r) => Some(r),
+        _ => None,
+    }) {
         let slowest = metrics
             .iter()
-            .filter(|m| m["round"].as_u64() == Some(round) && m.get("durations_ms").is_some())
-            .max_by_key(|m| m["durations_ms"]["train"].as_u64().unwrap_or(0));
-        let duration = |key: &str| slowest.and_then(|m| m["durations_ms"][key].as_u64()).unwrap_or(0);
+            .filter_map(|m| match m {
+                MetricsLine::Site(s) if s.round == summary.round => Some(s.durations_ms),
+                _ => None,
+            })
+            .max_by_key(|d| d.train)
+            .unwrap_or_default();
         out.push(RoundBreakdown {
-            round,
-            wall_ms: summary["wall_ms"].as_u64().unwrap_or(0),
-            train_ms: duration("train"),
-            evaluate_ms: duration("evaluate"),
-            close_ms: summary["close_ms"].as_u64().unwrap_or(0),
+            round: summary.round as u64,
+            wall_ms: summary.wall_ms,
+            train_ms: slowest.train,
+            evaluate_ms: slowest.evaluate,
+            close_ms: summary.close_ms,
         });
     }
     out
@@ -84,15 +89,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Metrics lines as `StateDir::read_metrics` reads them from the log.
+    fn lines(values: Vec<serde_json::Value>) -> Vec<MetricsLine> {
+        values.into_iter().map(|v| serde_json::from_value(v).expect("a metrics line")).collect()
+    }
+
+    /// A site line of `round` with these phase durations.
+    fn site(round: u32, site: &str, durations: serde_json::Value) -> serde_json::Value {
+        json!({"round": round, "site": site, "n_cases": 4, "weight": 0.5, "train_loss": 0.1, "bytes_up": 0,
+               "durations_ms": durations, "payload_digest": ""})
+    }
+
     #[test]
     fn overhead_is_wall_time_minus_the_slowest_sites_training() {
         let metrics = vec![
-            json!({"round": 1, "site": "a", "durations_ms": {"download": 100, "evaluate": 300, "train": 9000}}),
-            json!({"round": 1, "site": "b", "durations_ms": {"download": 50, "evaluate": 200, "train": 9500}}),
-            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": 40}),
-            json!({"round": 2, "site": "a", "dice": 0.5, "class": "a/x"}),
+            site(1, "a", json!({"download": 100, "evaluate": 300, "train": 9000})),
+            site(1, "b", json!({"download": 50, "evaluate": 200, "train": 9500})),
+            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": 40, "sites": 2}),
+            json!({"round": 2, "model_round": 1, "site": "a", "dice": 0.5, "class": "a/x"}),
         ];
-        let rows = breakdowns(&metrics);
+        let rows = breakdowns(&lines(metrics));
         assert_eq!(
             rows,
             vec![RoundBreakdown { round: 1, wall_ms: 10_000, train_ms: 9500, evaluate_ms: 200, close_ms: 40 }]
@@ -106,10 +122,10 @@ mod tests {
     #[test]
     fn absurd_durations_do_not_overflow_the_report() {
         let metrics = vec![
-            json!({"round": 1, "site": "a", "durations_ms": {"evaluate": u64::MAX, "train": u64::MAX}}),
-            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": u64::MAX}),
+            site(1, "a", json!({"evaluate": u64::MAX, "train": u64::MAX})),
+            json!({"round": 1, "kind": "round", "wall_ms": 10_000, "close_ms": u64::MAX, "sites": 1}),
         ];
-        let rows = breakdowns(&metrics);
+        let rows = breakdowns(&lines(metrics));
         assert_eq!(rows[0].overhead_fraction_without_evaluation(), 0.0);
         assert!(format_table(&rows).contains("0.0%"));
     }

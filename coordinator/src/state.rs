@@ -9,9 +9,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use fedtalent_model::{ClassInfo, CtNormalization, MultiTalentNet};
+use fedtalent_model::MultiTalentNet;
+use fedtalent_vocab::{CtNormalization, GlobalClass};
 
 use crate::aggregate::ServerState;
+use crate::metrics::MetricsLine;
 use serde::{Deserialize, Serialize};
 
 const SETUP_FILE: &str = "federation.json";
@@ -25,10 +27,17 @@ pub const CHECKPOINT_SERVER: &str = "server_momentum.safetensors";
 /// What registration fixed for the whole federation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Setup {
-    pub classes: Vec<ClassInfo>,
+    pub classes: Vec<GlobalClass>,
     pub normalization: CtNormalization,
     /// Training cases per site at registration.
     pub site_cases: Vec<(String, u32)>,
+}
+
+impl Setup {
+    /// The training cases `site` registered with when the federation was set up.
+    pub fn cases_of(&self, site: &str) -> Option<u32> {
+        self.site_cases.iter().find(|(s, _)| s == site).map(|&(_, n)| n)
+    }
 }
 
 /// One site's share of a completed round.
@@ -48,7 +57,7 @@ pub struct RoundRecord {
     /// Digest of the aggregated global model.
     pub digest: String,
     pub contributions: Vec<Contribution>,
-    pub classes: Vec<ClassInfo>,
+    pub classes: Vec<GlobalClass>,
     pub unix_time: u64,
 }
 
@@ -178,7 +187,7 @@ impl StateDir {
     }
 
     /// Appends JSON lines to the metrics log and syncs them.
-    pub fn append_metrics(&self, lines: &[serde_json::Value]) -> Result<()> {
+    pub fn append_metrics(&self, lines: &[MetricsLine]) -> Result<()> {
         let path = self.metrics_path();
         let mut f = OpenOptions::new()
             .create(true)
@@ -187,7 +196,7 @@ impl StateDir {
             .with_context(|| format!("opening {}", path.display()))?;
         let mut buf = String::new();
         for line in lines {
-            buf.push_str(&line.to_string());
+            buf.push_str(&serde_json::to_string(line)?);
             buf.push('\n');
         }
         f.write_all(buf.as_bytes())
@@ -195,13 +204,13 @@ impl StateDir {
             .with_context(|| format!("appending to {}", path.display()))
     }
 
-    pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>> {
+    pub fn read_metrics(&self) -> Result<Vec<MetricsLine>> {
         let path = self.metrics_path();
         if !path.exists() {
             return Ok(Vec::new());
         }
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        // A line cut by a crash mid-append is skipped, not fatal.
+        // A line cut by a crash mid-append (or of no known kind) is skipped, not fatal.
         Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
     }
 }

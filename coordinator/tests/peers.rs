@@ -9,8 +9,9 @@ use std::time::Duration;
 use fedtalent_certs::{FederationCa, SiteKey};
 use fedtalent_coordinator::{config, Coordinator, FederationConfig};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, write_frame, AdminReply, AdminRequest, ClassSpec, ErrorKind, HuHistogram,
-    Message, RecvLimits, TensorDigests, TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    quic, read_frame, recv_tensors_digest, write_frame, Ack, AdminReply, AdminRequest, ClassRegion, ErrorKind, Hello,
+    HuHistogram, Message, ModelRequest, PhaseTimings, RecvLimits, Refusal, RoundStart, TensorDigests, TensorSet,
+    Transport, UpdateHeader, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,11 +88,11 @@ struct Peer {
 }
 
 /// What an honest site of one class would register.
-fn hello(site: &str) -> Message {
-    Message::Hello {
+fn hello_of(site: &str) -> Hello {
+    Hello {
         protocol_version: PROTOCOL_VERSION,
         site: site.into(),
-        classes: vec![ClassSpec { name: "organ".into(), labels: vec![1] }],
+        classes: vec![ClassRegion { name: "organ".into(), labels: vec![1] }],
         n_train: 4,
         n_val: 1,
         hu_histogram: HuHistogram { min_hu: -100, counts: vec![5; 300] },
@@ -99,11 +100,15 @@ fn hello(site: &str) -> Message {
     }
 }
 
+fn hello(site: &str) -> Message {
+    Message::Hello(hello_of(site))
+}
+
 /// The metrics fields of an update header.
 #[derive(Default)]
 struct Metrics {
     dice: Vec<(String, f32)>,
-    durations_ms: Vec<(String, u64)>,
+    durations_ms: PhaseTimings,
 }
 
 /// A round's work as announced to a site.
@@ -122,7 +127,7 @@ impl Peer {
 
     async fn join(&self) {
         let reply = self.request(&hello(&self.site)).await;
-        assert!(matches!(reply, Message::Welcome { .. }), "site {}: {reply:?}", self.site);
+        assert!(matches!(reply, Message::Welcome(_)), "site {}: {reply:?}", self.site);
     }
 
     /// Polls until the coordinator hands out a round.
@@ -130,7 +135,9 @@ impl Peer {
         loop {
             match self.request(&Message::Heartbeat).await {
                 Message::Heartbeat => continue,
-                Message::RoundStart { round, model_digest, .. } => return Work { round, digest: model_digest },
+                Message::RoundStart(RoundStart { round, model_digest, .. }) => {
+                    return Work { round, digest: model_digest }
+                }
                 other => panic!("site {}: polled, got {other:?}", self.site),
             }
         }
@@ -144,7 +151,7 @@ impl Peer {
     /// As [`Peer::download`], also returning the set digest the stream carried.
     async fn download_digest(&self, digest: &str, full: bool) -> Result<(TensorSet, String), Message> {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Message::ModelRequest { digest: digest.into(), full }).await.unwrap();
+        write_frame(&mut send, &Message::ModelRequest(ModelRequest { digest: digest.into(), full })).await.unwrap();
         send.finish().unwrap();
         let mut reply = Vec::new();
         let mut buf = [0u8; 1 << 16];
@@ -177,14 +184,14 @@ impl Peer {
         set: &TensorSet,
     ) -> Upload {
         let mut digests = TensorDigests::new(Transport::Native);
-        let header = Message::UpdateHeader {
+        let header = Message::UpdateHeader(UpdateHeader {
             round,
             n_cases,
             train_loss,
             dice: m.dice,
             payload_digest: set.wire_digest_cached(&mut digests),
             durations_ms: m.durations_ms,
-        };
+        });
         let (mut send, recv) = self.conn.open_bi().await.unwrap();
         write_frame(&mut send, &header).await.unwrap();
         Upload { send, recv, digests, set: Arc::new(set.clone()) }
@@ -225,7 +232,9 @@ impl Upload {
 /// (accepted, reason) of an `Ack`.
 fn ack(reply: &Message) -> (bool, String) {
     match reply {
-        Message::Ack { accepted, reason, .. } => (*accepted, reason.clone().unwrap_or_default()),
+        Message::Ack(Ack { refusal, .. }) => {
+            (refusal.is_none(), refusal.as_ref().map(Refusal::to_string).unwrap_or_default())
+        }
         other => panic!("expected an Ack, got {other:?}"),
     }
 }
@@ -247,7 +256,9 @@ async fn wait_completed(fed: &Federation, round: u32) {
 }
 
 fn assert_refused(reply: &Message, kind: ErrorKind, needles: &[&str]) {
-    let Message::Error { kind: got, reason } = reply else { panic!("expected a {kind:?} refusal, got {reply:?}") };
+    let Message::Error(Refusal { kind: got, reason }) = reply else {
+        panic!("expected a {kind:?} refusal, got {reply:?}")
+    };
     assert_eq!(*got, kind, "{reason}");
     for needle in needles {
         assert!(reason.contains(needle), "refusal {reason:?} does not mention {needle:?}");
@@ -261,11 +272,7 @@ fn assert_refused(reply: &Message, kind: ErrorKind, needles: &[&str]) {
 async fn hello_of_another_protocol_version_is_answered_version_mismatch() {
     let fed = Federation::start(&["alpha", "beta"], 1).await;
     let peer = fed.connect("alpha").await;
-    let Message::Hello { classes, n_train, n_val, hu_histogram, device, site, .. } = hello("alpha") else {
-        unreachable!()
-    };
-    let other =
-        Message::Hello { protocol_version: PROTOCOL_VERSION + 1, site, classes, n_train, n_val, hu_histogram, device };
+    let other = Message::Hello(Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello_of("alpha") });
     assert_refused(&peer.request(&other).await, ErrorKind::VersionMismatch, &["alpha", "version 2"]);
     // Variant 0, version 7, then bytes this version cannot read as a Hello.
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
@@ -294,10 +301,7 @@ async fn absurd_histograms_are_refused_and_the_federation_sets_up() {
         (HuHistogram { min_hu: -2048, counts: vec![1; 20_000] }, "hu_histogram.counts"),
     ];
     for (histogram, field) in absurd {
-        let Message::Hello { protocol_version, site, classes, n_train, n_val, device, .. } = hello("alpha") else {
-            unreachable!()
-        };
-        let bad = Message::Hello { protocol_version, site, classes, n_train, n_val, hu_histogram: histogram, device };
+        let bad = Message::Hello(Hello { hu_histogram: histogram, ..hello_of("alpha") });
         assert_refused(&alpha.request(&bad).await, ErrorKind::BadDataset, &["site alpha", field]);
     }
     join_both(&alpha, &beta).await;
@@ -505,19 +509,23 @@ async fn foreign_dice_and_absurd_durations_are_refused() {
     let (alpha, beta, work) = round_one(&fed).await;
     let set = alpha.download(&work.digest, false).await.unwrap();
     let dice = |pairs: &[(&str, f32)]| pairs.iter().map(|(c, d)| (c.to_string(), *d)).collect::<Vec<_>>();
-    let duration = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<Vec<_>>();
     let forged = [
         (Metrics { dice: dice(&[("beta/organ", 0.9)]), ..Default::default() }, "beta/organ"),
         (Metrics { dice: dice(&[("alpha/organ", 0.5), ("alpha/organ", 0.9)]), ..Default::default() }, "twice"),
-        (Metrics { durations_ms: duration(&[("train", u64::MAX)]), ..Default::default() }, "durations_ms.train"),
-        (Metrics { durations_ms: duration(&[("x\ny", 1)]), ..Default::default() }, "durations_ms"),
+        (
+            Metrics { durations_ms: PhaseTimings { train: u64::MAX, ..Default::default() }, ..Default::default() },
+            "durations_ms",
+        ),
     ];
     for (metrics, needle) in forged {
         let reply = alpha.begin_upload_with(work.round, 4, 0.5, metrics, &set).await.send().await;
         let (accepted, reason) = ack(&reply);
         assert!(!accepted && reason.contains("site alpha") && reason.contains(needle), "{needle}: {reason}");
     }
-    let honest = Metrics { dice: dice(&[("alpha/organ", 0.7)]), durations_ms: duration(&[("train", 1200)]) };
+    let honest = Metrics {
+        dice: dice(&[("alpha/organ", 0.7)]),
+        durations_ms: PhaseTimings { download: 20, evaluate: 300, train: 1200 },
+    };
     let reply = alpha.begin_upload_with(work.round, 4, 0.5, honest, &set).await.send().await;
     assert_eq!(ack(&reply), (true, String::new()));
     finish_round_one(&fed, &beta).await;
@@ -528,11 +536,8 @@ async fn foreign_dice_and_absurd_durations_are_refused() {
 async fn duplicate_class_names_are_refused_at_hello() {
     let fed = Federation::start(&["alpha", "beta"], 2).await;
     let alpha = fed.connect("alpha").await;
-    let organ = |labels| ClassSpec { name: "organ".into(), labels };
-    let mut twice = hello("alpha");
-    if let Message::Hello { classes, .. } = &mut twice {
-        *classes = vec![organ(vec![1]), organ(vec![2])];
-    }
+    let organ = |labels| ClassRegion { name: "organ".into(), labels };
+    let twice = Message::Hello(Hello { classes: vec![organ(vec![1]), organ(vec![2])], ..hello_of("alpha") });
     assert_refused(&alpha.request(&twice).await, ErrorKind::BadDataset, &["site alpha", "\"organ\""]);
 }
 

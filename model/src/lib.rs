@@ -20,6 +20,6 @@ pub mod train;
 pub mod wire;
 
 pub use loss::{BatchTargets, ClassRegions, DiceMode, MultiTalentLoss};
-pub use manifest::{ClassInfo, CtNormalization, ModelManifest};
+pub use manifest::ModelManifest;
 pub use network::MultiTalentNet;
 pub use topology::{FireNetSpec, Layout, Stage, Topology};

@@ -12,27 +12,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// How soft TP/FP/FN are pooled for the Dice term.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiceMode {
-    /// Pooled over the whole batch per class (the paper's "batch Dice").
-    #[default]
-    Batch,
-    /// Pooled per sample and summed over samples (the public code on one GPU).
-    PerSample,
-}
-
-impl std::str::FromStr for DiceMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "batch" => Ok(Self::Batch),
-            "per_sample" => Ok(Self::PerSample),
-            other => anyhow::bail!("unknown dice mode {other:?} (batch | per_sample)"),
-        }
-    }
-}
+pub use fedtalent_vocab::DiceMode;
 
 /// For one dataset: the label values forming each network class (a region), or `None` when the
 /// dataset does not annotate that class.

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use fedtalent_vocab::{CtNormalization, GlobalClass};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -14,53 +15,6 @@ pub const MANIFEST_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const MANIFEST_FORMAT: &str = "fedtalent-model/1";
 
-/// One output channel of the global model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ClassInfo {
-    pub index: u32,
-    /// `<site>/<name>`: classes of different sites are never merged.
-    pub id: String,
-    pub site: String,
-    pub name: String,
-    /// Label values of the site's label maps that form this class (a region).
-    pub labels: Vec<u32>,
-}
-
-/// CT intensity normalization: clip, then z-score.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CtNormalization {
-    pub clip_low: f32,
-    pub clip_high: f32,
-    pub mean: f32,
-    pub std: f32,
-}
-
-impl CtNormalization {
-    /// The paper's fixed values (MultiTalent, Ulrich et al. 2023).
-    pub const PAPER: CtNormalization =
-        CtNormalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
-
-    /// The statistics as the federation stores and sends them (f32) from the data crate's f64.
-    pub fn from_data(n: &fedtalent_data::Normalization) -> Self {
-        CtNormalization {
-            clip_low: n.clip_low as f32,
-            clip_high: n.clip_high as f32,
-            mean: n.mean as f32,
-            std: n.std as f32,
-        }
-    }
-
-    /// The data crate's form, which preprocessing and the batch loader apply.
-    pub fn to_data(&self) -> fedtalent_data::Normalization {
-        fedtalent_data::Normalization {
-            clip_low: self.clip_low as f64,
-            clip_high: self.clip_high as f64,
-            mean: self.mean as f64,
-            std: self.std as f64,
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub format: String,
@@ -69,7 +23,7 @@ pub struct ModelManifest {
     pub patch: [i64; 3],
     pub spacing: [f64; 3],
     pub normalization: CtNormalization,
-    pub classes: Vec<ClassInfo>,
+    pub classes: Vec<GlobalClass>,
     /// Federation round that produced the weights.
     pub round: u32,
     /// SHA-256 of the weights as the federation names them.
@@ -78,6 +32,31 @@ pub struct ModelManifest {
 }
 
 impl ModelManifest {
+    /// The manifest of `net` as exported from `preset`: its topology, patch and spacing, the
+    /// given normalization and classes; round 0 and no digest until the caller sets them.
+    pub fn of(net: &MultiTalentNet, preset: &str, normalization: CtNormalization, classes: Vec<GlobalClass>) -> Self {
+        let topology = net.topology().clone();
+        ModelManifest {
+            format: MANIFEST_FORMAT.into(),
+            preset: preset.into(),
+            patch: topology.patch,
+            spacing: topology.spacing,
+            topology,
+            normalization,
+            classes,
+            round: 0,
+            digest: String::new(),
+            weights: WEIGHTS_FILE.into(),
+        }
+    }
+
+    /// Writes an exported model folder: `net`'s weights (nnU-Net names) and this manifest.
+    pub fn save(&self, net: &MultiTalentNet, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        net.save(&dir.join(&self.weights))?;
+        self.write(dir)
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
-use fedtalent_data::{read_label_nifti, Case, ClassRegion, Dataset, SiteDataConfig, ValCases};
+use fedtalent_data::{read_label_nifti, Case, Dataset, SiteDataConfig, ValCases};
+use fedtalent_vocab::ClassRegion;
 use ndarray::Array3;
 use serde::Serialize;
 use tracing::warn;

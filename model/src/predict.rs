@@ -10,13 +10,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use fedtalent_data::{load_for_inference, write_mask_nifti, InferenceImage, Interp, Normalization, SpatialHeader};
+use fedtalent_data::{load_for_inference, write_mask_nifti, InferenceImage, Interp, SpatialHeader};
+use fedtalent_vocab::GlobalClass;
 use ndarray::{Array3, Array4, Axis};
 use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::infer::{sliding_window_probabilities, InferOptions};
-use crate::manifest::{ClassInfo, ModelManifest, MANIFEST_FILE};
+use crate::manifest::{ModelManifest, MANIFEST_FILE};
 use crate::network::MultiTalentNet;
 
 /// Probability above which a voxel belongs to a class.
@@ -122,7 +123,7 @@ fn sanitize(s: &str) -> String {
 }
 
 /// File name of a class's mask: `<site>__<name>.nii.gz`.
-pub fn mask_file_name(class: &ClassInfo) -> String {
+pub fn mask_file_name(class: &GlobalClass) -> String {
     format!("{}__{}.nii.gz", sanitize(&class.site), sanitize(&class.name))
 }
 
@@ -216,20 +217,10 @@ impl Predictor {
         Ok(out)
     }
 
-    fn normalization(&self) -> Normalization {
-        let n = self.manifest.normalization;
-        Normalization {
-            clip_low: n.clip_low as f64,
-            clip_high: n.clip_high as f64,
-            mean: n.mean as f64,
-            std: n.std as f64,
-        }
-    }
-
     /// Reads and preprocesses `path` (crop, cubic resampling, normalization).
     pub fn load_image(&self, path: &Path) -> Result<InferenceImage> {
         check_nifti_path(path)?;
-        load_for_inference(path, self.manifest.spacing, &self.normalization())
+        load_for_inference(path, self.manifest.spacing, &self.manifest.normalization)
     }
 
     /// Probabilities `[C_sel, Z, Y, X]` of the selected classes in the input's original geometry.

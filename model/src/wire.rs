@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use fedtalent_protocol::{DType, Manifest, TensorSet, WireTensor};
+use fedtalent_vocab::{parse_class_id, GlobalClass};
 use tch::{Device, Kind, Tensor};
 
 use crate::network::MultiTalentNet;
@@ -17,13 +18,66 @@ use crate::params::Role;
 pub const HEAD_PREFIX: &str = "head/";
 pub const DECODER_PREFIX: &str = "decoder/";
 
-/// What of a network goes on the wire besides the backbone: head rows of some classes
-/// (`(class id, row in the network)`) and, for FIRENet's per-site decoders, whole decoders of some
-/// sites (`(site name, decoder index in the network)`).
-#[derive(Clone, Debug, Default)]
+/// Which parts of a network travel besides the backbone, and where each lands: the head rows
+/// of some classes and, with FIRENet's per-site decoders, whole decoders of some sites. One value
+/// serves both directions: what [`parts_to_wire`] sends, what [`parts_manifest`] lets a receiver
+/// accept, and where [`Parts::apply`] writes what arrived. A class's owner is the site of its id
+/// ([`parse_class_id`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
-    pub classes: Vec<(String, i64)>,
-    pub decoders: Vec<(String, usize)>,
+    /// `(class id, row in the network)`.
+    classes: Vec<(String, i64)>,
+    /// `(site, decoder index in the network)`.
+    decoders: Vec<(String, usize)>,
+}
+
+impl Selection {
+    /// The whole global model: every class at its index and, with per-site decoders, the
+    /// decoder of each of `decoder_sites` at its position in that list (empty: no decoders).
+    pub fn global(classes: &[GlobalClass], decoder_sites: &[String]) -> Self {
+        Selection {
+            classes: classes.iter().map(|c| (c.id.clone(), c.index as i64)).collect(),
+            decoders: decoder_sites.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect(),
+        }
+    }
+
+    /// A local network (a site's, or a pooled one): its classes at rows 0.. in the order given
+    /// and, with FIRENet's per-site decoders, `decoder_site`'s one decoder at index 0.
+    pub fn local(class_ids: &[String], decoder_site: Option<&str>) -> Self {
+        Selection {
+            classes: class_ids.iter().enumerate().map(|(i, id)| (id.clone(), i as i64)).collect(),
+            decoders: decoder_site.map(|site| (site.to_string(), 0)).into_iter().collect(),
+        }
+    }
+
+    /// What of this selection `site` owns: its classes' rows and its decoder (what it
+    /// downloads and uploads).
+    pub fn of_site(&self, site: &str) -> Self {
+        Selection {
+            classes: self.classes.iter().filter(|(id, _)| owner_of(id) == Some(site)).cloned().collect(),
+            decoders: self.decoders.iter().filter(|(s, _)| s == site).cloned().collect(),
+        }
+    }
+
+    /// The row of class `id` in the network.
+    pub fn row_of(&self, id: &str) -> Option<i64> {
+        self.classes.iter().find(|(c, _)| c == id).map(|&(_, row)| row)
+    }
+
+    /// The decoder index of `site` in the network.
+    pub fn decoder_of(&self, site: &str) -> Option<usize> {
+        self.decoders.iter().find(|(s, _)| s == site).map(|&(_, index)| index)
+    }
+
+    /// Ids of the selected classes, in row order of the selection.
+    pub fn class_ids(&self) -> impl Iterator<Item = &str> {
+        self.classes.iter().map(|(id, _)| id.as_str())
+    }
+}
+
+/// The site owning class `id` (the site part of `<site>/<name>`).
+pub fn owner_of(id: &str) -> Option<&str> {
+    parse_class_id(id).map(|(site, _)| site)
 }
 
 /// `decoder/<site>/<tensor>`, where `<tensor>` is the decoder tensor's name after its
@@ -38,9 +92,10 @@ pub fn head_tensor_name(class_id: &str, tensor: &str) -> String {
     format!("{HEAD_PREFIX}{class_id}/{tensor}")
 }
 
-/// Splits `head/<class id>/<tensor>` (class ids contain one `/`, tensor names none).
+/// Splits `head/<class id>/<tensor>` (tensor names contain no `/`); `None` unless the class id
+/// parses ([`parse_class_id`]).
 pub fn parse_head_name(name: &str) -> Option<(&str, &str)> {
-    name.strip_prefix(HEAD_PREFIX)?.rsplit_once('/')
+    name.strip_prefix(HEAD_PREFIX)?.rsplit_once('/').filter(|(class, _)| parse_class_id(class).is_some())
 }
 
 /// A CPU f32 copy of `t` as a wire tensor.
@@ -85,10 +140,9 @@ pub fn parts_to_wire(net: &MultiTalentNet, selection: &Selection) -> TensorSet {
     set
 }
 
-/// The names, dtypes and shapes [`parts_to_wire`] produces for `class_ids` and the decoders of
-/// `decoder_sites` (`(site, decoder index)`), for receivers to refuse anything else before
-/// allocating.
-pub fn parts_manifest(net: &MultiTalentNet, class_ids: &[String], decoder_sites: &[(String, usize)]) -> Manifest {
+/// The names, dtypes and shapes [`parts_to_wire`] produces for `selection`, for receivers to
+/// refuse anything else before allocating.
+pub fn parts_manifest(net: &MultiTalentNet, selection: &Selection) -> Manifest {
     let mut m = BTreeMap::new();
     let shape = |t: &Tensor| t.size().iter().map(|&d| d as u64).collect::<Vec<u64>>();
     for p in net.params().iter() {
@@ -99,12 +153,12 @@ pub fn parts_manifest(net: &MultiTalentNet, class_ids: &[String], decoder_sites:
             Role::Head { .. } => {
                 let mut row = shape(&p.tensor);
                 row[0] = 1;
-                for id in class_ids {
+                for id in selection.class_ids() {
                     m.insert(head_tensor_name(id, &p.name), (DType::F32, row.clone()));
                 }
             }
             Role::SiteDecoder { site: index } => {
-                for (site, _) in decoder_sites.iter().filter(|(_, i)| *i == index) {
+                for (site, _) in selection.decoders.iter().filter(|(_, i)| *i == index) {
                     m.insert(decoder_tensor_name(site, &p.name), (DType::F32, shape(&p.tensor)));
                 }
             }
@@ -144,35 +198,24 @@ impl Parts {
         Ok(parts)
     }
 
-    /// Writes the backbone, the head rows and the site decoders into `net`; `row_of` maps class
-    /// ids to rows of `net`, `decoder_of` site names to its decoder indices. Every head tensor of
-    /// a class and every tensor of a decoder must be present; unknown classes and sites are
-    /// refused by name.
-    pub fn apply(
-        &self,
-        net: &mut MultiTalentNet,
-        row_of: &dyn Fn(&str) -> Option<i64>,
-        decoder_of: &dyn Fn(&str) -> Option<usize>,
-    ) -> Result<()> {
+    /// Writes the backbone, the head rows and the site decoders into `net`, each at its place in
+    /// `selection` (`net`'s layout). Every head tensor of a class and every tensor of a decoder
+    /// must be present; classes and sites `selection` does not hold are refused by name.
+    pub fn apply(&self, net: &mut MultiTalentNet, selection: &Selection) -> Result<()> {
         net.params_mut().load_named(&self.backbone, false)?;
-        self.apply_owned(net, row_of, decoder_of)
+        self.apply_owned(net, selection)
     }
 
     /// Writes only what has an owner (head rows, site decoders), not the backbone: how the
     /// coordinator takes each class's heads from the site that owns it.
-    pub fn apply_owned(
-        &self,
-        net: &mut MultiTalentNet,
-        row_of: &dyn Fn(&str) -> Option<i64>,
-        decoder_of: &dyn Fn(&str) -> Option<usize>,
-    ) -> Result<()> {
+    pub fn apply_owned(&self, net: &mut MultiTalentNet, selection: &Selection) -> Result<()> {
         let params = net.params_mut();
         for (class, rows) in &self.heads {
-            let row = row_of(class).with_context(|| format!("heads for unknown class {class:?}"))?;
+            let row = selection.row_of(class).with_context(|| format!("heads for unknown class {class:?}"))?;
             params.set_head_rows(&[row], rows).with_context(|| format!("heads of class {class:?}"))?;
         }
         for (site, tensors) in &self.decoders {
-            let index = decoder_of(site).with_context(|| format!("decoder of unknown site {site:?}"))?;
+            let index = selection.decoder_of(site).with_context(|| format!("decoder of unknown site {site:?}"))?;
             let named: Vec<(String, Tensor)> =
                 tensors.iter().map(|(n, t)| (format!("decoders.{index}.{n}"), t.shallow_clone())).collect();
             params.set_site_decoder(index, &named).with_context(|| format!("decoder of site {site:?}"))?;
@@ -184,4 +227,43 @@ impl Parts {
 /// Digest naming a model version: the wire digest of its full tensor set.
 pub fn model_digest(net: &MultiTalentNet, selection: &Selection) -> String {
     parts_to_wire(net, selection).digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtalent_vocab::ClassRegion;
+
+    use super::*;
+
+    /// The global selection places each class at its index and each decoder at its site's
+    /// position; a site's part is its own classes and decoder; a local network's rows start at 0.
+    #[test]
+    fn selections_place_classes_and_decoders() {
+        let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
+        let classes = [
+            GlobalClass::new(0, "a", &region("x")),
+            GlobalClass::new(1, "b", &region("y")),
+            GlobalClass::new(2, "a", &region("z")),
+        ];
+        let global = Selection::global(&classes, &["a".into(), "b".into()]);
+        assert_eq!((global.row_of("a/z"), global.row_of("b/x")), (Some(2), None));
+        assert_eq!((global.decoder_of("b"), global.decoder_of("c")), (Some(1), None));
+        let a = global.of_site("a");
+        assert_eq!(a.class_ids().collect::<Vec<_>>(), ["a/x", "a/z"]);
+        assert_eq!(
+            (a.row_of("a/z"), a.row_of("b/y"), a.decoder_of("a"), a.decoder_of("b")),
+            (Some(2), None, Some(0), None)
+        );
+        let local = Selection::local(&["a/x".into(), "a/z".into()], Some("a"));
+        assert_eq!((local.row_of("a/z"), local.decoder_of("a")), (Some(1), Some(0)));
+    }
+
+    #[test]
+    fn head_names_round_trip_and_need_a_class_id() {
+        let name = head_tensor_name("liver/liver_tumour", "seg_outputs.4.weight");
+        assert_eq!(name, "head/liver/liver_tumour/seg_outputs.4.weight");
+        assert_eq!(parse_head_name(&name), Some(("liver/liver_tumour", "seg_outputs.4.weight")));
+        assert_eq!(parse_head_name("head/liver/seg_outputs.4.weight"), None, "a class id has a site part");
+        assert_eq!(parse_head_name("conv.weight"), None);
+    }
 }

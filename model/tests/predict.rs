@@ -10,7 +10,8 @@ use fedtalent_data::{write_mask_nifti, SpatialHeader};
 use fedtalent_model::infer::InferOptions;
 use fedtalent_model::metrics::{dice, evaluate_dataset};
 use fedtalent_model::predict::{case_name, Predictor};
-use fedtalent_model::{ClassInfo, CtNormalization, ModelManifest, MultiTalentNet, Topology};
+use fedtalent_model::{ModelManifest, MultiTalentNet, Topology};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass};
 use ndarray::Array3;
 use tch::{Device, Kind, Tensor};
 
@@ -97,12 +98,8 @@ fn write_model(dir: &Path) {
     });
     std::fs::create_dir_all(dir).unwrap();
     net.save(&dir.join("model.safetensors")).unwrap();
-    let class = |index: u32, site: &str, name: &str, labels: Vec<u32>| ClassInfo {
-        index,
-        id: format!("{site}/{name}"),
-        site: site.into(),
-        name: name.into(),
-        labels,
+    let class = |index: u32, site: &str, name: &str, labels: Vec<u32>| {
+        GlobalClass::new(index, site, &ClassRegion { name: name.into(), labels })
     };
     let manifest = ModelManifest {
         format: fedtalent_model::manifest::MANIFEST_FORMAT.into(),

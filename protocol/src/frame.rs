@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{Message, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use crate::{Hello, Message, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
 /// bincode configuration of every payload. The limit bounds what a length prefix inside the
 /// payload may make the decoder allocate (frames are already capped, this is belt and braces).
@@ -65,7 +65,7 @@ pub fn encode_payload(msg: &Message) -> Result<Vec<u8>, FrameError> {
 /// field, the version, are stable by contract).
 pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
     match decode_value::<Message>(payload) {
-        Ok(Message::Hello { protocol_version, .. }) if protocol_version != PROTOCOL_VERSION => {
+        Ok(Message::Hello(Hello { protocol_version, .. })) if protocol_version != PROTOCOL_VERSION => {
             Err(FrameError::VersionMismatch { got: protocol_version, expected: PROTOCOL_VERSION })
         }
         Ok(m) => Ok(m),

@@ -26,12 +26,24 @@ pub use tensor::{
     WireTensor,
 };
 
-/// Version of the federation protocol, sent in [`Message::Hello`]; a coordinator refuses a
-/// different one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the federation protocol, sent in [`Hello`]; a coordinator refuses a different
+/// one. 2: the messages wrap named structs, `Welcome` carries the whole `[plan]`, updates carry
+/// typed phase timings and `Ack` a structured refusal.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// ALPN protocol identifier (TLS), `fedtalent/1`.
-pub const ALPN: &[u8] = b"fedtalent/1";
+pub use fedtalent_vocab::ALPN;
+
+/// QUIC application close codes of a federation connection.
+pub mod close {
+    use quinn::VarInt;
+
+    /// A normal end: the federation finished, the request was served, a round limit reached.
+    pub const DONE: VarInt = VarInt::from_u32(0);
+    /// The peer is refused for good (no site identity, removed from the federation); a site
+    /// agent closed with it stops with the reason instead of reconnecting. Also the code a
+    /// stream is stopped with when its request is refused before its payload is read.
+    pub const REFUSED: VarInt = VarInt::from_u32(1);
+}
 
 /// Default cap on one control frame's payload: 1 MiB.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;

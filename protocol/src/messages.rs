@@ -1,128 +1,148 @@
 //! Control messages of a federation. Every message is one [`Message`] value in one frame.
 //!
 //! Conversation (site = client, coordinator = server), each on a bidirectional QUIC stream:
-//! 1. site → `Hello`; coordinator → `Welcome` (or `Error { kind: VersionMismatch | ... }`).
-//! 2. coordinator → `RoundStart`; a site lacking the model with `model_digest` sends
-//!    `ModelRequest` and receives the tensors on a separate stream (see `tensor`).
-//! 3. site → `UpdateHeader` followed by the tensors on their own stream; coordinator → `Ack`.
-//! 4. `Heartbeat` either way; `Admin`/`AdminReply` for the operator's CLI.
+//! 1. site → [`Hello`]; coordinator → [`Welcome`] (or `Error(Refusal { kind: VersionMismatch | ... })`).
+//! 2. site → `Heartbeat` (a long poll); coordinator → [`RoundStart`] | `Heartbeat` | [`Finished`].
+//!    A site lacking the model with `model_digest` sends [`ModelRequest`] and receives the
+//!    tensors on the same stream (see `tensor`).
+//! 3. site → [`UpdateHeader`] followed by the tensors on the same stream; coordinator → [`Ack`].
+//! 4. `Admin`/`AdminReply` for the operator's CLI.
+//!
+//! Each variant wraps a named struct, so that both sides pass the payload around as one value
+//! instead of re-declaring its fields. The vocabulary inside (classes, histograms, the plan, the
+//! normalization) is `fedtalent-vocab`'s, embedded as is.
 //!
 //! Field order matters for compatibility: `Hello` is variant 0 and `protocol_version` its first
 //! field, so a peer speaking another version is recognised even if the rest of its `Hello`
-//! differs (see [`crate::frame::decode_payload`]).
+//! differs (see [`crate::frame::decode_payload`]). bincode encodes a variant wrapping a struct
+//! exactly as a variant with those fields inline.
 
 use serde::{Deserialize, Serialize};
 
-/// One class of a site's dataset: a name and the label values in the site's label maps that
-/// form it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClassSpec {
-    pub name: String,
-    pub labels: Vec<u32>,
-}
+pub use fedtalent_vocab::{
+    ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram, LocalPolicy, OptimizerState, Plan,
+    ServerOptimizer,
+};
 
-/// Histogram of CT intensities (HU) of a site's training foreground, bins of 1 HU from
-/// `min_hu`; used by the coordinator to derive the global normalization.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct HuHistogram {
-    pub min_hu: i32,
-    pub counts: Vec<u64>,
-}
-
-/// What a site's optimizer momentum does at a round boundary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerState {
-    /// Momentum buffers carry over from the site's previous round (and survive a restart).
-    /// Measured better than `Reset` with short rounds: SGD momentum 0.99 needs ~100 steps to
-    /// build up, which a 40-step round that starts empty never reaches.
-    #[default]
-    Keep,
-    /// Every round starts with empty momentum, as a fresh local optimizer (FedAvg).
-    Reset,
-}
-
-impl OptimizerState {
-    pub fn name(self) -> &'static str {
-        match self {
-            OptimizerState::Keep => "keep",
-            OptimizerState::Reset => "reset",
-        }
-    }
-}
-
-impl std::str::FromStr for OptimizerState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "keep" => Ok(OptimizerState::Keep),
-            "reset" => Ok(OptimizerState::Reset),
-            other => Err(format!("unknown optimizer state policy {other:?} (keep | reset)")),
-        }
-    }
-}
-
-/// How a site trains within a round besides the step budget (DESIGN.md §2.1 step 2). The
-/// defaults are the better of the policies `scripts/quality_bench.sh` compared (see the README).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalPolicy {
-    pub optimizer_state: OptimizerState,
-    /// Heads-only steps on the freshly downloaded global backbone before the round's local
-    /// steps: re-fits the site's heads to the averaged backbone (MultiTalent's fine-tuning
-    /// trains heads first for the same reason). Not counted in the lr schedule.
-    pub head_warmup_steps: u32,
-    /// The last round trains the heads alone on the final global backbone, so that the
-    /// exported model pairs that backbone with heads fitted to it (otherwise each site's heads
-    /// fit its own drifted backbone, which the final average replaces).
-    pub final_heads_only: bool,
-}
-
-impl Default for LocalPolicy {
-    fn default() -> Self {
-        LocalPolicy { optimizer_state: OptimizerState::Keep, head_warmup_steps: 0, final_heads_only: false }
-    }
-}
-
-/// The federation plan, fixed for the whole run.
+/// site → coordinator, first message of a connection: who the site is and what it trains on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    pub preset: String,
-    pub patch: [u32; 3],
-    pub spacing: [f32; 3],
-    pub rounds: u32,
-    pub local_steps: u32,
-    pub batch: u32,
-    pub lr: f64,
-    pub eval_every: u32,
-    pub min_sites: u32,
-    pub round_deadline_s: u64,
-    pub dice_mode: String,
-    pub bf16_transport: bool,
-    /// FIRENet per-site decoders: each site's decoder stays with it like its heads.
-    pub site_decoders: bool,
-    pub local: LocalPolicy,
-}
-
-/// A class of the global model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GlobalClass {
-    /// Output channel index of the class in the global model.
-    pub index: u32,
-    /// `"<site>/<name>"`.
-    pub id: String,
+pub struct Hello {
+    /// Must stay the first field (see the module doc).
+    pub protocol_version: u32,
     pub site: String,
-    pub name: String,
-    pub labels: Vec<u32>,
+    pub classes: Vec<ClassRegion>,
+    pub n_train: u32,
+    pub n_val: u32,
+    pub hu_histogram: HuHistogram,
+    pub device: String,
 }
 
-/// Global CT intensity normalization.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Normalization {
-    pub clip_low: f32,
-    pub clip_high: f32,
-    pub mean: f32,
-    pub std: f32,
+/// coordinator → site, reply to [`Hello`]: what registration fixed for the whole federation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub federation: String,
+    pub plan: Plan,
+    pub classes: Vec<GlobalClass>,
+    pub normalization: CtNormalization,
+    /// Rounds completed so far.
+    pub current_round: u32,
+}
+
+/// coordinator → site: train one round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundStart {
+    pub round: u32,
+    /// Wire digest of the site's part (backbone, its heads and decoder) of the global model
+    /// this round starts from: the set digest its download must carry (the site checks).
+    pub model_digest: String,
+    pub local_steps: u32,
+    /// Global step where this round's lr schedule starts.
+    pub step_offset: u64,
+    /// Total steps of the whole schedule.
+    pub total_steps: u64,
+    /// Whether the site evaluates the global model on its validation cases this round.
+    pub evaluate: bool,
+}
+
+/// site → coordinator: ask for the model `digest` (sent back on the same stream); `full` asks
+/// for every head (export, the operator only), otherwise backbone + the site's own heads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRequest {
+    pub digest: String,
+    pub full: bool,
+}
+
+/// How long a site spent on each phase of a round, in milliseconds. The metrics log writes it
+/// as `"durations_ms": {"download": .., "evaluate": .., "train": ..}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PhaseTimings {
+    /// Fetching the round's global model (0 when the site already held it).
+    pub download: u64,
+    /// Evaluating the global model on the site's validation cases (0 when not asked to).
+    pub evaluate: u64,
+    /// Local training.
+    pub train: u64,
+}
+
+impl PhaseTimings {
+    /// The longest phase.
+    pub fn max(&self) -> u64 {
+        self.download.max(self.evaluate).max(self.train)
+    }
+}
+
+/// site → coordinator: an update follows on the same stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateHeader {
+    pub round: u32,
+    pub n_cases: u32,
+    pub train_loss: f32,
+    /// Per-class validation Dice, by class id (`"<site>/<name>"`); empty when not evaluated.
+    pub dice: Vec<(String, f32)>,
+    /// Digest of the tensor payload that follows ([`crate::TensorSet::digest`] of what is sent).
+    pub payload_digest: String,
+    pub durations_ms: PhaseTimings,
+}
+
+/// A refusal: what kind, and a reason naming the site and the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(kind: ErrorKind, reason: impl Into<String>) -> Self {
+        Refusal { kind, reason: reason.into() }
+    }
+
+    /// Whether retrying cannot help: the site is not wanted, speaks another version, or its
+    /// dataset does not fit the federation.
+    pub fn is_final(&self) -> bool {
+        matches!(self.kind, ErrorKind::NotAllowed | ErrorKind::VersionMismatch | ErrorKind::BadDataset)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.reason)
+    }
+}
+
+/// coordinator → site: the answer to an [`UpdateHeader`] and its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub round: u32,
+    /// `None`: the update counts in the round.
+    pub refusal: Option<Refusal>,
+}
+
+/// coordinator → site, reply to a poll once the last round is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finished {
+    pub rounds: u32,
+    pub model_digest: String,
 }
 
 /// Why something was refused.
@@ -198,93 +218,42 @@ pub enum AdminReply {
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// site → coordinator, first message. Must stay variant 0 with `protocol_version` first.
-    Hello {
-        protocol_version: u32,
-        site: String,
-        classes: Vec<ClassSpec>,
-        n_train: u32,
-        n_val: u32,
-        hu_histogram: HuHistogram,
-        device: String,
-    },
-    /// coordinator → site, reply to `Hello`.
-    Welcome {
-        federation: String,
-        plan: Plan,
-        classes: Vec<GlobalClass>,
-        normalization: Normalization,
-        current_round: u32,
-    },
-    /// coordinator → site: train one round.
-    RoundStart {
-        round: u32,
-        /// Wire digest of the site's part (backbone, its heads and decoder) of the global model
-        /// this round starts from: the set digest its download must carry (the site checks).
-        model_digest: String,
-        local_steps: u32,
-        /// Global step where this round's lr schedule starts.
-        step_offset: u64,
-        /// Total steps of the whole schedule.
-        total_steps: u64,
-        /// Whether the site evaluates the global model on its validation cases this round.
-        evaluate: bool,
-    },
-    /// site → coordinator: ask for the model `digest` (sent back on a tensor stream);
-    /// `full` asks for every head (export), otherwise backbone + the site's own heads.
-    ModelRequest {
-        digest: String,
-        full: bool,
-    },
-    /// site → coordinator: an update follows on a tensor stream.
-    UpdateHeader {
-        round: u32,
-        n_cases: u32,
-        train_loss: f32,
-        /// Per-class validation Dice, by class id (`"<site>/<name>"`); empty when not evaluated.
-        dice: Vec<(String, f32)>,
-        /// Digest of the tensor payload that follows ([`crate::TensorSet::digest`] of what is sent).
-        payload_digest: String,
-        /// Named durations of the round's phases in milliseconds (e.g. "download", "train").
-        durations_ms: Vec<(String, u64)>,
-    },
-    /// Acknowledgement of an update (or another request).
-    Ack {
-        round: u32,
-        accepted: bool,
-        reason: Option<String>,
-    },
-    /// A refusal, with a reason naming the offending field.
-    Error {
-        kind: ErrorKind,
-        reason: String,
-    },
-    /// Liveness.
+    /// Must stay variant 0 (see the module doc).
+    Hello(Hello),
+    Welcome(Welcome),
+    RoundStart(RoundStart),
+    ModelRequest(ModelRequest),
+    UpdateHeader(UpdateHeader),
+    Ack(Ack),
+    /// A request refused as a whole.
+    Error(Refusal),
+    /// Liveness, and a site's long poll for work.
     Heartbeat,
     Admin(AdminRequest),
     AdminReply(AdminReply),
-    /// coordinator → site, reply to a poll (`Heartbeat`) once the last round is complete.
-    Finished {
-        rounds: u32,
-        model_digest: String,
-    },
+    Finished(Finished),
 }
 
 impl Message {
     /// A short name of the variant, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            Message::Hello { .. } => "Hello",
-            Message::Welcome { .. } => "Welcome",
-            Message::RoundStart { .. } => "RoundStart",
-            Message::ModelRequest { .. } => "ModelRequest",
-            Message::UpdateHeader { .. } => "UpdateHeader",
-            Message::Ack { .. } => "Ack",
-            Message::Error { .. } => "Error",
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::RoundStart(_) => "RoundStart",
+            Message::ModelRequest(_) => "ModelRequest",
+            Message::UpdateHeader(_) => "UpdateHeader",
+            Message::Ack(_) => "Ack",
+            Message::Error(_) => "Error",
             Message::Heartbeat => "Heartbeat",
             Message::Admin(_) => "Admin",
             Message::AdminReply(_) => "AdminReply",
-            Message::Finished { .. } => "Finished",
+            Message::Finished(_) => "Finished",
         }
+    }
+
+    /// A refusal of `kind` with `reason`.
+    pub fn refusal(kind: ErrorKind, reason: impl Into<String>) -> Message {
+        Message::Error(Refusal::new(kind, reason))
     }
 }

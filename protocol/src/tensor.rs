@@ -76,16 +76,7 @@ impl DType {
     }
 }
 
-/// How f32 tensors travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Transport {
-    /// As they are.
-    #[default]
-    Native,
-    /// f32 tensors are rounded to bf16 (round-to-nearest-even) for the wire and widened back to
-    /// f32 on receipt; other dtypes travel as they are. Halves the traffic of an f32 model.
-    Bf16,
-}
+pub use fedtalent_vocab::Transport;
 
 /// One tensor: name, dtype, shape and its raw little-endian bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

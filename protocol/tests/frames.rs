@@ -5,8 +5,6 @@ use fedtalent_protocol::*;
 pub fn sample_messages() -> Vec<Message> {
     let plan = Plan {
         preset: "unet".into(),
-        patch: [96, 160, 160],
-        spacing: [2.5, 0.8, 0.8],
         rounds: 100,
         local_steps: 250,
         batch: 2,
@@ -14,53 +12,51 @@ pub fn sample_messages() -> Vec<Message> {
         eval_every: 5,
         min_sites: 2,
         round_deadline_s: 3600,
-        dice_mode: "batch".into(),
-        bf16_transport: true,
-        site_decoders: false,
-        local: fedtalent_protocol::LocalPolicy::default(),
+        dice_mode: DiceMode::PerSample,
+        transport: Transport::Bf16,
+        max_update_norm: 1e4,
+        per_site_decoders: false,
+        local: LocalPolicy::default(),
+        server: ServerOptimizer { lr: 1.5, momentum: 0.9 },
     };
     vec![
-        Message::Hello {
+        Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             site: "alpha".into(),
-            classes: vec![ClassSpec { name: "liver".into(), labels: vec![1, 2] }],
+            classes: vec![ClassRegion { name: "liver".into(), labels: vec![1, 2] }],
             n_train: 80,
             n_val: 20,
             hu_histogram: HuHistogram { min_hu: -1024, counts: vec![1, 2, 3] },
             device: "cuda:0".into(),
-        },
-        Message::Welcome {
+        }),
+        Message::Welcome(Welcome {
             federation: "fed".into(),
             plan,
-            classes: vec![GlobalClass {
-                index: 1,
-                id: "alpha/liver".into(),
-                site: "alpha".into(),
-                name: "liver".into(),
-                labels: vec![1, 2],
-            }],
-            normalization: Normalization { clip_low: -100.0, clip_high: 300.0, mean: 90.0, std: 50.0 },
+            classes: vec![GlobalClass::new(1, "alpha", &ClassRegion { name: "liver".into(), labels: vec![1, 2] })],
+            normalization: CtNormalization { clip_low: -100.0, clip_high: 300.0, mean: 90.0, std: 50.0 },
             current_round: 3,
-        },
-        Message::RoundStart {
+        }),
+        Message::RoundStart(RoundStart {
             round: 4,
             model_digest: "ab".repeat(32),
             local_steps: 250,
             step_offset: 1000,
             total_steps: 25000,
             evaluate: true,
-        },
-        Message::ModelRequest { digest: "cd".repeat(32), full: false },
-        Message::UpdateHeader {
+        }),
+        Message::ModelRequest(ModelRequest { digest: "cd".repeat(32), full: false }),
+        Message::UpdateHeader(UpdateHeader {
             round: 4,
             n_cases: 80,
             train_loss: 0.5,
             dice: vec![("alpha/liver".into(), 0.9)],
             payload_digest: "ef".repeat(32),
-            durations_ms: vec![("train".into(), 1234)],
-        },
-        Message::Ack { round: 4, accepted: false, reason: Some("late".into()) },
-        Message::Error { kind: ErrorKind::BadUpdate, reason: "tensor x: NaN".into() },
+            durations_ms: PhaseTimings { download: 12, evaluate: 0, train: 1234 },
+        }),
+        Message::Ack(Ack { round: 4, refusal: Some(Refusal::new(ErrorKind::LateUpdate, "late")) }),
+        Message::Ack(Ack { round: 5, refusal: None }),
+        Message::refusal(ErrorKind::BadUpdate, "tensor x: NaN"),
+        Message::Finished(Finished { rounds: 5, model_digest: "12".repeat(32) }),
         Message::Heartbeat,
         Message::Admin(AdminRequest::Launch { rounds: Some(3) }),
         Message::Admin(AdminRequest::Export { dir: "/tmp/x".into() }),
@@ -118,7 +114,7 @@ async fn oversize_frame_is_refused_before_reading_the_payload() {
     let e = decode_frame(&buf, MAX_FRAME_BYTES).unwrap_err();
     assert!(matches!(e, FrameError::TooLarge { .. }), "{e}");
     // The sender refuses too.
-    let big = Message::Error { kind: ErrorKind::Internal, reason: "x".repeat(MAX_FRAME_BYTES) };
+    let big = Message::refusal(ErrorKind::Internal, "x".repeat(MAX_FRAME_BYTES));
     let e = write_frame(&mut Vec::new(), &big).await.unwrap_err();
     assert!(matches!(e, FrameError::TooLarge { .. }), "{e}");
     // A smaller cap applies.
@@ -154,7 +150,7 @@ async fn truncated_frames_are_refused() {
 #[test]
 fn old_or_new_protocol_version_is_refused() {
     let mut hello = sample_messages().remove(0);
-    if let Message::Hello { protocol_version, .. } = &mut hello {
+    if let Message::Hello(Hello { protocol_version, .. }) = &mut hello {
         *protocol_version = 0;
     }
     let f = encode_frame(&hello, MAX_FRAME_BYTES).unwrap();

@@ -20,24 +20,22 @@ fn model() -> TensorSet {
 }
 
 fn hello(version: u32) -> Message {
-    Message::Hello {
+    Message::Hello(Hello {
         protocol_version: version,
         site: "alpha".into(),
-        classes: vec![ClassSpec { name: "liver".into(), labels: vec![1] }],
+        classes: vec![ClassRegion { name: "liver".into(), labels: vec![1] }],
         n_train: 10,
         n_val: 2,
         hu_histogram: HuHistogram { min_hu: -1024, counts: vec![0; 8] },
         device: "cpu".into(),
-    }
+    })
 }
 
 fn welcome() -> Message {
-    Message::Welcome {
+    Message::Welcome(Welcome {
         federation: "test".into(),
         plan: Plan {
             preset: "tiny".into(),
-            patch: [32, 32, 32],
-            spacing: [1.0; 3],
             rounds: 2,
             local_steps: 5,
             batch: 2,
@@ -45,15 +43,17 @@ fn welcome() -> Message {
             eval_every: 1,
             min_sites: 1,
             round_deadline_s: 60,
-            dice_mode: "batch".into(),
-            bf16_transport: false,
-            site_decoders: false,
-            local: fedtalent_protocol::LocalPolicy::default(),
+            dice_mode: DiceMode::Batch,
+            transport: Transport::Native,
+            max_update_norm: 1e4,
+            per_site_decoders: false,
+            local: LocalPolicy::default(),
+            server: ServerOptimizer::default(),
         },
         classes: vec![],
-        normalization: Normalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },
+        normalization: CtNormalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },
         current_round: 0,
-    }
+    })
 }
 
 /// Handles one bidirectional stream: one request frame, one reply frame. Reports refusals.
@@ -72,29 +72,29 @@ async fn handle_stream(
             };
             let reason = format!("site '{site}': {e}");
             let _ = log.send(reason.clone());
-            Message::Error { kind, reason }
+            Message::refusal(kind, reason)
         }
-        Ok(Message::Hello { .. }) => welcome(),
-        Ok(Message::ModelRequest { .. }) => {
+        Ok(Message::Hello(_)) => welcome(),
+        Ok(Message::ModelRequest(_)) => {
             let c = conn.clone();
             tokio::spawn(async move {
                 let _ = send_tensors_uni(&c, Arc::new(model()), &mut TensorDigests::new(Transport::Bf16)).await;
             });
-            Message::Ack { round: 0, accepted: true, reason: None }
+            Message::Ack(Ack { round: 0, refusal: None })
         }
-        Ok(Message::UpdateHeader { round, payload_digest, .. }) => {
+        Ok(Message::UpdateHeader(UpdateHeader { round, payload_digest, .. })) => {
             let mut limits = RecvLimits::for_manifest(model().manifest());
             limits.expected_digest = Some(payload_digest);
             match recv_tensors_uni(&conn, &limits).await {
-                Ok(_) => Message::Ack { round, accepted: true, reason: None },
+                Ok(_) => Message::Ack(Ack { round, refusal: None }),
                 Err(e) => {
                     let reason = format!("site '{site}': update refused: {e}");
                     let _ = log.send(reason.clone());
-                    Message::Ack { round, accepted: false, reason: Some(reason) }
+                    Message::Ack(Ack { round, refusal: Some(Refusal::new(ErrorKind::BadUpdate, reason)) })
                 }
             }
         }
-        Ok(other) => Message::Error { kind: ErrorKind::BadMessage, reason: format!("unexpected {}", other.kind()) },
+        Ok(other) => Message::refusal(ErrorKind::BadMessage, format!("unexpected {}", other.kind())),
     };
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();
@@ -157,8 +157,9 @@ async fn honest_site(f: &Fixture, site: &str) {
     let (_ep, conn) = f.connect(site).await;
     assert_eq!(request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(), welcome());
     // Model download (bf16 transport), checked against the expected digest.
-    let reply = request(&conn, &Message::ModelRequest { digest: model().digest(), full: false }).await.unwrap();
-    assert!(matches!(reply, Message::Ack { accepted: true, .. }));
+    let reply =
+        request(&conn, &Message::ModelRequest(ModelRequest { digest: model().digest(), full: false })).await.unwrap();
+    assert!(matches!(reply, Message::Ack(Ack { refusal: None, .. })));
     let limits = RecvLimits {
         expected_digest: Some(model().wire_digest(Transport::Bf16)),
         ..RecvLimits::for_manifest(model().manifest())
@@ -175,15 +176,15 @@ async fn honest_site(f: &Fixture, site: &str) {
             send_tensors_uni(&c, Arc::new(u), &mut TensorDigests::new(Transport::Native)).await.unwrap()
         })
     };
-    let header = Message::UpdateHeader {
+    let header = Message::UpdateHeader(UpdateHeader {
         round: 1,
         n_cases: 10,
         train_loss: 0.1,
         dice: vec![],
         payload_digest: digest.clone(),
-        durations_ms: vec![],
-    };
-    assert_eq!(request(&conn, &header).await.unwrap(), Message::Ack { round: 1, accepted: true, reason: None });
+        durations_ms: PhaseTimings::default(),
+    });
+    assert_eq!(request(&conn, &header).await.unwrap(), Message::Ack(Ack { round: 1, refusal: None }));
     assert_eq!(up.await.unwrap(), digest);
     conn.close(0u32.into(), b"bye");
 }
@@ -196,7 +197,7 @@ async fn broken_control_frames_are_refused_and_honest_sites_go_on() {
 
     // Old protocol version.
     let reply = request(&conn, &hello(0)).await.unwrap();
-    let Message::Error { kind, reason } = reply else { panic!("{reply:?}") };
+    let Message::Error(Refusal { kind, reason }) = reply else { panic!("{reply:?}") };
     assert_eq!(kind, ErrorKind::VersionMismatch);
     assert!(reason.contains("site 'beta': protocol version mismatch: peer speaks version 0"), "{reason}");
     assert_eq!(f.logged().await, reason);
@@ -204,14 +205,14 @@ async fn broken_control_frames_are_refused_and_honest_sites_go_on() {
 
     // A frame over the cap (declared 16 MiB; only the prefix is sent).
     let reply = raw_request(&conn, &(16u32 << 20).to_be_bytes()).await;
-    let Message::Error { kind: ErrorKind::BadMessage, reason } = reply else { panic!("{reply:?}") };
+    let Message::Error(Refusal { kind: ErrorKind::BadMessage, reason }) = reply else { panic!("{reply:?}") };
     assert!(reason.contains("frame of 16777216 bytes exceeds the cap of 1048576 bytes"), "{reason}");
     f.logged().await;
 
     // A truncated frame.
     let full = encode_frame(&hello(PROTOCOL_VERSION), MAX_FRAME_BYTES).unwrap();
     let reply = raw_request(&conn, &full[..full.len() - 3]).await;
-    let Message::Error { reason, .. } = reply else { panic!("{reply:?}") };
+    let Message::Error(Refusal { reason, .. }) = reply else { panic!("{reply:?}") };
     assert!(reason.contains("truncated frame: expected"), "{reason}");
     f.logged().await;
 
@@ -219,7 +220,7 @@ async fn broken_control_frames_are_refused_and_honest_sites_go_on() {
     let mut junk = 40u32.to_be_bytes().to_vec();
     junk.extend((0..40u8).map(|i| i.wrapping_mul(97).wrapping_add(200)));
     let reply = raw_request(&conn, &junk).await;
-    let Message::Error { reason, .. } = reply else { panic!("{reply:?}") };
+    let Message::Error(Refusal { reason, .. }) = reply else { panic!("{reply:?}") };
     assert!(reason.contains("malformed message"), "{reason}");
     f.logged().await;
 
@@ -236,14 +237,14 @@ async fn upload_raw(conn: &quinn::Connection, bytes: Vec<u8>, digest: String) ->
         let _ = s.write_all(&bytes).await;
         let _ = s.finish();
     });
-    let header = Message::UpdateHeader {
+    let header = Message::UpdateHeader(UpdateHeader {
         round: 1,
         n_cases: 1,
         train_loss: 0.0,
         dice: vec![],
         payload_digest: digest,
-        durations_ms: vec![],
-    };
+        durations_ms: PhaseTimings::default(),
+    });
     request(conn, &header).await.unwrap()
 }
 
@@ -257,7 +258,7 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
 
     let mut check = async |bytes: Vec<u8>, digest: String, needle: &str| {
         let reply = upload_raw(&conn, bytes, digest).await;
-        let Message::Ack { accepted: false, reason: Some(reason), .. } = reply else { panic!("{reply:?}") };
+        let Message::Ack(Ack { refusal: Some(Refusal { reason, .. }), .. }) = reply else { panic!("{reply:?}") };
         assert!(reason.contains(needle), "{reason:?} does not contain {needle:?}");
         assert_eq!(f.logged().await, reason);
         honest_site(&f, "alpha").await;
@@ -296,7 +297,7 @@ async fn broken_tensor_uploads_are_refused_and_honest_sites_go_on() {
 
     // The refused site itself can still send a good update.
     let reply = upload_raw(&conn, stream.clone(), digest.clone()).await;
-    assert_eq!(reply, Message::Ack { round: 1, accepted: true, reason: None });
+    assert_eq!(reply, Message::Ack(Ack { round: 1, refusal: None }));
 }
 
 /// A connected (site, coordinator) pair of connections over loopback.

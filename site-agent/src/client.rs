@@ -1,22 +1,29 @@
 //! `site-agent run`: joins the federation and trains on each round.
 //!
-//! The site drives the conversation: it says `Hello`, then long-polls with `Heartbeat` and gets
-//! `RoundStart` when a round is open for it; it downloads the global model when its digest
-//! changed, evaluates it every `eval_every` rounds, trains locally, and uploads its backbone and
-//! its own heads. A lost connection is retried with exponential back-off; a refusal by the
-//! coordinator (certificate, version, dataset) ends the agent with the coordinator's reason.
+//! The agent goes through two phases, each a type: joining (it holds its preprocessed cases and
+//! says `Hello` until the coordinator welcomes it; the `Welcome` comes once every site
+//! registered) and training ([`Training`]: the trainer and batch loader built from the plan,
+//! kept across reconnections). Training, it long-polls with `Heartbeat` and gets `RoundStart`
+//! when a round is open for it; it downloads the global model when its digest changed,
+//! evaluates it when asked, trains locally, and uploads its backbone and its own heads. A lost
+//! connection is retried with exponential back-off (saying `Hello` again, and the plan must
+//! not have changed); a refusal by the coordinator (certificate, version, dataset) ends the
+//! agent with the coordinator's reason.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fedtalent_data::{BatchLoader, ClassRegion};
+use fedtalent_data::{BatchLoader, PreprocessedCase};
 use fedtalent_model::wire::{self, Parts};
+use fedtalent_model::Topology;
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, write_frame, ClassSpec, ErrorKind, Message, Plan, RecvLimits, TensorDigests,
-    TensorSet, Transport, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    close, quic, read_frame, recv_tensors_digest, write_frame, Ack, Finished, Hello, Message, ModelRequest,
+    PhaseTimings, Plan, RecvLimits, RoundStart, TensorDigests, TensorSet, UpdateHeader, Welcome, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
+use fedtalent_vocab::{class_id, CtNormalization};
 use tch::Device;
 use tracing::{info, warn};
 
@@ -44,34 +51,39 @@ pub struct RunOptions {
 }
 
 /// A refusal by the coordinator: retrying will not help.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the coordinator: {0}")]
 struct Refused(String);
 
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "refused by the coordinator: {}", self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// State that survives reconnections.
+/// What the agent says in every `Hello`; fixed for the whole run.
 struct Agent {
     config: SiteConfig,
     options: RunOptions,
-    data: LocalData,
-    classes: Vec<ClassRegion>,
-    trainer: Option<LocalTrainer>,
-    loader: Option<BatchLoader>,
-    normalization: Option<fedtalent_data::Normalization>,
-    plan: Option<Plan>,
-    /// Digest of the global model the local network currently holds.
-    loaded_digest: Option<String>,
-    rounds_trained: u32,
     /// Training cases (counted before the batch loader takes them over).
     n_train: u32,
+    n_val: u32,
+    histogram: fedtalent_vocab::HuHistogram,
+}
+
+/// A connection to the coordinator (the endpoint must live as long as the connection).
+struct Session {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+/// The training phase: what the plan fixed, and the local trainer.
+struct Training {
+    plan: Plan,
+    normalization: CtNormalization,
+    trainer: LocalTrainer,
+    loader: BatchLoader,
+    /// The validation cases the global model is evaluated on.
+    val: Vec<PreprocessedCase>,
+    /// Digest of the global model the local network currently holds.
+    loaded_digest: Option<String>,
     /// A class of another site (what the foreign-heads fault claims to send).
     foreign_class: Option<String>,
+    rounds_trained: u32,
 }
 
 enum SessionEnd {
@@ -83,49 +95,62 @@ pub async fn run(config: SiteConfig, options: RunOptions) -> Result<()> {
     // Before the (long) preprocessing: a key that others can read stops the agent here.
     fedtalent_certs::read_private_key(&config.site.key)?;
     let spacing = config.data.target_spacing;
-    let classes = config.data.classes.clone();
-    let data = {
+    let mut data = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || local::prepare_data(&config, spacing)).await??
     };
-    let n_train = data.train.len() as u32;
-    let mut agent = Agent {
-        n_train,
-        foreign_class: None,
+    let agent = Agent {
+        n_train: data.train.len() as u32,
+        n_val: data.val.len() as u32,
+        histogram: data.histogram.clone(),
         config,
         options,
-        data,
-        classes,
-        trainer: None,
-        loader: None,
-        normalization: None,
-        plan: None,
-        loaded_digest: None,
-        rounds_trained: 0,
     };
     let mut backoff = Duration::from_secs(1);
+    // Joining: until the coordinator welcomes this site and the trainer is built.
+    let (mut session, mut training) = loop {
+        match agent.join(&mut data, &mut backoff).await {
+            Ok(joined) => break joined,
+            Err(e) => agent.back_off(e, &mut backoff).await?,
+        }
+    };
+    drop(data);
+    // Training: rounds until the federation finishes; a lost connection joins again.
     loop {
-        match agent.session(&mut backoff).await {
+        match agent.train_rounds(&session, &mut training).await {
             Ok(SessionEnd::Finished) => {
                 info!("federation finished");
                 return Ok(());
             }
             Ok(SessionEnd::RoundLimit) => {
-                info!(rounds = agent.rounds_trained, "round limit of this run reached");
+                info!(rounds = training.rounds_trained, "round limit of this run reached");
                 return Ok(());
             }
-            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
-            Err(e) => {
-                warn!("{e:#}; reconnecting in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+            Err(e) => agent.back_off(e, &mut backoff).await?,
         }
+        session = loop {
+            match agent.rejoin(&mut training, &mut backoff).await {
+                Ok(session) => break session,
+                Err(e) => agent.back_off(e, &mut backoff).await?,
+            }
+        };
     }
 }
 
 impl Agent {
-    async fn connect(&self) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    /// After a failed session: a refusal ends the agent, anything else waits `backoff` (doubled,
+    /// up to 30 s) before the next try.
+    async fn back_off(&self, e: anyhow::Error, backoff: &mut Duration) -> Result<()> {
+        if e.downcast_ref::<Refused>().is_some() {
+            return Err(e);
+        }
+        warn!("{e:#}; reconnecting in {backoff:?}");
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Session> {
         let site = &self.config.site;
         let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
         let key = fedtalent_certs::read_private_key(&site.key)?;
@@ -149,35 +174,128 @@ impl Agent {
             }
             Ok(r) => r.with_context(|| format!("connecting to {}", site.coordinator))?,
         };
-        Ok((endpoint, conn))
+        Ok(Session { _endpoint: endpoint, conn })
     }
 
-    async fn session(&mut self, backoff: &mut Duration) -> Result<SessionEnd> {
-        let (_endpoint, conn) = self.connect().await?;
+    /// Connects and says `Hello`; returns the connection and the coordinator's `Welcome`,
+    /// after checking that it lists this site's classes as configured.
+    async fn hello(&self, backoff: &mut Duration) -> Result<(Session, Welcome)> {
+        let session = self.connect().await?;
+        let conn = &session.conn;
         // A coordinator that refuses our certificate closes the connection right after the
         // handshake; the first request then fails with its reason.
-        let welcome = quic::request(&conn, &self.hello()).await.map_err(|e| classify_closed(&conn, e))?;
-        let Message::Welcome { plan, classes, normalization, current_round, federation } = welcome else {
-            return Err(refusal_of(welcome));
+        let reply =
+            quic::request(conn, &Message::Hello(self.hello_message())).await.map_err(|e| classify_closed(conn, e))?;
+        let Message::Welcome(welcome) = reply else {
+            return Err(refusal_of(reply));
         };
-        info!(%federation, current_round, classes = classes.len(), "joined the federation");
+        info!(federation = %welcome.federation, current_round = welcome.current_round, classes = welcome.classes.len(), "joined the federation");
         *backoff = Duration::from_secs(1);
-        self.setup(plan, &classes, normalization).await?;
+        let site = &self.config.site.name;
+        let ids = self.class_ids();
+        let mine: Vec<String> = welcome.classes.iter().filter(|c| &c.site == site).map(|c| c.id.clone()).collect();
+        if mine != ids {
+            return Err(Refused(format!(
+                "the federation lists classes {mine:?} for this site, the config has {ids:?}"
+            ))
+            .into());
+        }
+        Ok((session, welcome))
+    }
+
+    fn hello_message(&self) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            site: self.config.site.name.clone(),
+            classes: self.config.data.classes.clone(),
+            n_train: self.n_train,
+            n_val: self.n_val,
+            hu_histogram: self.histogram.clone(),
+            device: format!("{:?}", self.options.device),
+        }
+    }
+
+    /// Global ids of this site's classes, in the order of its local heads.
+    fn class_ids(&self) -> Vec<String> {
+        self.config.data.classes.iter().map(|c| class_id(&self.config.site.name, &c.name)).collect()
+    }
+
+    /// The first `Hello`: builds the local trainer and batch loader from the plan and the
+    /// normalization (the cases leave `data` for the loader only once the trainer is built).
+    async fn join(&self, data: &mut LocalData, backoff: &mut Duration) -> Result<(Session, Training)> {
+        let (session, welcome) = self.hello(backoff).await?;
+        let Welcome { plan, classes, normalization, .. } = welcome;
+        let site = self.config.site.name.clone();
+        let topology =
+            Topology::preset(&plan.preset).with_context(|| format!("the federation's preset {:?}", plan.preset))?;
+        let spacing = topology.spacing;
+        if spacing.iter().zip(self.config.data.target_spacing).any(|(a, b)| (a - b).abs() > 1e-6) {
+            info!(?spacing, "the federation trains at another spacing than [data].target_spacing; preprocessing again");
+            let config = self.config.clone();
+            *data = tokio::task::spawn_blocking(move || local::prepare_data(&config, spacing)).await??;
+        }
+        let spec = TrainerSpec {
+            preset: &plan.preset,
+            classes: &self.config.data.classes,
+            datasets: None,
+            class_ids: self.class_ids(),
+            device: self.options.device,
+            lr: plan.lr,
+            total_steps: plan.total_steps(),
+            dice: plan.dice_mode,
+            site_decoder: plan.per_site_decoders.then_some(site.as_str()),
+        };
+        let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
+        let stream = local::StreamSpec {
+            patch: trainer.trainer.net.topology().patch,
+            batch: plan.batch,
+            norm: normalization,
+            seed: local::stream_seed(self.config.site.seed, &site),
+            threads: self.config.site.threads,
+            device: self.options.device,
+            start: trainer.state.batches_drawn,
+        };
+        let loader = local::batch_loader(vec![std::mem::take(&mut data.train)], stream)?;
+        let training = Training {
+            foreign_class: classes.iter().find(|c| c.site != site).map(|c| c.id.clone()),
+            plan,
+            normalization,
+            trainer,
+            loader,
+            val: std::mem::take(&mut data.val),
+            loaded_digest: None,
+            rounds_trained: 0,
+        };
+        Ok((session, training))
+    }
+
+    /// A `Hello` after a lost connection: the federation must be the one the trainer was built for.
+    async fn rejoin(&self, training: &mut Training, backoff: &mut Duration) -> Result<Session> {
+        let (session, welcome) = self.hello(backoff).await?;
+        if welcome.plan != training.plan || welcome.normalization != training.normalization {
+            return Err(Refused("the federation plan changed while this agent was running; restart it".into()).into());
+        }
+        Ok(session)
+    }
+
+    /// Polls for work and trains each round offered, until the federation finishes, the round
+    /// limit of this run is reached, or the connection fails.
+    async fn train_rounds(&self, session: &Session, training: &mut Training) -> Result<SessionEnd> {
+        let conn = &session.conn;
         loop {
-            let reply = quic::request(&conn, &Message::Heartbeat).await.map_err(|e| classify_closed(&conn, e))?;
+            let reply = quic::request(conn, &Message::Heartbeat).await.map_err(|e| classify_closed(conn, e))?;
             match reply {
                 Message::Heartbeat => continue,
-                Message::RoundStart { round, model_digest, local_steps, step_offset, total_steps, evaluate } => {
-                    let work = RoundWork { round, model_digest, local_steps, step_offset, total_steps, evaluate };
-                    self.round(&conn, work).await?;
-                    if self.options.max_rounds.is_some_and(|m| self.rounds_trained >= m) {
-                        conn.close(0u32.into(), b"round limit");
+                Message::RoundStart(start) => {
+                    self.round(conn, training, start).await?;
+                    if self.options.max_rounds.is_some_and(|m| training.rounds_trained >= m) {
+                        conn.close(close::DONE, b"round limit");
                         return Ok(SessionEnd::RoundLimit);
                     }
                 }
-                Message::Finished { rounds, model_digest } => {
+                Message::Finished(Finished { rounds, model_digest }) => {
                     info!(rounds, %model_digest, "the coordinator reports the federation complete");
-                    conn.close(0u32.into(), b"finished");
+                    conn.close(close::DONE, b"finished");
                     return Ok(SessionEnd::Finished);
                 }
                 other => return Err(refusal_of(other)),
@@ -185,143 +303,30 @@ impl Agent {
         }
     }
 
-    fn hello(&self) -> Message {
-        Message::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            site: self.config.site.name.clone(),
-            classes: self
-                .classes
-                .iter()
-                .map(|c| ClassSpec { name: c.name.clone(), labels: c.labels.clone() })
-                .collect(),
-            n_train: self.n_train,
-            n_val: self.data.val.len() as u32,
-            hu_histogram: fedtalent_protocol::HuHistogram {
-                min_hu: self.data.histogram.min_hu,
-                counts: self.data.histogram.counts.clone(),
-            },
-            device: format!("{:?}", self.options.device),
-        }
-    }
-
-    /// Builds the local trainer and batch loader once the plan and normalization are known.
-    async fn setup(
-        &mut self,
-        plan: Plan,
-        classes: &[fedtalent_protocol::GlobalClass],
-        norm: fedtalent_protocol::Normalization,
-    ) -> Result<()> {
-        let site = self.config.site.name.clone();
-        let ids: Vec<String> = self.classes.iter().map(|c| format!("{site}/{}", c.name)).collect();
-        let mine: Vec<String> = classes.iter().filter(|c| c.site == site).map(|c| c.id.clone()).collect();
-        if mine != ids {
-            return Err(Refused(format!(
-                "the federation lists classes {mine:?} for this site, the config has {ids:?}"
-            ))
-            .into());
-        }
-        self.foreign_class = classes.iter().find(|c| c.site != site).map(|c| c.id.clone());
-        if self.trainer.is_some() {
-            if self.plan.as_ref() != Some(&plan) {
-                return Err(
-                    Refused("the federation plan changed while this agent was running; restart it".into()).into()
-                );
-            }
-            return Ok(());
-        }
-        let spacing = plan.spacing.map(|v| v as f64);
-        if spacing.iter().zip(self.config.data.target_spacing).any(|(a, b)| (a - b).abs() > 1e-6) {
-            info!(?spacing, "the federation trains at another spacing than [data].target_spacing; preprocessing again");
-            let config = self.config.clone();
-            self.data = tokio::task::spawn_blocking(move || local::prepare_data(&config, spacing)).await??;
-        }
-        let norm = fedtalent_data::Normalization {
-            clip_low: norm.clip_low as f64,
-            clip_high: norm.clip_high as f64,
-            mean: norm.mean as f64,
-            std: norm.std as f64,
-        };
-        let spec = TrainerSpec {
-            preset: &plan.preset,
-            classes: &self.classes,
-            datasets: None,
-            class_ids: ids,
-            device: self.options.device,
-            lr: plan.lr,
-            total_steps: plan.rounds as u64 * plan.local_steps as u64,
-            dice: plan.dice_mode.parse()?,
-            site_decoders: plan.site_decoders,
-        };
-        let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
-        let stream = local::StreamSpec {
-            patch: trainer.trainer.net.topology().patch,
-            batch: plan.batch,
-            norm,
-            seed: local::stream_seed(self.config.site.seed, &site),
-            threads: self.config.site.threads,
-            device: self.options.device,
-            start: trainer.state.batches_drawn,
-        };
-        self.loader = Some(local::batch_loader(vec![std::mem::take(&mut self.data.train)], stream)?);
-        self.trainer = Some(trainer);
-        self.normalization = Some(norm);
-        self.plan = Some(plan);
-        Ok(())
-    }
-
-    fn transport(&self) -> Transport {
-        if self.plan.as_ref().is_some_and(|p| p.bf16_transport) {
-            Transport::Bf16
-        } else {
-            Transport::Native
-        }
-    }
-
-    async fn round(&mut self, conn: &quinn::Connection, work: RoundWork) -> Result<()> {
-        let mut durations = Vec::new();
+    /// One round: download the global model if needed, evaluate it if asked, train, upload.
+    async fn round(&self, conn: &quinn::Connection, training: &mut Training, start: RoundStart) -> Result<()> {
+        let mut durations = PhaseTimings::default();
         let started = Instant::now();
-        if self.loaded_digest.as_deref() != Some(work.model_digest.as_str()) {
-            self.download(conn, &work.model_digest).await?;
+        if training.loaded_digest.as_deref() != Some(start.model_digest.as_str()) {
+            training.download(conn, &start.model_digest).await?;
         }
-        durations.push(("download".to_string(), started.elapsed().as_millis() as u64));
-        // Training and evaluation are blocking tensor work: run them off the async threads so
-        // that QUIC keeps answering (keep-alives) meanwhile.
-        let mut trainer = self.trainer.take().expect("set up");
-        let mut loader = self.loader.take().expect("set up");
-        let val = std::mem::take(&mut self.data.val);
-        let norm = self.normalization.expect("set up");
-        let plan = self.plan.as_ref().expect("set up");
-        let policy = plan.local;
-        let evaluate = work.evaluate;
-        let local_work = local::RoundWork {
-            round: work.round,
-            steps: work.local_steps,
-            step_offset: work.step_offset,
-            total_steps: work.total_steps,
-            last: work.round == plan.rounds,
+        durations.download = started.elapsed().as_millis() as u64;
+        let work = local::RoundWork {
+            round: start.round,
+            steps: start.local_steps,
+            step_offset: start.step_offset,
+            total_steps: start.total_steps,
+            last: start.round == training.plan.rounds,
         };
-        let result = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let dice = if evaluate && !val.is_empty() { trainer.evaluate(&val, &norm) } else { Ok(Vec::new()) };
-            let eval_ms = t.elapsed().as_millis() as u64;
-            let t = Instant::now();
-            let loss = dice.and_then(|dice| Ok((dice, trainer.train_round(&mut loader, &policy, &local_work)?)));
-            (trainer, loader, val, loss, eval_ms, t.elapsed().as_millis() as u64)
-        })
-        .await?;
-        let (trainer, loader, val, outcome, eval_ms, train_ms) = result;
-        self.trainer = Some(trainer);
-        self.loader = Some(loader);
-        self.data.val = val;
-        let (dice, loss) = outcome?;
-        durations.push(("evaluate".into(), eval_ms));
-        durations.push(("train".into(), train_ms));
-        self.loaded_digest = None; // the local network now holds the site's update
+        // Evaluation and training are blocking tensor work: `block_in_place` hands this
+        // worker's other tasks (QUIC keep-alives) to the runtime's other threads meanwhile.
+        let (dice, loss) = tokio::task::block_in_place(|| training.evaluate_and_train(&start, &work, &mut durations))?;
+        training.loaded_digest = None; // the local network now holds the site's update
         let t = Instant::now();
-        let accepted = self.upload(conn, &work, loss, dice, durations).await?;
+        let accepted = self.upload(conn, training, start.round, loss, dice, durations).await?;
         let path = conn.stats().path;
         info!(
-            round = work.round,
+            round = start.round,
             loss,
             upload_ms = t.elapsed().as_millis() as u64,
             accepted,
@@ -330,57 +335,33 @@ impl Agent {
             lost_packets = path.lost_packets,
             "round done"
         );
-        self.trainer.as_mut().expect("set up").save(work.round)?;
-        self.rounds_trained += 1;
-        Ok(())
-    }
-
-    /// Fetches the global backbone and this site's heads and loads them into the local network.
-    async fn download(&mut self, conn: &quinn::Connection, digest: &str) -> Result<()> {
-        let site = self.config.site.name.clone();
-        let trainer = self.trainer.as_mut().expect("set up");
-        let manifest =
-            wire::parts_manifest(&trainer.trainer.net, &trainer.class_ids, &trainer.selection(&site).decoders);
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &Message::ModelRequest { digest: digest.to_string(), full: false }).await?;
-        send.finish()?;
-        // Bound to the announcement: a stream of any other model is refused (the session
-        // ends with this error and is retried after its back-off).
-        let limits = RecvLimits { expected_digest: Some(digest.to_string()), ..RecvLimits::for_manifest(manifest) };
-        let (set, _) = recv_tensors_digest(&mut recv, &limits)
-            .await
-            .with_context(|| format!("downloading the global model {digest} announced in RoundStart"))?;
-        let parts = Parts::from_wire(&set)?;
-        let rows = trainer.rows();
-        parts.apply(&mut trainer.trainer.net, &|id| rows.iter().find(|(c, _)| c == id).map(|(_, r)| *r), &|s| {
-            (s == site).then_some(0)
-        })?;
-        self.loaded_digest = Some(digest.to_string());
+        training.trainer.save(start.round)?;
+        training.rounds_trained += 1;
         Ok(())
     }
 
     async fn upload(
-        &mut self,
+        &self,
         conn: &quinn::Connection,
-        work: &RoundWork,
+        training: &Training,
+        round: u32,
         loss: f32,
         dice: Vec<(String, f32)>,
-        durations: Vec<(String, u64)>,
+        durations: PhaseTimings,
     ) -> Result<bool> {
         // A class with neither prediction nor label in the validation cases has no Dice (NaN);
         // the coordinator refuses non-finite metrics, so such a class is left out of the report.
         let dice: Vec<(String, f32)> = dice.into_iter().filter(|(_, d)| d.is_finite()).collect();
-        let trainer = self.trainer.as_ref().expect("set up");
-        let mut set = wire::parts_to_wire(&trainer.trainer.net, &trainer.selection(&self.config.site.name));
-        let mut round = work.round;
+        let mut set = wire::parts_to_wire(&training.trainer.trainer.net, &training.trainer.selection);
+        let mut sent_round = round;
         if let Some(fault) = self.options.fault {
             warn!(?fault, "injecting a fault into this upload (test mode)");
-            inject(fault, &mut set, &mut round, self.foreign_class.as_deref().unwrap_or("unknown/class"));
+            inject(fault, &mut set, &mut sent_round, training.foreign_class.as_deref().unwrap_or("unknown/class"));
         }
         // Hash once: the digest announced in the header is reused while streaming.
-        let mut digests = TensorDigests::new(self.transport());
-        let header = Message::UpdateHeader {
-            round,
+        let mut digests = TensorDigests::new(training.plan.transport);
+        let header = UpdateHeader {
+            round: sent_round,
             n_cases: self.n_train,
             train_loss: loss,
             dice,
@@ -388,20 +369,61 @@ impl Agent {
             durations_ms: durations,
         };
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &header).await?;
+        write_frame(&mut send, &Message::UpdateHeader(header)).await?;
         // The coordinator may refuse (a stale round) before reading the payload.
         let sent = quic::send_tensors_shared(&mut send, Arc::new(set), &mut digests).await;
         let _ = send.finish();
-        let reply = read_frame(&mut recv, MAX_FRAME_BYTES).await;
-        match reply {
-            Ok(Message::Ack { accepted: true, .. }) => Ok(true),
-            Ok(Message::Ack { accepted: false, reason, .. }) => {
-                warn!(round = work.round, "update refused: {}", reason.unwrap_or_default());
+        match read_frame(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(Message::Ack(Ack { refusal: None, .. })) => Ok(true),
+            Ok(Message::Ack(Ack { refusal: Some(refusal), .. })) => {
+                warn!(round, "update refused: {refusal}");
                 Ok(false)
             }
             Ok(other) => Err(refusal_of(other)),
             Err(e) => Err(anyhow!("no acknowledgement of the update ({e}; sending: {sent:?})")),
         }
+    }
+}
+
+impl Training {
+    /// Fetches the global backbone and this site's heads and loads them into the local network.
+    async fn download(&mut self, conn: &quinn::Connection, digest: &str) -> Result<()> {
+        let net = &mut self.trainer.trainer.net;
+        let manifest = wire::parts_manifest(net, &self.trainer.selection);
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let request = ModelRequest { digest: digest.to_string(), full: false };
+        write_frame(&mut send, &Message::ModelRequest(request)).await?;
+        send.finish()?;
+        // Bound to the announcement: a stream of any other model is refused (the session
+        // ends with this error and is retried after its back-off).
+        let limits = RecvLimits { expected_digest: Some(digest.to_string()), ..RecvLimits::for_manifest(manifest) };
+        let (set, _) = recv_tensors_digest(&mut recv, &limits)
+            .await
+            .with_context(|| format!("downloading the global model {digest} announced in RoundStart"))?;
+        Parts::from_wire(&set)?.apply(net, &self.trainer.selection)?;
+        self.loaded_digest = Some(digest.to_string());
+        Ok(())
+    }
+
+    /// The round's blocking work: Dice of the downloaded global model on the validation cases
+    /// (when `start` asks for it), then local training; returns the Dice and the mean loss.
+    fn evaluate_and_train(
+        &mut self,
+        start: &RoundStart,
+        work: &local::RoundWork,
+        durations: &mut PhaseTimings,
+    ) -> Result<(Vec<(String, f32)>, f32)> {
+        let t = Instant::now();
+        let dice = if start.evaluate && !self.val.is_empty() {
+            self.trainer.evaluate(&self.val, &self.normalization)?
+        } else {
+            Vec::new()
+        };
+        durations.evaluate = t.elapsed().as_millis() as u64;
+        let t = Instant::now();
+        let loss = self.trainer.train_round(&mut self.loader, &self.plan.local, work)?;
+        durations.train = t.elapsed().as_millis() as u64;
+        Ok((dice, loss))
     }
 }
 
@@ -430,23 +452,10 @@ fn inject(fault: Fault, set: &mut TensorSet, round: &mut u32, foreign_class: &st
     }
 }
 
-struct RoundWork {
-    round: u32,
-    model_digest: String,
-    local_steps: u32,
-    step_offset: u64,
-    total_steps: u64,
-    evaluate: bool,
-}
-
 fn refusal_of(message: Message) -> anyhow::Error {
     match message {
-        Message::Error { kind, reason }
-            if matches!(kind, ErrorKind::NotAllowed | ErrorKind::VersionMismatch | ErrorKind::BadDataset) =>
-        {
-            Refused(format!("{kind:?}: {reason}")).into()
-        }
-        Message::Error { kind, reason } => anyhow!("coordinator error {kind:?}: {reason}"),
+        Message::Error(refusal) if refusal.is_final() => Refused(refusal.to_string()).into(),
+        Message::Error(refusal) => anyhow!("coordinator error {refusal}"),
         other => anyhow!("unexpected {} from the coordinator", other.kind()),
     }
 }
@@ -463,7 +472,7 @@ fn classify_closed(conn: &quinn::Connection, e: quic::QuicError) -> anyhow::Erro
         Some(quinn::ConnectionError::ConnectionClosed(c)) if is_tls_refusal(c.error_code) => {
             Refused(format!("handshake: {c}")).into()
         }
-        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 1u32.into() => {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::REFUSED => {
             Refused(format!("closed by the coordinator: {}", String::from_utf8_lossy(&c.reason))).into()
         }
         _ => anyhow!("{e}"),

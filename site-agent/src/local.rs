@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use fedtalent_data::{
-    BatchLoader, ClassRegion, Dataset, HuHistogram, LoaderOptions, PreprocessOptions, PreprocessedCase,
-};
+use fedtalent_data::{BatchLoader, Dataset, LoaderOptions, PreprocessOptions, PreprocessedCase};
 use fedtalent_model::infer::{sliding_window_probabilities, InferOptions};
 use fedtalent_model::train::{Precision, TrainConfig, Trainer};
-use fedtalent_model::{BatchTargets, ClassRegions, DiceMode, MultiTalentNet, Topology};
-use fedtalent_protocol::{LocalPolicy, OptimizerState};
+use fedtalent_model::wire::Selection;
+use fedtalent_model::{BatchTargets, ClassRegions, MultiTalentNet, Topology};
+use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, HuHistogram, LocalPolicy, OptimizerState};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -78,11 +77,10 @@ pub struct LocalTrainer {
     /// Which classes of the network each dataset annotates (one dataset for a federated site;
     /// several for pooled training), indexed like the loader's datasets.
     pub regions: Vec<ClassRegions>,
-    /// Global class ids of the site's classes, in the order of the local heads.
-    pub class_ids: Vec<String>,
+    /// What of the network travels and where it lands: the global ids of its classes at the
+    /// rows of the local heads and, with per-site decoders, the site's decoder (index 0).
+    pub selection: Selection,
     pub state: SiteState,
-    /// Whether the network carries this site's own decoder (index 0).
-    pub site_decoder: bool,
     state_dir: PathBuf,
 }
 
@@ -98,14 +96,14 @@ pub struct TrainerSpec<'a> {
     pub total_steps: u64,
     pub dice: DiceMode,
     /// FIRENet per-site decoders: the local network has one decoder (index 0), this site's.
-    pub site_decoders: bool,
+    pub site_decoder: Option<&'a str>,
 }
 
 impl LocalTrainer {
     /// Builds the local trainer and restores heads, optimizer state and progress from `state_dir`.
     pub fn open(spec: TrainerSpec, state_dir: &Path) -> Result<Self> {
         let mut topo = Topology::preset(spec.preset)?;
-        if spec.site_decoders {
+        if spec.site_decoder.is_some() {
             topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()]);
         }
         let net = MultiTalentNet::new(&topo, spec.classes.len() as i64, spec.device)?;
@@ -147,22 +145,10 @@ impl LocalTrainer {
         Ok(Self {
             trainer,
             regions,
-            class_ids: spec.class_ids,
+            selection: Selection::local(&spec.class_ids, spec.site_decoder),
             state,
-            site_decoder: spec.site_decoders,
             state_dir: state_dir.to_path_buf(),
         })
-    }
-
-    /// What this site sends and receives: its heads and, with per-site decoders, its decoder.
-    pub fn selection(&self, site: &str) -> fedtalent_model::wire::Selection {
-        let decoders = if self.site_decoder { vec![(site.to_string(), 0)] } else { Vec::new() };
-        fedtalent_model::wire::Selection { classes: self.rows(), decoders }
-    }
-
-    /// `(class id, local row)` of the site's heads.
-    pub fn rows(&self) -> Vec<(String, i64)> {
-        self.class_ids.iter().enumerate().map(|(i, id)| (id.clone(), i as i64)).collect()
     }
 
     /// Saves heads + backbone, optimizer state and progress (each file atomically; the state
@@ -252,15 +238,12 @@ impl LocalTrainer {
     }
 
     /// Per-class Dice of the current network on `cases` (pooled over the cases), by class id.
-    pub fn evaluate(
-        &self,
-        cases: &[PreprocessedCase],
-        norm: &fedtalent_data::Normalization,
-    ) -> Result<Vec<(String, f32)>> {
+    pub fn evaluate(&self, cases: &[PreprocessedCase], norm: &CtNormalization) -> Result<Vec<(String, f32)>> {
         let net = &self.trainer.net;
         let device = net.device();
         let opts = InferOptions { device, progress: false, ..InferOptions::default() };
-        let classes = self.class_ids.len();
+        let class_ids: Vec<&str> = self.selection.class_ids().collect();
+        let classes = class_ids.len();
         let (mut tp, mut sums) = (vec![0f64; classes], vec![0f64; classes]);
         for case in cases {
             let image = case.normalized_image(norm);
@@ -283,7 +266,7 @@ impl LocalTrainer {
         Ok((0..classes)
             .map(|c| {
                 let dice = if sums[c] > 0.0 { 2.0 * tp[c] / sums[c] } else { f64::NAN };
-                (self.class_ids[c].clone(), dice as f32)
+                (class_ids[c].to_string(), dice as f32)
             })
             .collect())
     }
@@ -304,7 +287,7 @@ pub struct RoundWork {
 pub struct StreamSpec {
     pub patch: [i64; 3],
     pub batch: u32,
-    pub norm: fedtalent_data::Normalization,
+    pub norm: CtNormalization,
     pub seed: u64,
     pub threads: usize,
     pub device: Device,

@@ -9,9 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use fedtalent_data::{ClassRegion, HuHistogram, PreprocessedCase};
-use fedtalent_model::manifest::{ClassInfo, CtNormalization, ModelManifest, MANIFEST_FORMAT, WEIGHTS_FILE};
-use fedtalent_model::{wire, DiceMode, Topology};
+use fedtalent_data::PreprocessedCase;
+use fedtalent_model::manifest::ModelManifest;
+use fedtalent_model::{wire, Topology};
+use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram};
 use tracing::info;
 
 use crate::config::SiteConfig;
@@ -64,8 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let sources = load_sources(&args.sites, topology.spacing)?;
     let classes = class_list(&sources);
     let norm = normalization(&sources);
-    let regions: Vec<ClassRegion> =
-        classes.iter().map(|c| ClassRegion { name: c.name.clone(), labels: c.labels.clone() }).collect();
+    let regions: Vec<ClassRegion> = classes.iter().map(GlobalClass::region).collect();
     let datasets = sources
         .iter()
         .map(|s| classes.iter().enumerate().filter(|(_, c)| c.site == s.site).map(|(i, _)| i).collect())
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         lr: args.lr,
         total_steps: args.steps,
         dice: DiceMode::Batch,
-        site_decoders: false,
+        site_decoder: None,
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
     // A resumed run continues at its checkpoint's step (the schedule and the batch stream).
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     let stream = StreamSpec {
         patch: topology.patch,
         batch: args.batch,
-        norm: norm.to_data(),
+        norm,
         seed: local::stream_seed(args.seed, &stream_name),
         threads: 2,
         device,
@@ -133,17 +133,11 @@ fn load_sources(paths: &[PathBuf], spacing: [f64; 3]) -> Result<Vec<Source>> {
 }
 
 /// The classes of every dataset, in the order given, as a federation lists them.
-fn class_list(sources: &[Source]) -> Vec<ClassInfo> {
+fn class_list(sources: &[Source]) -> Vec<GlobalClass> {
     let mut classes = Vec::new();
     for s in sources {
         for c in &s.classes {
-            classes.push(ClassInfo {
-                index: classes.len() as u32,
-                id: format!("{}/{}", s.site, c.name),
-                site: s.site.clone(),
-                name: c.name.clone(),
-                labels: c.labels.clone(),
-            });
+            classes.push(GlobalClass::new(classes.len() as u32, &s.site, c));
         }
     }
     classes
@@ -152,36 +146,18 @@ fn class_list(sources: &[Source]) -> Vec<ClassInfo> {
 /// CT statistics from the merged foreground histograms (in f32, as a federation sends them).
 fn normalization(sources: &[Source]) -> CtNormalization {
     let histograms: Vec<HuHistogram> = sources.iter().map(|s| s.histogram.clone()).collect();
-    match HuHistogram::merge(&histograms).ct_stats() {
-        Some(n) => CtNormalization::from_data(&n),
-        None => CtNormalization::PAPER,
-    }
+    HuHistogram::merge(&histograms).ct_stats().unwrap_or(CtNormalization::PAPER)
 }
 
 fn export(
     trainer: &LocalTrainer,
     preset: &str,
     norm: CtNormalization,
-    classes: Vec<ClassInfo>,
+    classes: Vec<GlobalClass>,
     dir: &Path,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let net = &trainer.trainer.net;
-    net.save(&dir.join(WEIGHTS_FILE))?;
-    let selection = wire::Selection { classes: trainer.rows(), decoders: Vec::new() };
-    let topology = net.topology().clone();
-    let manifest = ModelManifest {
-        format: MANIFEST_FORMAT.into(),
-        preset: preset.into(),
-        patch: topology.patch,
-        spacing: topology.spacing,
-        topology,
-        normalization: norm,
-        classes,
-        round: 0,
-        digest: wire::model_digest(net, &selection),
-        weights: WEIGHTS_FILE.into(),
-    };
-    manifest.write(dir)?;
+    let digest = wire::model_digest(net, &trainer.selection);
+    ModelManifest { digest, ..ModelManifest::of(net, preset, norm, classes) }.save(net, dir)?;
     Ok(dir.to_path_buf())
 }

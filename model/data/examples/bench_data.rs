@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use fedtalent_data::*;
+use fedtalent_vocab::CtNormalization;
 use tch::Device;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -29,7 +30,7 @@ fn samples_per_s(
     whole: bool,
     batches: usize,
 ) -> Result<f64> {
-    let opts = LoaderOptions::new(PATCH, batch, Normalization::PAPER, 7, threads, device);
+    let opts = LoaderOptions::new(PATCH, batch, CtNormalization::PAPER, 7, threads, device);
     let mut loader = BatchLoader::new(cases, opts)?;
     for _ in 0..2 {
         loader.next_batch()?;

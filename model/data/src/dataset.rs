@@ -5,23 +5,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use fedtalent_vocab::ClassRegion;
 use serde::{Deserialize, Serialize};
 
 use crate::nifti_io::{read_label_nifti, read_nifti};
 use crate::resample::LabelInterp;
-
-/// A class is a region: the set of label values whose voxels belong to it (DESIGN.md §1.1).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClassRegion {
-    pub name: String,
-    pub labels: Vec<u32>,
-}
-
-impl ClassRegion {
-    pub fn contains(&self, label: u16) -> bool {
-        self.labels.contains(&(label as u32))
-    }
-}
 
 /// How many cases are held out for validation: a count, or a fraction of the cases.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

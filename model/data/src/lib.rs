@@ -6,17 +6,13 @@
 pub mod dataset;
 pub mod nifti_io;
 pub mod resample;
-pub mod stats;
 
-pub use dataset::{
-    check, Case, CheckReport, ClassRegion, ClassSummary, Dataset, Layout, Problem, SiteDataConfig, ValCases,
-};
+pub use dataset::{check, Case, CheckReport, ClassSummary, Dataset, Layout, Problem, SiteDataConfig, ValCases};
 pub use nifti_io::{read_header, read_label_nifti, read_nifti, write_mask_nifti, NiftiIoError, SpatialHeader, Volume};
 pub use resample::{
     anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing, resample_probabilities,
     target_shape, Interp, LabelInterp,
 };
-pub use stats::{HistogramError, HuHistogram, Normalization};
 
 pub mod augment;
 pub mod loader;

@@ -17,7 +17,7 @@ use crate::augment::{AugmentConfig, Augmenter};
 use crate::preprocess::PreprocessedCase;
 use crate::sampler::{sample_region, CaseView, FOREGROUND_FRACTION};
 use crate::spatial::SpatialTransform;
-use crate::stats::Normalization;
+use fedtalent_vocab::CtNormalization;
 
 /// A training batch on the device.
 pub struct Batch {
@@ -36,7 +36,7 @@ pub struct Batch {
 pub struct LoaderOptions {
     pub patch: [usize; 3],
     pub batch: usize,
-    pub normalization: Normalization,
+    pub normalization: CtNormalization,
     pub seed: u64,
     pub threads: usize,
     pub device: Device,
@@ -54,7 +54,7 @@ impl LoaderOptions {
     pub fn new(
         patch: [usize; 3],
         batch: usize,
-        normalization: Normalization,
+        normalization: CtNormalization,
         seed: u64,
         threads: usize,
         device: Device,

@@ -21,10 +21,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::dataset::{Case, ClassRegion, Dataset};
+use crate::dataset::{Case, Dataset};
 use crate::nifti_io::{read_label_nifti, read_nifti, SpatialHeader};
 use crate::resample::{anisotropy_axis, resample, resample_labels, target_shape, Interp, LabelInterp};
-use crate::stats::{HuHistogram, Normalization};
+use fedtalent_vocab::ClassRegion;
+use fedtalent_vocab::{CtNormalization, HuHistogram};
 
 /// Bumped whenever the preprocessing changes what it writes, so old caches are not reused.
 const PREPROCESS_VERSION: u32 = 1;
@@ -89,7 +90,7 @@ impl PreprocessedCase {
     }
 
     /// The normalized image as an array.
-    pub fn normalized_image(&self, norm: &Normalization) -> Array3<f32> {
+    pub fn normalized_image(&self, norm: &CtNormalization) -> Array3<f32> {
         let [z, y, x] = self.meta.shape;
         let v: Vec<f32> = self.image().iter().map(|&h| norm.apply(h)).collect();
         Array3::from_shape_vec((z, y, x), v).expect("shape")
@@ -353,7 +354,7 @@ pub struct InferenceImage {
 }
 
 /// Loads a raw image for inference (crop to nonzero, cubic resampling in HU, CT normalization).
-pub fn load_for_inference(path: &Path, target_spacing: [f64; 3], norm: &Normalization) -> Result<InferenceImage> {
+pub fn load_for_inference(path: &Path, target_spacing: [f64; 3], norm: &CtNormalization) -> Result<InferenceImage> {
     let vol = read_nifti(path)?;
     if vol.data.iter().any(|v| !v.is_finite()) {
         bail!("{}: image contains NaN or infinite voxels", path.display());

@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use crate::stats::Normalization;
+use fedtalent_vocab::CtNormalization;
 
 /// Fraction of samples centred on foreground (DESIGN.md §1.4).
 pub const FOREGROUND_FRACTION: f64 = 1.0 / 3.0;
@@ -66,7 +66,7 @@ pub fn choose_start<R: Rng>(
 
 /// Cuts the patch at `start`, normalizing the image; outside the case the image is 0 (the
 /// normalized mean, as nnU-Net pads) and the labels are background.
-pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &Normalization) -> (Vec<f32>, Vec<u16>) {
+pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &CtNormalization) -> (Vec<f32>, Vec<u16>) {
     let n = patch.iter().product();
     let mut image = vec![0.0f32; n];
     let mut labels = vec![0u16; n];
@@ -103,7 +103,7 @@ pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &Normaliza
 pub fn sample_patch<R: Rng>(
     case: &CaseView,
     patch: [usize; 3],
-    norm: &Normalization,
+    norm: &CtNormalization,
     foreground_fraction: f64,
     rng: &mut R,
 ) -> Patch {
@@ -118,7 +118,7 @@ pub fn sample_region<R: Rng>(
     case: &CaseView,
     patch: [usize; 3],
     region: [usize; 3],
-    norm: &Normalization,
+    norm: &CtNormalization,
     foreground_fraction: f64,
     rng: &mut R,
 ) -> Patch {

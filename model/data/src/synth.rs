@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr_free::normal;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::ClassRegion;
 use crate::nifti_io::{write_i16_nifti, write_mask_nifti, SpatialHeader};
+use fedtalent_vocab::ClassRegion;
 
 /// Box–Muller normal samples (avoids a dependency on rand_distr).
 mod rand_distr_free {

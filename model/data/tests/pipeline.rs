@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use fedtalent_data::*;
+use fedtalent_vocab::{ClassRegion, CtNormalization};
 use tch::{Device, Kind, Tensor};
 
 fn small_sites(dir: &Path, seed: u64) -> Vec<GeneratedSite> {
@@ -238,7 +239,7 @@ fn loader_delivers_batches_and_augmentation_keeps_labels() {
     let cfg = config_for(&sites[1], &dir.path().join("cache"));
     let ds = Dataset::open(&cfg).unwrap();
     let opts = preprocess::PreprocessOptions::from_dataset(&ds);
-    let norm = Normalization::PAPER;
+    let norm = CtNormalization::PAPER;
     let load = |augment: Option<AugmentConfig>, seed: u64, threads: usize| {
         let (cases, failed) = preprocess::preprocess_cases(&ds.cases, &opts, &cfg.cache_dir, 2);
         assert!(failed.is_empty());
@@ -322,7 +323,7 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
 fn inference_images_map_back_to_the_original_geometry() {
     let dir = tempfile::tempdir().unwrap();
     let sites = small_sites(dir.path(), 6);
-    let inf = load_for_inference(&sites[0].test_image, [6.0, 4.0, 4.0], &Normalization::PAPER).unwrap();
+    let inf = load_for_inference(&sites[0].test_image, [6.0, 4.0, 4.0], &CtNormalization::PAPER).unwrap();
     let src = read_nifti(&sites[0].test_image).unwrap();
     assert_eq!(inf.original_shape, [src.data.dim().0, src.data.dim().1, src.data.dim().2]);
     let (z, y, x) = inf.image.dim();
@@ -348,7 +349,7 @@ fn batch_streams_are_seeded_and_resumable() {
     };
     let all_on = AugmentConfig { p_noise: 1.0, p_blur: 1.0, p_blur_per_channel: 1.0, ..AugmentConfig::default() };
     let load = |seed: u64, start: u64| {
-        let mut o = LoaderOptions::new([16, 24, 24], 2, Normalization::PAPER, seed, 2, Device::Cpu);
+        let mut o = LoaderOptions::new([16, 24, 24], 2, CtNormalization::PAPER, seed, 2, Device::Cpu);
         o.augment = Some(all_on.clone());
         o.start_index = start;
         BatchLoader::pooled(vec![prepared(0), prepared(1)], o).unwrap()

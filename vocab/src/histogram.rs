@@ -5,20 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::CtNormalization;
+
 /// Counts of foreground voxels per 1 HU bin; bin `i` holds values rounding to `min_hu + i`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct HuHistogram {
     pub min_hu: i32,
     pub counts: Vec<u64>,
-}
-
-/// CT normalization: clip to [clip_low, clip_high], then (x - mean) / std.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Normalization {
-    pub clip_low: f64,
-    pub clip_high: f64,
-    pub mean: f64,
-    pub std: f64,
 }
 
 /// Intensities are clamped into this range before binning so that one absurd voxel cannot make a
@@ -38,23 +31,6 @@ pub enum HistogramError {
     TooManyBins { min_hu: i32, bins: usize },
     #[error("counts sum to more than {MAX_VOXELS} voxels")]
     TooManyVoxels,
-}
-
-impl Normalization {
-    /// The fixed statistics of the MultiTalent paper.
-    pub const PAPER: Normalization =
-        Normalization { clip_low: -927.0, clip_high: 275.0, mean: 63.436882, std: 175.48094 };
-
-    pub fn apply(&self, hu: f32) -> f32 {
-        let clipped = (hu as f64).clamp(self.clip_low, self.clip_high);
-        ((clipped - self.mean) / self.std.max(1e-8)) as f32
-    }
-
-    pub fn apply_slice(&self, data: &mut [f32]) {
-        for v in data.iter_mut() {
-            *v = self.apply(*v);
-        }
-    }
 }
 
 impl HuHistogram {
@@ -180,8 +156,8 @@ impl HuHistogram {
 
     /// CT statistics: the 0.5/99.5 percentiles of the foreground, then mean and std (population) of
     /// the foreground values that lie within that range, so that the outliers the clip removes do
-    /// not inflate the std.
-    pub fn ct_stats(&self) -> Option<Normalization> {
+    /// not inflate the std. Computed in f64, stored as the federation sends them (f32).
+    pub fn ct_stats(&self) -> Option<CtNormalization> {
         let clip_low = self.percentile(0.5)?;
         let clip_high = self.percentile(99.5)?;
         let (mut n, mut sum, mut sum2) = (0.0f64, 0.0f64, 0.0f64);
@@ -196,7 +172,12 @@ impl HuHistogram {
         }
         let mean = sum / n;
         let std = (sum2 / n - mean * mean).max(0.0).sqrt();
-        Some(Normalization { clip_low, clip_high, mean, std })
+        Some(CtNormalization {
+            clip_low: clip_low as f32,
+            clip_high: clip_high as f32,
+            mean: mean as f32,
+            std: std as f32,
+        })
     }
 }
 

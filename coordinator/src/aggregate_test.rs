@@ -1,0 +1,167 @@
+//! The arithmetic of [`super`] on tiny cases with known answers, in the shape of Flower's
+//! `strategy/aggregate_test.py`: one behaviour per test, inputs small enough to check by hand.
+
+use fedtalent_model::params::Role;
+use fedtalent_model::wire::{self, Parts, Selection};
+use fedtalent_model::{MultiTalentNet, Topology};
+use fedtalent_protocol::{PhaseTimings, UpdateHeader};
+use fedtalent_vocab::{ClassRegion, GlobalClass};
+use tch::{Device, Kind, Tensor};
+
+use super::{aggregate, sqrt_weights, validate, ServerState, Update};
+use crate::config::ServerOptimizer;
+
+/// The tiny preset with two classes, `a/x` (row 0) and `b/y` (row 1), no site decoders.
+fn global() -> (MultiTalentNet, Selection) {
+    tch::manual_seed(0);
+    let net = MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 2, Device::Cpu).unwrap();
+    let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
+    let classes = [GlobalClass::new(0, "a", &region("x")), GlobalClass::new(1, "b", &region("y"))];
+    (net, Selection::global(&classes, &[]))
+}
+
+/// `site`'s upload with every backbone value `backbone` and every head value `heads`.
+fn upload(net: &MultiTalentNet, selection: &Selection, site: &str, backbone: f64, heads: f64) -> Parts {
+    let mut parts = Parts::from_wire(&wire::parts_to_wire(net, &selection.of_site(site))).unwrap();
+    for (_, t) in &mut parts.backbone {
+        *t = t.full_like(backbone);
+    }
+    for rows in parts.heads.values_mut() {
+        for (_, t) in rows {
+            *t = t.full_like(heads);
+        }
+    }
+    parts
+}
+
+/// An update of `site` with `n_cases` training cases (shared with `super::tests`).
+pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
+    let header = UpdateHeader {
+        round: 1,
+        n_cases,
+        train_loss: 0.0,
+        dice: Vec::new(),
+        payload_digest: String::new(),
+        durations_ms: PhaseTimings::default(),
+    };
+    Update { site: site.into(), header, bytes: 0, parts }
+}
+
+/// Every value of the global backbone, and of each class's head rows, if each is constant.
+fn constant_values(net: &MultiTalentNet) -> (f64, [f64; 2]) {
+    let backbone = net.params().backbone();
+    let value = |t: &Tensor| {
+        let (min, max) = (t.min().double_value(&[]), t.max().double_value(&[]));
+        assert!((max - min).abs() < 1e-6, "not constant: {min}..{max}");
+        min
+    };
+    let first = value(&backbone[0].1);
+    for (name, t) in &backbone {
+        assert!((value(t) - first).abs() < 1e-6, "{name} differs from the first backbone tensor");
+    }
+    let heads = net.params().iter().find(|p| matches!(p.role, Role::Head { .. })).expect("a head tensor");
+    (first, [value(&heads.tensor.get(0)), value(&heads.tensor.get(1))])
+}
+
+#[test]
+fn sqrt_weights_of_equal_sites_are_equal() {
+    assert_eq!(sqrt_weights(&[3, 3]), vec![0.5, 0.5]);
+    assert_eq!(sqrt_weights(&[7]), vec![1.0]);
+}
+
+#[test]
+fn sqrt_weights_follow_the_root_of_the_case_counts() {
+    // sqrt 1 : sqrt 4 = 1 : 2.
+    let w = sqrt_weights(&[1, 4]);
+    assert!((w[0] - 1.0 / 3.0).abs() < 1e-12 && (w[1] - 2.0 / 3.0).abs() < 1e-12, "{w:?}");
+    // 1 : 2 : 4 over 7.
+    let w = sqrt_weights(&[1, 4, 16]);
+    for (got, want) in w.iter().zip([1.0 / 7.0, 2.0 / 7.0, 4.0 / 7.0]) {
+        assert!((got - want).abs() < 1e-12, "{w:?}");
+    }
+}
+
+/// Backbones 1.0 (1 case) and 3.0 (4 cases): 1/3 · 1 + 2/3 · 3 = 7/3; each class's heads are
+/// its owner's, unweighted.
+#[test]
+fn the_backbone_is_the_weighted_mean_and_heads_are_the_owners() {
+    let (mut net, selection) = global();
+    let a = update("a", 1, upload(&net, &selection, "a", 1.0, 5.0));
+    let b = update("b", 4, upload(&net, &selection, "b", 3.0, 7.0));
+    let weights =
+        aggregate(&mut net, &[&a, &b], (&ServerOptimizer::default(), &mut ServerState::default()), &selection).unwrap();
+    assert!((weights[0] - 1.0 / 3.0).abs() < 1e-12 && (weights[1] - 2.0 / 3.0).abs() < 1e-12);
+    let (backbone, heads) = constant_values(&net);
+    assert!((backbone - 7.0 / 3.0).abs() < 1e-6, "{backbone}");
+    assert_eq!(heads, [5.0, 7.0]);
+}
+
+/// Partial participation: the sites that reported share the whole weight; a site that did not
+/// report keeps its heads from the previous global model.
+#[test]
+fn a_partial_round_renormalises_and_keeps_the_absent_sites_heads() {
+    let (mut net, selection) = global();
+    let a = update("a", 1, upload(&net, &selection, "a", 2.0, 5.0));
+    let b = update("b", 1, upload(&net, &selection, "b", 2.0, 7.0));
+    aggregate(&mut net, &[&a, &b], (&ServerOptimizer::default(), &mut ServerState::default()), &selection).unwrap();
+    let b_only = update("b", 9, upload(&net, &selection, "b", 4.0, 1.0));
+    let weights =
+        aggregate(&mut net, &[&b_only], (&ServerOptimizer::default(), &mut ServerState::default()), &selection)
+            .unwrap();
+    assert_eq!(weights, vec![1.0]);
+    let (backbone, heads) = constant_values(&net);
+    assert!((backbone - 4.0).abs() < 1e-6, "{backbone}");
+    assert_eq!(heads, [5.0, 1.0], "site a's heads must stay those of its last upload");
+}
+
+#[test]
+fn an_honest_upload_validates() {
+    let (net, selection) = global();
+    validate(&net, &selection, "a", &upload(&net, &selection, "a", 0.0, 0.0), 1e9).unwrap();
+}
+
+#[test]
+fn heads_of_another_sites_class_are_refused_naming_the_owner() {
+    let (net, selection) = global();
+    let mut parts = upload(&net, &selection, "a", 0.0, 0.0);
+    let rows = parts.heads.remove("a/x").unwrap();
+    parts.heads.insert("b/y".into(), rows);
+    let err = format!("{:#}", validate(&net, &selection, "a", &parts, 1e9).unwrap_err());
+    assert!(err.contains("site a") && err.contains("b/y") && err.contains("owned by site b"), "{err}");
+}
+
+#[test]
+fn heads_of_an_unknown_class_are_refused() {
+    let (net, selection) = global();
+    let mut parts = upload(&net, &selection, "a", 0.0, 0.0);
+    let rows: Vec<(String, Tensor)> = parts.heads["a/x"].iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    parts.heads.insert("a/ghost".into(), rows);
+    let err = format!("{:#}", validate(&net, &selection, "a", &parts, 1e9).unwrap_err());
+    assert!(err.contains("unknown class \"a/ghost\""), "{err}");
+}
+
+#[test]
+fn a_non_finite_backbone_is_refused() {
+    let (net, selection) = global();
+    let parts = upload(&net, &selection, "a", 0.0, 0.0);
+    let _ = parts.backbone[0].1.get(0).fill_(f64::NAN);
+    let err = format!("{:#}", validate(&net, &selection, "a", &parts, 1e9).unwrap_err());
+    assert!(err.contains("NaN or infinite"), "{err}");
+}
+
+/// The update norm is the L2 distance of the whole backbone to the global one.
+#[test]
+fn an_update_farther_than_the_bound_is_refused() {
+    let (net, selection) = global();
+    let parts = upload(&net, &selection, "a", 1.0, 0.0);
+    let squared: f64 = parts
+        .backbone
+        .iter()
+        .zip(net.params().backbone())
+        .map(|((_, theirs), (_, ours))| f64::try_from((theirs - ours).square().sum(Kind::Double)).unwrap())
+        .sum();
+    let norm = squared.sqrt();
+    validate(&net, &selection, "a", &parts, norm * 1.001).unwrap();
+    let err = format!("{:#}", validate(&net, &selection, "a", &parts, norm * 0.999).unwrap_err());
+    assert!(err.contains("exceeds the bound"), "{err}");
+}

@@ -1,0 +1,53 @@
+//! The global model for its users: `model.safetensors` (nnU-Net v1 names) + `model.json`
+//! (DESIGN.md §2.5), written from the running coordinator or offline from the state dir.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fedtalent_model::wire::{self, Selection};
+use fedtalent_model::{ModelManifest, MultiTalentNet};
+
+use super::setup::load_global;
+use super::Coordinator;
+use crate::config::FederationConfig;
+use crate::state::{Setup, StateDir};
+
+impl Coordinator {
+    /// Exports the current global model into `dir` (the operator's `Export` request).
+    pub(super) fn export(&self, dir: &Path) -> Result<String> {
+        let inner = self.lock();
+        let federation = inner.running().context("the federation is not set up yet")?;
+        let (round, digest) = (federation.completed, &federation.digest);
+        export_model(&federation.global, &federation.setup, &self.config.plan.preset, round, digest, dir)?;
+        Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
+    }
+}
+
+/// Writes `model.safetensors` (nnU-Net names, aliases included) + `model.json` into `dir`.
+pub fn export_model(
+    net: &MultiTalentNet,
+    setup: &Setup,
+    preset: &str,
+    round: u32,
+    digest: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let manifest = ModelManifest {
+        round,
+        digest: digest.into(),
+        ..ModelManifest::of(net, preset, setup.normalization, setup.classes.clone())
+    };
+    manifest.save(net, dir)?;
+    Ok(dir.to_path_buf())
+}
+
+/// Offline export from the newest checkpoint in the state dir (the coordinator may be stopped).
+pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String> {
+    let state = StateDir::open(&config.federation.state_dir)?;
+    let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
+    let (net, round, _) = load_global(config, &state, &setup)?;
+    anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
+    let digest = wire::model_digest(&net, &Selection::global(&setup.classes, config.decoder_sites()));
+    export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
+    Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
+}

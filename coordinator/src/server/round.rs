@@ -1,0 +1,487 @@
+//! A round (DESIGN.md §2.1), top-down: [`Coordinator::run_round`] opens it; each site's poll
+//! gets its [`RoundStart`] ([`Coordinator::poll`]) and downloads its part of the global model
+//! ([`Coordinator::send_model`]); each upload is admitted or refused
+//! ([`Coordinator::receive_update`]); at the deadline, or once every site reported, the round
+//! closes: the updates are aggregated into a copy of the global model, checkpointed, and the
+//! copy becomes the global model ([`Coordinator::close_round`]). A round with fewer than
+//! `min_sites` updates is repeated.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, Context, Result};
+use fedtalent_model::wire::{self, Parts};
+use fedtalent_model::MultiTalentNet;
+use fedtalent_protocol::{
+    close, recv_tensors_digest, Ack, ErrorKind, Finished, Message, RecvLimits, Refusal, RoundStart, TensorDigests,
+    UpdateHeader,
+};
+use tracing::{info, warn};
+
+use super::setup::digest_global;
+use super::{Coordinator, Federation, Inner};
+use crate::aggregate::{self, ServerState, Update};
+use crate::metrics::{MetricsLine, RoundLine};
+use crate::state::{Contribution, RoundRecord, Setup};
+
+/// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
+const POLL_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest duration a site may report for one phase of a round (a week): `coordinator
+/// report` sums them, and nothing of a round takes longer than its deadline anyway.
+const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The round accepting updates.
+pub(super) struct OpenRound {
+    pub(super) round: u32,
+    opened: Instant,
+    pub(super) updates: BTreeMap<String, Update>,
+    /// Sites whose update of this round is arriving: the slot is taken before the payload is
+    /// read, so that two concurrent uploads of one site cannot both be acknowledged.
+    arriving: BTreeSet<String>,
+}
+
+/// A round's aggregate, not yet the global model (see [`Coordinator::close_round`]).
+struct NextGlobal {
+    net: MultiTalentNet,
+    server: ServerState,
+    record: RoundRecord,
+    wire_digests: TensorDigests,
+    /// Each update's backbone weight, in the order of the round's updates.
+    weights: Vec<f64>,
+}
+
+impl Coordinator {
+    /// The round task: once the federation is set up and launched, runs every round of the
+    /// plan in turn (a dropped round is repeated), then reports the federation finished.
+    pub(super) async fn run_rounds(self: Arc<Self>) -> Result<()> {
+        loop {
+            let completed = self
+                .wait_for(super::FOREVER, |i| i.running().filter(|_| i.launched).map(|f| f.completed))
+                .await
+                .expect("waits forever");
+            let round = completed + 1;
+            if round > self.config.plan.rounds {
+                info!(rounds = self.config.plan.rounds, "federation finished");
+                self.changed();
+                if self.config.federation.exit_when_done {
+                    // Give polling sites a moment to hear `Finished`.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    return Ok(());
+                }
+                std::future::pending::<()>().await;
+            }
+            self.run_round(round).await;
+        }
+    }
+
+    /// Opens `round`, waits for its updates, and closes it.
+    async fn run_round(&self, round: u32) {
+        let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
+        let opened = OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() };
+        if let Some(federation) = self.lock().running_mut() {
+            federation.open = Some(opened);
+        }
+        self.changed();
+        info!(round, "round opened");
+        // A round closes early once every site still in the federation reported, and only if
+        // that is enough to count; removed sites are not waited for (their updates were dropped).
+        let min_sites = self.config.plan.min_sites as usize;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.wait_for(wait, |i| {
+            let target = self.active_sites(i).max(min_sites);
+            i.running()?.open.as_ref().filter(|o| o.updates.len() >= target).map(|_| ())
+        })
+        .await;
+        let Some(open) = self.lock().running_mut().and_then(|f| f.open.take()) else {
+            return;
+        };
+        self.changed();
+        let reported = open.updates.len();
+        if reported < min_sites {
+            warn!(round, reported, min_sites, "round closed without enough updates; it will be repeated");
+            return;
+        }
+        self.close_round(open).await;
+    }
+
+    /// A site's long poll for work: its `RoundStart` while a round is open that it has not
+    /// reported in, `Finished` after the last round, else `Heartbeat` after [`POLL_WAIT`].
+    pub(super) async fn poll(&self, peer: &str) -> Message {
+        let plan = &self.config.plan;
+        let work = self
+            .wait_for(POLL_WAIT, |i| {
+                let federation = i.running()?;
+                if federation.completed >= plan.rounds {
+                    return Some(Message::Finished(Finished {
+                        rounds: plan.rounds,
+                        model_digest: federation.digest.clone(),
+                    }));
+                }
+                let open = federation.open.as_ref()?;
+                if open.updates.contains_key(peer) {
+                    return None;
+                }
+                Some(Message::RoundStart(RoundStart {
+                    round: open.round,
+                    model_digest: federation.digest.clone(),
+                    local_steps: plan.local_steps,
+                    step_offset: plan.step_offset(open.round),
+                    total_steps: plan.total_steps(),
+                    evaluate: plan.evaluates(open.round),
+                }))
+            })
+            .await;
+        let Some(Message::RoundStart(start)) = work else {
+            return work.unwrap_or(Message::Heartbeat);
+        };
+        let mut inner = self.lock();
+        // Announce the site's part of the model the round was opened with; if a round closed
+        // meanwhile, the site simply polls again.
+        let Some(federation) = inner.running_mut() else {
+            return Message::Heartbeat;
+        };
+        if federation.digest != start.model_digest || federation.open.as_ref().map(|o| o.round) != Some(start.round) {
+            return Message::Heartbeat;
+        }
+        Message::RoundStart(RoundStart { model_digest: federation.site_digest(peer), ..start })
+    }
+
+    /// Streams the current global model's backbone plus the site's heads (all heads if `full`).
+    pub(super) async fn send_model(
+        &self,
+        peer: &str,
+        digest: &str,
+        full: bool,
+        send: &mut quinn::SendStream,
+    ) -> Result<()> {
+        let (set, mut digests, version) = {
+            let mut inner = self.lock();
+            let federation = inner.running_mut().context("the federation is not set up yet")?;
+            // The operator names the whole model by its global digest, a site its part by the
+            // digest its RoundStart announced.
+            let (selection, current) = if full {
+                (federation.selection.clone(), federation.digest.clone())
+            } else {
+                (federation.selection.of_site(peer), federation.site_digest(peer))
+            };
+            anyhow::ensure!(digest == current, "model {digest} is not the current global model {current}");
+            let set = wire::parts_to_wire(&federation.global, &selection);
+            (set, federation.wire_digests.clone(), federation.digest.clone())
+        };
+        fedtalent_protocol::quic::send_tensors_shared(send, Arc::new(set), &mut digests)
+            .await
+            .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
+        if let Some(federation) = self.lock().running_mut().filter(|f| f.digest == version) {
+            federation.wire_digests.merge(digests);
+        }
+        Ok(())
+    }
+
+    /// Admits a site's update into the open round, or refuses it, and says which.
+    pub(super) async fn receive_update(
+        &self,
+        peer: &str,
+        header: UpdateHeader,
+        recv: &mut quinn::RecvStream,
+    ) -> Message {
+        let round = header.round;
+        let refusal = self.admit_update(peer, header, recv).await.err();
+        if let Some(refusal) = &refusal {
+            warn!(site = %peer, round, "update refused: {}", refusal.reason);
+        }
+        Message::Ack(Ack { round, refusal })
+    }
+
+    /// The steps of admitting an update: its header (before the payload is read, so a refused
+    /// update costs nothing more), its payload within the round's deadline, its tensors against
+    /// the global model, and finally the round still being open for the site.
+    async fn admit_update(
+        &self,
+        peer: &str,
+        header: UpdateHeader,
+        recv: &mut quinn::RecvStream,
+    ) -> std::result::Result<(), Refusal> {
+        let round = header.round;
+        let (_slot, limits, until) = match self.reserve_slot(peer, &header) {
+            Ok(reserved) => reserved,
+            Err(refusal) => {
+                let _ = recv.stop(close::REFUSED);
+                return Err(refusal);
+            }
+        };
+        // A stalled payload would hold its slot (and this task) forever: it must arrive before
+        // the round closes, when it could not count any more.
+        let (set, digest) = match tokio::time::timeout_at(until.into(), recv_tensors_digest(recv, &limits)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = recv.stop(close::REFUSED);
+                return Err(Refusal::new(ErrorKind::BadUpdate, format!("payload: {e}")));
+            }
+            Err(_) => {
+                let _ = recv.stop(close::REFUSED);
+                return Err(Refusal::new(
+                    ErrorKind::LateUpdate,
+                    format!("payload of round {round} still arriving at its deadline"),
+                ));
+            }
+        };
+        let parts = Parts::from_wire(&set).map_err(|e| Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")))?;
+        let mut inner = self.lock();
+        let joined = inner.sites.get(peer).is_some_and(|s| s.joined);
+        let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
+        aggregate::validate(&federation.global, &federation.selection, peer, &parts, self.config.plan.max_update_norm)
+            .map_err(|e| Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")))?;
+        // The site may have been removed, or the round closed, while the payload was streaming.
+        if !joined {
+            return Err(Refusal::new(ErrorKind::NotAllowed, format!("site {peer} was removed from the federation")));
+        }
+        let open = federation
+            .open
+            .as_mut()
+            .filter(|o| o.round == round)
+            .ok_or_else(|| late(format!("round {round} closed while the update was arriving")))?;
+        let n_cases = header.n_cases;
+        let loss = header.train_loss;
+        let header = UpdateHeader { payload_digest: digest, ..header };
+        open.updates
+            .insert(peer.to_string(), Update { site: peer.to_string(), header, bytes: set.total_bytes(), parts });
+        drop(inner);
+        self.changed();
+        info!(site = %peer, round, n_cases, loss, "update accepted");
+        Ok(())
+    }
+
+    /// Checks an update's header against the open round and takes the site's arriving slot in
+    /// it; returns the slot, the payload's limits and the time by which it must have arrived.
+    fn reserve_slot(
+        &self,
+        peer: &str,
+        header: &UpdateHeader,
+    ) -> std::result::Result<(Slot<'_>, RecvLimits, Instant), Refusal> {
+        let bad = |reason: String| Refusal::new(ErrorKind::BadUpdate, reason);
+        check_header(peer, header).map_err(bad)?;
+        let round = header.round;
+        let mut inner = self.lock();
+        let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
+        check_metrics(peer, header, &federation.setup).map_err(bad)?;
+        let registered = federation.setup.cases_of(peer);
+        if registered != Some(header.n_cases) {
+            return Err(bad(format!(
+                "site {peer}: n_cases {} is not its {} registered training cases",
+                header.n_cases,
+                registered.map_or("(none)".to_string(), |n| n.to_string())
+            )));
+        }
+        // The manifest names every class's heads (so that another site's heads reach
+        // `validate` and are refused by name); which of them must be there, each with every
+        // tensor, is `validate`'s check.
+        let mut limits = RecvLimits::for_manifest(wire::parts_manifest(&federation.global, &federation.selection));
+        limits.require_all = false;
+        limits.expected_digest = Some(header.payload_digest.clone());
+        let open = match federation.open.as_mut() {
+            Some(open) if open.round == round && open.updates.contains_key(peer) => {
+                return Err(bad(format!("site {peer} already sent round {round}")));
+            }
+            Some(open) if open.round == round => open,
+            Some(open) => return Err(late(format!("round {round} is not the open round {}", open.round))),
+            None => return Err(late(format!("round {round} is closed"))),
+        };
+        if !open.arriving.insert(peer.to_string()) {
+            return Err(bad(format!("site {peer}: another update of round {round} is already arriving")));
+        }
+        let until = open.opened + Duration::from_secs(self.config.plan.round_deadline_s);
+        Ok((Slot { coordinator: self, site: peer.to_string(), round }, limits, until))
+    }
+
+    /// Aggregates the round into a copy of the global model and commits it. An aggregation
+    /// error drops the round (it is repeated). A checkpoint error (disk full, state dir not
+    /// writable) must not stop `serve` nor leave the in-memory model ahead of the disk: the
+    /// global model stays the previous round's until the checkpoint is written, and the commit
+    /// is retried with back-off, keeping the sites' updates (they poll `Heartbeat` meanwhile).
+    async fn close_round(&self, open: OpenRound) {
+        let round = open.round;
+        let closing = Instant::now();
+        let next = match self.aggregate_round(&open) {
+            Ok(next) => next,
+            Err(e) => {
+                warn!(round, "round dropped, it will be repeated: aggregation failed: {e:#}");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_secs(1);
+        while let Err(e) =
+            self.state.write_checkpoint(&next.net, &next.server, &next.record, self.config.federation.keep_rounds)
+        {
+            tracing::error!(
+                round,
+                "checkpoint not written, the global model stays at round {}; retrying in {backoff:?}: {e:#}",
+                round - 1
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            // Fail closed: an aggregate that holds a site removed meanwhile is not committed.
+            let removed = open.updates.keys().find(|s| self.lock().removed.contains(*s)).cloned();
+            if let Some(site) = removed {
+                warn!(round, site = %site, "round dropped, it will be repeated: site {site} was removed before its checkpoint was written");
+                return;
+            }
+        }
+        self.commit_round(&open, next, closing);
+    }
+
+    /// The aggregate of `open`'s updates, computed on copies of the global model and the server
+    /// optimizer's state (the originals are untouched until [`Coordinator::commit_round`]).
+    fn aggregate_round(&self, open: &OpenRound) -> Result<NextGlobal> {
+        let (mut net, mut server, selection, classes) = {
+            let inner = self.lock();
+            let federation = inner.running().context("the federation is not set up")?;
+            let velocity = federation.server.velocity.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+            (
+                copy_net(&federation.global)?,
+                ServerState { velocity },
+                federation.selection.clone(),
+                federation.setup.classes.clone(),
+            )
+        };
+        let updates: Vec<&Update> = open.updates.values().collect();
+        let weights = aggregate::aggregate(&mut net, &updates, (&self.config.plan.server, &mut server), &selection)?;
+        let (digest, wire_digests) = digest_global(self.config.plan.transport, &selection, &net);
+        let contributions: Vec<Contribution> = updates
+            .iter()
+            .zip(&weights)
+            .map(|(u, &weight)| Contribution {
+                site: u.site.clone(),
+                n_cases: u.header.n_cases,
+                weight,
+                train_loss: u.header.train_loss,
+                payload_digest: u.header.payload_digest.clone(),
+            })
+            .collect();
+        let record = RoundRecord { round: open.round, digest, contributions, classes, unix_time: unix_now() };
+        Ok(NextGlobal { net, server, record, wire_digests, weights })
+    }
+
+    /// Makes the checkpointed aggregate the global model and logs the round's metrics. A
+    /// metrics write error is a warning: the checkpoint, already written, is what counts.
+    fn commit_round(&self, open: &OpenRound, next: NextGlobal, closing: Instant) {
+        let updates: Vec<&Update> = open.updates.values().collect();
+        let mut lines = MetricsLine::of_updates(open.round, &updates, &next.weights);
+        lines.push(MetricsLine::Round(RoundLine::new(
+            open.round,
+            open.opened.elapsed().as_millis() as u64,
+            // Aggregation, metrics and the atomic checkpoint (the checkpoint is already written).
+            closing.elapsed().as_millis() as u64,
+            updates.len(),
+        )));
+        if let Err(e) = self.state.append_metrics(&lines) {
+            warn!(round = open.round, "metrics of the round not written (its checkpoint is): {e:#}");
+        }
+        info!(
+            round = open.round,
+            reported = updates.len(),
+            close_ms = closing.elapsed().as_millis() as u64,
+            "round aggregated and checkpointed"
+        );
+        let mut inner = self.lock();
+        for u in &updates {
+            for (class, dice) in &u.header.dice {
+                inner.last_dice.insert(class.clone(), *dice);
+            }
+            let site = inner.sites.entry(u.site.clone()).or_default();
+            site.last_round = Some(open.round);
+            site.last_loss = Some(u.header.train_loss);
+        }
+        if let Some(federation) = inner.running_mut() {
+            federation.global = next.net;
+            federation.server = next.server;
+            federation.digest = next.record.digest;
+            federation.site_digests.clear();
+            federation.wire_digests = next.wire_digests;
+            federation.completed = open.round;
+        }
+        drop(inner);
+        self.changed();
+    }
+}
+
+impl Federation {
+    /// The digest of `peer`'s part of the current global model (see `site_digests`).
+    fn site_digest(&mut self, peer: &str) -> String {
+        if let Some(digest) = self.site_digests.get(peer) {
+            return digest.clone();
+        }
+        let set = wire::parts_to_wire(&self.global, &self.selection.of_site(peer));
+        let digest = set.wire_digest_cached(&mut self.wire_digests);
+        self.site_digests.insert(peer.to_string(), digest.clone());
+        digest
+    }
+}
+
+/// The reservation of a site's update slot in an open round; released when the update was
+/// stored or refused. Drop it only while the lock is not held.
+struct Slot<'a> {
+    coordinator: &'a Coordinator,
+    site: String,
+    round: u32,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut inner: std::sync::MutexGuard<'_, Inner> = self.coordinator.lock();
+        if let Some(open) = inner.running_mut().and_then(|f| f.open.as_mut()).filter(|o| o.round == self.round) {
+            open.arriving.remove(&self.site);
+        }
+    }
+}
+
+fn late(reason: String) -> Refusal {
+    Refusal::new(ErrorKind::LateUpdate, reason)
+}
+
+/// The scalar fields of an update header: a loss or Dice that is not a finite number would
+/// end up as `null` in the round record and the metrics (and make the checkpoint unreadable).
+fn check_header(peer: &str, header: &UpdateHeader) -> std::result::Result<(), String> {
+    if !header.train_loss.is_finite() {
+        return Err(format!("site {peer}: train_loss is {}, not a finite number", header.train_loss));
+    }
+    if let Some((class, dice)) = header.dice.iter().find(|(_, d)| !d.is_finite()) {
+        return Err(format!("site {peer}: dice of class {class:?} is {dice}, not a finite number"));
+    }
+    Ok(())
+}
+
+/// The metrics of an update header: Dice only for classes the sender owns, each once (they
+/// become the federation's reported Dice of those classes); durations below
+/// [`MAX_DURATION_MS`].
+fn check_metrics(peer: &str, header: &UpdateHeader, setup: &Setup) -> std::result::Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for (class, _) in &header.dice {
+        if !setup.classes.iter().any(|c| &c.id == class && c.site == peer) {
+            return Err(format!("site {peer}: dice of class {class:?}, which is not one of its classes"));
+        }
+        if !seen.insert(class) {
+            return Err(format!("site {peer}: dice of class {class:?} reported twice"));
+        }
+    }
+    let longest = header.durations_ms.max();
+    if longest > MAX_DURATION_MS {
+        return Err(format!(
+            "site {peer}: durations_ms {:?} has a phase of {longest} ms, over the cap of {MAX_DURATION_MS} ms",
+            header.durations_ms
+        ));
+    }
+    Ok(())
+}
+
+/// A deep copy of `net` (same topology, every parameter's values copied).
+fn copy_net(net: &MultiTalentNet) -> Result<MultiTalentNet> {
+    let mut copy = MultiTalentNet::new(net.topology(), net.classes(), net.device())?;
+    copy.params_mut().load_named(&net.params().named_tensors(false), true)?;
+    Ok(copy)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,211 @@
+//! Registering → running: each site's `Hello` is checked and recorded; once every listed site
+//! registered, the global class list, the CT normalization and the global model are fixed
+//! ([`Setup`], written to the state dir) and every waiting site is welcomed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use fedtalent_model::wire::{self, Selection};
+use fedtalent_model::{MultiTalentNet, Topology};
+use fedtalent_protocol::{ErrorKind, Hello, Message, TensorDigests, Transport, Welcome};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass, HuHistogram};
+use tch::Device;
+use tracing::{info, warn};
+
+use super::{Coordinator, Federation, Inner, Phase, FOREVER};
+use crate::aggregate::ServerState;
+use crate::config::FederationConfig;
+use crate::state::{Setup, StateDir, CHECKPOINT_SERVER};
+
+/// What a site registered with, kept until the federation is set up.
+pub(super) struct Registration {
+    classes: Vec<ClassRegion>,
+    n_train: u32,
+    /// Checked ([`HuHistogram::check`]) before it is stored.
+    histogram: HuHistogram,
+}
+
+impl Inner {
+    /// The training cases `site` registered with (fixed with the setup once running).
+    pub(super) fn registered_cases(&self, site: &str) -> Option<u32> {
+        match &self.phase {
+            Phase::Registering(registrations) => registrations.get(site).map(|r| r.n_train),
+            Phase::Running(f) => f.setup.cases_of(site),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Answers a site's `Hello`: refused, or `Welcome` once the federation is set up (the reply
+    /// waits for the last site to register).
+    pub(super) async fn hello(&self, peer: &str, hello: Hello) -> Message {
+        let site = &hello.site;
+        if site != peer {
+            warn!(site = %peer, claimed = %site, "refused: Hello names another site than the certificate");
+            return Message::refusal(
+                ErrorKind::NotAllowed,
+                format!("certificate is for site {peer}, Hello says {site}"),
+            );
+        }
+        if !self.config.federation.sites.iter().any(|s| s == peer) || !self.allowlist.contains(peer) {
+            warn!(site = %peer, "refused: not a site of this federation");
+            return Message::refusal(ErrorKind::NotAllowed, format!("site {peer} is not in this federation"));
+        }
+        if let Err(reason) = self.register(peer, hello) {
+            warn!(site = %peer, "registration refused: {reason:#}");
+            return Message::refusal(ErrorKind::BadDataset, format!("{reason:#}"));
+        }
+        self.lock().sites.entry(peer.to_string()).or_default().joined = true;
+        self.changed();
+        let (classes, normalization, completed) = self
+            .wait_for(FOREVER, |i| i.running().map(|f| (f.setup.classes.clone(), f.setup.normalization, f.completed)))
+            .await
+            .expect("waits forever");
+        info!(site = %peer, completed, "welcomed");
+        Message::Welcome(Welcome {
+            federation: self.config.federation.name.clone(),
+            plan: self.config.plan.clone(),
+            classes,
+            normalization,
+            current_round: completed,
+        })
+    }
+
+    /// Records a site's registration; once every listed site registered, sets the federation up.
+    fn register(&self, site: &str, hello: Hello) -> Result<()> {
+        let Hello { classes, n_train, hu_histogram: histogram, device, .. } = hello;
+        ensure!(!classes.is_empty(), "site {site}: no classes");
+        // Class ids are `<site>/<name>`: a name listed twice would give two classes one id.
+        let mut names = BTreeSet::new();
+        if let Some(twice) = classes.iter().find(|c| !names.insert(c.name.as_str())) {
+            bail!("site {site}: class {:?} is listed twice", twice.name);
+        }
+        // n_train is the site's aggregation weight (sqrt); with none, the weights are undefined.
+        ensure!(n_train >= 1, "site {site}: n_train is 0");
+        // Checked before it is stored: the setup merges every site's histogram under the lock,
+        // and one absurd histogram there would stop every later registration too.
+        histogram.check().map_err(|e| anyhow!("site {site}: hu_histogram.{e}"))?;
+        let mut inner = self.lock();
+        let registrations = match &mut inner.phase {
+            Phase::Running(federation) => return check_rejoin(&federation.setup, site, &classes, n_train),
+            Phase::Registering(registrations) => registrations,
+        };
+        info!(site, classes = classes.len(), n_train, %device, "registered");
+        registrations.insert(site.to_string(), Registration { classes, n_train, histogram });
+        if !self.config.federation.sites.iter().all(|s| registrations.contains_key(s)) {
+            return Ok(());
+        }
+        let setup = build_setup(&self.config, registrations);
+        self.state.write_setup(&setup)?;
+        let federation = start(&self.config, &self.state, setup)?;
+        info!(classes = federation.setup.classes.len(), norm = ?federation.setup.normalization, "federation set up");
+        inner.phase = Phase::Running(Box::new(federation));
+        Ok(())
+    }
+}
+
+/// A site registering again (a reconnect, a restarted site or coordinator) must bring what the
+/// setup fixed: the same classes, and the same case count, which is what every update's
+/// n_cases must match (its aggregation weight); a changed dataset is refused here, visibly,
+/// rather than each of its updates later.
+fn check_rejoin(setup: &Setup, site: &str, classes: &[ClassRegion], n_train: u32) -> Result<()> {
+    let fixed: Vec<ClassRegion> = setup.classes.iter().filter(|c| c.site == site).map(GlobalClass::region).collect();
+    ensure!(fixed == classes, "site {site}: classes {classes:?} differ from those registered earlier {fixed:?}");
+    let registered = setup.cases_of(site);
+    ensure!(
+        registered == Some(n_train),
+        "site {site}: n_train {n_train} differs from the {} training cases registered when the federation was set up",
+        registered.map_or("(none)".to_string(), |n| n.to_string())
+    );
+    Ok(())
+}
+
+/// The global class list (config site order, then each site's order) and CT statistics from the
+/// merged foreground histograms.
+fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>) -> Setup {
+    let mut classes = Vec::new();
+    for site in &config.federation.sites {
+        for region in &regs[site].classes {
+            classes.push(GlobalClass::new(classes.len() as u32, site, region));
+        }
+    }
+    let histograms: Vec<HuHistogram> = config.federation.sites.iter().map(|s| regs[s].histogram.clone()).collect();
+    let normalization = HuHistogram::merge(&histograms).ct_stats().unwrap_or_else(|| {
+        warn!("no site reported foreground intensities; using the paper's CT normalization");
+        CtNormalization::PAPER
+    });
+    let site_cases = config.federation.sites.iter().map(|s| (s.clone(), regs[s].n_train)).collect();
+    Setup { classes, normalization, site_cases }
+}
+
+/// The running federation of `setup`: the global model of the last complete checkpoint (else
+/// a fresh, deterministic initialisation), its digests and the server optimizer's state.
+pub(super) fn start(config: &FederationConfig, state: &StateDir, setup: Setup) -> Result<Federation> {
+    let (global, completed, server) = load_global(config, state, &setup)?;
+    let selection = Selection::global(&setup.classes, config.decoder_sites());
+    let (digest, wire_digests) = digest_global(config.plan.transport, &selection, &global);
+    Ok(Federation {
+        setup,
+        selection,
+        global,
+        server,
+        digest,
+        site_digests: BTreeMap::new(),
+        wire_digests,
+        completed,
+        open: None,
+    })
+}
+
+/// The global topology: the preset, with one decoder per site (its classes) when asked for.
+fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology> {
+    let topo = Topology::preset(&config.plan.preset)?;
+    if !config.plan.per_site_decoders {
+        return Ok(topo);
+    }
+    let partition = config
+        .federation
+        .sites
+        .iter()
+        .map(|site| setup.classes.iter().filter(|c| &c.site == site).map(|c| c.index as i64).collect())
+        .collect();
+    Ok(topo.with_site_decoders(partition))
+}
+
+/// The global model and the server optimizer's state: the last complete checkpoint, else a
+/// fresh, deterministic initialisation.
+pub(super) fn load_global(
+    config: &FederationConfig,
+    state: &StateDir,
+    setup: &Setup,
+) -> Result<(MultiTalentNet, u32, ServerState)> {
+    let topo = global_topology(config, setup)?;
+    tch::manual_seed(0);
+    let mut net = MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)?;
+    match state.latest()? {
+        Some((record, model)) => {
+            if record.classes != setup.classes {
+                bail!("checkpoint of round {} has other classes than {}", record.round, state.root().display());
+            }
+            net.load(&model)?;
+            let velocity_file = model.with_file_name(CHECKPOINT_SERVER);
+            let server =
+                if velocity_file.is_file() { ServerState::load(&net, &velocity_file)? } else { ServerState::default() };
+            Ok((net, record.round, server))
+        }
+        None => Ok((net, 0, ServerState::default())),
+    }
+}
+
+/// The digest naming `net` (over all its parts) and the per-tensor digests of its parts as they
+/// travel; with native transport one hashing pass gives both.
+pub(super) fn digest_global(
+    transport: Transport,
+    selection: &Selection,
+    net: &MultiTalentNet,
+) -> (String, TensorDigests) {
+    let set = wire::parts_to_wire(net, selection);
+    let mut native = TensorDigests::new(Transport::Native);
+    let digest = set.wire_digest_cached(&mut native);
+    (digest, if transport == Transport::Native { native } else { TensorDigests::new(transport) })
+}

@@ -1,0 +1,27 @@
+//! The vocabulary every fedtalent crate speaks: one type per concept, defined here once and
+//! embedded as-is in the wire messages (`fedtalent-protocol`), the checkpoints and `model.json`
+//! (`fedtalent-model`, the coordinator) and the site's data pipeline (`fedtalent-data`).
+//!
+//! * [`class`]: a site's class as a label region ([`ClassRegion`]), a class of the global model
+//!   ([`GlobalClass`]) and its id `<site>/<name>` ([`class_id`], [`parse_class_id`]).
+//! * [`norm`]: the CT normalization ([`CtNormalization`]) and the paper's fixed values.
+//! * [`histogram`]: the foreground HU histogram a site shares ([`HuHistogram`]) and the CT
+//!   statistics derived from merged ones.
+//! * [`plan`]: the federation plan ([`Plan`], `[plan]` of `federation.toml`), which every site
+//!   receives in `Welcome`, with its policies and modes as enums.
+//!
+//! Only serde and thiserror: the data crate depends on this without pulling in QUIC or torch.
+
+pub mod class;
+pub mod histogram;
+pub mod norm;
+pub mod plan;
+
+pub use class::{class_id, parse_class_id, ClassRegion, GlobalClass};
+pub use histogram::{HistogramError, HuHistogram, HU_RANGE, MAX_VOXELS};
+pub use norm::CtNormalization;
+pub use plan::{DiceMode, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport};
+
+/// ALPN protocol identifier of the federation protocol (TLS), `fedtalent/1`: the coordinator
+/// offers only this one and a site asks for only this one.
+pub const ALPN: &[u8] = b"fedtalent/1";

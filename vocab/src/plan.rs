@@ -1,0 +1,218 @@
+//! The federation plan: `[plan]` of `federation.toml`, fixed for the whole run and sent to every
+//! site in `Welcome` as it was read (one type, no copy).
+
+use serde::{Deserialize, Serialize};
+
+/// The federation plan, fixed for the whole run. The patch and spacing are the preset's
+/// (`Topology::preset`), so they are not repeated here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Network preset (`Topology::preset`): unet, resenc, tiny, firenet, firenet-tiny.
+    pub preset: String,
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub batch: u32,
+    pub lr: f64,
+    pub eval_every: u32,
+    pub min_sites: u32,
+    pub round_deadline_s: u64,
+    #[serde(default)]
+    pub dice_mode: DiceMode,
+    /// How model tensors travel both ways; `bf16_transport = true | false` in the TOML.
+    #[serde(default, rename = "bf16_transport", with = "bf16_flag")]
+    pub transport: Transport,
+    /// Updates whose backbone moved farther than this (L2 over all backbone tensors) from the
+    /// round's global backbone are refused.
+    #[serde(default = "default_max_update_norm")]
+    pub max_update_norm: f64,
+    /// One decoder per site, kept by its owner like its heads (only the encoder, and FIRENet's
+    /// fabric module, are averaged): FIRENet's multi-decoder mode, for every preset.
+    #[serde(default)]
+    pub per_site_decoders: bool,
+    /// `[plan.local]`: the sites' round-boundary policy.
+    #[serde(default)]
+    pub local: LocalPolicy,
+    /// `[plan.server]`: how the coordinator applies the sites' mean backbone change.
+    #[serde(default)]
+    pub server: ServerOptimizer,
+}
+
+fn default_max_update_norm() -> f64 {
+    1.0e4
+}
+
+impl Plan {
+    /// Local steps of the whole federation: the length of the lr schedule.
+    pub fn total_steps(&self) -> u64 {
+        self.rounds as u64 * self.local_steps as u64
+    }
+
+    /// Global step where `round`'s (1-based) lr schedule starts.
+    pub fn step_offset(&self, round: u32) -> u64 {
+        (round as u64).saturating_sub(1) * self.local_steps as u64
+    }
+
+    /// Whether the sites evaluate the global model at the start of `round`: every `eval_every`
+    /// rounds from the first, and in the last round (the final model's predecessor).
+    pub fn evaluates(&self, round: u32) -> bool {
+        round.saturating_sub(1).is_multiple_of(self.eval_every.max(1)) || round == self.rounds
+    }
+}
+
+/// `bf16_transport = <bool>` in the TOML, a [`Transport`] in the program.
+mod bf16_flag {
+    use super::Transport;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Transport, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*t == Transport::Bf16)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Transport, D::Error> {
+        Ok(if bool::deserialize(d)? { Transport::Bf16 } else { Transport::Native })
+    }
+}
+
+/// How f32 tensors travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Transport {
+    /// As they are.
+    #[default]
+    Native,
+    /// f32 tensors are rounded to bf16 (round-to-nearest-even) for the wire and widened back to
+    /// f32 on receipt; other dtypes travel as they are. Halves the traffic of an f32 model.
+    Bf16,
+}
+
+/// How the Dice term pools soft TP/FP/FN (DESIGN.md §1.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiceMode {
+    /// Pooled over the whole batch per class (the paper's "batch Dice").
+    #[default]
+    Batch,
+    /// Pooled per sample and summed over samples (the public code on one GPU).
+    PerSample,
+}
+
+/// What a site's optimizer momentum does at a round boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerState {
+    /// Momentum buffers carry over from the site's previous round (and survive a restart).
+    /// Measured better than `Reset` with short rounds: SGD momentum 0.99 needs ~100 steps to
+    /// build up, which a 40-step round that starts empty never reaches.
+    #[default]
+    Keep,
+    /// Every round starts with empty momentum, as a fresh local optimizer (FedAvg).
+    Reset,
+}
+
+impl OptimizerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerState::Keep => "keep",
+            OptimizerState::Reset => "reset",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimizerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(OptimizerState::Keep),
+            "reset" => Ok(OptimizerState::Reset),
+            other => Err(format!("unknown optimizer state policy {other:?} (keep | reset)")),
+        }
+    }
+}
+
+/// How a site trains within a round besides the step budget (DESIGN.md §2.1 step 2). The
+/// defaults are the better of the policies `scripts/quality_bench.sh` compared (see the README).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalPolicy {
+    pub optimizer_state: OptimizerState,
+    /// Heads-only steps on the freshly downloaded global backbone before the round's local
+    /// steps: re-fits the site's heads to the averaged backbone (MultiTalent's fine-tuning
+    /// trains heads first for the same reason). Not counted in the lr schedule.
+    pub head_warmup_steps: u32,
+    /// The last round trains the heads alone on the final global backbone, so that the
+    /// exported model pairs that backbone with heads fitted to it (otherwise each site's heads
+    /// fit its own drifted backbone, which the final average replaces).
+    pub final_heads_only: bool,
+}
+
+impl Default for LocalPolicy {
+    fn default() -> Self {
+        LocalPolicy { optimizer_state: OptimizerState::Keep, head_warmup_steps: 0, final_heads_only: false }
+    }
+}
+
+/// `[plan.server]`: the coordinator's optimizer over the backbone (Flower's FedAvgM, Hsu et
+/// al. 2019). The sqrt(n)-weighted mean of the sites' backbone changes Δ is a pseudo-gradient:
+/// `v ← momentum · v + Δ`, `backbone ← backbone + lr · v`. `lr = 1, momentum = 0` is FedAvg (the
+/// global backbone becomes the sites' weighted mean). Heads are never touched: each class keeps
+/// its owner's upload.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerOptimizer {
+    #[serde(default = "ServerOptimizer::default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+}
+
+impl ServerOptimizer {
+    fn default_lr() -> f64 {
+        Self::default().lr
+    }
+
+    /// FedAvg: no server-side state.
+    pub fn is_plain_average(&self) -> bool {
+        self.lr == 1.0 && self.momentum == 0.0
+    }
+}
+
+impl Default for ServerOptimizer {
+    fn default() -> Self {
+        Self { lr: 1.0, momentum: 0.0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(rounds: u32, local_steps: u32, eval_every: u32) -> Plan {
+        Plan {
+            preset: "tiny".into(),
+            rounds,
+            local_steps,
+            batch: 2,
+            lr: 0.01,
+            eval_every,
+            min_sites: 1,
+            round_deadline_s: 60,
+            dice_mode: DiceMode::Batch,
+            transport: Transport::Native,
+            max_update_norm: 1e4,
+            per_site_decoders: false,
+            local: LocalPolicy::default(),
+            server: ServerOptimizer::default(),
+        }
+    }
+
+    #[test]
+    fn the_schedule_and_evaluation_rounds_follow_the_plan() {
+        let p = plan(5, 10, 2);
+        assert_eq!(p.total_steps(), 50);
+        assert_eq!([1, 2, 5].map(|r| p.step_offset(r)), [0, 10, 40]);
+        // Rounds 1, 3, 5 (every second from the first), and 5 is also the last.
+        assert_eq!((1..=5).map(|r| p.evaluates(r)).collect::<Vec<_>>(), [true, false, true, false, true]);
+        let p = plan(4, 10, 3);
+        assert_eq!((1..=4).map(|r| p.evaluates(r)).collect::<Vec<_>>(), [true, false, false, true]);
+    }
+}
