@@ -17,8 +17,9 @@
 #        BENCH_FED_ARGS (extra `simulate` flags,
 #        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
 #        federation per seed with these flags, appended after the others so they override them,
-#        shown as "federated-b": the policy comparison; default: the same steps in 4x longer
-#        rounds, 10 x 40, the round length of the previous default; "none" skips it)
+#        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders" or
+#        "--rounds 10 --local-steps 40"; default "none": the three arms alone take ~41 min for
+#        3 seeds on 2 cores, a fourth would break the 45-minute budget)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
@@ -31,7 +32,7 @@ SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
 PRESET="${BENCH_PRESET:-tiny}"
 DEVICE="${BENCH_DEVICE:-auto}"
 read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
-COMPARE="${BENCH_COMPARE_ARGS:---rounds $((ROUNDS / 4)) --local-steps $((STEPS * 4))}"
+COMPARE="${BENCH_COMPARE_ARGS:-none}"
 read -r -a COMPARE_ARGS <<< "$COMPARE"
 IFS=',' read -r -a SITE_LIST <<< "$SITES"
 TOTAL=$((ROUNDS * STEPS))
