@@ -18,8 +18,9 @@
 #        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
 #        federation per seed with these flags, appended after the others so they override them,
 #        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders" or
-#        "--rounds 10 --local-steps 40"; default "none": the three arms alone take ~41 min for
-#        3 seeds on 2 cores, a fourth would break the 45-minute budget)
+#        "--rounds 10 --local-steps 40"; default "none": by the arms' measured times on 2 cores
+#        (federation 255-330 s, each alone 89-211 s, pooled 277-283 s) three seeds of three
+#        arms take 40-60 min, and a fourth arm adds ~15 more)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
