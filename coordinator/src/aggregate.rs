@@ -23,6 +23,8 @@ pub struct Update {
     /// As the site sent it; `payload_digest` is the digest the payload was checked against.
     pub header: UpdateHeader,
     pub bytes: u64,
+    /// Its backbone's L2 distance to the global backbone it started from ([`validate`]).
+    pub backbone_norm: f64,
     pub parts: Parts,
 }
 
@@ -38,7 +40,8 @@ pub fn sqrt_weights(n_cases: &[u32]) -> Vec<f64> {
 /// every tensor, every backbone tensor, all values finite, and the backbone's distance to the
 /// global one under `max_norm`. `selection` is what of `global` travels (every class's heads
 /// and every site's decoder, at their places); it names the classes and decoders the sender
-/// owns. The error names the site and the field.
+/// owns. The error names the site and the field; an accepted upload's backbone update norm
+/// (its L2 distance to the global backbone) is the answer.
 ///
 /// What this accepts, [`aggregate`] can apply: that is what keeps one site's upload from
 /// stopping the round (and `serve`) after it was acknowledged.
@@ -48,7 +51,7 @@ pub fn validate(
     sender: &str,
     parts: &Parts,
     max_norm: f64,
-) -> Result<()> {
+) -> Result<f64> {
     check_owners(selection, sender, parts)?;
     check_complete(global, sender, parts, selection.decoder_of(sender))?;
     for (site, tensors) in &parts.decoders {
@@ -71,7 +74,7 @@ pub fn validate(
     }
     let norm = squared.sqrt();
     ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
-    Ok(())
+    Ok(norm)
 }
 
 /// The sender sent heads of exactly its own classes and no decoder but its own.
@@ -281,7 +284,7 @@ mod tests {
             Parts::from_wire(&wire::parts_to_wire(&self.global, &self.selection.of_site(site))).unwrap()
         }
 
-        fn validate(&self, site: &str, parts: &Parts) -> Result<()> {
+        fn validate(&self, site: &str, parts: &Parts) -> Result<f64> {
             validate(&self.global, &self.selection, site, parts, 1e4)
         }
 

@@ -44,7 +44,7 @@ pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
         payload_digest: String::new(),
         durations_ms: PhaseTimings::default(),
     };
-    Update { site: site.into(), header, bytes: 0, parts }
+    Update { site: site.into(), header, bytes: 0, backbone_norm: 0.0, parts }
 }
 
 /// Every value of the global backbone, and of each class's head rows, if each is constant.
@@ -161,7 +161,8 @@ fn an_update_farther_than_the_bound_is_refused() {
         .map(|((_, theirs), (_, ours))| f64::try_from((theirs - ours).square().sum(Kind::Double)).unwrap())
         .sum();
     let norm = squared.sqrt();
-    validate(&net, &selection, "a", &parts, norm * 1.001).unwrap();
+    let reported = validate(&net, &selection, "a", &parts, norm * 1.001).unwrap();
+    assert!((reported - norm).abs() <= 1e-9 * norm, "validate reported {reported}, the norm is {norm}");
     let err = format!("{:#}", validate(&net, &selection, "a", &parts, norm * 0.999).unwrap_err());
     assert!(err.contains("exceeds the bound"), "{err}");
 }

@@ -49,6 +49,10 @@ pub struct Contribution {
     pub weight: f64,
     pub train_loss: f32,
     pub payload_digest: String,
+    /// Its backbone's L2 distance to the round's global backbone: how far the site moved (a site
+    /// far from the others drifts or diverges). Absent in checkpoints written before it was kept.
+    #[serde(default)]
+    pub backbone_norm: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,8 +224,14 @@ mod tests {
     use super::*;
 
     fn record(round: u32) -> RoundRecord {
-        let contribution =
-            Contribution { site: "a".into(), n_cases: 4, weight: 1.0, train_loss: 0.5, payload_digest: "d".into() };
+        let contribution = Contribution {
+            site: "a".into(),
+            n_cases: 4,
+            weight: 1.0,
+            train_loss: 0.5,
+            payload_digest: "d".into(),
+            backbone_norm: 0.25,
+        };
         RoundRecord {
             round,
             digest: format!("g{round}"),

@@ -404,6 +404,45 @@ async fn concurrent_duplicate_uploads_are_accepted_once() {
     finish_round_one(&fed, &beta).await;
 }
 
+/// An update refused for its tensors answers the round for its site, as a failed client result
+/// in Flower: the site may not send another one, and the round closes once the other site
+/// reported, long before its 30 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_answers_the_round_for_its_site() {
+    let fed = Federation::start(&["alpha", "beta"], 1).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let honest = alpha.download(&work.digest, false).await.unwrap();
+    let mut broken = honest.clone();
+    broken.tensors[0].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (accepted, reason) = alpha.upload(work.round, 4, 0.5, &broken).await;
+    assert!(!accepted && reason.contains("NaN"), "{reason}");
+    let (accepted, reason) = alpha.upload(work.round, 4, 0.5, &honest).await;
+    assert!(!accepted && reason.contains("refused already"), "{reason}");
+    close_round_one_with_beta_alone(&fed, &beta).await;
+}
+
+/// A site works one round at a time, so an update of an older round from a site that was
+/// handed the open round is a broken site, not a late arrival: it answers the round too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_round_from_a_site_handed_the_open_one_answers_it() {
+    let fed = Federation::start(&["alpha", "beta"], 1).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let set = alpha.download(&work.digest, false).await.unwrap();
+    let (accepted, reason) = alpha.upload(work.round - 1, 4, 0.5, &set).await;
+    assert!(!accepted && reason.contains("not the open round") && reason.contains("handed"), "{reason}");
+    close_round_one_with_beta_alone(&fed, &beta).await;
+}
+
+/// beta's honest update closes round 1 at once (alpha answered already), with beta alone in it.
+async fn close_round_one_with_beta_alone(fed: &Federation, beta: &Peer) {
+    let started = std::time::Instant::now();
+    let work = beta.work().await;
+    assert_eq!(beta.honest_update(&work).await, (true, String::new()));
+    wait_completed(fed, 1).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "round 1 waited for its deadline: {:?}", started.elapsed());
+    assert_eq!(contributions(fed, 1), vec![("beta".into(), 4, 0.5)]);
+}
+
 /// Issue 21 item 7: a name on the allowlist that never joined (here not a site of the
 /// federation at all) can neither poll, download nor upload; the round is the members'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,9 +144,11 @@ impl LocalFederation {
     }
 
     fn write_site_toml(&self, site: &str, dataset: &Path, classes: &str) {
+        // The preset's spacing: the site preprocesses once, not again when it joins.
+        let spacing = fedtalent_model::Topology::preset(self.plan.preset).expect("a known preset").spacing;
         let text = format!(
             "[site]\nname = {site:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = \"{site}.crt\"\nkey = \"{site}.key\"\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n\
-             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = [4.0, 3.0, 3.0]\nclasses = [{classes}]\n",
+             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = {spacing:?}\nclasses = [{classes}]\n",
             self.port,
             dataset.display().to_string()
         );
@@ -240,6 +242,15 @@ pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, String) {
         .collect::<Vec<_>>()
         .join(", ");
     (PathBuf::from(entry["dataset_dir"].as_str().unwrap()), classes)
+}
+
+/// Holds the machine for one test's federation: the tests of one binary run on parallel threads,
+/// but a federation's processes already fill this machine's cores, and two at once only stretch
+/// each other past their round deadlines.
+pub fn one_federation_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static MACHINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed test poisons the lock; the next test still runs alone.
+    MACHINE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Waits for a child with a timeout; kills it and panics on timeout.

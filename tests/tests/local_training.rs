@@ -54,6 +54,7 @@ fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
 
 #[test]
 fn one_site_federation_is_local_training_and_policies_change_it() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let neutral = "optimizer_state = \"keep\"\nhead_warmup_steps = 0\nfinal_heads_only = false";
     let plan =
@@ -71,6 +72,7 @@ fn one_site_federation_is_local_training_and_policies_change_it() {
 
 #[test]
 fn training_is_fully_seeded() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, min_sites: 1, ..Plan::default() });
     let site = fed.site_dir("liver").join("site.toml");
@@ -85,6 +87,7 @@ fn training_is_fully_seeded() {
 /// batch stream, the schedule and the momentum all continue.
 #[test]
 fn train_resumes_from_its_checkpoint() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, min_sites: 1, ..Plan::default() });
     let site = fed.site_dir("liver").join("site.toml");

@@ -205,8 +205,7 @@ fn revoke(inner: &mut Inner, site: &str) {
             conn.close(close::REFUSED, reason.as_bytes());
         }
     }
-    let dropped =
-        inner.running_mut().and_then(|f| f.open.as_mut()).and_then(|o| o.updates.remove(site).map(|_| o.round));
+    let dropped = inner.running_mut().and_then(|f| f.open.as_mut()).and_then(|o| o.forget(site).then_some(o.round));
     match dropped {
         Some(round) => warn!(site, round, "site removed: connections closed, its update of round {round} dropped"),
         None => warn!(site, "site removed: connections closed"),

@@ -40,6 +40,45 @@ pub(super) struct OpenRound {
     /// Sites whose update of this round is arriving: the slot is taken before the payload is
     /// read, so that two concurrent uploads of one site cannot both be acknowledged.
     arriving: BTreeSet<String>,
+    /// Sites whose update of this round was refused for the tensors it holds (NaN, a wrong
+    /// shape, another site's heads, ...): they answered and may not send another one this
+    /// round, as a failed client result in Flower. A refused header or a payload cut in transit
+    /// is not here: that site may send again.
+    refused: BTreeSet<String>,
+    /// Sites handed this round's `RoundStart`. A site works one round at a time (its previous
+    /// upload was acknowledged before it polled for this one), so an update of an older round
+    /// from one of them is no late arrival but a broken site: that answers this round for it.
+    handed: BTreeSet<String>,
+}
+
+impl OpenRound {
+    fn new(round: u32) -> Self {
+        Self {
+            round,
+            opened: Instant::now(),
+            updates: BTreeMap::new(),
+            arriving: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            handed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `site` is done with this round: its update was accepted or refused.
+    fn answered(&self, site: &str) -> bool {
+        self.updates.contains_key(site) || self.refused.contains(site)
+    }
+
+    /// Forgets a removed site's answer (it must not count toward closing the round); whether
+    /// an accepted update was dropped.
+    pub(super) fn forget(&mut self, site: &str) -> bool {
+        self.refused.remove(site);
+        self.updates.remove(site).is_some()
+    }
+
+    /// How many sites are done with this round.
+    fn answers(&self) -> usize {
+        self.updates.len() + self.refused.iter().filter(|s| !self.updates.contains_key(*s)).count()
+    }
 }
 
 /// A round's aggregate, not yet the global model (see [`Coordinator::close_round`]).
@@ -79,19 +118,20 @@ impl Coordinator {
     /// Opens `round`, waits for its updates, and closes it.
     async fn run_round(&self, round: u32) {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
-        let opened = OpenRound { round, opened: Instant::now(), updates: BTreeMap::new(), arriving: BTreeSet::new() };
+        let opened = OpenRound::new(round);
         if let Some(federation) = self.lock().running_mut() {
             federation.open = Some(opened);
         }
         self.changed();
         info!(round, "round opened");
-        // A round closes early once every site still in the federation reported, and only if
-        // that is enough to count; removed sites are not waited for (their updates were dropped).
+        // A round closes early once every site still in the federation answered (its update
+        // accepted or refused) and at least `min_sites` answered; removed sites are not waited
+        // for (their updates were dropped). Too few accepted updates then repeat the round.
         let min_sites = self.config.plan.min_sites as usize;
         let wait = deadline.saturating_duration_since(Instant::now());
         self.wait_for(wait, |i| {
             let target = self.active_sites(i).max(min_sites);
-            i.running()?.open.as_ref().filter(|o| o.updates.len() >= target).map(|_| ())
+            i.running()?.open.as_ref().filter(|o| o.answers() >= target).map(|_| ())
         })
         .await;
         let Some(open) = self.lock().running_mut().and_then(|f| f.open.take()) else {
@@ -120,7 +160,7 @@ impl Coordinator {
                     }));
                 }
                 let open = federation.open.as_ref()?;
-                if open.updates.contains_key(peer) {
+                if open.answered(peer) {
                     return None;
                 }
                 Some(Message::RoundStart(RoundStart {
@@ -144,6 +184,9 @@ impl Coordinator {
         };
         if federation.digest != start.model_digest || federation.open.as_ref().map(|o| o.round) != Some(start.round) {
             return Message::Heartbeat;
+        }
+        if let Some(open) = federation.open.as_mut() {
+            open.handed.insert(peer.to_string());
         }
         Message::RoundStart(RoundStart { model_digest: federation.site_digest(peer), ..start })
     }
@@ -227,12 +270,28 @@ impl Coordinator {
                 ));
             }
         };
-        let parts = Parts::from_wire(&set).map_err(|e| Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")))?;
         let mut inner = self.lock();
         let joined = inner.sites.get(peer).is_some_and(|s| s.joined);
         let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
-        aggregate::validate(&federation.global, &federation.selection, peer, &parts, self.config.plan.max_update_norm)
-            .map_err(|e| Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")))?;
+        let checked = Parts::from_wire(&set).and_then(|parts| {
+            aggregate::validate(
+                &federation.global,
+                &federation.selection,
+                peer,
+                &parts,
+                self.config.plan.max_update_norm,
+            )
+            .map(|norm| (parts, norm))
+        });
+        let (parts, backbone_norm) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                if let Some(open) = federation.open.as_mut().filter(|o| o.round == round) {
+                    open.refused.insert(peer.to_string());
+                }
+                return Err(Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")));
+            }
+        };
         // The site may have been removed, or the round closed, while the payload was streaming.
         if !joined {
             return Err(Refusal::new(ErrorKind::NotAllowed, format!("site {peer} was removed from the federation")));
@@ -245,8 +304,10 @@ impl Coordinator {
         let n_cases = header.n_cases;
         let loss = header.train_loss;
         let header = UpdateHeader { payload_digest: digest, ..header };
-        open.updates
-            .insert(peer.to_string(), Update { site: peer.to_string(), header, bytes: set.total_bytes(), parts });
+        open.updates.insert(
+            peer.to_string(),
+            Update { site: peer.to_string(), header, bytes: set.total_bytes(), backbone_norm, parts },
+        );
         drop(inner);
         self.changed();
         info!(site = %peer, round, n_cases, loss, "update accepted");
@@ -261,19 +322,9 @@ impl Coordinator {
         header: &UpdateHeader,
     ) -> std::result::Result<(Slot<'_>, RecvLimits, Instant), Refusal> {
         let bad = |reason: String| Refusal::new(ErrorKind::BadUpdate, reason);
-        check_header(peer, header).map_err(bad)?;
         let round = header.round;
         let mut inner = self.lock();
         let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
-        check_metrics(peer, header, &federation.setup).map_err(bad)?;
-        let registered = federation.setup.cases_of(peer);
-        if registered != Some(header.n_cases) {
-            return Err(bad(format!(
-                "site {peer}: n_cases {} is not its {} registered training cases",
-                header.n_cases,
-                registered.map_or("(none)".to_string(), |n| n.to_string())
-            )));
-        }
         // The manifest names every class's heads (so that another site's heads reach
         // `validate` and are refused by name); which of them must be there, each with every
         // tensor, is `validate`'s check.
@@ -281,13 +332,26 @@ impl Coordinator {
         limits.require_all = false;
         limits.expected_digest = Some(header.payload_digest.clone());
         let open = match federation.open.as_mut() {
-            Some(open) if open.round == round && open.updates.contains_key(peer) => {
+            Some(open) if open.round == round && open.refused.contains(peer) => {
+                return Err(bad(format!("site {peer}: its update of round {round} was refused already")));
+            }
+            Some(open) if open.round == round && open.answered(peer) => {
                 return Err(bad(format!("site {peer} already sent round {round}")));
             }
             Some(open) if open.round == round => open,
+            Some(open) if round < open.round && open.handed.contains(peer) => {
+                open.refused.insert(peer.to_string());
+                return Err(bad(format!(
+                    "round {round} is not the open round {}, which site {peer} was handed already",
+                    open.round
+                )));
+            }
             Some(open) => return Err(late(format!("round {round} is not the open round {}", open.round))),
             None => return Err(late(format!("round {round} is closed"))),
         };
+        // A refused header costs the site nothing but this message: it may send a corrected one
+        // in this round, so the refusal does not answer the round for it.
+        check_header(peer, header, &federation.setup).map_err(bad)?;
         if !open.arriving.insert(peer.to_string()) {
             return Err(bad(format!("site {peer}: another update of round {round} is already arriving")));
         }
@@ -357,6 +421,7 @@ impl Coordinator {
                 weight,
                 train_loss: u.header.train_loss,
                 payload_digest: u.header.payload_digest.clone(),
+                backbone_norm: u.backbone_norm,
             })
             .collect();
         let record = RoundRecord { round: open.round, digest, contributions, classes, unix_time: unix_now() };
@@ -442,7 +507,18 @@ fn late(reason: String) -> Refusal {
 
 /// The scalar fields of an update header: a loss or Dice that is not a finite number would
 /// end up as `null` in the round record and the metrics (and make the checkpoint unreadable).
-fn check_header(peer: &str, header: &UpdateHeader) -> std::result::Result<(), String> {
+/// What an update's header says of itself: its training cases those the site registered, its
+/// metrics finite and its own (checked before the payload is read).
+fn check_header(peer: &str, header: &UpdateHeader, setup: &Setup) -> std::result::Result<(), String> {
+    let registered = setup.cases_of(peer);
+    if registered != Some(header.n_cases) {
+        return Err(format!(
+            "site {peer}: n_cases {} is not its {} registered training cases",
+            header.n_cases,
+            registered.map_or("(none)".to_string(), |n| n.to_string())
+        ));
+    }
+    check_metrics(peer, header, setup)?;
     if !header.train_loss.is_finite() {
         return Err(format!("site {peer}: train_loss is {}, not a finite number", header.train_loss));
     }
