@@ -18,7 +18,6 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -110,59 +109,10 @@ pub fn site_san(site: &str) -> String {
     format!("{site}{SITE_SAN_SUFFIX}")
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// then fsync of the directory. The temporary file is new ([`create_temp_sibling`]: never a
-/// planted file or symlink) and has `mode` (on Unix) before any byte is written, so a private
-/// key is never readable by others, even transiently.
+/// Writes `bytes` to `path` atomically with `mode` ([`fedtalent_atomic::write`]: a private key is
+/// never readable by others, even transiently, and never written through a planted symlink).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let werr = |source| CertError::Write { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (mut f, tmp) = create_temp_sibling(path, mode).map_err(werr)?;
-    let result = (|| {
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(werr)
-}
-
-/// Creates a new, empty temporary sibling of `path` (`.<name>.tmp.<pid>`, then `-1`, `-2`, … while
-/// a name is taken) for an atomic write. `O_EXCL` (`create_new`): an existing file, or a
-/// symlink planted at that name, is never opened, so a write cannot be redirected elsewhere.
-/// `mode` is set exactly (on Unix; open() would filter it by the umask).
-pub fn create_temp_sibling(path: &Path, mode: u32) -> std::io::Result<(fs::File, PathBuf)> {
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("no file name"))?.to_string_lossy().into_owned();
-    for attempt in 0..100u32 {
-        let suffix = if attempt == 0 { String::new() } else { format!("-{attempt}") };
-        let tmp = path.with_file_name(format!(".{name}.tmp.{}{suffix}", std::process::id()));
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
-        match opts.open(&tmp) {
-            Ok(f) => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    f.set_permissions(fs::Permissions::from_mode(mode))?;
-                }
-                #[cfg(not(unix))]
-                let _ = mode;
-                return Ok((f, tmp));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free temporary name"))
+    fedtalent_atomic::write(path, bytes, mode).map_err(|source| CertError::Write { path: path.to_path_buf(), source })
 }
 
 /// Reads a private key file, refusing one that others may read (group or world permission

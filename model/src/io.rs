@@ -2,9 +2,8 @@
 //! crash never leaves a half-written model, checkpoint or optimizer state behind. Every file is
 //! owner-only (0600): they hold model weights (a site's heads are its own).
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use tch::{Device, Tensor};
@@ -25,31 +24,13 @@ pub fn write_tensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result
 
 /// Writes bytes atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| {
-        let mut f = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))
-    })
+    fedtalent_atomic::write(path, bytes, 0o600).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs `write` on a temporary sibling of `path`, then syncs and renames it into place. The
-/// temporary file is created here, new (`O_EXCL`: a planted file or symlink is never written
-/// through) and owner-only, before `write` fills it.
+/// Runs `write` on a new owner-only temporary sibling of `path`, then syncs and renames it into
+/// place ([`fedtalent_atomic::write_via_path`]).
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    let tmp = create_private_temp(path)?;
-    let result = write(&tmp).and_then(|()| {
-        // Again after `write`: a writer that replaced the file would have reset its mode.
-        set_owner_only(&tmp, 0o600)?;
-        File::open(&tmp)?.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        // The rename is durable only once the directory entry is.
-        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    fedtalent_atomic::write_via_path(path, 0o600, write)
 }
 
 /// Creates `dir` (and its parents) and makes it owner-only (0700): a state dir of model data.
@@ -68,13 +49,6 @@ fn set_owner_only(path: &Path, mode: u32) -> Result<()> {
     #[cfg(not(unix))]
     let _ = (path, mode);
     Ok(())
-}
-
-/// A new, empty, owner-only temporary sibling of `path` (see [`fedtalent_certs::create_temp_sibling`]).
-fn create_private_temp(path: &Path) -> Result<PathBuf> {
-    let (_, tmp) = fedtalent_certs::create_temp_sibling(path, 0o600)
-        .with_context(|| format!("creating a temporary file next to {}", path.display()))?;
-    Ok(tmp)
 }
 
 #[cfg(all(test, unix))]

@@ -17,7 +17,7 @@ fn assert_checkpoints_complete(fed: &LocalFederation) {
 #[test]
 fn coordinator_restart_resumes_from_last_complete_round() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Plan { rounds: 4, local_steps: 10, ..Plan::default() };
+    let plan = Plan { rounds: 4, local_steps: 10, eval_every: 4, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], plan);
     let mut coordinator = fed.spawn_coordinator();
     let mut procs = Children(vec![fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);

@@ -28,7 +28,7 @@ fn impostor(fed: &LocalFederation, name: &str, cert_dir: &std::path::Path) -> st
 fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
     let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let plan = Plan { rounds: 2, local_steps: 10, ..Plan::default() };
+    let plan = Plan { rounds: 2, local_steps: 2, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], plan);
     // "intruder": certificate from another federation's CA. "stranger": our CA, not listed.
     let other = dir.path().join("other");
@@ -90,7 +90,7 @@ fn broken_updates_are_refused_and_rounds_go_on() {
     let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let sites = ["liver", "pancreas", "multiorgan", "kidney", "liver_novessels", "liver_wide"];
-    let plan = Plan { rounds: 2, local_steps: 4, cases: 3, deadline_s: 120, ..Plan::default() };
+    let plan = Plan { rounds: 2, local_steps: 2, cases: 3, deadline_s: 120, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &sites, plan);
     let faults = [
         ("multiorgan", "nan"),

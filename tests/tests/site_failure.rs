@@ -9,7 +9,8 @@ use fedtalent_tests::{wait_child, Children, LocalFederation, Plan};
 #[test]
 fn killed_site_is_left_out_then_rejoins() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Plan { rounds: 4, local_steps: 10, deadline_s: 20, bf16_transport: true, ..Plan::default() };
+    let plan =
+        Plan { rounds: 4, local_steps: 10, deadline_s: 20, eval_every: 4, bf16_transport: true, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas", "multiorgan"], plan);
     let mut procs =
         Children(vec![fed.spawn_coordinator(), fed.spawn_site("liver", &[]), fed.spawn_site("pancreas", &[])]);

@@ -233,26 +233,25 @@ pub fn cache_key(case: &Case, opts: &PreprocessOptions) -> Result<String> {
     Ok(hex::encode(&ctx.finish().as_ref()[..8]))
 }
 
+/// Writes a case's cache file atomically, owner-only: it holds the site's images and labels.
 fn write_cache(path: &Path, meta: &CaseMeta, image: &Array3<f32>, labels: &Array3<u16>) -> Result<()> {
     let json = serde_json::to_vec(meta)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f =
-        std::io::BufWriter::new(fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?);
-    f.write_all(MAGIC)?;
-    f.write_all(&(json.len() as u64).to_le_bytes())?;
-    f.write_all(&json)?;
-    let pad = (16 + json.len()).div_ceil(64) * 64 - (16 + json.len());
-    f.write_all(&vec![0u8; pad])?;
-    for v in image.iter() {
-        f.write_all(&v.to_le_bytes())?;
-    }
-    for v in labels.iter() {
-        f.write_all(&v.to_le_bytes())?;
-    }
-    let file = f.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    fedtalent_atomic::write_with(path, 0o600, |file| {
+        let mut f = std::io::BufWriter::new(file);
+        f.write_all(MAGIC)?;
+        f.write_all(&(json.len() as u64).to_le_bytes())?;
+        f.write_all(&json)?;
+        let pad = (16 + json.len()).div_ceil(64) * 64 - (16 + json.len());
+        f.write_all(&vec![0u8; pad])?;
+        for v in image.iter() {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        for v in labels.iter() {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        f.flush()
+    })
+    .with_context(|| format!("{}: cannot write the cache file", path.display()))
 }
 
 /// Returns the cached preprocessed case, preprocessing it first if the cache is missing or stale
