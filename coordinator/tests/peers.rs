@@ -421,6 +421,26 @@ async fn a_refused_update_answers_the_round_for_its_site() {
     close_round_one_with_beta_alone(&fed, &beta).await;
 }
 
+/// A payload whose stream header declares a wrong shape is the sender's doing, not the link's:
+/// it answers the round too (a stream cut in transit would not). Here it is the round's last
+/// answer, and the round closes at once on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_of_the_wrong_shape_answers_the_round_for_its_site() {
+    let fed = Federation::start(&["alpha", "beta"], 1).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let beta_work = beta.work().await;
+    assert_eq!(beta.honest_update(&beta_work).await, (true, String::new()));
+    let started = std::time::Instant::now();
+    let mut broken = alpha.download(&work.digest, false).await.unwrap();
+    broken.tensors[0].shape = vec![1];
+    broken.tensors[0].data.truncate(4);
+    let (accepted, reason) = alpha.upload(work.round, 4, 0.5, &broken).await;
+    assert!(!accepted && reason.contains("payload") && reason.contains("shape"), "{reason}");
+    wait_completed(&fed, 1).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "round 1 waited for its deadline: {:?}", started.elapsed());
+    assert_eq!(contributions(&fed, 1), vec![("beta".into(), 4, 0.5)]);
+}
+
 /// A site works one round at a time, so an update of an older round from a site that was
 /// handed the open round is a broken site, not a late arrival: it answers the round too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -374,6 +374,24 @@ pub enum TensorError {
     Io(#[from] std::io::Error),
 }
 
+impl TensorError {
+    /// Whether the link may be at fault (a stream cut or closed early, bytes corrupted in
+    /// transit, an I/O error), so that sending the same set again can succeed. Every other error
+    /// is what the sender declared: its header names a tensor, shape, dtype or size that is
+    /// refused, and sending it again cannot help.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            Self::Header(_)
+                | Self::Truncated { .. }
+                | Self::TensorDigestMismatch { .. }
+                | Self::DigestMismatch { .. }
+                | Self::NotAnnounced { .. }
+                | Self::Io(_)
+        )
+    }
+}
+
 /// What a receiver accepts.
 #[derive(Debug, Clone)]
 pub struct RecvLimits {

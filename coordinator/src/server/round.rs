@@ -233,6 +233,8 @@ impl Coordinator {
         let refusal = self.admit_update(peer, header, recv).await.err();
         if let Some(refusal) = &refusal {
             warn!(site = %peer, round, "update refused: {}", refusal.reason);
+            // A refusal may have been the round's last answer: the round task re-checks.
+            self.changed();
         }
         Message::Ack(Ack { round, refusal })
     }
@@ -260,6 +262,9 @@ impl Coordinator {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = recv.stop(close::REFUSED);
+                if !e.is_transport() {
+                    self.mark_refused(peer, round);
+                }
                 return Err(Refusal::new(ErrorKind::BadUpdate, format!("payload: {e}")));
             }
             Err(_) => {
@@ -312,6 +317,14 @@ impl Coordinator {
         self.changed();
         info!(site = %peer, round, n_cases, loss, "update accepted");
         Ok(())
+    }
+
+    /// Records that `peer`'s update of `round` was refused for what it holds (see
+    /// [`OpenRound::refused`]), if that round is still open.
+    fn mark_refused(&self, peer: &str, round: u32) {
+        if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()).filter(|o| o.round == round) {
+            open.refused.insert(peer.to_string());
+        }
     }
 
     /// Checks an update's header against the open round and takes the site's arriving slot in
