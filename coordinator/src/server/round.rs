@@ -275,21 +275,23 @@ impl Coordinator {
                 ));
             }
         };
+        // Decoding the payload's tensors is the large part of the work: outside the lock.
+        let parts = Parts::from_wire(&set).map_err(|e| {
+            self.mark_refused(peer, round);
+            Refusal::new(ErrorKind::BadUpdate, format!("{e:#}"))
+        })?;
         let mut inner = self.lock();
         let joined = inner.sites.get(peer).is_some_and(|s| s.joined);
         let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
-        let checked = Parts::from_wire(&set).and_then(|parts| {
-            aggregate::validate(
-                &federation.global,
-                &federation.selection,
-                peer,
-                &parts,
-                self.config.plan.max_update_norm,
-            )
-            .map(|norm| (parts, norm))
-        });
-        let (parts, backbone_norm) = match checked {
-            Ok(checked) => checked,
+        let checked = aggregate::validate(
+            &federation.global,
+            &federation.selection,
+            peer,
+            &parts,
+            self.config.plan.max_update_norm,
+        );
+        let backbone_norm = match checked {
+            Ok(norm) => norm,
             Err(e) => {
                 if let Some(open) = federation.open.as_mut().filter(|o| o.round == round) {
                     open.refused.insert(peer.to_string());
