@@ -6,6 +6,9 @@
 #   pooled     `site-agent train` on all sites' data (MultiTalent's own, centralised setting;
 #              as many steps as all sites together)
 #   federated  `coordinator simulate` (QUIC + mTLS on loopback, one site agent per site)
+#   fine-tuned with BENCH_FINETUNE_STEPS=F: the federation stops F steps early and each site
+#              fine-tunes its model on its own data for the last F steps (`site-agent train
+#              --init`): the same steps per site, a model personalised to each site
 # Prints a per-class Dice table (mean ± sd over seeds) with the three side by side, the mean per
 # site and the sd of the per-seed means, and writes $OUT/quality.json.
 #
@@ -20,7 +23,12 @@
 #        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders" or
 #        "--rounds 10 --local-steps 40"; default "none": by the arms' measured times on 2 cores
 #        (federation 255-330 s, each alone 89-211 s, pooled 277-283 s) three seeds of three
-#        arms take 40-60 min, and a fourth arm adds ~15 more)
+#        arms take 40-60 min, and a fourth arm adds ~15 more),
+#        BENCH_FINETUNE_STEPS (0: steps of the fine-tuned arm, a multiple of BENCH_STEPS),
+#        BENCH_ARMS ("alone pooled": the arms besides the federation, which always runs since
+#        the others read its site configs; e.g. "alone" or "" to compare federation policies),
+#        BENCH_REUSE (an earlier run's quality.json: the table takes the arms this run skipped
+#        from it; alone and pooled are fully seeded, so the same seeds and steps give the same)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
@@ -37,6 +45,14 @@ COMPARE="${BENCH_COMPARE_ARGS:-none}"
 read -r -a COMPARE_ARGS <<< "$COMPARE"
 IFS=',' read -r -a SITE_LIST <<< "$SITES"
 TOTAL=$((ROUNDS * STEPS))
+FINETUNE="${BENCH_FINETUNE_STEPS:-0}"
+ARMS=" ${BENCH_ARMS-alone pooled} "
+if [ "$FINETUNE" -gt 0 ]; then
+  if [ $((FINETUNE % STEPS)) -ne 0 ] || [ "$FINETUNE" -ge "$TOTAL" ]; then
+    echo "BENCH_FINETUNE_STEPS=$FINETUNE: a multiple of BENCH_STEPS=$STEPS below $TOTAL steps" >&2; exit 2
+  fi
+fi
+FED_ROUNDS=$(( (TOTAL - FINETUNE) / STEPS ))
 
 scripts/setup.sh >/dev/null
 . scripts/env.sh
@@ -61,38 +77,49 @@ evaluate() { # model dir, seed, json prefix
   done
 }
 
-federate() { # seed, folder prefix, label, simulate flags...
-  local seed=$1 dir="$OUT/$2-$1" label=$3 t
+train_arm() { # seed, label, output folder, `site-agent train` flags...
+  local seed=$1 label=$2 dir=$3 t
   shift 3
   t=$(date +%s)
-  "$BIN/coordinator" simulate --out "$dir" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
-    --rounds "$ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "$@" >/dev/null 2>>"$OUT/log.txt"
+  "$BIN/site-agent" train "$@" --seed "$seed" --device "$DEVICE" --out "$dir" >/dev/null 2>>"$OUT/log.txt"
   echo "   $label: $(( $(date +%s) - t )) s"
   evaluate "$dir/model" "$seed" "$dir/heldout"
 }
 
+federate() { # seed, folder prefix, label, simulate flags...
+  local seed=$1 prefix=$2 dir="$OUT/$2-$1" label=$3 t
+  shift 3
+  t=$(date +%s)
+  "$BIN/coordinator" simulate --out "$dir" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
+    --rounds "$FED_ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "$@" >/dev/null 2>>"$OUT/log.txt"
+  echo "   $label: $(( $(date +%s) - t )) s"
+  evaluate "$dir/model" "$seed" "$dir/heldout"
+  [ "$FINETUNE" -gt 0 ] || return 0
+  for site in "${SITE_LIST[@]}"; do
+    train_arm "$seed" "$label, $site fine-tuned" "$OUT/${prefix}ft-$seed-$site" \
+      --init "$dir/model" --site "$dir/$site/site.toml" --steps "$FINETUNE"
+  done
+}
+
 for seed in "${SEEDS[@]}"; do
-  echo "== seed $seed: $ROUNDS rounds x $STEPS steps per site; held-out phantoms of seed $((1000 + seed))"
+  echo "== seed $seed: $TOTAL steps per site ($FED_ROUNDS rounds x $STEPS federated, $FINETUNE fine-tuned);" \
+    "held-out phantoms of seed $((1000 + seed))"
   "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \
     --sites "$SITES" >/dev/null 2>>"$OUT/log.txt"
+  # The alone and pooled arms read the federation's site configs (and its preprocessing cache).
   federate "$seed" fed federated "${FED_ARGS[@]}"
   [ "$COMPARE" = none ] || federate "$seed" fedb "federated-b ($COMPARE)" "${COMPARE_ARGS[@]}"
   # The same phantoms and site configs as the federation (and its preprocessing cache).
   site_args=()
   for site in "${SITE_LIST[@]}"; do
-    t=$(date +%s)
-    "$BIN/site-agent" train --site "$OUT/fed-$seed/$site/site.toml" --preset "$PRESET" --steps "$TOTAL" \
-      --seed "$seed" --device "$DEVICE" --out "$OUT/alone-$seed-$site" >/dev/null 2>>"$OUT/log.txt"
-    echo "   alone $site: $(( $(date +%s) - t )) s"
-    evaluate "$OUT/alone-$seed-$site/model" "$seed" "$OUT/alone-$seed-$site/heldout"
     site_args+=(--site "$OUT/fed-$seed/$site/site.toml")
+    [[ "$ARMS" == *" alone "* ]] || continue
+    train_arm "$seed" "alone $site" "$OUT/alone-$seed-$site" \
+      --site "$OUT/fed-$seed/$site/site.toml" --preset "$PRESET" --steps "$TOTAL"
   done
-  t=$(date +%s)
-  "$BIN/site-agent" train "${site_args[@]}" --preset "$PRESET" --steps $((TOTAL * ${#SITE_LIST[@]})) \
-    --seed "$seed" --device "$DEVICE" --out "$OUT/pooled-$seed" >/dev/null 2>>"$OUT/log.txt"
-  echo "   pooled: $(( $(date +%s) - t )) s"
-  evaluate "$OUT/pooled-$seed/model" "$seed" "$OUT/pooled-$seed/heldout"
+  [[ "$ARMS" == *" pooled "* ]] || continue
+  train_arm "$seed" pooled "$OUT/pooled-$seed" "${site_args[@]}" --preset "$PRESET" --steps $((TOTAL * ${#SITE_LIST[@]}))
 done
 echo "== total $(( $(date +%s) - started )) s"
 
-"$VIRTUAL_ENV/bin/python" scripts/quality_table.py "$OUT" "${SEEDS[@]}"
+"$VIRTUAL_ENV/bin/python" scripts/quality_table.py "$OUT" "${SEEDS[@]}" ${BENCH_REUSE:+--reuse "$BENCH_REUSE"}

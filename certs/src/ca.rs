@@ -23,8 +23,6 @@ fn rc(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertError {
     move |source| CertError::Rcgen { what, source }
 }
 
-
-
 fn validity(days: u32) -> Result<(OffsetDateTime, OffsetDateTime)> {
     if days == 0 {
         return Err(CertError::Validity("validity must be at least 1 day".into()));

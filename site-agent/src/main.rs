@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod device;
 mod evaluate;
+mod finetune;
 mod local;
 mod predict;
 mod train;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use fedtalent_data::PreprocessedCase;
 use fedtalent_model::manifest::ModelManifest;
 use fedtalent_model::{wire, Topology};
@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::config::SiteConfig;
 use crate::device;
+use crate::finetune::InitModel;
 use crate::local::{self, LocalTrainer, StreamSpec, TrainerSpec};
 
 #[derive(clap::Args)]
@@ -24,8 +25,9 @@ pub struct Args {
     /// A dataset's site.toml (its [site].name and [data]); repeat for pooled training.
     #[arg(long = "site", required = true)]
     sites: Vec<PathBuf>,
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    /// Network preset (default tiny; with --init, the model's).
+    #[arg(long)]
+    preset: Option<String>,
     /// Training steps (the poly schedule's horizon).
     #[arg(long)]
     steps: u64,
@@ -45,6 +47,23 @@ pub struct Args {
     /// Output folder: `state/` (checkpoints) and `model/` (the exported model).
     #[arg(long)]
     out: PathBuf,
+    /// Fine-tune this exported model instead of starting from scratch: its backbone, and the
+    /// heads of the classes it already has (matched by id), are the starting point; new classes
+    /// get fresh heads. Its preset, target spacing and CT normalization are kept.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// With --init: the first steps train the heads alone, the backbone frozen (MultiTalent's
+    /// fine-tuning warms the heads up before unfreezing the network). Default: 10% of --steps.
+    #[arg(long)]
+    head_steps: Option<u64>,
+    /// With --init: keep the model's other classes (untrained here), so that the fine-tuned
+    /// model still predicts them; without, it has the datasets' classes only.
+    #[arg(long)]
+    keep_heads: bool,
+    /// With --init of a model with per-site decoders: the site whose decoder the network starts
+    /// from (default: the training site's own).
+    #[arg(long)]
+    decoder_from: Option<String>,
     /// Test mode: stop (without exporting) at the first checkpoint at or after this step.
     #[arg(long, hide = true)]
     stop_after_steps: Option<u64>,
@@ -61,19 +80,43 @@ struct Source {
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.steps >= 1, "--steps must be at least 1");
     let device = device::parse(&args.device)?;
-    let topology = Topology::preset(&args.preset).context("--preset")?;
+    let init = load_init(&args, device)?;
+    let preset = match (&init, &args.preset) {
+        (Some(init), Some(p)) if *p != init.manifest.preset => {
+            bail!("--preset {p:?}: the --init model is a {:?} network", init.manifest.preset)
+        }
+        (Some(init), _) => init.manifest.preset.clone(),
+        (None, p) => p.clone().unwrap_or_else(|| "tiny".to_string()),
+    };
+    let topology = Topology::preset(&preset).context("--preset")?;
     let sources = load_sources(&args.sites, topology.spacing)?;
-    let classes = class_list(&sources);
-    let norm = normalization(&sources);
+    let classes = match &init {
+        Some(init) => init.class_list(class_list(&sources), args.keep_heads),
+        None => class_list(&sources),
+    };
+    let norm = match &init {
+        Some(init) => init.manifest.normalization,
+        None => normalization(&sources),
+    };
+    let head_steps = match (&init, args.head_steps) {
+        (None, Some(_)) => bail!("--head-steps needs --init (a model whose backbone is kept)"),
+        (None, None) => 0,
+        (Some(_), Some(h)) => h.min(args.steps),
+        (Some(_), None) => args.steps / 10,
+    };
     let regions: Vec<ClassRegion> = classes.iter().map(GlobalClass::region).collect();
     let datasets = sources
         .iter()
-        .map(|s| classes.iter().enumerate().filter(|(_, c)| c.site == s.site).map(|(i, _)| i).collect())
+        .map(|s| {
+            let annotated = |c: &GlobalClass| c.site == s.site && s.classes.iter().any(|r| r.name == c.name);
+            classes.iter().enumerate().filter(|(_, c)| annotated(c)).map(|(i, _)| i).collect()
+        })
         .collect();
     // The same initialisation as a federation's global model (the coordinator seeds 0).
     tch::manual_seed(args.seed as i64);
+    let decoder_owner = init.as_ref().and_then(|i| i.decoder_site.as_ref()).map(|_| sources[0].site.clone());
     let spec = TrainerSpec {
-        preset: &args.preset,
+        preset: &preset,
         classes: &regions,
         datasets: Some(datasets),
         class_ids: classes.iter().map(|c| c.id.clone()).collect(),
@@ -81,9 +124,22 @@ pub fn run(args: Args) -> Result<()> {
         lr: args.lr,
         total_steps: args.steps,
         dice: DiceMode::Batch,
-        site_decoder: None,
+        site_decoder: decoder_owner.as_deref(),
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
+    // A resumed run holds its own weights already; only a fresh one starts from the model.
+    if let (Some(init), 0) = (&init, trainer.state.batches_drawn) {
+        let net = &mut trainer.trainer.net;
+        let took = init.transfer(net, &trainer.selection, decoder_owner.as_deref())?;
+        info!(
+            model = %args.init.as_ref().expect("init given").display(),
+            heads = ?took.heads,
+            fresh = ?took.fresh,
+            decoder = ?init.decoder_site,
+            head_steps,
+            "fine-tuning from a model"
+        );
+    }
     // A resumed run continues at its checkpoint's step (the schedule and the batch stream).
     trainer.trainer.step = trainer.state.global_step;
     // One dataset draws the stream its site draws in a federation; several, a stream of their own.
@@ -100,9 +156,16 @@ pub fn run(args: Args) -> Result<()> {
     let mut loader = local::batch_loader(sources.into_iter().map(|s| s.train).collect(), stream)?;
     while trainer.trainer.step < args.steps {
         let start = trainer.trainer.step;
-        let chunk = args.checkpoint_every.max(1).min(args.steps - start);
+        let mut chunk = args.checkpoint_every.max(1).min(args.steps - start);
+        // The heads-only phase ends at its own step, whatever the checkpoint interval.
+        let heads_only = start < head_steps;
+        if heads_only {
+            chunk = chunk.min(head_steps - start);
+        }
         let chunk_index = (start / args.checkpoint_every.max(1)) as u32 + 1;
+        trainer.trainer.freeze_backbone(heads_only);
         let loss = trainer.train(&mut loader, chunk as u32, start, args.steps, chunk_index)?;
+        trainer.trainer.freeze_backbone(false);
         trainer.save(chunk_index)?;
         info!(step = trainer.trainer.step, total = args.steps, loss, "checkpoint written");
         if args.stop_after_steps.is_some_and(|s| trainer.trainer.step >= s && trainer.trainer.step < args.steps) {
@@ -110,9 +173,27 @@ pub fn run(args: Args) -> Result<()> {
             return Ok(());
         }
     }
-    let dir = export(&trainer, &args.preset, norm, classes, &args.out.join("model"))?;
+    let dir = export(&trainer, &preset, norm, classes, &args.out.join("model"))?;
     println!("model exported to {}", dir.display());
     Ok(())
+}
+
+/// The --init model, with the flags that only make sense with one checked.
+fn load_init(args: &Args, device: tch::Device) -> Result<Option<InitModel>> {
+    let Some(dir) = &args.init else {
+        ensure!(!args.keep_heads && args.decoder_from.is_none(), "--keep-heads and --decoder-from need --init");
+        return Ok(None);
+    };
+    let sites: Vec<String> =
+        args.sites.iter().map(|p| SiteConfig::load(p).map(|c| c.site.name)).collect::<Result<_>>()?;
+    let init = InitModel::load(dir, device, &sites, args.decoder_from.as_deref())?;
+    ensure!(
+        !(args.keep_heads && init.decoder_site.is_some()),
+        "--keep-heads: the model {} has per-site decoders, and the other sites' heads read decoders \
+         this network does not have",
+        dir.display()
+    );
+    Ok(Some(init))
 }
 
 fn load_sources(paths: &[PathBuf], spacing: [f64; 3]) -> Result<Vec<Source>> {

@@ -12,18 +12,19 @@ fn train(site_toml: &Path, steps: u32, seed: u64, out: &Path) -> PathBuf {
     train_with(site_toml, steps, seed, out, &[])
 }
 
-/// `site-agent train` (tiny, CPU, checkpoints every 4 steps) with `extra` flags; the model it exports.
+/// `site-agent train` of one site on the CPU for `steps` steps into `out`, with `extra` flags.
+fn train_command(site_toml: &Path, steps: u32, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("site-agent"));
+    cmd.args(["train", "--site"]).arg(site_toml).args(["--device", "cpu", "--steps", &steps.to_string()]);
+    cmd.args(extra).arg("--out").arg(out);
+    cmd
+}
+
+/// `site-agent train` (tiny, checkpoints every 4 steps) with `extra` flags; the model it exports.
 fn train_with(site_toml: &Path, steps: u32, seed: u64, out: &Path, extra: &[&str]) -> PathBuf {
-    run_ok(
-        Command::new(binary("site-agent"))
-            .args(["train", "--site"])
-            .arg(site_toml)
-            .args(["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "4"])
-            .args(["--steps", &steps.to_string(), "--seed", &seed.to_string()])
-            .args(extra)
-            .arg("--out")
-            .arg(out),
-    );
+    let seed = seed.to_string();
+    let flags = [&["--preset", "tiny", "--checkpoint-every", "4", "--seed", &seed], extra].concat();
+    run_ok(&mut train_command(site_toml, steps, out, &flags));
     out.join("model/model.safetensors")
 }
 
@@ -98,4 +99,67 @@ fn train_resumes_from_its_checkpoint() {
     let again = train(&site, 8, 3, &resumed);
     let diff = differing(&whole, &again);
     assert!(diff.is_empty(), "the resumed run differs from the uninterrupted one in {diff:?}");
+}
+
+/// Whether a saved tensor is a per-class head (`seg_outputs.*`, rows = classes).
+fn is_head(name: &str) -> bool {
+    name.starts_with("seg_outputs.")
+}
+
+/// `site-agent train --init`: the heads-only phase leaves the backbone bit-identical to the
+/// model's, the whole-network phase after it moves the backbone, and the classes the model
+/// lacks get heads of their own (with `--keep-heads` the model's classes stay in the network).
+#[test]
+fn fine_tuning_trains_heads_first_then_the_network() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], Plan { cases: 3, ..Plan::default() });
+    let (liver, pancreas) = (fed.site_dir("liver").join("site.toml"), fed.site_dir("pancreas").join("site.toml"));
+    let pretrained = train(&liver, 4, 1, &dir.path().join("pretrained"));
+    let model_dir = dir.path().join("pretrained/model");
+    let init = ["--init", model_dir.to_str().unwrap()];
+    let model = read_tensors(&pretrained);
+
+    let heads_only = train_with(&liver, 3, 2, &dir.path().join("heads"), &[&init[..], &["--head-steps", "3"]].concat());
+    let changed = differing(&pretrained, &heads_only);
+    assert!(!changed.is_empty() && changed.iter().all(|n| is_head(n)), "heads-only steps changed {changed:?}");
+
+    let whole = train_with(&liver, 3, 2, &dir.path().join("whole"), &[&init[..], &["--head-steps", "1"]].concat());
+    let moved: Vec<String> = differing(&pretrained, &whole).into_iter().filter(|n| !is_head(n)).collect();
+    assert!(!moved.is_empty(), "after the heads-only step the backbone did not train");
+
+    // A new site's classes: two fresh rows alone, four with the model's liver classes kept.
+    let rows = |path: &Path| fedtalent_tests::tensor(&read_tensors(path), "seg_outputs.0.weight").size()[0];
+    let new_site = train_with(&pancreas, 2, 2, &dir.path().join("new"), &init);
+    let kept = train_with(&pancreas, 2, 2, &dir.path().join("kept"), &[&init[..], &["--keep-heads"]].concat());
+    assert_eq!((rows(&new_site), rows(&kept)), (2, 4));
+    let manifest = std::fs::read_to_string(dir.path().join("kept/model/model.json")).unwrap();
+    assert!(manifest.contains("liver/liver_tumour") && manifest.contains("pancreas/pancreas_tumour"), "{manifest}");
+    // The backbone it starts from is the model's (the heads-only step is the default 10% = 0 of 2).
+    let backbone_moved = |path: &Path| {
+        let t = read_tensors(path);
+        model.iter().filter(|(n, _)| !is_head(n)).any(|(n, v)| !v.equal(fedtalent_tests::tensor(&t, n)))
+    };
+    assert!(backbone_moved(&new_site), "fine-tuning did not train the backbone");
+}
+
+/// `--init` refuses what it cannot honour, naming the flag: another preset, flags without a model.
+#[test]
+fn fine_tuning_refuses_mismatched_requests() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let fed = LocalFederation::create(dir.path(), &["liver"], Plan { cases: 3, min_sites: 1, ..Plan::default() });
+    let liver = fed.site_dir("liver").join("site.toml");
+    train(&liver, 2, 1, &dir.path().join("pretrained"));
+    let attempt = |extra: &[&str]| {
+        let out = train_command(&liver, 2, &dir.path().join("refused"), extra).output().unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let model = dir.path().join("pretrained/model");
+    let model = model.to_str().unwrap();
+    assert!(attempt(&["--init", model, "--preset", "unet"]).contains("--preset \"unet\""));
+    assert!(attempt(&["--head-steps", "1"]).contains("--head-steps needs --init"));
+    assert!(attempt(&["--keep-heads"]).contains("need --init"));
+    assert!(attempt(&["--init", model, "--decoder-from", "liver"]).contains("no per-site decoders"));
 }

@@ -48,4 +48,30 @@ fn per_site_decoders_stay_with_their_owner() {
     let (manifest, net) = fedtalent_model::ModelManifest::load_model(&out, tch::Device::Cpu).unwrap();
     assert!(net.params().iter().any(|p| p.name.starts_with("decoders.1.")), "the export lacks site 1's decoder");
     assert_eq!(manifest.classes.len(), 4);
+
+    // Fine-tuning it on one site (heads only, so nothing else moves) starts the network from
+    // that site's decoder, or from the one --decoder-from names; the encoder is the shared one.
+    let exported = fedtalent_tests::read_tensors(&out.join("model.safetensors"));
+    let pancreas = fed.site_dir("pancreas").join("site.toml");
+    for (decoder_from, index) in [(None, 1), (Some("liver"), 0)] {
+        let tuned = dir.path().join(format!("tuned-{index}"));
+        let mut cmd = std::process::Command::new(fedtalent_tests::binary("site-agent"));
+        cmd.args(["train", "--site"]).arg(&pancreas).args(["--device", "cpu", "--steps", "2", "--head-steps", "2"]);
+        cmd.arg("--init").arg(&out).arg("--out").arg(&tuned);
+        if let Some(site) = decoder_from {
+            cmd.args(["--decoder-from", site]);
+        }
+        fedtalent_tests::run_ok(&mut cmd);
+        let tuned = fedtalent_tests::read_tensors(&tuned.join("model/model.safetensors"));
+        let mut compared = 0;
+        for (name, t) in tuned.iter().filter(|(n, _)| !n.starts_with("seg_outputs.")) {
+            let source = match name.strip_prefix("decoders.0.") {
+                Some(rest) => format!("decoders.{index}.{rest}"),
+                None => name.clone(),
+            };
+            assert!(get(&exported, &source).equal(t), "{name} is not the model's {source}");
+            compared += 1;
+        }
+        assert!(compared > 20, "only {compared} tensors compared");
+    }
 }
