@@ -28,4 +28,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing oracles: ${missing[*]}"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
 fi
+# nnU-Net v1's own network classes (Generic_UNet, FabiansUNet), the oracle of the checkpoint
+# import. Without nnunet's declared requirements (SimpleITK, medpy, dicom2nifti, matplotlib,
+# scikit-learn … for its pipelines): only what its network modules import.
+NNUNET=(nnunet==1.7.1 batchgenerators==0.25.5)
+NNUNET_IMPORTS=(scipy scikit-image pandas)
+if ! "$venv/bin/python" -c "import nnunet.network_architecture.generic_modular_residual_UNet" >/dev/null 2>&1; then
+  echo "setup: installing the nnU-Net v1 oracle: ${NNUNET[*]}"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${NNUNET[@]}"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${NNUNET_IMPORTS[@]}" 2>&1 \
+    | grep -v "dependency resolver\|nnunet 1.7.1 requires" || true
+fi
 echo "setup: venv ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -11,11 +11,13 @@ pub mod manifest;
 pub mod metrics;
 pub mod network;
 mod nnunet;
+pub mod nnunet_import;
 pub mod optim;
 pub mod params;
 pub mod predict;
 mod routing;
 pub mod topology;
+pub mod torch_pickle;
 pub mod train;
 pub mod wire;
 

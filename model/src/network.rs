@@ -104,7 +104,12 @@ impl MultiTalentNet {
     /// Loads a file written by [`MultiTalentNet::save`] or by nnU-Net v1 (strict: every tensor).
     pub fn load(&mut self, path: &std::path::Path) -> Result<()> {
         let tensors = crate::io::read_tensors(path)?;
-        self.params.load_named(&tensors, true).with_context(|| format!("loading {}", path.display()))
+        self.load_tensors(&tensors).with_context(|| format!("loading {}", path.display()))
+    }
+
+    /// Sets every parameter from `tensors` (nnU-Net v1 names; strict: each one, with its shape).
+    pub fn load_tensors(&mut self, tensors: &[(String, tch::Tensor)]) -> Result<()> {
+        self.params.load_named(tensors, true)
     }
 
     /// Parameter counts: (total, backbone, per class). Per-site decoders are in the total only.

@@ -6,6 +6,7 @@ mod config;
 mod device;
 mod evaluate;
 mod finetune;
+mod import;
 mod local;
 mod predict;
 mod train;
@@ -84,6 +85,8 @@ enum Command {
         #[arg(long)]
         save: Option<PathBuf>,
     },
+    /// Import an nnU-Net v1 checkpoint (e.g. the published MultiTalent weights) as a model folder.
+    ImportNnunet(import::Args),
     /// Train MultiTalent without a federation on one or several local datasets (alone / pooled).
     Train(train::Args),
     /// Segment NIfTI volumes with an exported model, one mask per class.
@@ -136,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             synth(out, seed, cases, &shape, &sites, ceiling_spacing.as_deref())
         }
         Command::ModelInfo { preset, classes, save } => model_info(&preset, classes, save),
+        Command::ImportNnunet(args) => import::run(args),
         Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Evaluate(args) => evaluate::run(args),

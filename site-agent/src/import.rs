@@ -1,0 +1,66 @@
+//! `site-agent import-nnunet`: an nnU-Net v1 checkpoint (the published MultiTalent weights,
+//! or any Generic_UNet / FabiansUNet trained by nnU-Net v1) as a fedtalent model folder.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use fedtalent_model::nnunet_import::{self, ImportSpec};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// nnU-Net v1 checkpoint (`model_final_checkpoint.model`, a torch.save archive).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The preset whose network the checkpoint holds (unet: MultiTalent's Generic_UNet; resenc:
+    /// its FabiansUNet).
+    #[arg(long)]
+    preset: String,
+    /// One per output channel, in channel order: `SITE/NAME=LABELS`, e.g.
+    /// `--class liver/liver=1,2 --class liver/liver_tumour=2` (the label values of SITE's label
+    /// maps that form the class, as in a site config's `classes`).
+    #[arg(long = "class", required = true)]
+    classes: Vec<String>,
+    /// CT normalization the network was trained with: `clip_low,clip_high,mean,std` in HU
+    /// (default: the MultiTalent paper's).
+    #[arg(long, value_delimiter = ',', num_args = 4)]
+    normalization: Option<Vec<f32>>,
+    /// The model folder to write (model.json + model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let classes = args
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| parse_class(i as u32, spec).with_context(|| format!("--class {spec:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    let normalization = match args.normalization.as_deref() {
+        Some(&[clip_low, clip_high, mean, std]) => CtNormalization { clip_low, clip_high, mean, std },
+        _ => CtNormalization::PAPER,
+    };
+    let spec = ImportSpec { preset: &args.preset, classes, normalization };
+    let manifest = nnunet_import::import(&args.checkpoint, spec, &args.out)?;
+    println!(
+        "imported {} ({} preset, {} classes) into {}",
+        args.checkpoint.display(),
+        manifest.preset,
+        manifest.classes.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `SITE/NAME=1,2` as output channel `index`.
+fn parse_class(index: u32, spec: &str) -> Result<GlobalClass> {
+    let (id, labels) = spec.split_once('=').ok_or_else(|| anyhow!("expected SITE/NAME=LABELS"))?;
+    let (site, name) = fedtalent_vocab::parse_class_id(id).ok_or_else(|| anyhow!("{id:?} is not SITE/NAME"))?;
+    let labels = labels
+        .split(',')
+        .map(|l| l.trim().parse::<u32>().with_context(|| format!("label value {l:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(labels.iter().all(|&l| l > 0), "label values are > 0 (0 is background)");
+    Ok(GlobalClass::new(index, site, &ClassRegion { name: name.to_string(), labels }))
+}
