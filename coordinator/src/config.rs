@@ -66,6 +66,7 @@ impl FederationConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.federation.state_dir = base.join(&config.federation.state_dir);
         config.federation.pki_dir = base.join(&config.federation.pki_dir);
+        config.plan.init_model = config.plan.init_model.map(|m| base.join(m));
         config.validate().with_context(|| format!("invalid {}", path.display()))?;
         Ok(config)
     }
@@ -103,6 +104,16 @@ impl FederationConfig {
             "[plan.server].momentum = {} must be in [0, 1)",
             p.server.momentum
         );
+        if let Some(dir) = &p.init_model {
+            let model = fedtalent_model::ModelManifest::read(dir).context("[plan].init_model")?;
+            ensure!(
+                model.preset == p.preset,
+                "[plan].init_model: {} is a {:?} model, [plan].preset is {:?}",
+                dir.display(),
+                model.preset,
+                p.preset
+            );
+        }
         Ok(())
     }
 
@@ -199,6 +210,11 @@ max_update_norm = 10000.0
 # (FIRENet's multi-decoder mode, any preset). The exported model then has every site's decoder
 # and is no nnU-Net v1 state dict.
 per_site_decoders = false
+# Start from an exported model instead of a fresh network: its backbone (and decoders), and the
+# heads of the classes that continue, by class id; new classes get fresh heads.
+# init_model = "model/"
+# With init_model: "model" keeps the model's CT normalization, "sites" recomputes it.
+init_normalization = "model"
 
 # What each site does at a round boundary (defaults measured by scripts/quality_bench.sh).
 [plan.local]

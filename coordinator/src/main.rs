@@ -102,6 +102,9 @@ struct SimulateArgs {
     /// Per-site decoders (FIRENet's multi-decoder mode, every preset): each site keeps its own decoder.
     #[arg(long)]
     per_site_decoders: bool,
+    /// [plan].init_model: start from this exported model (its backbone, the continuing heads).
+    #[arg(long)]
+    init_model: Option<PathBuf>,
     /// [plan.local].optimizer_state: keep | reset (default: the template's).
     #[arg(long)]
     optimizer_state: Option<fedtalent_protocol::OptimizerState>,
@@ -146,6 +149,7 @@ impl SimulateArgs {
             out: self.out,
             preset: self.preset,
             per_site_decoders: self.per_site_decoders,
+            init_model: self.init_model.map(|m| std::path::absolute(&m)).transpose().context("--init-model")?,
             local: {
                 let default = fedtalent_protocol::LocalPolicy::default();
                 fedtalent_protocol::LocalPolicy {

@@ -24,6 +24,8 @@ pub struct SimulateOptions {
     pub preset: String,
     /// `[plan].per_site_decoders` (FIRENet's multi-decoder mode, any preset).
     pub per_site_decoders: bool,
+    /// `[plan].init_model` (an absolute path).
+    pub init_model: Option<PathBuf>,
     /// `[plan.local]`: the sites' round-boundary policy.
     pub local: fedtalent_protocol::LocalPolicy,
     /// `[plan.server]`: the coordinator's optimizer.
@@ -113,7 +115,10 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
             ("[plan.server]", "momentum") => format!("momentum = {:?}", opts.server.momentum),
             (_, key) => match key {
                 "preset" => format!("preset = {:?}", opts.preset),
-                "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
+                "per_site_decoders" => match &opts.init_model {
+                    Some(model) => format!("per_site_decoders = {}\ninit_model = {model:?}", opts.per_site_decoders),
+                    None => format!("per_site_decoders = {}", opts.per_site_decoders),
+                },
                 "rounds" => format!("rounds = {}", opts.rounds),
                 "local_steps" => format!("local_steps = {}", opts.local_steps),
                 "batch" => format!("batch = {}", opts.batch),
@@ -221,6 +226,7 @@ mod tests {
             sites: vec![SiteKind::Liver],
             preset: preset.into(),
             per_site_decoders,
+            init_model: None,
             local: fedtalent_protocol::LocalPolicy::default(),
             server: crate::config::ServerOptimizer::default(),
             rounds: 1,

@@ -75,6 +75,18 @@ impl ModelManifest {
         crate::io::write_bytes_atomic(&dir.join(MANIFEST_FILE), json.as_bytes())
     }
 
+    /// The sites whose decoders the model holds, at their positions: the owner of each
+    /// decoder's classes (empty without per-site decoders).
+    pub fn decoder_sites(&self) -> Vec<String> {
+        self.topology
+            .site_decoders
+            .iter()
+            .filter_map(|rows| rows.first())
+            .filter_map(|&row| self.classes.get(row as usize))
+            .map(|c| c.site.clone())
+            .collect()
+    }
+
     /// Loads an exported model directory (`model.json` + weights) onto `device`.
     pub fn load_model(dir: &Path, device: Device) -> Result<(Self, MultiTalentNet)> {
         let manifest = Self::read(dir)?;

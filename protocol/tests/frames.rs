@@ -18,6 +18,8 @@ pub fn sample_messages() -> Vec<Message> {
         per_site_decoders: false,
         local: LocalPolicy::default(),
         server: ServerOptimizer { lr: 1.5, momentum: 0.9 },
+        init_model: Some("m".into()),
+        init_normalization: fedtalent_vocab::InitNormalization::Sites,
     };
     vec![
         Message::Hello(Hello {

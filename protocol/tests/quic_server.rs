@@ -49,6 +49,8 @@ fn welcome() -> Message {
             per_site_decoders: false,
             local: LocalPolicy::default(),
             server: ServerOptimizer::default(),
+            init_model: None,
+            init_normalization: Default::default(),
         },
         classes: vec![],
         normalization: CtNormalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },

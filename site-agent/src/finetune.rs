@@ -49,7 +49,7 @@ impl InitModel {
             dir.display(),
             manifest.preset
         );
-        let sites = decoder_sites(&manifest);
+        let sites = manifest.decoder_sites();
         let decoder_site = if sites.is_empty() {
             ensure!(decoder_from.is_none(), "--decoder-from: the model {} has no per-site decoders", dir.display());
             None
@@ -97,7 +97,7 @@ impl InitModel {
         selection: &Selection,
         decoder_owner: Option<&str>,
     ) -> Result<Transferred> {
-        let source = Selection::global(&self.manifest.classes, &decoder_sites(&self.manifest));
+        let source = Selection::global(&self.manifest.classes, &self.manifest.decoder_sites());
         let mut parts = Parts::from_wire(&wire::parts_to_wire(&self.net, &source))?;
         let (heads, fresh): (Vec<String>, Vec<String>) =
             selection.class_ids().map(str::to_string).partition(|id| parts.heads.contains_key(id));
@@ -110,17 +110,4 @@ impl InitModel {
         parts.apply(net, selection).context("loading the --init model into the new network")?;
         Ok(Transferred { heads, fresh })
     }
-}
-
-/// The sites whose decoders a model holds, at their positions: the owner of each decoder's
-/// classes (empty without per-site decoders).
-pub fn decoder_sites(manifest: &ModelManifest) -> Vec<String> {
-    manifest
-        .topology
-        .site_decoders
-        .iter()
-        .filter_map(|rows| rows.first())
-        .filter_map(|&row| manifest.classes.get(row as usize))
-        .map(|c| c.site.clone())
-        .collect()
 }

@@ -20,7 +20,7 @@ pub mod plan;
 pub use class::{class_id, parse_class_id, ClassRegion, GlobalClass};
 pub use histogram::{HistogramError, HuHistogram, HU_RANGE, MAX_VOXELS};
 pub use norm::CtNormalization;
-pub use plan::{DiceMode, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport};
+pub use plan::{DiceMode, InitNormalization, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport};
 
 /// ALPN protocol identifier of the federation protocol (TLS), `fedtalent/1`: the coordinator
 /// offers only this one and a site asks for only this one.

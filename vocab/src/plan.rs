@@ -36,6 +36,26 @@ pub struct Plan {
     /// `[plan.server]`: how the coordinator applies the sites' mean backbone change.
     #[serde(default)]
     pub server: ServerOptimizer,
+    /// An exported model folder the federation starts from instead of a fresh network
+    /// (`coordinator export`, `site-agent train`, `site-agent import-nnunet`): its backbone
+    /// (and decoders), and the heads of the classes that continue, matched by class id; new
+    /// classes get fresh heads. Relative to the config file.
+    #[serde(default)]
+    pub init_model: Option<std::path::PathBuf>,
+    /// With `init_model`: whose CT normalization the federation uses.
+    #[serde(default)]
+    pub init_normalization: InitNormalization,
+}
+
+/// `[plan].init_normalization`: the CT normalization of a federation that starts from a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitNormalization {
+    /// The model's: its features were learned on intensities normalized so.
+    #[default]
+    Model,
+    /// Recomputed from the sites' foreground histograms, as for a fresh network.
+    Sites,
 }
 
 fn default_max_update_norm() -> f64 {
@@ -202,6 +222,8 @@ mod tests {
             per_site_decoders: false,
             local: LocalPolicy::default(),
             server: ServerOptimizer::default(),
+            init_model: None,
+            init_normalization: Default::default(),
         }
     }
 

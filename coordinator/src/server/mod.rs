@@ -20,6 +20,7 @@ mod dispatch;
 mod export;
 mod round;
 mod setup;
+mod start_from;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

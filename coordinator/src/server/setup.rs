@@ -95,7 +95,7 @@ impl Coordinator {
         if !self.config.federation.sites.iter().all(|s| registrations.contains_key(s)) {
             return Ok(());
         }
-        let setup = build_setup(&self.config, registrations);
+        let setup = build_setup(&self.config, registrations)?;
         self.state.write_setup(&setup)?;
         let federation = start(&self.config, &self.state, setup)?;
         info!(classes = federation.setup.classes.len(), norm = ?federation.setup.normalization, "federation set up");
@@ -122,7 +122,7 @@ fn check_rejoin(setup: &Setup, site: &str, classes: &[ClassRegion], n_train: u32
 
 /// The global class list (config site order, then each site's order) and CT statistics from the
 /// merged foreground histograms.
-fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>) -> Setup {
+fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>) -> Result<Setup> {
     let mut classes = Vec::new();
     for site in &config.federation.sites {
         for region in &regs[site].classes {
@@ -130,12 +130,15 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
         }
     }
     let histograms: Vec<HuHistogram> = config.federation.sites.iter().map(|s| regs[s].histogram.clone()).collect();
-    let normalization = HuHistogram::merge(&histograms).ct_stats().unwrap_or_else(|| {
-        warn!("no site reported foreground intensities; using the paper's CT normalization");
-        CtNormalization::PAPER
-    });
+    let normalization = match super::start_from::model_normalization(config)? {
+        Some(model) => model,
+        None => HuHistogram::merge(&histograms).ct_stats().unwrap_or_else(|| {
+            warn!("no site reported foreground intensities; using the paper's CT normalization");
+            CtNormalization::PAPER
+        }),
+    };
     let site_cases = config.federation.sites.iter().map(|s| (s.clone(), regs[s].n_train)).collect();
-    Setup { classes, normalization, site_cases }
+    Ok(Setup { classes, normalization, site_cases })
 }
 
 /// The running federation of `setup`: the global model of the last complete checkpoint (else
@@ -193,7 +196,12 @@ pub(super) fn load_global(
                 if velocity_file.is_file() { ServerState::load(&net, &velocity_file)? } else { ServerState::default() };
             Ok((net, record.round, server))
         }
-        None => Ok((net, 0, ServerState::default())),
+        None => {
+            if let Some(dir) = &config.plan.init_model {
+                super::start_from::load_into(dir, &mut net, config, setup)?;
+            }
+            Ok((net, 0, ServerState::default()))
+        }
     }
 }
 
