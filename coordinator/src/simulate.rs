@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
-use fedtalent_data::{GeneratedSite, SiteKind, SynthOptions};
+use fedtalent_data::{GeneratedSite, SiteDataConfig, SiteKind, SynthOptions, ValCases};
+use fedtalent_site_agent::config::{SiteConfig, SiteSection};
 use tracing::info;
 
 use crate::config::{self, FederationConfig};
@@ -165,19 +166,30 @@ fn prepare_site(
     let (_, csr) = fedtalent_certs::write_keygen(&dir, &site.name)?;
     let listed = [site.name.clone()];
     pki::sign(&coord_dir.join("pki"), &csr, &dir.join(format!("{}.crt", site.name)), 30, &listed)?;
-    let classes: Vec<String> =
-        site.classes.iter().map(|c| format!("{{ name = {:?}, labels = {:?} }}", c.name, c.labels)).collect();
-    let ca = coord_dir.join("pki").join(fedtalent_certs::CA_CERT_FILE);
-    let text = format!(
-        "[site]\nname = {name:?}\ncoordinator = \"{listen}\"\nserver_name = \"localhost\"\nca = {ca:?}\ncert = \"{name}.crt\"\nkey = \"{name}.key\"\n\
-         state_dir = \"state\"\ndevice = {device:?}\nthreads = 1\ntorch_threads = {torch_threads}\nseed = {seed}\n\n[data]\ndataset_dir = {dataset:?}\ncache_dir = \"cache\"\nval_cases = 2\n\
-         target_spacing = {spacing:?}\nclasses = [{classes}]\n",
-        name = site.name,
-        ca = ca.display().to_string(),
-        dataset = site.dataset_dir.display().to_string(),
-        classes = classes.join(", "),
-    );
-    std::fs::write(dir.join("site.toml"), text).with_context(|| format!("writing {}/site.toml", dir.display()))
+    let config = SiteConfig {
+        site: SiteSection {
+            name: site.name.clone(),
+            coordinator: listen,
+            server_name: "localhost".into(),
+            ca: coord_dir.join("pki").join(fedtalent_certs::CA_CERT_FILE),
+            cert: format!("{}.crt", site.name).into(),
+            key: format!("{}.key", site.name).into(),
+            state_dir: "state".into(),
+            device: device.to_string(),
+            threads: 1,
+            seed,
+            torch_threads: Some(torch_threads),
+        },
+        data: SiteDataConfig {
+            dataset_dir: site.dataset_dir.clone(),
+            classes: site.classes.clone(),
+            val_cases: ValCases::Count(2),
+            cache_dir: "cache".into(),
+            target_spacing: spacing,
+            label_interp: Default::default(),
+        },
+    };
+    config.write(&dir.join("site.toml"))
 }
 
 fn spawn_agent(site_agent: &Path, dir: &Path) -> Result<Child> {

@@ -77,6 +77,14 @@ impl SiteConfig {
     }
 }
 
+impl SiteConfig {
+    /// Writes the config as TOML to `path` (its relative paths stay relative to the file).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string(self).with_context(|| format!("serializing {}", path.display()))?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
 /// A commented example (`site-agent keygen` prints where to put it).
 pub fn template(site: &str) -> String {
     format!(
@@ -129,6 +137,20 @@ mod tests {
         assert_eq!(config.site.name, "hospital_a");
         assert!(config.site.key.ends_with("hospital_a.key") && config.site.key.is_absolute());
         assert_eq!(config.data.classes.len(), 2);
+    }
+
+    /// What `write` serializes is what `load` reads (the simulation and the tests write their
+    /// sites' configs this way).
+    #[test]
+    fn a_written_config_loads_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = load(&template("hospital_a")).unwrap();
+        config.site.torch_threads = Some(3);
+        config.data.val_cases = fedtalent_data::ValCases::Count(2);
+        let path = dir.path().join("written.toml");
+        config.write(&path).unwrap();
+        let back = SiteConfig::load(&path).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{config:?}"));
     }
 
     /// Each broken site config is refused with an error naming the field.

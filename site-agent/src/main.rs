@@ -2,7 +2,7 @@
 
 mod bench;
 mod client;
-mod config;
+pub use fedtalent_site_agent::config;
 mod device;
 mod evaluate;
 mod finetune;

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use fedtalent_data::{SiteDataConfig, ValCases};
+use fedtalent_site_agent::config::{SiteConfig, SiteSection};
+use fedtalent_vocab::ClassRegion;
+
 /// The built binaries (`cargo build --workspace --bins`, done by `scripts/test.sh`).
 pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -113,7 +117,7 @@ impl LocalFederation {
                     .arg(site_dir.join(format!("{site}.csr"))),
             );
             let (dataset, classes) = phantom_site(&data, site);
-            fed.write_site_toml(site, &dataset, &classes);
+            fed.write_site_toml(site, &dataset, classes);
         }
         fed
     }
@@ -143,16 +147,40 @@ impl LocalFederation {
         fs::write(self.config_path(), text).unwrap();
     }
 
-    fn write_site_toml(&self, site: &str, dataset: &Path, classes: &str) {
+    fn write_site_toml(&self, site: &str, dataset: &Path, classes: Vec<ClassRegion>) {
+        let mut config = self.site_config(site, dataset, classes);
         // The preset's spacing: the site preprocesses once, not again when it joins.
-        let spacing = fedtalent_model::Topology::preset(self.plan.preset).expect("a known preset").spacing;
-        let text = format!(
-            "[site]\nname = {site:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = \"{site}.crt\"\nkey = \"{site}.key\"\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n\
-             [data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\ntarget_spacing = {spacing:?}\nclasses = [{classes}]\n",
-            self.port,
-            dataset.display().to_string()
-        );
-        fs::write(self.site_dir(site).join("site.toml"), text).unwrap();
+        config.data.target_spacing =
+            fedtalent_model::Topology::preset(self.plan.preset).expect("a known preset").spacing;
+        config.write(&self.site_dir(site).join("site.toml")).unwrap();
+    }
+
+    /// The config of a site agent of this federation on `dataset` (CPU, one thread, one
+    /// validation case); its key and certificate are `<site>.key` / `.crt` next to it.
+    pub fn site_config(&self, site: &str, dataset: &Path, classes: Vec<ClassRegion>) -> SiteConfig {
+        SiteConfig {
+            site: SiteSection {
+                name: site.into(),
+                coordinator: format!("127.0.0.1:{}", self.port).parse().unwrap(),
+                server_name: "localhost".into(),
+                ca: "../coordinator/pki/ca.crt".into(),
+                cert: format!("{site}.crt").into(),
+                key: format!("{site}.key").into(),
+                state_dir: "state".into(),
+                device: "cpu".into(),
+                threads: 1,
+                seed: 0,
+                torch_threads: None,
+            },
+            data: SiteDataConfig {
+                dataset_dir: dataset.to_path_buf(),
+                classes,
+                val_cases: ValCases::Count(1),
+                cache_dir: "cache".into(),
+                target_spacing: SiteDataConfig::DEFAULT_TARGET_SPACING,
+                label_interp: Default::default(),
+            },
+        }
     }
 
     pub fn spawn_coordinator(&self) -> Child {
@@ -226,7 +254,7 @@ impl LocalFederation {
 }
 
 /// A phantom site's dataset folder and its `classes = [...]` TOML (from `synth`'s sites.json).
-pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, String) {
+pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, Vec<ClassRegion>) {
     let sites: serde_json::Value = serde_json::from_str(&fs::read_to_string(data.join("sites.json")).unwrap()).unwrap();
     let entry = sites
         .as_array()
@@ -234,13 +262,7 @@ pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, String) {
         .iter()
         .find(|s| s["name"] == site)
         .unwrap_or_else(|| panic!("no phantom site {site}"));
-    let classes = entry["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| format!("{{ name = {:?}, labels = {} }}", c["name"].as_str().unwrap(), c["labels"]))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let classes = serde_json::from_value(entry["classes"].clone()).expect("sites.json classes are class regions");
     (PathBuf::from(entry["dataset_dir"].as_str().unwrap()), classes)
 }
 

@@ -13,14 +13,10 @@ fn impostor(fed: &LocalFederation, name: &str, cert_dir: &std::path::Path) -> st
     let dir = fed.dir.join(name);
     fs::create_dir_all(&dir).unwrap();
     let (dataset, classes) = phantom_site(&fed.dir.join("data"), "liver");
-    let text = format!(
-        "[site]\nname = {name:?}\ncoordinator = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca = \"../coordinator/pki/ca.crt\"\ncert = {:?}\nkey = {:?}\nstate_dir = \"state\"\ndevice = \"cpu\"\nthreads = 1\n\n[data]\ndataset_dir = {:?}\ncache_dir = \"cache\"\nval_cases = 1\nclasses = [{classes}]\n",
-        fed.port,
-        cert_dir.join(format!("{name}.crt")).display().to_string(),
-        cert_dir.join(format!("{name}.key")).display().to_string(),
-        dataset.display().to_string(),
-    );
-    fs::write(dir.join("site.toml"), text).unwrap();
+    let mut config = fed.site_config(name, &dataset, classes);
+    config.site.cert = cert_dir.join(format!("{name}.crt"));
+    config.site.key = cert_dir.join(format!("{name}.key"));
+    config.write(&dir.join("site.toml")).unwrap();
     dir.join("site.toml")
 }
 

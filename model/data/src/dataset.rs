@@ -26,7 +26,7 @@ impl Default for ValCases {
 }
 
 fn default_target_spacing() -> [f64; 3] {
-    [1.5, 1.0, 1.0]
+    SiteDataConfig::DEFAULT_TARGET_SPACING
 }
 
 /// The `[data]` section of a site's TOML.
@@ -73,6 +73,9 @@ pub struct Dataset {
 }
 
 impl SiteDataConfig {
+    /// `target_spacing` when a config names none (MultiTalent's, DESIGN.md §1.4).
+    pub const DEFAULT_TARGET_SPACING: [f64; 3] = [1.5, 1.0, 1.0];
+
     /// Configuration problems that need no file access.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
