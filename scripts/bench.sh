@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Every speed benchmark in one run, each next to its peer measured in the same run, collected
+# into one JSON file: the first thing to run on a GPU machine.
+#
+#   scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--out DIR]
+#
+#   train step   `site-agent bench train` (unet, 47 classes) vs PyTorch eager
+#                (model/tests/reference/torch_reference.py), same batch, patch and precision
+#   predict      sliding-window predict (`bench_predict`) vs PyTorch's (`bench_predict_torch.py`)
+#   data path    preprocessing cache + loader + augmentation (`bench_data`; no peer yet)
+#   architecture FIRENet vs U-Net training step (`bench_arch`)
+#   transfer     QUIC vs TCP model transfer to 3 sites and back (`bench_transfer`)
+#   round        a whole `coordinator simulate` of 3 tiny sites, 2 rounds of 1 step: round overhead
+# --quick: CPU-sized shapes (minutes on 2 cores); without it the shapes are the paper's (for a
+# GPU: sized for under 8 minutes on one). Writes DIR/bench.json (default bench-out/) and prints
+# each figure with its peer's and the ratio (peer time / ours: > 1 means we are faster).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DEVICE=auto QUICK=0 OUT="$PWD/bench-out"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    *) echo "usage: scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+scripts/setup.sh >/dev/null
+. scripts/env.sh
+PY="$VIRTUAL_ENV/bin/python"
+if [ "$DEVICE" = auto ]; then
+  DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+fi
+echo "bench: device $DEVICE, $([ $QUICK = 1 ] && echo quick || echo full) shapes; building (release)"
+cargo build --release --quiet --bins
+cargo build --release --quiet -p fedtalent-model --example bench_predict --example bench_arch
+cargo build --release --quiet -p fedtalent-data --example bench_data
+cargo build --release --quiet -p fedtalent-protocol --example bench_transfer
+BIN="$PWD/target/release"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+if [ $QUICK = 1 ]; then
+  PATCH=(32 64 64) BATCHES=(2) STEPS=3 WARMUP=1 PRECISIONS=(fp32)
+  PREDICT=(--preset tiny --classes 3 --shape 48 128 128) DATA=(--threads 2 --batches 4 --cases 2)
+  ARCH=(--patch 32,64,64 --steps 2 --warmup 1) MB=30
+else
+  PATCH=(96 192 192) BATCHES=(2 4) STEPS=20 WARMUP=5 PRECISIONS=(fp32)
+  [ "$DEVICE" = cuda ] && PRECISIONS=(fp16 fp32)
+  PREDICT=(--preset unet --classes 47 --shape 200 512 512) DATA=(--threads 4 --batches 20 --cases 3)
+  ARCH=(--patch 96,192,192 --steps 10 --warmup 3) MB=120
+fi
+
+run() { # name, command...: one JSON line from the command's stdout into $OUT/name.json
+  local name=$1 t
+  shift
+  t=$(date +%s)
+  if "$@" > "$OUT/$name.out" 2>> "$OUT/log.txt"; then
+    grep '^{' "$OUT/$name.out" > "$OUT/$name.json" || true
+    echo "   $name: $(( $(date +%s) - t )) s"
+  else
+    echo "   $name: FAILED (see $OUT/log.txt)"; echo '{"error": "failed"}' > "$OUT/$name.json"
+  fi
+}
+
+for batch in "${BATCHES[@]}"; do
+  for precision in "${PRECISIONS[@]}"; do
+    tag="b${batch}_${precision}"
+    run "train_ours_$tag" "$BIN/site-agent" bench train --preset unet --classes 47 --batch "$batch" \
+      --patch "${PATCH[@]}" --steps "$STEPS" --warmup "$WARMUP" --device "$DEVICE" --precision "$precision"
+    run "train_torch_$tag" env CUDA_VISIBLE_DEVICES="$([ "$DEVICE" = cpu ] && echo "" || echo "${CUDA_VISIBLE_DEVICES-0}")" \
+      "$PY" model/tests/reference/torch_reference.py --classes 47 --batch "$batch" --patch "${PATCH[@]}" \
+      --steps "$STEPS" --warmup "$WARMUP" --dtype "$precision"
+  done
+done
+run predict_ours "$BIN/examples/bench_predict" "${PREDICT[@]}" --device "$DEVICE"
+run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE"
+run data "$BIN/examples/bench_data" --device "$DEVICE" "${DATA[@]}"
+run arch "$BIN/examples/bench_arch" --presets firenet,unet --device "$DEVICE" "${ARCH[@]}"
+run transfer "$BIN/examples/bench_transfer" --mb "$MB"
+t=$(date +%s)
+if "$BIN/coordinator" simulate --out "$OUT/simulate" --preset tiny --rounds 2 --local-steps 1 --cases 3 \
+  --device "$DEVICE" > /dev/null 2>> "$OUT/log.txt"; then
+  echo "{\"rounds\": 2, \"local_steps\": 1, \"sites\": 3, \"wall_s\": $(( $(date +%s) - t ))}" > "$OUT/round.json"
+else
+  echo '{"error": "failed"}' > "$OUT/round.json"
+fi
+echo "   round: $(( $(date +%s) - t )) s"
+
+"$PY" - "$OUT" "$DEVICE" "$QUICK" <<'EOF'
+import glob, json, os, platform, sys
+out, device, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+
+def load(name):
+    lines = [json.loads(l) for l in open(f"{out}/{name}.json") if l.strip()] if os.path.exists(f"{out}/{name}.json") else []
+    return lines if len(lines) != 1 else lines[0]
+
+result = {"device": device, "quick": quick, "machine": platform.machine(), "cores": os.cpu_count(), "benchmarks": {}}
+rows = []
+def pair(name, ours, peer, key, unit):
+    o, p = load(ours), load(peer)
+    ratio = None
+    if isinstance(o, dict) and isinstance(p, dict) and o.get(key) and p.get(key):
+        ratio = round(p[key] / o[key], 3)
+        rows.append((name, f"{o[key]} {unit}", f"{p[key]} {unit}", f"{ratio}x"))
+    else:
+        rows.append((name, "failed" if not isinstance(o, dict) or "error" in o else "", "failed", ""))
+    result["benchmarks"][name] = {"ours": o, "peer": p, "peer_time_over_ours": ratio}
+
+for f in sorted(glob.glob(f"{out}/train_ours_*.json")):
+    tag = f.split("train_ours_")[1][:-5]
+    pair(f"train step unet 47 classes {tag}", f"train_ours_{tag}", f"train_torch_{tag}", "ms_per_step", "ms")
+pair("sliding-window predict", "predict_ours", "predict_torch", "seconds_per_volume", "s")
+for name in ["data", "arch", "transfer", "round"]:
+    result["benchmarks"][name] = {"ours": load(name), "peer": None}
+json.dump(result, open(f"{out}/bench.json", "w"), indent=1)
+print(f"\n{'benchmark':<40}{'fedtalent':>14}{'peer':>14}{'peer/ours':>11}")
+for r in rows:
+    print(f"{r[0]:<40}{r[1]:>14}{r[2]:>14}{r[3]:>11}")
+d = result["benchmarks"]
+print(f"data path: {d['data']['ours']}\narchitectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\nround: {d['round']['ours']}")
+print(f"\n{out}/bench.json")
+EOF
