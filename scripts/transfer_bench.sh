@@ -53,23 +53,20 @@ timed() { # label, command...
 # A site config for the new site's phantoms: the pre-training federation's liver config (the
 # same target spacing and threads) with the new site's name, dataset and classes.
 new_site_config() { # seed
-  local seed=$1 dataset classes
+  local seed=$1 dataset
   dataset=$(ls -d "$OUT/new-$seed"/Dataset*_"$NEW_SITE")
-  classes=$("$VIRTUAL_ENV/bin/python" - "$dataset/dataset.json" <<'EOF'
-import json, sys
-ids = {n: int(v) for n, v in json.load(open(sys.argv[1]))["labels"].items() if n != "background"}
-# a structure's class covers its own label and those of the structures inside it (its tumour)
-entries = []
-for name, value in ids.items():
-    inside = [v for n, v in ids.items() if n != name and n.startswith(name)]
-    entries.append('{ name = "%s", labels = %s }' % (name, sorted([value] + inside)))
-print("classes = [" + ", ".join(entries) + "]")
-EOF
-)
   mkdir -p "$OUT/new-$seed/site"
+  # The liver config without its classes (`[[data.classes]]` tables, last in the file), then the
+  # new site's from synth's sites.json (label regions: a structure includes its tumour).
   sed -e "s|^name = .*|name = \"$NEW_SITE\"|" -e "s|^dataset_dir = .*|dataset_dir = \"$dataset\"|" \
-    -e "s|^classes = .*|$classes|" -e "s|^cache_dir = .*|cache_dir = \"$OUT/new-$seed/site/cache\"|" \
+    -e "s|^cache_dir = .*|cache_dir = \"$OUT/new-$seed/site/cache\"|" -e '/^\[\[data.classes\]\]/,$d' \
     "$OUT/pre-$seed/liver/site.toml" > "$OUT/new-$seed/site/site.toml"
+  "$VIRTUAL_ENV/bin/python" -c '
+import json, sys
+site = next(s for s in json.load(open(sys.argv[1])) if s["name"] == sys.argv[2])
+for c in site["classes"]:
+    print("[[data.classes]]\nname = %s\nlabels = %s\n" % (json.dumps(c["name"]), c["labels"]))
+' "$OUT/new-$seed/sites.json" "$NEW_SITE" >> "$OUT/new-$seed/site/site.toml"
   echo "$OUT/new-$seed/site/site.toml"
 }
 
