@@ -262,6 +262,42 @@ mod tests {
         assert_eq!(config.total_steps(), 100 * 250);
     }
 
+    /// `[plan].init_model` must name a model folder of the plan's preset; `init_normalization`
+    /// is one of its two values.
+    #[test]
+    fn a_missing_or_foreign_init_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |line: &str| valid().replace("# init_model = \"model/\"", line);
+        let err =
+            format!("{:#}", FederationConfig::load(&write(dir.path(), &with("init_model = \"nowhere\""))).unwrap_err());
+        assert!(err.contains("[plan].init_model") && err.contains("nowhere"), "{err}");
+        let net = fedtalent_model::MultiTalentNet::new(
+            &fedtalent_model::Topology::preset("tiny").unwrap(),
+            1,
+            tch::Device::Cpu,
+        )
+        .unwrap();
+        let class = fedtalent_vocab::GlobalClass::new(
+            0,
+            "a",
+            &fedtalent_vocab::ClassRegion { name: "x".into(), labels: vec![1] },
+        );
+        fedtalent_model::ModelManifest::of(&net, "tiny", fedtalent_vocab::CtNormalization::PAPER, vec![class])
+            .save(&net, &dir.path().join("tiny-model"))
+            .unwrap();
+        let err = format!(
+            "{:#}",
+            FederationConfig::load(&write(dir.path(), &with("init_model = \"tiny-model\""))).unwrap_err()
+        );
+        assert!(err.contains("is a \"tiny\" model, [plan].preset is \"unet\""), "{err}");
+        let ok = with("init_model = \"tiny-model\"").replace("preset = \"unet\"", "preset = \"tiny\"");
+        let config = FederationConfig::load(&write(dir.path(), &ok)).unwrap();
+        assert_eq!(config.plan.init_model, Some(dir.path().join("tiny-model")));
+        let bad = ok.replace("init_normalization = \"model\"", "init_normalization = \"hospital\"");
+        let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &bad)).unwrap_err());
+        assert!(err.contains("hospital"), "{err}");
+    }
+
     /// Each broken config is refused with an error naming the file and the field.
     #[test]
     fn broken_configs_are_refused_naming_the_field() {

@@ -116,9 +116,11 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
             ("[plan.server]", "momentum") => format!("momentum = {:?}", opts.server.momentum),
             (_, key) => match key {
                 "preset" => format!("preset = {:?}", opts.preset),
-                "per_site_decoders" => match &opts.init_model {
-                    Some(model) => format!("per_site_decoders = {}\ninit_model = {model:?}", opts.per_site_decoders),
-                    None => format!("per_site_decoders = {}", opts.per_site_decoders),
+                "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
+                // the template's commented-out example line
+                "# init_model" => match &opts.init_model {
+                    Some(model) => format!("init_model = {model:?}"),
+                    None => line.to_string(),
                 },
                 "rounds" => format!("rounds = {}", opts.rounds),
                 "local_steps" => format!("local_steps = {}", opts.local_steps),

@@ -64,3 +64,25 @@ fn parse_class(index: u32, spec: &str) -> Result<GlobalClass> {
     ensure!(labels.iter().all(|&l| l > 0), "label values are > 0 (0 is background)");
     Ok(GlobalClass::new(index, site, &ClassRegion { name: name.to_string(), labels }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_class;
+
+    #[test]
+    fn class_specs_parse_and_broken_ones_are_refused() {
+        let c = parse_class(3, "liver/liver_tumour=2").unwrap();
+        assert_eq!((c.index, c.id.as_str(), c.labels.as_slice()), (3, "liver/liver_tumour", &[2][..]));
+        assert_eq!(parse_class(0, "liver/liver=1, 2").unwrap().labels, vec![1, 2]);
+        for (spec, needle) in [
+            ("liver/liver", "SITE/NAME=LABELS"),
+            ("liver=1", "is not SITE/NAME"),
+            ("/liver=1", "is not SITE/NAME"),
+            ("liver/liver=one", "label value \"one\""),
+            ("liver/liver=0,1", "0 is background"),
+        ] {
+            let err = format!("{:#}", parse_class(0, spec).unwrap_err());
+            assert!(err.contains(needle), "{spec:?}: {err}");
+        }
+    }
+}
