@@ -39,4 +39,10 @@ if ! "$venv/bin/python" -c "import nnunet.network_architecture.generic_modular_r
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${NNUNET_IMPORTS[@]}" 2>&1 \
     | grep -v "dependency resolver\|nnunet 1.7.1 requires" || true
 fi
+# Opacus, the oracle of the differential-privacy accountant (its RDP analysis is numpy and
+# scipy; the package's other modules import torch, which is here): without its requirements.
+if ! "$venv/bin/python" -c "import opacus.accountants.analysis.rdp" >/dev/null 2>&1; then
+  echo "setup: installing the privacy accountant oracle: opacus==1.5.4"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps opacus==1.5.4
+fi
 echo "setup: venv ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

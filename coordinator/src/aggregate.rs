@@ -12,6 +12,7 @@ use fedtalent_protocol::UpdateHeader;
 use tch::{Kind, Tensor};
 
 use crate::config::ServerOptimizer;
+use fedtalent_vocab::Privacy;
 
 #[cfg(test)]
 #[path = "aggregate_test.rs"]
@@ -62,19 +63,28 @@ pub fn validate(
             );
         }
     }
-    let mut squared = 0f64;
-    for ((name, theirs), (_, ours)) in parts.backbone.iter().zip(global.params().backbone()) {
+    for (name, theirs) in &parts.backbone {
         ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
-        squared += f64::try_from((theirs - ours).square().sum(Kind::Double))?;
     }
     for (class, rows) in &parts.heads {
         for (name, t) in rows {
             ensure!(all_finite(t), "site {sender}: head {name:?} of class {class:?} holds NaN or infinite values");
         }
     }
-    let norm = squared.sqrt();
+    let norm = backbone_distance(&global.params().backbone(), parts)?;
     ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
     Ok(norm)
+}
+
+/// The L2 distance of `parts`' backbone to `global` (both in the backbone's order), over all
+/// tensors: a site's update norm.
+fn backbone_distance(global: &[(String, Tensor)], parts: &Parts) -> Result<f64> {
+    let mut squared = 0f64;
+    for ((_, theirs), (_, ours)) in parts.backbone.iter().zip(global) {
+        squared +=
+            f64::try_from((theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double)).square().sum(Kind::Double))?;
+    }
+    Ok(squared.sqrt())
 }
 
 /// The sender sent heads of exactly its own classes and no decoder but its own.
@@ -193,16 +203,43 @@ impl ServerState {
     }
 }
 
-/// Writes the aggregate of `updates` into `global`; returns each update's backbone weight.
-/// The backbone takes `server`'s step along the sqrt(n)-weighted mean change of the sites'
-/// backbones (with lr 1 and no momentum: that mean); heads and site decoders are the owners'
-/// uploads, placed by `selection` (the global model's rows and decoders).
+/// The coordinator's side of a round's aggregation (Flower's strategy): its optimizer over the
+/// backbone with that optimizer's state, and `[plan.privacy]`.
+pub struct ServerStep<'a> {
+    pub optimizer: &'a ServerOptimizer,
+    pub state: &'a mut ServerState,
+    pub privacy: Option<&'a Privacy>,
+}
+
+/// What [`aggregate`] did besides writing the global model.
+#[derive(Debug)]
+pub struct Aggregated {
+    /// Each update's backbone weight, `sqrt(n_k) / Σ_j sqrt(n_j)`.
+    pub weights: Vec<f64>,
+    /// With `[plan.privacy]`: how each update was clipped and the noise added.
+    pub privacy: Option<PrivateRound>,
+}
+
+/// The differential privacy of one round's backbone aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivateRound {
+    /// Each update's clip factor `min(1, C / ‖Δ_k‖)` (1: its change was within the bound).
+    pub clip_factors: Vec<f64>,
+    /// The per-coordinate std of the Gaussian noise added to the weighted sum.
+    pub noise_std: f64,
+}
+
+/// Writes the aggregate of `updates` into `global`. The backbone takes `server`'s step along
+/// the sqrt(n)-weighted mean change of the sites' backbones (with lr 1 and no momentum: that
+/// mean; with `[plan.privacy]`: of the clipped changes, plus Gaussian noise); heads and site
+/// decoders are the owners' uploads, placed by `selection` (the global model's rows and
+/// decoders).
 pub fn aggregate(
     global: &mut MultiTalentNet,
     updates: &[&Update],
-    server: (&ServerOptimizer, &mut ServerState),
+    server: ServerStep<'_>,
     selection: &Selection,
-) -> Result<Vec<f64>> {
+) -> Result<Aggregated> {
     ensure!(!updates.is_empty(), "no update to aggregate");
     // Validation already checked each update; checking the structure again here (cheap: no
     // tensor values are read) means a failure can never leave `global` half written.
@@ -213,9 +250,28 @@ pub fn aggregate(
             ensure!(selection.row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
         }
     }
-    let (optimizer, state) = server;
+    let ServerStep { optimizer, state, privacy } = server;
     let weights = sqrt_weights(&updates.iter().map(|u| u.header.n_cases).collect::<Vec<_>>());
     let current = global.params().backbone();
+    let private = match privacy {
+        None => None,
+        Some(p) => {
+            // The norms are measured here, not taken from validation: the clip is what the
+            // guarantee rests on.
+            let norms = updates.iter().map(|u| backbone_distance(&current, &u.parts)).collect::<Result<Vec<_>>>()?;
+            Some(PrivateRound {
+                clip_factors: norms.iter().map(|&n| clip_factor(n, p.clip_norm)).collect(),
+                noise_std: p.noise_std(weights.iter().copied().fold(0.0, f64::max)),
+            })
+        }
+    };
+    let scales: Vec<f64> = match &private {
+        Some(p) => weights.iter().zip(&p.clip_factors).map(|(w, c)| w * c).collect(),
+        None => weights.clone(),
+    };
+    // Noise from the operating system's entropy, never from a seed a site could know: noise
+    // that can be regenerated can be subtracted.
+    let mut noise = private.as_ref().map(|p| GaussianNoise::from_entropy(p.noise_std));
     let with_momentum = optimizer.momentum > 0.0;
     if with_momentum && state.velocity.len() != current.len() {
         state.velocity = current.iter().map(|(n, t)| (n.clone(), t.zeros_like().to_kind(Kind::Double))).collect();
@@ -224,14 +280,17 @@ pub fn aggregate(
     for (i, (name, old)) in current.iter().enumerate() {
         let old = old.to_kind(Kind::Double);
         let mut change: Option<Tensor> = None;
-        for (u, w) in updates.iter().zip(&weights) {
-            let term = (u.parts.backbone[i].1.to_kind(Kind::Double) - &old) * *w;
+        for (u, scale) in updates.iter().zip(&scales) {
+            let term = (u.parts.backbone[i].1.to_kind(Kind::Double) - &old) * *scale;
             change = Some(match change {
                 Some(c) => c + term,
                 None => term,
             });
         }
         let mut change = change.expect("at least one update");
+        if let Some(noise) = &mut noise {
+            change += noise.like(&change);
+        }
         if with_momentum {
             let velocity = &mut state.velocity[i].1;
             *velocity = &*velocity * optimizer.momentum + &change;
@@ -244,7 +303,49 @@ pub fn aggregate(
         // Heads and site decoders: the owner's upload, as is.
         u.parts.apply_owned(global, selection)?;
     }
-    Ok(weights)
+    Ok(Aggregated { weights, privacy: private })
+}
+
+/// DP-FedAvg's clipping: the factor that scales a change of L2 norm `norm` into the ball of
+/// radius `clip_norm`.
+fn clip_factor(norm: f64, clip_norm: f64) -> f64 {
+    if norm > clip_norm {
+        clip_norm / norm
+    } else {
+        1.0
+    }
+}
+
+/// N(0, std²) samples from a cryptographic generator seeded by the operating system (Box–Muller
+/// in f64).
+struct GaussianNoise {
+    rng: rand::rngs::StdRng,
+    std: f64,
+}
+
+impl GaussianNoise {
+    fn from_entropy(std: f64) -> Self {
+        use rand::SeedableRng;
+        Self { rng: rand::rngs::StdRng::from_entropy(), std }
+    }
+
+    /// A tensor of noise with `like`'s shape, f64, on the CPU then moved to its device.
+    fn like(&mut self, like: &Tensor) -> Tensor {
+        use rand::Rng;
+        let n = like.numel();
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            // u1 in (0, 1]: ln(u1) is finite.
+            let u1: f64 = 1.0 - self.rng.gen::<f64>();
+            let u2: f64 = self.rng.gen();
+            let r = (-2.0 * u1.ln()).sqrt() * self.std;
+            let theta = std::f64::consts::TAU * u2;
+            values.push(r * theta.cos());
+            values.push(r * theta.sin());
+        }
+        values.truncate(n);
+        Tensor::from_slice(&values).view(like.size().as_slice()).to_device(like.device())
+    }
 }
 
 #[cfg(test)]
@@ -302,7 +403,8 @@ mod tests {
             optimizer: &ServerOptimizer,
             state: &mut ServerState,
         ) -> Result<Vec<f64>> {
-            aggregate(&mut self.global, updates, (optimizer, state), &self.selection)
+            aggregate(&mut self.global, updates, ServerStep { optimizer, state, privacy: None }, &self.selection)
+                .map(|a| a.weights)
         }
     }
 
@@ -426,6 +528,80 @@ mod tests {
         assert!((with_momentum - 0.625).abs() < 1e-6, "{with_momentum}");
         let velocity = f64::try_from(state.velocity[0].1.mean(Kind::Double)).unwrap();
         assert!((velocity - 0.375).abs() < 1e-6, "{velocity}");
+    }
+
+    fn dp(clip_norm: f64, noise_multiplier: f64) -> Privacy {
+        Privacy { clip_norm, noise_multiplier, delta: 1e-5, epsilon_budget: None }
+    }
+
+    /// The backbone change of one private aggregation of `updates` and what it reports.
+    fn private_change(f: &mut Fixture, updates: &[&Update], privacy: &Privacy) -> (Tensor, Aggregated) {
+        let before: Vec<Tensor> = f.global.params().backbone().iter().map(|(_, t)| t.to_kind(Kind::Double)).collect();
+        let step = ServerStep {
+            optimizer: &ServerOptimizer::default(),
+            state: &mut ServerState::default(),
+            privacy: Some(privacy),
+        };
+        let aggregated = aggregate(&mut f.global, updates, step, &f.selection).unwrap();
+        let after = f.global.params().backbone();
+        let change: Vec<Tensor> =
+            after.iter().zip(&before).map(|((_, a), b)| (a.to_kind(Kind::Double) - b).flatten(0, -1)).collect();
+        (Tensor::cat(&change, 0), aggregated)
+    }
+
+    /// `[plan.privacy]`'s clipping: a change longer than C enters the sum scaled to length C
+    /// (weight 1/2 each for equal case counts), one within C as it is; heads stay the uploads.
+    #[test]
+    fn a_private_aggregate_clips_each_change_to_the_bound() {
+        let mut f = Fixture::new(false);
+        let (a, b) = moved_updates(&f, 0.5);
+        let numel: i64 = f.global.params().backbone().iter().map(|(_, t)| t.numel() as i64).sum();
+        let norm = 0.5 * (numel as f64).sqrt();
+        let head = f.upload("b").heads["b/y"][0].1.shallow_clone();
+        // Noise far below float precision: the change is the clipped mean.
+        let (change, aggregated) = private_change(&mut f, &[&a, &b], &dp(1.0, 1e-12));
+        let private = aggregated.privacy.expect("a private round reports its clipping");
+        assert!((private.clip_factors[0] - 1.0 / norm).abs() < 1e-9, "{:?}", private.clip_factors);
+        assert_eq!(private.clip_factors[1], 1.0, "the unmoved site was clipped");
+        let expected = 0.5 * 0.5 / norm;
+        let mean = f64::try_from(change.mean(Kind::Double)).unwrap();
+        assert!((mean - expected).abs() < 1e-6 * expected.max(1e-3), "{mean} vs {expected}");
+        let total = f64::try_from(change.norm()).unwrap();
+        assert!((total - 0.5).abs() < 1e-3, "the clipped mean has norm {total}, expected C / 2");
+        assert!(f.upload("b").heads["b/y"][0].1.equal(&head), "a head changed");
+        // Within the bound: not clipped, the plain mean.
+        let mut g = Fixture::new(false);
+        let (a, b) = moved_updates(&g, 0.5);
+        let (change, aggregated) = private_change(&mut g, &[&a, &b], &dp(2.0 * norm, 1e-12));
+        assert_eq!(aggregated.privacy.unwrap().clip_factors, vec![1.0, 1.0]);
+        assert!((f64::try_from(change.mean(Kind::Double)).unwrap() - 0.25).abs() < 1e-6);
+    }
+
+    /// The noise: zero-mean Gaussian of std σ·C·max w per coordinate, different every round
+    /// (drawn from the OS, not from a seed).
+    #[test]
+    fn a_private_aggregate_adds_gaussian_noise_of_the_stated_std() {
+        let privacy = dp(0.1, 2.0);
+        let noise = |f: &mut Fixture| {
+            let (a, b) = (f.update("a", f.upload("a")), f.update("b", f.upload("b")));
+            private_change(f, &[&a, &b], &privacy)
+        };
+        let mut f = Fixture::new(false);
+        let (first, aggregated) = noise(&mut f);
+        let std = aggregated.privacy.unwrap().noise_std;
+        assert!((std - 2.0 * 0.1 * 0.5).abs() < 1e-12, "{std}");
+        let n = first.numel() as f64;
+        let mean = f64::try_from(first.mean(Kind::Double)).unwrap();
+        let sample_std = f64::try_from(first.std(true)).unwrap();
+        assert!(n > 1e4, "too few coordinates ({n}) for the statistics");
+        assert!(mean.abs() < 5.0 * std / n.sqrt(), "mean {mean}");
+        // The float32 backbone rounds each value: allow 1 % (the sample's own error is ~1/sqrt(2n)).
+        assert!((sample_std / std - 1.0).abs() < 0.01, "std {sample_std} vs {std}");
+        let kurtosis = f64::try_from((&first / sample_std).pow_tensor_scalar(4).mean(Kind::Double)).unwrap();
+        assert!((kurtosis - 3.0).abs() < 0.2, "kurtosis {kurtosis}: not Gaussian");
+        let mut g = Fixture::new(false);
+        let (second, _) = noise(&mut g);
+        assert!(!first.allclose(&second, 0.0, 1e-9, false), "the same noise twice");
     }
 
     /// A checkpointed velocity comes back in the backbone's order whatever order the file

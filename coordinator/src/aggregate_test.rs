@@ -8,7 +8,7 @@ use fedtalent_protocol::{PhaseTimings, UpdateHeader};
 use fedtalent_vocab::{ClassRegion, GlobalClass};
 use tch::{Device, Kind, Tensor};
 
-use super::{aggregate, sqrt_weights, validate, ServerState, Update};
+use super::{aggregate, sqrt_weights, validate, ServerState, ServerStep, Update};
 use crate::config::ServerOptimizer;
 
 /// The tiny preset with two classes, `a/x` (row 0) and `b/y` (row 1), no site decoders.
@@ -88,8 +88,14 @@ fn the_backbone_is_the_weighted_mean_and_heads_are_the_owners() {
     let (mut net, selection) = global();
     let a = update("a", 1, upload(&net, &selection, "a", 1.0, 5.0));
     let b = update("b", 4, upload(&net, &selection, "b", 3.0, 7.0));
-    let weights =
-        aggregate(&mut net, &[&a, &b], (&ServerOptimizer::default(), &mut ServerState::default()), &selection).unwrap();
+    let weights = aggregate(
+        &mut net,
+        &[&a, &b],
+        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
+        &selection,
+    )
+    .unwrap()
+    .weights;
     assert!((weights[0] - 1.0 / 3.0).abs() < 1e-12 && (weights[1] - 2.0 / 3.0).abs() < 1e-12);
     let (backbone, heads) = constant_values(&net);
     assert!((backbone - 7.0 / 3.0).abs() < 1e-6, "{backbone}");
@@ -103,11 +109,23 @@ fn a_partial_round_renormalises_and_keeps_the_absent_sites_heads() {
     let (mut net, selection) = global();
     let a = update("a", 1, upload(&net, &selection, "a", 2.0, 5.0));
     let b = update("b", 1, upload(&net, &selection, "b", 2.0, 7.0));
-    aggregate(&mut net, &[&a, &b], (&ServerOptimizer::default(), &mut ServerState::default()), &selection).unwrap();
+    aggregate(
+        &mut net,
+        &[&a, &b],
+        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
+        &selection,
+    )
+    .unwrap()
+    .weights;
     let b_only = update("b", 9, upload(&net, &selection, "b", 4.0, 1.0));
-    let weights =
-        aggregate(&mut net, &[&b_only], (&ServerOptimizer::default(), &mut ServerState::default()), &selection)
-            .unwrap();
+    let weights = aggregate(
+        &mut net,
+        &[&b_only],
+        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
+        &selection,
+    )
+    .unwrap()
+    .weights;
     assert_eq!(weights, vec![1.0]);
     let (backbone, heads) = constant_values(&net);
     assert!((backbone - 4.0).abs() < 1e-6, "{backbone}");

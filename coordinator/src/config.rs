@@ -104,6 +104,26 @@ impl FederationConfig {
             "[plan.server].momentum = {} must be in [0, 1)",
             p.server.momentum
         );
+        if let Some(privacy) = &p.privacy {
+            privacy.validate().map_err(anyhow::Error::msg)?;
+            let rounds = p.rounds_to_run();
+            ensure!(
+                rounds >= 1,
+                "[plan.privacy].epsilon_budget = {}: one round already spends ε = {:.3} (raise noise_multiplier)",
+                privacy.epsilon_budget.unwrap_or(f64::INFINITY),
+                privacy.epsilon(1)
+            );
+            if rounds < p.rounds {
+                tracing::warn!(
+                    planned = p.rounds,
+                    rounds,
+                    epsilon = privacy.epsilon(rounds),
+                    "[plan.privacy]: the ε budget ends the federation after round {rounds} of {} (the lr \
+                     schedule, set for all of them, is not annealed then)",
+                    p.rounds
+                );
+            }
+        }
         if let Some(dir) = &p.init_model {
             let model = fedtalent_model::ModelManifest::read(dir).context("[plan].init_model")?;
             ensure!(
@@ -230,6 +250,17 @@ final_heads_only = {final_heads_only}
 [plan.server]
 lr = {server_lr:?}
 momentum = {server_momentum:?}
+
+# Client-level differential privacy of the backbone (DP-FedAvg, off without this section): each
+# site's change clipped to L2 norm clip_norm, Gaussian noise of noise_multiplier x clip_norm x
+# the largest sqrt(n) weight on their weighted sum; (epsilon, delta) in the metrics and
+# `coordinator status`; the federation stops before a round would exceed epsilon_budget. With
+# few sites the noise needed for a small epsilon outweighs the signal (see the README).
+# [plan.privacy]
+# clip_norm = 1.0
+# noise_multiplier = 1.0
+# delta = 1e-5
+# epsilon_budget = 10.0
 "#,
         server_lr = server.lr,
         server_momentum = server.momentum,
@@ -296,6 +327,33 @@ mod tests {
         let bad = ok.replace("init_normalization = \"model\"", "init_normalization = \"hospital\"");
         let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &bad)).unwrap_err());
         assert!(err.contains("hospital"), "{err}");
+    }
+
+    /// `[plan.privacy]`: read as written, bad values refused naming the field, and a budget
+    /// that allows fewer rounds than planned shortens the federation (none at all: refused).
+    #[test]
+    fn the_privacy_section_is_read_checked_and_its_budget_ends_the_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |section: &str| format!("{}\n[plan.privacy]\n{section}\n", valid());
+        let config =
+            FederationConfig::load(&write(dir.path(), &with("clip_norm = 0.5\nnoise_multiplier = 2.0"))).unwrap();
+        let privacy = config.plan.privacy.expect("the section was read");
+        assert_eq!((privacy.clip_norm, privacy.noise_multiplier, privacy.delta), (0.5, 2.0, 1e-5));
+        assert_eq!(config.plan.rounds_to_run(), config.plan.rounds);
+        let err = format!(
+            "{:#}",
+            FederationConfig::load(&write(dir.path(), &with("clip_norm = -1.0\nnoise_multiplier = 2.0"))).unwrap_err()
+        );
+        assert!(err.contains("[plan.privacy].clip_norm"), "{err}");
+        let budget = with("clip_norm = 1.0\nnoise_multiplier = 2.0\nepsilon_budget = 4.0");
+        let config = FederationConfig::load(&write(dir.path(), &budget)).unwrap();
+        let rounds = config.plan.rounds_to_run();
+        let privacy = config.plan.privacy.unwrap();
+        assert!(rounds < config.plan.rounds, "{rounds} of {} rounds", config.plan.rounds);
+        assert!(privacy.epsilon(rounds) <= 4.0 && privacy.epsilon(rounds + 1) > 4.0);
+        let none = with("clip_norm = 1.0\nnoise_multiplier = 0.1\nepsilon_budget = 0.5");
+        let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &none)).unwrap_err());
+        assert!(err.contains("one round already spends"), "{err}");
     }
 
     /// Each broken config is refused with an error naming the file and the field.

@@ -120,6 +120,18 @@ struct SimulateArgs {
     /// [plan.server].momentum: FedAvgM's server momentum (0: none).
     #[arg(long)]
     server_momentum: Option<f64>,
+    /// [plan.privacy].noise_multiplier: differential privacy of the backbone (with --dp-clip-norm).
+    #[arg(long, requires = "dp_clip_norm")]
+    dp_noise_multiplier: Option<f64>,
+    /// [plan.privacy].clip_norm: the L2 bound on a site's backbone change per round.
+    #[arg(long, requires = "dp_noise_multiplier")]
+    dp_clip_norm: Option<f64>,
+    /// [plan.privacy].delta.
+    #[arg(long, requires = "dp_noise_multiplier", default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// [plan.privacy].epsilon_budget.
+    #[arg(long, requires = "dp_noise_multiplier")]
+    dp_epsilon_budget: Option<f64>,
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     #[arg(long, default_value_t = 100)]
@@ -165,6 +177,14 @@ impl SimulateArgs {
                     momentum: self.server_momentum.unwrap_or(default.momentum),
                 }
             },
+            privacy: self.dp_noise_multiplier.zip(self.dp_clip_norm).map(|(noise_multiplier, clip_norm)| {
+                fedtalent_vocab::Privacy {
+                    clip_norm,
+                    noise_multiplier,
+                    delta: self.dp_delta,
+                    epsilon_budget: self.dp_epsilon_budget,
+                }
+            }),
             rounds: self.rounds,
             eval_every: self.eval_every.unwrap_or((self.rounds / 5).max(1)),
             local_steps: self.local_steps,
@@ -285,6 +305,7 @@ fn status(config_path: &Path) -> Result<()> {
     match admin_request(&config, AdminRequest::Status) {
         Ok(Message::AdminReply(AdminReply::Status(report))) => {
             print_status(&report);
+            print_privacy(&config, report.current_round);
             Ok(())
         }
         Ok(other) => bail!("unexpected reply {}", other.kind()),
@@ -292,6 +313,24 @@ fn status(config_path: &Path) -> Result<()> {
             eprintln!("coordinator not reachable ({e:#}); reading {}", config.federation.state_dir.display());
             offline_status(&config)
         }
+    }
+}
+
+/// `[plan.privacy]`'s account after `rounds` released rounds (ε is a function of the plan and
+/// the round count alone: every site takes part in every round).
+fn print_privacy(config: &FederationConfig, rounds: u32) {
+    if let Some(p) = &config.plan.privacy {
+        let budget = p.epsilon_budget.map_or(String::new(), |b| format!(" of a budget of {b}"));
+        println!(
+            "differential privacy: (ε, δ) = ({:.3}, {:e}) spent{budget} (clip {}, noise multiplier {}); \
+             {} rounds at ε {:.3} in all",
+            p.epsilon(rounds),
+            p.delta,
+            p.clip_norm,
+            p.noise_multiplier,
+            config.plan.rounds_to_run(),
+            p.epsilon(config.plan.rounds_to_run())
+        );
     }
 }
 
@@ -324,11 +363,15 @@ fn offline_status(config: &FederationConfig) -> Result<()> {
         Some((record, _)) => {
             println!(
                 "federation {}: round {}/{} complete (digest {})",
-                config.federation.name, record.round, config.plan.rounds, record.digest
+                config.federation.name,
+                record.round,
+                config.plan.rounds_to_run(),
+                record.digest
             );
             for c in &record.contributions {
                 println!("  {:<20} cases {:>5}  weight {:.4}  loss {:.4}", c.site, c.n_cases, c.weight, c.train_loss);
             }
+            print_privacy(config, record.round);
         }
         None => println!("federation {}: no round completed yet", config.federation.name),
     }

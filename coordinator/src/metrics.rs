@@ -32,6 +32,19 @@ pub struct RoundLine {
     pub close_ms: u64,
     /// Sites whose update counted.
     pub sites: usize,
+    /// With `[plan.privacy]`: the account after this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySpent>,
+}
+
+/// `[plan.privacy]`'s account after a round: (ε, δ) of the rounds so far, the noise added to
+/// this round's backbone aggregate and the sites whose change was clipped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacySpent {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub noise_std: f64,
+    pub clipped: Vec<String>,
 }
 
 /// The `kind` of a [`RoundLine`]: always `"round"`.
@@ -43,7 +56,11 @@ pub enum RoundKind {
 
 impl RoundLine {
     pub fn new(round: u32, wall_ms: u64, close_ms: u64, sites: usize) -> Self {
-        RoundLine { round, kind: RoundKind::Round, wall_ms, close_ms, sites }
+        RoundLine { round, kind: RoundKind::Round, wall_ms, close_ms, sites, privacy: None }
+    }
+
+    pub fn with_privacy(self, privacy: Option<PrivacySpent>) -> Self {
+        RoundLine { privacy, ..self }
     }
 }
 

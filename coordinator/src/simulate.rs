@@ -31,6 +31,8 @@ pub struct SimulateOptions {
     pub local: fedtalent_protocol::LocalPolicy,
     /// `[plan.server]`: the coordinator's optimizer.
     pub server: crate::config::ServerOptimizer,
+    /// `[plan.privacy]`: differential privacy of the backbone (none: off).
+    pub privacy: Option<fedtalent_vocab::Privacy>,
     pub rounds: u32,
     pub local_steps: u32,
     /// Rounds between the sites' validation of the global model (and always the last).
@@ -135,6 +137,16 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
             },
         };
         let _ = writeln!(text, "{replaced}");
+    }
+    if let Some(p) = &opts.privacy {
+        let _ = writeln!(
+            text,
+            "[plan.privacy]\nclip_norm = {:?}\nnoise_multiplier = {:?}\ndelta = {:?}",
+            p.clip_norm, p.noise_multiplier, p.delta
+        );
+        if let Some(budget) = p.epsilon_budget {
+            let _ = writeln!(text, "epsilon_budget = {budget:?}");
+        }
     }
     text
 }
@@ -243,6 +255,7 @@ mod tests {
             init_model: None,
             local: fedtalent_protocol::LocalPolicy::default(),
             server: crate::config::ServerOptimizer::default(),
+            privacy: None,
             rounds: 1,
             local_steps: 1,
             eval_every: 1,
@@ -252,6 +265,26 @@ mod tests {
             seed: 0,
             device: "cpu".into(),
         }
+    }
+
+    /// The --dp-* flags become the federation's `[plan.privacy]`.
+    #[test]
+    fn privacy_options_reach_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let privacy = fedtalent_vocab::Privacy {
+            clip_norm: 0.25,
+            noise_multiplier: 0.5,
+            delta: 1e-6,
+            epsilon_budget: Some(50.0),
+        };
+        let opts = SimulateOptions { privacy: Some(privacy), ..options(dir.path(), "tiny", false) };
+        let path = dir.path().join("federation.toml");
+        std::fs::write(&path, federation_toml(&opts, "127.0.0.1:4433".parse().unwrap(), &["liver".into()])).unwrap();
+        let config = FederationConfig::load(&path).unwrap();
+        assert_eq!(config.plan.privacy, Some(privacy));
+        let plain = options(dir.path(), "tiny", false);
+        std::fs::write(&path, federation_toml(&plain, "127.0.0.1:4433".parse().unwrap(), &["liver".into()])).unwrap();
+        assert_eq!(FederationConfig::load(&path).unwrap().plan.privacy, None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn sample_messages() -> Vec<Message> {
         server: ServerOptimizer { lr: 1.5, momentum: 0.9 },
         init_model: Some("m".into()),
         init_normalization: fedtalent_vocab::InitNormalization::Sites,
+        privacy: None,
     };
     vec![
         Message::Hello(Hello {

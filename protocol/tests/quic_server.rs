@@ -51,6 +51,7 @@ fn welcome() -> Message {
             server: ServerOptimizer::default(),
             init_model: None,
             init_normalization: Default::default(),
+            privacy: None,
         },
         classes: vec![],
         normalization: CtNormalization { clip_low: -1.0, clip_high: 1.0, mean: 0.0, std: 1.0 },

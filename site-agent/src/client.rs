@@ -316,7 +316,7 @@ impl Agent {
             steps: start.local_steps,
             step_offset: start.step_offset,
             total_steps: start.total_steps,
-            last: start.round == training.plan.rounds,
+            last: start.round == training.plan.rounds_to_run(),
         };
         // Evaluation and training are blocking tensor work: `block_in_place` hands this
         // worker's other tasks (QUIC keep-alives) to the runtime's other threads meanwhile.

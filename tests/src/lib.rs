@@ -55,6 +55,8 @@ pub struct Plan {
     pub per_site_decoders: bool,
     /// `[plan.local]` lines (the round-boundary policy); empty: the defaults.
     pub local: &'static str,
+    /// `[plan.privacy]` lines; empty: no differential privacy.
+    pub privacy: String,
 }
 
 impl Default for Plan {
@@ -72,6 +74,7 @@ impl Default for Plan {
             preset: "tiny",
             per_site_decoders: false,
             local: "",
+            privacy: String::new(),
         }
     }
 }
@@ -144,6 +147,7 @@ impl LocalFederation {
             self.port, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
         );
         let text = if p.local.is_empty() { text } else { format!("{text}\n[plan.local]\n{}\n", p.local) };
+        let text = if p.privacy.is_empty() { text } else { format!("{text}\n[plan.privacy]\n{}\n", p.privacy) };
         fs::write(self.config_path(), text).unwrap();
     }
 

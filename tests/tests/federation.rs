@@ -71,3 +71,85 @@ fn three_sites_four_rounds() {
     eprintln!("mean Dice of the global model: {first:.3} (initial) -> {last:.3} (round 3's model)");
     assert!(last > first + 0.02, "mean Dice did not rise: {first:.3} (initial model) -> {last:.3} (round 3's model)");
 }
+
+/// `[plan.privacy]` end to end: two sites, three planned rounds and an ε budget that two of
+/// them fit. The federation stops after round 2; each round's metrics carry the accountant's ε;
+/// the last global backbone is the previous one plus the weighted sum of the clipped changes
+/// plus noise of the stated std (recomputed from the uploads); `coordinator status` prints ε.
+#[test]
+fn private_backbone_stops_at_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let privacy =
+        fedtalent_vocab::Privacy { clip_norm: 0.05, noise_multiplier: 1.0, delta: 1e-5, epsilon_budget: None };
+    let budget = (privacy.epsilon(2) + privacy.epsilon(3)) / 2.0;
+    let plan = Plan {
+        rounds: 3,
+        local_steps: 5,
+        cases: 4,
+        privacy: format!("clip_norm = 0.05\nnoise_multiplier = 1.0\nepsilon_budget = {budget}"),
+        ..Plan::default()
+    };
+    let sites = ["liver", "pancreas"];
+    let fed = LocalFederation::create(dir.path(), &sites, plan);
+    let mut procs = Children(vec![fed.spawn_coordinator()]);
+    for site in sites {
+        procs.0.push(fed.spawn_site(site, &[]));
+    }
+    let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
+    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
+    for i in 1..3 {
+        let status = wait_child(&mut procs.0[i], Duration::from_secs(60), "site");
+        assert!(status.success(), "site {i} failed:\n{}", fed.log(&fed.sites[i - 1]));
+    }
+    assert_eq!(fed.completed_rounds(), vec![1, 2], "the budget allows two rounds");
+
+    let metrics = fed.metrics();
+    let spent: Vec<&serde_json::Value> =
+        metrics.iter().filter(|m| m["kind"] == "round").map(|m| &m["privacy"]).collect();
+    assert_eq!(spent.len(), 2);
+    for (round, p) in spent.iter().enumerate() {
+        let epsilon = p["epsilon"].as_f64().unwrap_or_else(|| panic!("round {} has no ε: {p}", round + 1));
+        assert!((epsilon - privacy.epsilon(round as u32 + 1)).abs() < 1e-9, "round {}: ε {epsilon}", round + 1);
+    }
+    let noise_std = spent[1]["noise_std"].as_f64().unwrap();
+    let uploads = fed.round_uploads(2);
+    let before = fedtalent_tests::read_tensors(&fed.state_dir().join("rounds/round-000001/model.safetensors"));
+    let backbone = |name: &str| !name.starts_with("seg_outputs");
+    // Each site's change and its norm over the backbone, as the coordinator clips it.
+    let changes: Vec<Vec<tch::Tensor>> = uploads
+        .locals
+        .iter()
+        .map(|local| {
+            before
+                .iter()
+                .filter(|(n, _)| backbone(n))
+                .map(|(n, b)| get(local, n).to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+                .collect()
+        })
+        .collect();
+    let mut residuals = Vec::new();
+    for (i, (name, b)) in before.iter().filter(|(n, _)| backbone(n)).enumerate() {
+        let mut expected = b.to_kind(tch::Kind::Double);
+        for (change, w) in changes.iter().zip(&uploads.weights) {
+            let norm: f64 =
+                change.iter().map(|t| f64::try_from(t.square().sum(tch::Kind::Double)).unwrap()).sum::<f64>().sqrt();
+            expected += &change[i] * (*w * (0.05 / norm).min(1.0));
+        }
+        residuals.push((get(&uploads.global, name).to_kind(tch::Kind::Double) - expected).flatten(0, -1));
+    }
+    let residual = tch::Tensor::cat(&residuals, 0);
+    let std = f64::try_from(residual.std(true)).unwrap();
+    assert!((std / noise_std - 1.0).abs() < 0.05, "residual std {std} vs the stated noise {noise_std}");
+    assert!(
+        f64::try_from(residual.mean(tch::Kind::Double)).unwrap().abs()
+            < 5.0 * noise_std / (residual.numel() as f64).sqrt()
+    );
+
+    let status = fedtalent_tests::run_ok(
+        std::process::Command::new(fedtalent_tests::binary("coordinator"))
+            .args(["status", "--config"])
+            .arg(fed.config_path()),
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("{:.3}", privacy.epsilon(2))) && text.contains("differential privacy"), "{text}");
+}

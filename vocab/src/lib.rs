@@ -9,6 +9,8 @@
 //!   statistics derived from merged ones.
 //! * [`plan`]: the federation plan ([`Plan`], `[plan]` of `federation.toml`), which every site
 //!   receives in `Welcome`, with its policies and modes as enums.
+//! * [`privacy`]: `[plan.privacy]`, client-level differential privacy ([`Privacy`]) and its
+//!   accountant.
 //!
 //! Only serde and thiserror: the data crate depends on this without pulling in QUIC or torch.
 
@@ -16,11 +18,13 @@ pub mod class;
 pub mod histogram;
 pub mod norm;
 pub mod plan;
+pub mod privacy;
 
 pub use class::{class_id, parse_class_id, ClassRegion, GlobalClass};
 pub use histogram::{HistogramError, HuHistogram, HU_RANGE, MAX_VOXELS};
 pub use norm::CtNormalization;
 pub use plan::{DiceMode, InitNormalization, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport};
+pub use privacy::Privacy;
 
 /// ALPN protocol identifier of the federation protocol (TLS), `fedtalent/1`: the coordinator
 /// offers only this one and a site asks for only this one.

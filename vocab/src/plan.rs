@@ -45,6 +45,10 @@ pub struct Plan {
     /// With `init_model`: whose CT normalization the federation uses.
     #[serde(default)]
     pub init_normalization: InitNormalization,
+    /// `[plan.privacy]`: client-level differential privacy of the backbone (absent: none).
+    /// (No `skip_serializing_if`: the plan also travels as bincode, which needs every field.)
+    #[serde(default)]
+    pub privacy: Option<crate::Privacy>,
 }
 
 /// `[plan].init_normalization`: the CT normalization of a federation that starts from a model.
@@ -63,6 +67,12 @@ fn default_max_update_norm() -> f64 {
 }
 
 impl Plan {
+    /// The rounds the federation runs: all of `rounds`, or fewer where `[plan.privacy]`'s ε
+    /// budget would be exceeded first.
+    pub fn rounds_to_run(&self) -> u32 {
+        self.privacy.map_or(self.rounds, |p| p.rounds_within_budget(self.rounds))
+    }
+
     /// Local steps of the whole federation: the length of the lr schedule.
     pub fn total_steps(&self) -> u64 {
         self.rounds as u64 * self.local_steps as u64
@@ -76,7 +86,7 @@ impl Plan {
     /// Whether the sites evaluate the global model at the start of `round`: every `eval_every`
     /// rounds from the first, and in the last round (the final model's predecessor).
     pub fn evaluates(&self, round: u32) -> bool {
-        round.saturating_sub(1).is_multiple_of(self.eval_every.max(1)) || round == self.rounds
+        round.saturating_sub(1).is_multiple_of(self.eval_every.max(1)) || round == self.rounds_to_run()
     }
 }
 
@@ -224,6 +234,7 @@ mod tests {
             server: ServerOptimizer::default(),
             init_model: None,
             init_normalization: Default::default(),
+            privacy: None,
         }
     }
 

@@ -149,7 +149,7 @@ impl Coordinator {
         StatusReport {
             federation: self.config.federation.name.clone(),
             current_round: federation.map_or(0, |f| f.completed),
-            total_rounds: self.config.plan.rounds,
+            total_rounds: self.config.plan.rounds_to_run(),
             running: federation.is_some_and(|f| f.open.is_some()),
             model_digest: federation.map(|f| f.digest.clone()).unwrap_or_default(),
             sites,

@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use super::setup::digest_global;
 use super::{Coordinator, Federation, Inner};
-use crate::aggregate::{self, ServerState, Update};
-use crate::metrics::{MetricsLine, RoundLine};
+use crate::aggregate::{self, Aggregated, PrivateRound, ServerState, ServerStep, Update};
+use crate::metrics::{MetricsLine, PrivacySpent, RoundLine};
 use crate::state::{Contribution, RoundRecord, Setup};
 
 /// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
@@ -89,6 +89,8 @@ struct NextGlobal {
     wire_digests: TensorDigests,
     /// Each update's backbone weight, in the order of the round's updates.
     weights: Vec<f64>,
+    /// With `[plan.privacy]`: the round's clipping and noise.
+    privacy: Option<PrivateRound>,
 }
 
 impl Coordinator {
@@ -101,8 +103,8 @@ impl Coordinator {
                 .await
                 .expect("waits forever");
             let round = completed + 1;
-            if round > self.config.plan.rounds {
-                info!(rounds = self.config.plan.rounds, "federation finished");
+            if round > self.config.plan.rounds_to_run() {
+                info!(rounds = self.config.plan.rounds_to_run(), "federation finished");
                 self.changed();
                 if self.config.federation.exit_when_done {
                     // Give polling sites a moment to hear `Finished`.
@@ -153,9 +155,9 @@ impl Coordinator {
         let work = self
             .wait_for(POLL_WAIT, |i| {
                 let federation = i.running()?;
-                if federation.completed >= plan.rounds {
+                if federation.completed >= plan.rounds_to_run() {
                     return Some(Message::Finished(Finished {
-                        rounds: plan.rounds,
+                        rounds: plan.rounds_to_run(),
                         model_digest: federation.digest.clone(),
                     }));
                 }
@@ -425,7 +427,12 @@ impl Coordinator {
             )
         };
         let updates: Vec<&Update> = open.updates.values().collect();
-        let weights = aggregate::aggregate(&mut net, &updates, (&self.config.plan.server, &mut server), &selection)?;
+        let step = ServerStep {
+            optimizer: &self.config.plan.server,
+            state: &mut server,
+            privacy: self.config.plan.privacy.as_ref(),
+        };
+        let Aggregated { weights, privacy } = aggregate::aggregate(&mut net, &updates, step, &selection)?;
         let (digest, wire_digests) = digest_global(self.config.plan.transport, &selection, &net);
         let contributions: Vec<Contribution> = updates
             .iter()
@@ -440,7 +447,21 @@ impl Coordinator {
             })
             .collect();
         let record = RoundRecord { round: open.round, digest, contributions, classes, unix_time: unix_now() };
-        Ok(NextGlobal { net, server, record, wire_digests, weights })
+        Ok(NextGlobal { net, server, record, wire_digests, weights, privacy })
+    }
+
+    /// `[plan.privacy]`'s account once `round` is released (logged, and for the metrics).
+    fn privacy_spent(&self, round: u32, updates: &[&Update], private: Option<&PrivateRound>) -> Option<PrivacySpent> {
+        let (plan, private) = (self.config.plan.privacy?, private?);
+        let clipped: Vec<String> = updates
+            .iter()
+            .zip(&private.clip_factors)
+            .filter(|(_, &factor)| factor < 1.0)
+            .map(|(u, _)| u.site.clone())
+            .collect();
+        let epsilon = plan.epsilon(round);
+        info!(round, epsilon, delta = plan.delta, noise_std = private.noise_std, clipped = ?clipped, "privacy spent");
+        Some(PrivacySpent { epsilon, delta: plan.delta, noise_std: private.noise_std, clipped })
     }
 
     /// Makes the checkpointed aggregate the global model and logs the round's metrics. A
@@ -448,13 +469,17 @@ impl Coordinator {
     fn commit_round(&self, open: &OpenRound, next: NextGlobal, closing: Instant) {
         let updates: Vec<&Update> = open.updates.values().collect();
         let mut lines = MetricsLine::of_updates(open.round, &updates, &next.weights);
-        lines.push(MetricsLine::Round(RoundLine::new(
-            open.round,
-            open.opened.elapsed().as_millis() as u64,
-            // Aggregation, metrics and the atomic checkpoint (the checkpoint is already written).
-            closing.elapsed().as_millis() as u64,
-            updates.len(),
-        )));
+        let privacy = self.privacy_spent(open.round, &updates, next.privacy.as_ref());
+        lines.push(MetricsLine::Round(
+            RoundLine::new(
+                open.round,
+                open.opened.elapsed().as_millis() as u64,
+                // Aggregation, metrics and the atomic checkpoint (the checkpoint is already written).
+                closing.elapsed().as_millis() as u64,
+                updates.len(),
+            )
+            .with_privacy(privacy),
+        ));
         if let Err(e) = self.state.append_metrics(&lines) {
             warn!(round = open.round, "metrics of the round not written (its checkpoint is): {e:#}");
         }

@@ -1,0 +1,148 @@
+//! `[plan.privacy]`: client-level differential privacy of the backbone (DP-FedAvg, McMahan et
+//! al. 2018, with the coordinator as the trusted aggregator, as Flower's server-side fixed
+//! clipping) and its Rényi-DP accountant.
+//!
+//! Each round, every site's backbone change is clipped to L2 norm `clip_norm` = C, the
+//! sqrt(n)-weighted sum of the clipped changes gets Gaussian noise of std σ·C·max_k w_k per
+//! coordinate (max_k w_k·C bounds what one site's change moves the sum, so σ is the noise
+//! multiplier of a Gaussian mechanism with sensitivity 1), and only that noisy sum leaves the
+//! coordinator. Every site takes part in every round (no client subsampling, so no
+//! amplification: q = 1), and the rounds compose: after T rounds the RDP of order α is
+//! T·α / (2σ²) (Mironov 2017, Prop. 7 for the Gaussian mechanism), converted to (ε, δ) with
+//! Balle et al. 2020's bound as Opacus does: ε = min_α RDP(α) + log((α−1)/α) − (log δ + log α)/(α−1).
+//!
+//! What ε covers: the backbones the coordinator sends to sites and exports. Heads (and per-site
+//! decoders) are trained by their owner alone and sent to no other site during a federation;
+//! noising them would add noise of the full sensitivity to a single owner's weights (nothing is
+//! averaged), which destroys them at any useful σ. They leave the coordinator only in the
+//! exported model, which is therefore covered for the backbone only: share the exported
+//! backbone, not the heads, with parties outside the federation.
+
+use serde::{Deserialize, Serialize};
+
+/// `[plan.privacy]`; absent: no differential privacy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    /// C: the L2 bound on one site's backbone change per round (over all backbone tensors).
+    pub clip_norm: f64,
+    /// σ: the noise std relative to one site's largest possible contribution, max_k w_k·C.
+    pub noise_multiplier: f64,
+    /// δ of the reported (ε, δ); well below 1 / (number of sites).
+    #[serde(default = "Privacy::default_delta")]
+    pub delta: f64,
+    /// The federation stops after the last round whose ε stays within this budget.
+    #[serde(default)]
+    pub epsilon_budget: Option<f64>,
+}
+
+/// The Rényi orders the accountant minimises over: Opacus' `DEFAULT_ALPHAS` and larger ones,
+/// which the small σ of few-site federations need.
+fn orders() -> impl Iterator<Item = f64> {
+    (1..100).map(|x| 1.0 + x as f64 / 10.0).chain((12..64).map(f64::from)).chain([128.0, 256.0, 512.0, 1024.0])
+}
+
+impl Privacy {
+    fn default_delta() -> f64 {
+        1e-5
+    }
+
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
+            return Err(format!("[plan.privacy].clip_norm = {} must be positive", self.clip_norm));
+        }
+        if !(self.noise_multiplier > 0.0 && self.noise_multiplier.is_finite()) {
+            return Err(format!("[plan.privacy].noise_multiplier = {} must be positive", self.noise_multiplier));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!("[plan.privacy].delta = {} must be in (0, 1)", self.delta));
+        }
+        if let Some(budget) = self.epsilon_budget {
+            if !(budget > 0.0 && budget.is_finite()) {
+                return Err(format!("[plan.privacy].epsilon_budget = {budget} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// ε after `rounds` rounds (0 rounds: nothing released, ε = 0).
+    pub fn epsilon(&self, rounds: u32) -> f64 {
+        if rounds == 0 {
+            return 0.0;
+        }
+        let per_order = |alpha: f64| rounds as f64 * alpha / (2.0 * self.noise_multiplier.powi(2));
+        orders()
+            .map(|alpha| {
+                let eps =
+                    per_order(alpha) + ((alpha - 1.0) / alpha).ln() - (self.delta.ln() + alpha.ln()) / (alpha - 1.0);
+                eps.max(0.0)
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The last round of `planned` whose ε stays within the budget (all of them without one).
+    pub fn rounds_within_budget(&self, planned: u32) -> u32 {
+        match self.epsilon_budget {
+            None => planned,
+            // ε grows with the rounds: the first round over the budget ends the federation.
+            Some(budget) => (1..=planned).take_while(|&r| self.epsilon(r) <= budget).last().unwrap_or(0),
+        }
+    }
+
+    /// The per-coordinate noise std on the weighted sum of clipped changes, for the largest
+    /// sqrt(n) weight among the sites of the round.
+    pub fn noise_std(&self, max_weight: f64) -> f64 {
+        self.noise_multiplier * self.clip_norm * max_weight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn privacy(sigma: f64, budget: Option<f64>) -> Privacy {
+        Privacy { clip_norm: 1.0, noise_multiplier: sigma, delta: 1e-5, epsilon_budget: budget }
+    }
+
+    #[test]
+    fn epsilon_grows_with_rounds_and_falls_with_noise() {
+        let p = privacy(1.0, None);
+        assert_eq!(p.epsilon(0), 0.0);
+        assert!(p.epsilon(1) < p.epsilon(10));
+        assert!(privacy(2.0, None).epsilon(10) < p.epsilon(10));
+    }
+
+    /// The Gaussian mechanism of σ composed T times is one of σ/√T: same ε.
+    #[test]
+    fn composition_equals_one_mechanism_of_scaled_noise() {
+        let t = 16;
+        let many = privacy(4.0, None).epsilon(t);
+        let one = privacy(1.0, None).epsilon(1);
+        assert!((many - one).abs() < 1e-9, "{many} vs {one}");
+    }
+
+    #[test]
+    fn budget_stops_at_the_last_round_within_it() {
+        let p = privacy(1.0, Some(5.0));
+        let r = p.rounds_within_budget(1000);
+        assert!(r >= 1 && r < 1000);
+        assert!(p.epsilon(r) <= 5.0 && p.epsilon(r + 1) > 5.0);
+        assert_eq!(privacy(1.0, Some(1e-3)).rounds_within_budget(10), 0);
+        assert_eq!(privacy(1.0, None).rounds_within_budget(10), 10);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (p, field) in [
+            (Privacy { clip_norm: 0.0, ..privacy(1.0, None) }, "clip_norm"),
+            (Privacy { noise_multiplier: f64::NAN, ..privacy(1.0, None) }, "noise_multiplier"),
+            (Privacy { delta: 1.0, ..privacy(1.0, None) }, "delta"),
+            (privacy(1.0, Some(-1.0)), "epsilon_budget"),
+        ] {
+            let e = p.validate().unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
+        assert!(privacy(1.0, Some(3.0)).validate().is_ok());
+    }
+}
