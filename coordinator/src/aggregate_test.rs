@@ -47,6 +47,12 @@ pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
     Update { site: site.into(), header, bytes: 0, backbone_norm: 0.0, parts }
 }
 
+/// Plain FedAvg of `updates` into `net`; the weights.
+fn fedavg(net: &mut MultiTalentNet, updates: &[&Update], selection: &Selection) -> Vec<f64> {
+    let step = ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None };
+    aggregate(net, updates, step, selection).unwrap().weights
+}
+
 /// Every value of the global backbone, and of each class's head rows, if each is constant.
 fn constant_values(net: &MultiTalentNet) -> (f64, [f64; 2]) {
     let backbone = net.params().backbone();
@@ -88,14 +94,7 @@ fn the_backbone_is_the_weighted_mean_and_heads_are_the_owners() {
     let (mut net, selection) = global();
     let a = update("a", 1, upload(&net, &selection, "a", 1.0, 5.0));
     let b = update("b", 4, upload(&net, &selection, "b", 3.0, 7.0));
-    let weights = aggregate(
-        &mut net,
-        &[&a, &b],
-        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
-        &selection,
-    )
-    .unwrap()
-    .weights;
+    let weights = fedavg(&mut net, &[&a, &b], &selection);
     assert!((weights[0] - 1.0 / 3.0).abs() < 1e-12 && (weights[1] - 2.0 / 3.0).abs() < 1e-12);
     let (backbone, heads) = constant_values(&net);
     assert!((backbone - 7.0 / 3.0).abs() < 1e-6, "{backbone}");
@@ -109,23 +108,9 @@ fn a_partial_round_renormalises_and_keeps_the_absent_sites_heads() {
     let (mut net, selection) = global();
     let a = update("a", 1, upload(&net, &selection, "a", 2.0, 5.0));
     let b = update("b", 1, upload(&net, &selection, "b", 2.0, 7.0));
-    aggregate(
-        &mut net,
-        &[&a, &b],
-        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
-        &selection,
-    )
-    .unwrap()
-    .weights;
+    fedavg(&mut net, &[&a, &b], &selection);
     let b_only = update("b", 9, upload(&net, &selection, "b", 4.0, 1.0));
-    let weights = aggregate(
-        &mut net,
-        &[&b_only],
-        ServerStep { optimizer: &ServerOptimizer::default(), state: &mut ServerState::default(), privacy: None },
-        &selection,
-    )
-    .unwrap()
-    .weights;
+    let weights = fedavg(&mut net, &[&b_only], &selection);
     assert_eq!(weights, vec![1.0]);
     let (backbone, heads) = constant_values(&net);
     assert!((backbone - 4.0).abs() < 1e-6, "{backbone}");

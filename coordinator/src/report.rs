@@ -19,6 +19,8 @@ pub struct RoundBreakdown {
     pub evaluate_ms: u64,
     /// Aggregation and the atomic checkpoint at the coordinator.
     pub close_ms: u64,
+    /// With `[plan.privacy]`: ε after this round.
+    pub epsilon: Option<f64>,
 }
 
 impl RoundBreakdown {
@@ -56,6 +58,7 @@ pub fn breakdowns(metrics: &[MetricsLine]) -> Vec<RoundBreakdown> {
             train_ms: slowest.train,
             evaluate_ms: slowest.evaluate,
             close_ms: summary.close_ms,
+            epsilon: summary.privacy.as_ref().map(|p| p.epsilon),
         });
     }
     out
@@ -63,22 +66,31 @@ pub fn breakdowns(metrics: &[MetricsLine]) -> Vec<RoundBreakdown> {
 
 pub fn format_table(rows: &[RoundBreakdown]) -> String {
     let mut s = String::new();
+    let private = rows.iter().any(|r| r.epsilon.is_some());
     let _ = writeln!(
         s,
-        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}",
-        "round", "wall s", "train s", "eval s", "close s", "overhead", "w/o eval"
+        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}{}",
+        "round",
+        "wall s",
+        "train s",
+        "eval s",
+        "close s",
+        "overhead",
+        "w/o eval",
+        if private { format!(" {:>10}", "epsilon") } else { String::new() }
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>8.1}% {:>12.1}%",
+            "{:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.3} {:>8.1}% {:>12.1}%{}",
             r.round,
             r.wall_ms as f64 / 1e3,
             r.train_ms as f64 / 1e3,
             r.evaluate_ms as f64 / 1e3,
             r.close_ms as f64 / 1e3,
             100.0 * r.overhead_fraction(),
-            100.0 * r.overhead_fraction_without_evaluation()
+            100.0 * r.overhead_fraction_without_evaluation(),
+            r.epsilon.map_or(String::new(), |e| format!(" {e:>10.3}"))
         );
     }
     s
@@ -111,7 +123,14 @@ mod tests {
         let rows = breakdowns(&lines(metrics));
         assert_eq!(
             rows,
-            vec![RoundBreakdown { round: 1, wall_ms: 10_000, train_ms: 9500, evaluate_ms: 200, close_ms: 40 }]
+            vec![RoundBreakdown {
+                round: 1,
+                wall_ms: 10_000,
+                train_ms: 9500,
+                evaluate_ms: 200,
+                close_ms: 40,
+                epsilon: None
+            }]
         );
         assert!((rows[0].overhead_fraction() - 0.05).abs() < 1e-12);
         assert!((rows[0].overhead_fraction_without_evaluation() - 0.03).abs() < 1e-12);

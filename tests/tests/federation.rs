@@ -152,4 +152,13 @@ fn private_backbone_stops_at_the_budget() {
     );
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains(&format!("{:.3}", privacy.epsilon(2))) && text.contains("differential privacy"), "{text}");
+    let report = fedtalent_tests::run_ok(
+        std::process::Command::new(fedtalent_tests::binary("coordinator"))
+            .args(["report", "--config"])
+            .arg(fed.config_path()),
+    );
+    let table = String::from_utf8_lossy(&report.stdout);
+    assert!(table.contains("epsilon"), "{table}");
+    let last = table.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    assert!(last.trim_end().ends_with(&format!("{:.3}", privacy.epsilon(2))), "{table}");
 }

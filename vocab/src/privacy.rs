@@ -126,7 +126,7 @@ mod tests {
     fn budget_stops_at_the_last_round_within_it() {
         let p = privacy(1.0, Some(5.0));
         let r = p.rounds_within_budget(1000);
-        assert!(r >= 1 && r < 1000);
+        assert!((1..1000).contains(&r));
         assert!(p.epsilon(r) <= 5.0 && p.epsilon(r + 1) > 5.0);
         assert_eq!(privacy(1.0, Some(1e-3)).rounds_within_budget(10), 0);
         assert_eq!(privacy(1.0, None).rounds_within_budget(10), 10);
