@@ -354,6 +354,9 @@ mod tests {
         let none = with("clip_norm = 1.0\nnoise_multiplier = 0.1\nepsilon_budget = 0.5");
         let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &none)).unwrap_err());
         assert!(err.contains("one round already spends"), "{err}");
+        let unknown = with("clip_norm = 1.0\nnoise_multiplier = 1.0\nepsilon = 3.0");
+        let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &unknown)).unwrap_err());
+        assert!(err.contains("epsilon"), "an unknown [plan.privacy] key was accepted: {err}");
     }
 
     /// Each broken config is refused with an error naming the file and the field.

@@ -5,6 +5,21 @@ use std::time::Duration;
 
 use fedtalent_tests::{tensor as get, wait_child, Children, LocalFederation, Plan};
 
+/// Starts the coordinator and every site of `fed`, and waits until all of them exit
+/// successfully (the coordinator within `timeout`, each site within a minute after it).
+fn run_to_the_end(fed: &LocalFederation, timeout: Duration) {
+    let mut procs = Children(vec![fed.spawn_coordinator()]);
+    for site in &fed.sites {
+        procs.0.push(fed.spawn_site(site, &[]));
+    }
+    let status = wait_child(&mut procs.0[0], timeout, "coordinator");
+    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
+    for (i, site) in fed.sites.iter().enumerate() {
+        let status = wait_child(&mut procs.0[i + 1], Duration::from_secs(60), "site");
+        assert!(status.success(), "site {site} failed:\n{}", fed.log(site));
+    }
+}
+
 /// Three sites, four rounds: the aggregate is the sqrt(n)-weighted mean of the uploads, every
 /// class's heads are its owner's upload, and the global model's Dice rises over the rounds.
 #[test]
@@ -12,16 +27,7 @@ fn three_sites_four_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let plan = Plan { rounds: 4, local_steps: 20, cases: 5, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas", "multiorgan"], plan);
-    let mut procs = Children(vec![fed.spawn_coordinator()]);
-    for site in ["liver", "pancreas", "multiorgan"] {
-        procs.0.push(fed.spawn_site(site, &[]));
-    }
-    let status = wait_child(&mut procs.0[0], Duration::from_secs(900), "coordinator");
-    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
-    for i in 1..4 {
-        let status = wait_child(&mut procs.0[i], Duration::from_secs(60), "site");
-        assert!(status.success(), "site {i} failed:\n{}", fed.log(&fed.sites[i - 1]));
-    }
+    run_to_the_end(&fed, Duration::from_secs(900));
     assert_eq!(fed.completed_rounds(), vec![1, 2, 3, 4]);
 
     // Recompute the last round's aggregate from what each site uploaded (its saved local model).
@@ -91,16 +97,7 @@ fn private_backbone_stops_at_the_budget() {
     };
     let sites = ["liver", "pancreas"];
     let fed = LocalFederation::create(dir.path(), &sites, plan);
-    let mut procs = Children(vec![fed.spawn_coordinator()]);
-    for site in sites {
-        procs.0.push(fed.spawn_site(site, &[]));
-    }
-    let status = wait_child(&mut procs.0[0], Duration::from_secs(600), "coordinator");
-    assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
-    for i in 1..3 {
-        let status = wait_child(&mut procs.0[i], Duration::from_secs(60), "site");
-        assert!(status.success(), "site {i} failed:\n{}", fed.log(&fed.sites[i - 1]));
-    }
+    run_to_the_end(&fed, Duration::from_secs(600));
     assert_eq!(fed.completed_rounds(), vec![1, 2], "the budget allows two rounds");
 
     let metrics = fed.metrics();
