@@ -8,7 +8,8 @@ venv="$repo/.venv"
 python="${PYTHON:-python3}"
 
 TORCH_VERSION="2.11.0"
-ORACLES=(nibabel numpy safetensors)
+# tensorboard: its event reader is the oracle of the TensorBoard event writer.
+ORACLES=(nibabel numpy safetensors tensorboard)
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating venv at $venv"

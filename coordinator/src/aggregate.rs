@@ -24,6 +24,8 @@ pub struct Update {
     /// As the site sent it; `payload_digest` is the digest the payload was checked against.
     pub header: UpdateHeader,
     pub bytes: u64,
+    /// Receiving its payload at the coordinator.
+    pub upload_ms: u64,
     /// Its backbone's L2 distance to the global backbone it started from ([`validate`]).
     pub backbone_norm: f64,
     pub parts: Parts,

@@ -44,7 +44,7 @@ pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
         payload_digest: String::new(),
         durations_ms: PhaseTimings::default(),
     };
-    Update { site: site.into(), header, bytes: 0, backbone_norm: 0.0, parts }
+    Update { site: site.into(), header, bytes: 0, upload_ms: 0, backbone_norm: 0.0, parts }
 }
 
 /// Plain FedAvg of `updates` into `net`; the weights.

@@ -2,6 +2,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod curves;
 pub mod metrics;
 pub mod pki;
 pub mod report;

@@ -60,6 +60,10 @@ enum Command {
     Serve {
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
+        /// Also write each round's scalars (loss per site, Dice per class, round times, bytes)
+        /// as TensorBoard event files into this folder (`tensorboard --logdir` it).
+        #[arg(long)]
+        tensorboard: Option<PathBuf>,
     },
     /// Show progress: rounds, sites, latest per-class Dice (live from a running coordinator, else from disk).
     Status {
@@ -70,6 +74,13 @@ enum Command {
     Report {
         #[arg(long, default_value = "federation.toml")]
         config: PathBuf,
+        /// Also write one self-contained HTML page: progress figures, the last Dice per class,
+        /// round times, bytes per round and site, refusals and the plan.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Also draw the progress figure (as `serve` keeps in state/progress.png) into this PNG.
+        #[arg(long)]
+        png: Option<PathBuf>,
     },
     /// Start rounds on a coordinator configured with `launch = "manual"`.
     Launch {
@@ -229,16 +240,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, tensorboard } => serve(&config, tensorboard.as_deref()),
         Command::Status { config } => status(&config),
-        Command::Report { config } => {
-            let config = FederationConfig::load(&config)?;
-            let metrics = StateDir::open(&config.federation.state_dir)?.read_metrics()?;
-            let rows = fedtalent_coordinator::report::breakdowns(&metrics);
-            anyhow::ensure!(!rows.is_empty(), "no completed round in {}", config.federation.state_dir.display());
-            print!("{}", fedtalent_coordinator::report::format_table(&rows));
-            Ok(())
-        }
+        Command::Report { config, html, png } => report(&config, html.as_deref(), png.as_deref()),
         Command::Launch { config } => {
             let config = FederationConfig::load(&config)?;
             match admin_request(&config, AdminRequest::Launch { rounds: None })? {
@@ -282,7 +286,33 @@ fn init(dir: &Path, name: &str, listen: SocketAddr, sans: &[String], sites: &[St
     Ok(())
 }
 
-fn serve(config_path: &Path) -> Result<()> {
+/// `coordinator report`: the round-time table, the HTML page with `--html`, the progress
+/// figure with `--png`.
+fn report(config_path: &Path, html: Option<&Path>, png: Option<&Path>) -> Result<()> {
+    let config = FederationConfig::load(config_path)?;
+    let state = StateDir::open(&config.federation.state_dir)?;
+    let log = state.read_metrics_log()?;
+    for skipped in &log.skipped {
+        eprintln!("warning: {}: {skipped}", state.metrics_path().display());
+    }
+    if let Some(path) = html {
+        let title = format!("fedtalent federation report: {}", config_path.display());
+        let plan = toml::to_string_pretty(&config.plan).context("writing the plan as TOML")?;
+        let page = fedtalent_coordinator::report::html(&title, &plan, &log)?;
+        fedtalent_report::write_atomic(path, page.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = png {
+        fedtalent_coordinator::server::write_progress_png_to(&log.lines, path)?;
+        println!("wrote {}", path.display());
+    }
+    let rows = fedtalent_coordinator::report::breakdowns(&log.lines);
+    anyhow::ensure!(!rows.is_empty(), "no completed round in {}", config.federation.state_dir.display());
+    print!("{}", fedtalent_coordinator::report::format_table(&rows));
+    Ok(())
+}
+
+fn serve(config_path: &Path, tensorboard: Option<&Path>) -> Result<()> {
     let config = FederationConfig::load(config_path)?;
     let pki_dir = config.federation.pki_dir.clone();
     let read = |f: &str| {
@@ -293,6 +323,9 @@ fn serve(config_path: &Path) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let coordinator = Coordinator::open(config)?;
+        if let Some(dir) = tensorboard {
+            coordinator.log_curves_to(dir)?;
+        }
         let server_config = fedtalent_certs::server_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
         // Removing a site from federation.toml locks it out within 2 s, without a restart.
         tokio::spawn(coordinator.clone().watch_config(config_path.to_path_buf(), std::time::Duration::from_secs(2)));

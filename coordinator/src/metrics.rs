@@ -4,7 +4,10 @@
 //! The keys are a format other tools read (`scripts/`, researchers' notebooks): per site and
 //! round `round, site, n_cases, weight, train_loss, bytes_up, durations_ms, payload_digest`;
 //! per reported class `round, model_round, site, class, dice`; per round `round, kind =
-//! "round", wall_ms, close_ms, sites`.
+//! "round", wall_ms, close_ms, sites` (and since issue 17 a site line's `upload_ms` and a
+//! round line's `participation`).
+
+use std::collections::BTreeMap;
 
 use fedtalent_protocol::PhaseTimings;
 use serde::{Deserialize, Serialize};
@@ -35,6 +38,25 @@ pub struct RoundLine {
     /// With `[plan.privacy]`: the account after this round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySpent>,
+    /// Who was expected and who was refused (absent in logs of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participation: Option<Participation>,
+}
+
+/// Who took part in a round: the sites it waited for (those of `[federation].sites` not
+/// removed) and every refusal while it was open. A site expected that neither reported nor
+/// was refused was absent (late, stalled or offline).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Participation {
+    pub expected: Vec<String>,
+    pub refusals: Vec<RefusalNote>,
+}
+
+/// An update refused while a round was open, with the reason the site was told.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusalNote {
+    pub site: String,
+    pub reason: String,
 }
 
 /// `[plan.privacy]`'s account after a round: (ε, δ) of the rounds so far, the noise added to
@@ -56,11 +78,15 @@ pub enum RoundKind {
 
 impl RoundLine {
     pub fn new(round: u32, wall_ms: u64, close_ms: u64, sites: usize) -> Self {
-        RoundLine { round, kind: RoundKind::Round, wall_ms, close_ms, sites, privacy: None }
+        RoundLine { round, kind: RoundKind::Round, wall_ms, close_ms, sites, privacy: None, participation: None }
     }
 
     pub fn with_privacy(self, privacy: Option<PrivacySpent>) -> Self {
         RoundLine { privacy, ..self }
+    }
+
+    pub fn with_participation(self, participation: Participation) -> Self {
+        RoundLine { participation: Some(participation), ..self }
     }
 }
 
@@ -76,6 +102,12 @@ pub struct SiteLine {
     pub bytes_up: u64,
     pub durations_ms: PhaseTimings,
     pub payload_digest: String,
+    /// Receiving the payload, measured at the coordinator (0 in logs of older builds).
+    #[serde(default)]
+    pub upload_ms: u64,
+    /// The model streamed to the site in the round (0 in logs of older builds).
+    #[serde(default)]
+    pub bytes_down: u64,
 }
 
 /// A class's validation Dice, reported by its site at the start of `round`, of the global
@@ -91,7 +123,13 @@ pub struct DiceLine {
 
 impl MetricsLine {
     /// The lines of a round's updates: one per site, then one per class it reported Dice of.
-    pub fn of_updates(round: u32, updates: &[&Update], weights: &[f64]) -> Vec<MetricsLine> {
+    /// `downloads`: bytes of the model streamed to each site during the round.
+    pub fn of_updates(
+        round: u32,
+        updates: &[&Update],
+        weights: &[f64],
+        downloads: &BTreeMap<String, u64>,
+    ) -> Vec<MetricsLine> {
         let mut lines = Vec::new();
         for (u, &weight) in updates.iter().zip(weights) {
             lines.push(MetricsLine::Site(SiteLine {
@@ -103,6 +141,8 @@ impl MetricsLine {
                 bytes_up: u.bytes,
                 durations_ms: u.header.durations_ms,
                 payload_digest: u.header.payload_digest.clone(),
+                upload_ms: u.upload_ms,
+                bytes_down: downloads.get(&u.site).copied().unwrap_or(0),
             }));
             for (class, dice) in &u.header.dice {
                 // Dice is measured on the global model the round started from.
@@ -139,6 +179,8 @@ mod tests {
             bytes_up: 10,
             durations_ms: PhaseTimings { download: 1, evaluate: 2, train: 3 },
             payload_digest: "d".into(),
+            upload_ms: 7,
+            bytes_down: 20,
         });
         let dice =
             MetricsLine::Dice(DiceLine { round: 2, model_round: 1, site: "a".into(), class: "a/x".into(), dice: 0.75 });
@@ -146,7 +188,8 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&site).unwrap(),
             json!({"round": 2, "site": "a", "n_cases": 4, "weight": 0.5, "train_loss": 0.25, "bytes_up": 10,
-                   "durations_ms": {"download": 1, "evaluate": 2, "train": 3}, "payload_digest": "d"})
+                   "durations_ms": {"download": 1, "evaluate": 2, "train": 3}, "payload_digest": "d", "upload_ms": 7,
+                   "bytes_down": 20})
         );
         assert_eq!(
             serde_json::to_value(&dice).unwrap(),

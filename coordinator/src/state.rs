@@ -15,9 +15,12 @@ use fedtalent_vocab::{CtNormalization, GlobalClass};
 use crate::aggregate::ServerState;
 use crate::metrics::MetricsLine;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 const SETUP_FILE: &str = "federation.json";
 const ROUNDS_DIR: &str = "rounds";
+/// See [`StateDir::progress_path`].
+const PROGRESS_FILE: &str = "progress.png";
 const METRICS_FILE: &str = "metrics.jsonl";
 pub const CHECKPOINT_MODEL: &str = "model.safetensors";
 pub const CHECKPOINT_RECORD: &str = "round.json";
@@ -65,6 +68,7 @@ pub struct RoundRecord {
     pub unix_time: u64,
 }
 
+#[derive(Clone, Debug)]
 pub struct StateDir {
     root: PathBuf,
 }
@@ -190,6 +194,11 @@ impl StateDir {
         self.root.join(METRICS_FILE)
     }
 
+    /// nnU-Net's progress plot of the federation, redrawn after every round.
+    pub fn progress_path(&self) -> PathBuf {
+        self.root.join(PROGRESS_FILE)
+    }
+
     /// Appends JSON lines to the metrics log and syncs them.
     pub fn append_metrics(&self, lines: &[MetricsLine]) -> Result<()> {
         let path = self.metrics_path();
@@ -208,14 +217,57 @@ impl StateDir {
             .with_context(|| format!("appending to {}", path.display()))
     }
 
+    /// The metrics log's lines; a line that does not read is skipped with a warning naming it.
     pub fn read_metrics(&self) -> Result<Vec<MetricsLine>> {
+        let log = self.read_metrics_log()?;
+        for skipped in &log.skipped {
+            warn!("{}: {skipped}", self.metrics_path().display());
+        }
+        Ok(log.lines)
+    }
+
+    /// The metrics log's lines and those skipped: a line cut by a crash mid-append, edited by
+    /// hand or of a kind this build does not know is no reason to lose the rest.
+    pub fn read_metrics_log(&self) -> Result<MetricsLog> {
         let path = self.metrics_path();
         if !path.exists() {
-            return Ok(Vec::new());
+            return Ok(MetricsLog::default());
         }
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        // A line cut by a crash mid-append (or of no known kind) is skipped, not fatal.
-        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(MetricsLog::parse(&String::from_utf8_lossy(&bytes)))
+    }
+}
+
+/// The readable lines of a metrics log and what was skipped.
+#[derive(Debug, Default)]
+pub struct MetricsLog {
+    pub lines: Vec<MetricsLine>,
+    pub skipped: Vec<SkippedLine>,
+}
+
+/// A line of the metrics log that does not read: its number (from 1) and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkippedLine {
+    pub number: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} skipped: {}", self.number, self.reason)
+    }
+}
+
+impl MetricsLog {
+    pub fn parse(text: &str) -> MetricsLog {
+        let mut log = MetricsLog::default();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str(line) {
+                Ok(parsed) => log.lines.push(parsed),
+                Err(e) => log.skipped.push(SkippedLine { number: i + 1, reason: e.to_string() }),
+            }
+        }
+        log
     }
 }
 

@@ -258,6 +258,11 @@ impl Predictor {
     /// `<output>/<case>/classes.json`.
     pub fn predict_to(&self, path: &Path, output: &Path, classes: &[usize]) -> Result<Vec<WrittenMask>> {
         let prediction = self.predict(path, classes)?;
+        self.write_prediction(path, &prediction, output)
+    }
+
+    /// Writes the masks of `prediction` (of the input `path`) as [`Predictor::predict_to`] does.
+    pub fn write_prediction(&self, path: &Path, prediction: &Prediction, output: &Path) -> Result<Vec<WrittenMask>> {
         let dir = output.join(case_name(path));
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut written = Vec::new();

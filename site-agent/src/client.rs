@@ -11,6 +11,7 @@
 //! agent with the coordinator's reason.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use tch::Device;
 use tracing::{info, warn};
 
 use crate::config::SiteConfig;
+use crate::curves::LocalCurves;
 use crate::local::{self, LocalData, LocalTrainer, TrainerSpec};
 
 /// Deliberately broken uploads, for the end-to-end tests of the coordinator's validation.
@@ -48,6 +50,10 @@ pub struct RunOptions {
     pub fault: Option<Fault>,
     /// Exit after this many rounds trained in this process (tests kill sites mid-federation).
     pub max_rounds: Option<u32>,
+    /// No progress bar (for service managers).
+    pub quiet: bool,
+    /// Local curves as TensorBoard event files in this folder.
+    pub tensorboard: Option<PathBuf>,
 }
 
 /// A refusal by the coordinator: retrying will not help.
@@ -245,7 +251,8 @@ impl Agent {
             dice: plan.dice_mode,
             site_decoder: plan.per_site_decoders.then_some(site.as_str()),
         };
-        let trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
+        let mut trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
+        trainer.curves = LocalCurves::new(self.options.quiet, self.options.tensorboard.as_deref())?;
         let stream = local::StreamSpec {
             patch: trainer.trainer.net.topology().patch,
             batch: plan.batch,
@@ -423,6 +430,7 @@ impl Training {
         let t = Instant::now();
         let loss = self.trainer.train_round(&mut self.loader, &self.plan.local, work)?;
         durations.train = t.elapsed().as_millis() as u64;
+        self.trainer.curves.round(start.round, loss, &dice);
         Ok((dice, loss))
     }
 }

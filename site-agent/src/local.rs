@@ -11,12 +11,12 @@ use fedtalent_model::train::{Precision, TrainConfig, Trainer};
 use fedtalent_model::wire::Selection;
 use fedtalent_model::{BatchTargets, ClassRegions, MultiTalentNet, Topology};
 use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, HuHistogram, LocalPolicy, OptimizerState};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::config::SiteConfig;
+use crate::curves::LocalCurves;
 
 const LOCAL_MODEL: &str = "local_model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -82,6 +82,8 @@ pub struct LocalTrainer {
     pub selection: Selection,
     pub state: SiteState,
     state_dir: PathBuf,
+    /// The progress bar and the local TensorBoard curves.
+    pub curves: LocalCurves,
 }
 
 pub struct TrainerSpec<'a> {
@@ -148,6 +150,7 @@ impl LocalTrainer {
             selection: Selection::local(&spec.class_ids, spec.site_decoder),
             state,
             state_dir: state_dir.to_path_buf(),
+            curves: LocalCurves::default(),
         })
     }
 
@@ -216,11 +219,7 @@ impl LocalTrainer {
     ) -> Result<f32> {
         self.trainer.step = step_offset;
         self.trainer.set_total_steps(total_steps);
-        let bar = ProgressBar::new(steps as u64).with_style(
-            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} steps, loss {prefix} ({eta})")
-                .expect("valid template"),
-        );
-        bar.set_message(round.to_string());
+        let bar = self.curves.progress_bar(steps as u64, round);
         let mut sum = 0.0;
         let mut counted = 0u32;
         for _ in 0..steps {
@@ -231,6 +230,9 @@ impl LocalTrainer {
             }
             bar.set_prefix(format!("{:.4}", stats.loss));
             bar.inc(1);
+            if !stats.skipped {
+                self.curves.step(self.trainer.step, stats.loss);
+            }
         }
         bar.finish_and_clear();
         ensure!(counted > 0, "round {round}: every step overflowed");

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod curves;
 pub use fedtalent_site_agent::config;
 mod device;
 mod evaluate;
@@ -56,6 +57,12 @@ enum Command {
         /// Test mode: send a deliberately broken update.
         #[arg(long, hide = true)]
         inject_fault: Option<client::Fault>,
+        /// No progress bar (logs only), for service managers.
+        #[arg(long)]
+        quiet: bool,
+        /// Also write local curves (loss per step and round, Dice per class) as TensorBoard event files here.
+        #[arg(long)]
+        tensorboard: Option<PathBuf>,
     },
     /// Write phantom CT datasets (nnU-Net v2 folders) for several sites with overlapping classes.
     Synth {
@@ -126,13 +133,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, device } => check(config, &device),
-        Command::Run { config, device, max_rounds, inject_fault } => {
+        Command::Run { config, device, max_rounds, inject_fault, quiet, tensorboard } => {
             let config = config::SiteConfig::load(&config)?;
             let device = device::parse(device.as_deref().unwrap_or(&config.site.device))?;
             if let Some(threads) = config.site.torch_threads {
                 tch::set_num_threads(threads as i32);
             }
-            let options = client::RunOptions { device, fault: inject_fault, max_rounds };
+            let options = client::RunOptions { device, fault: inject_fault, max_rounds, quiet, tensorboard };
             tokio::runtime::Runtime::new()?.block_on(client::run(config, options))
         }
         Command::Synth { out, seed, cases, shape, sites, ceiling_spacing } => {

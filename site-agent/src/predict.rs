@@ -1,11 +1,12 @@
 //! `site-agent predict`: segments NIfTI volumes with an exported model, one uint8 mask per class.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use fedtalent_model::infer::InferOptions;
-use fedtalent_model::predict::{input_files, parse_device, Predictor};
+use fedtalent_model::predict::{case_name, input_files, parse_device, Prediction, Predictor, WrittenMask};
+use fedtalent_report::preview::{preview_png, Overlay, Volume};
 
 /// Segment CT volumes with an exported fedtalent model.
 #[derive(Debug, Clone, ClapArgs)]
@@ -23,6 +24,11 @@ pub struct Args {
     /// Default: all.
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<String>,
+    /// Also write <output>/<case>/preview.png: axial, coronal and sagittal slices through the
+    /// predicted foreground's centre (the volume's middle when nothing was found), the masks
+    /// overlaid, a legend of the classes.
+    #[arg(long)]
+    pub preview: bool,
     #[command(flatten)]
     pub infer: InferArgs,
 }
@@ -58,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut failed = 0usize;
     for file in &files {
         let start = std::time::Instant::now();
-        match predictor.predict_to(file, &args.output, &classes) {
+        match predict_one(&predictor, file, &args.output, &classes, args.preview) {
             Ok(written) => {
                 let voxels: Vec<String> = written.iter().map(|w| format!("{} {}", w.id, w.voxels)).collect();
                 println!(
@@ -79,4 +85,38 @@ pub fn run(args: Args) -> Result<()> {
     }
     anyhow::ensure!(failed == 0, "{failed} of {} input(s) could not be segmented", files.len());
     Ok(())
+}
+
+/// Segments one input and writes its masks (and its preview).
+fn predict_one(
+    predictor: &Predictor,
+    file: &Path,
+    output: &Path,
+    classes: &[usize],
+    preview: bool,
+) -> Result<Vec<WrittenMask>> {
+    let prediction = predictor.predict(file, classes)?;
+    let written = predictor.write_prediction(file, &prediction, output)?;
+    if preview {
+        let path = output.join(case_name(file)).join("preview.png");
+        write_preview(file, &prediction, &written, &path)?;
+    }
+    Ok(written)
+}
+
+/// The preview of a prediction: the input's slices with each written mask overlaid.
+fn write_preview(file: &Path, prediction: &Prediction, written: &[WrittenMask], path: &Path) -> Result<()> {
+    let image = fedtalent_data::nifti_io::read_nifti(file).with_context(|| format!("{}: reading", file.display()))?;
+    let data = image.data.as_standard_layout();
+    let (z, y, x) = data.dim();
+    let volume = Volume { data: data.as_slice().expect("standard layout"), shape: [z, y, x], spacing: image.spacing };
+    let masks: Vec<_> = prediction.masks.iter().map(|m| m.as_standard_layout()).collect();
+    let overlays: Vec<Overlay> = masks
+        .iter()
+        .zip(written)
+        .map(|(m, w)| Overlay { label: w.id.clone(), mask: m.as_slice().expect("standard layout") })
+        .collect();
+    let png = preview_png(&case_name(file), &volume, &overlays)
+        .with_context(|| format!("{}: drawing the preview", file.display()))?;
+    fedtalent_report::write_atomic(path, &png)
 }

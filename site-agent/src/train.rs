@@ -16,6 +16,7 @@ use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHis
 use tracing::info;
 
 use crate::config::SiteConfig;
+use crate::curves::LocalCurves;
 use crate::device;
 use crate::finetune::InitModel;
 use crate::local::{self, LocalTrainer, StreamSpec, TrainerSpec};
@@ -64,6 +65,12 @@ pub struct Args {
     /// from (default: the training site's own).
     #[arg(long)]
     decoder_from: Option<String>,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    quiet: bool,
+    /// Also write the loss of every step as TensorBoard event files here.
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
     /// Test mode: stop (without exporting) at the first checkpoint at or after this step.
     #[arg(long, hide = true)]
     stop_after_steps: Option<u64>,
@@ -127,6 +134,7 @@ pub fn run(args: Args) -> Result<()> {
         site_decoder: decoder_owner.as_deref(),
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
+    trainer.curves = LocalCurves::new(args.quiet, args.tensorboard.as_deref())?;
     // A resumed run holds its own weights already; only a fresh one starts from the model.
     if let (Some(init), 0) = (&init, trainer.state.batches_drawn) {
         let net = &mut trainer.trainer.net;
@@ -167,6 +175,7 @@ pub fn run(args: Args) -> Result<()> {
         let loss = trainer.train(&mut loader, chunk as u32, start, args.steps, chunk_index)?;
         trainer.trainer.freeze_backbone(false);
         trainer.save(chunk_index)?;
+        trainer.curves.flush();
         info!(step = trainer.trainer.step, total = args.steps, loss, "checkpoint written");
         if args.stop_after_steps.is_some_and(|s| trainer.trainer.step >= s && trainer.trainer.step < args.steps) {
             info!(step = trainer.trainer.step, "stopping as asked (resume by running again)");

@@ -188,10 +188,16 @@ impl LocalFederation {
     }
 
     pub fn spawn_coordinator(&self) -> Child {
+        self.spawn_coordinator_with(&[])
+    }
+
+    /// `coordinator serve` with `extra` arguments.
+    pub fn spawn_coordinator_with(&self, extra: &[&str]) -> Child {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("coordinator.log")).unwrap();
         Command::new(binary("coordinator"))
             .args(["serve", "--config"])
             .arg(self.config_path())
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -356,4 +362,22 @@ impl RoundUploads {
         }
         checked
     }
+}
+
+/// Every scalar of the TensorBoard event files in `dir`, read by TensorBoard's own event reader
+/// (the oracle): tag -> [(step, value)], in the order written.
+pub fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec<(i64, f64)>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out =
+        run_ok(Command::new(root.join(".venv/bin/python")).arg(root.join("scripts/tensorboard_scalars.py")).arg(dir));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the reader prints JSON");
+    json.as_object()
+        .expect("an object of tags")
+        .iter()
+        .map(|(tag, points)| {
+            let points =
+                points.as_array().unwrap().iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap())).collect();
+            (tag.clone(), points)
+        })
+        .collect()
 }

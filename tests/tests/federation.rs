@@ -8,9 +8,20 @@ use fedtalent_tests::{tensor as get, wait_child, Children, LocalFederation, Plan
 /// Starts the coordinator and every site of `fed`, and waits until all of them exit
 /// successfully (the coordinator within `timeout`, each site within a minute after it).
 fn run_to_the_end(fed: &LocalFederation, timeout: Duration) {
-    let mut procs = Children(vec![fed.spawn_coordinator()]);
+    run_to_the_end_with(fed, timeout, &[], |_| Vec::new());
+}
+
+/// [`run_to_the_end`] with extra arguments of `coordinator serve` and of each `site-agent run`.
+fn run_to_the_end_with(
+    fed: &LocalFederation,
+    timeout: Duration,
+    coordinator: &[&str],
+    site_args: impl Fn(&str) -> Vec<String>,
+) {
+    let mut procs = Children(vec![fed.spawn_coordinator_with(coordinator)]);
     for site in &fed.sites {
-        procs.0.push(fed.spawn_site(site, &[]));
+        let args = site_args(site);
+        procs.0.push(fed.spawn_site(site, &args.iter().map(String::as_str).collect::<Vec<_>>()));
     }
     let status = wait_child(&mut procs.0[0], timeout, "coordinator");
     assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
@@ -22,13 +33,21 @@ fn run_to_the_end(fed: &LocalFederation, timeout: Duration) {
 
 /// Three sites, four rounds: the aggregate is the sqrt(n)-weighted mean of the uploads, every
 /// class's heads are its owner's upload, and the global model's Dice rises over the rounds.
+/// What people look at is checked against the metrics log: progress.png, the HTML report and
+/// the coordinator's and a site's TensorBoard curves (read by TensorBoard's own reader).
 #[test]
 fn three_sites_four_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let plan = Plan { rounds: 4, local_steps: 20, cases: 5, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas", "multiorgan"], plan);
-    run_to_the_end(&fed, Duration::from_secs(900));
+    let (tb, tb_liver) = (dir.path().join("tb"), dir.path().join("tb-liver"));
+    let liver_args = |site: &str| match site {
+        "liver" => vec!["--quiet".to_string(), "--tensorboard".to_string(), tb_liver.display().to_string()],
+        _ => vec!["--quiet".to_string()],
+    };
+    run_to_the_end_with(&fed, Duration::from_secs(900), &["--tensorboard", tb.to_str().unwrap()], liver_args);
     assert_eq!(fed.completed_rounds(), vec![1, 2, 3, 4]);
+    check_the_curves(&fed, &tb, &tb_liver, 4, 20);
 
     // Recompute the last round's aggregate from what each site uploaded (its saved local model).
     let uploads = fed.round_uploads(4);
@@ -76,6 +95,79 @@ fn three_sites_four_rounds() {
     let (first, last) = (mean_dice(1), mean_dice(4));
     eprintln!("mean Dice of the global model: {first:.3} (initial) -> {last:.3} (round 3's model)");
     assert!(last > first + 0.02, "mean Dice did not rise: {first:.3} (initial model) -> {last:.3} (round 3's model)");
+}
+
+/// progress.png, `coordinator report --html` and the TensorBoard runs of a finished federation
+/// of `rounds` rounds of `steps` local steps, against its metrics log.
+fn check_the_curves(fed: &LocalFederation, tb: &std::path::Path, tb_site: &std::path::Path, rounds: u32, steps: u32) {
+    let metrics = fed.metrics();
+    // progress.png: a PNG of nnU-Net's size (width and height are IHDR's first fields).
+    let png = std::fs::read(fed.state_dir().join("progress.png")).expect("state/progress.png");
+    assert_eq!(&png[1..4], b"PNG");
+    let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!((size(16), size(20)), (1600, 1100));
+
+    // The HTML report: one figure per plot, the Dice table's numbers the log's last ones.
+    let html = fed.dir.join("report.html");
+    fedtalent_tests::run_ok(
+        std::process::Command::new(fedtalent_tests::binary("coordinator"))
+            .args(["report", "--config"])
+            .arg(fed.config_path())
+            .arg("--html")
+            .arg(&html),
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(page.matches("<svg").count(), 4, "one inline figure per plot");
+    let dice: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["dice"].is_f64()).collect();
+    let last_model = dice.iter().map(|m| m["model_round"].as_u64().unwrap()).max().unwrap();
+    let mut rows = 0;
+    for m in dice.iter().filter(|m| m["model_round"].as_u64() == Some(last_model)) {
+        let class = m["class"].as_str().unwrap();
+        let shown = format!("{:.4}", m["dice"].as_f64().unwrap() as f32);
+        let row = page.split("<tr>").find(|r| r.starts_with(&format!("<td class=\"name\">{class}</td>"))).unwrap();
+        assert!(row.contains(&format!("<td>{shown}</td>")), "class {class}: {shown} not in {row}");
+        rows += 1;
+    }
+    assert!(rows >= 8, "only {rows} classes in the Dice table");
+
+    // The coordinator's TensorBoard run holds the log's numbers at their steps.
+    let scalars = fedtalent_tests::tensorboard_scalars(tb);
+    let at = |tag: &str, step: u64| -> f64 {
+        let points = scalars.get(tag).unwrap_or_else(|| panic!("no {tag} in {:?}", scalars.keys()));
+        points.iter().find(|p| p.0 == step as i64).unwrap_or_else(|| panic!("no {tag} at {step}")).1
+    };
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+    let mut checked = 0;
+    for m in &metrics {
+        let round = m["round"].as_u64().unwrap();
+        if let Some(loss) = m["train_loss"].as_f64() {
+            let site = m["site"].as_str().unwrap();
+            assert!(same(at(&format!("loss/{site}"), round), loss as f32 as f64), "loss of {site} in round {round}");
+            let bytes = m["bytes_up"].as_f64().unwrap();
+            assert!(same(at(&format!("bytes_up/{site}"), round), bytes as f32 as f64));
+            checked += 2;
+        } else if let Some(d) = m["dice"].as_f64() {
+            let tag = format!("dice/{}", m["class"].as_str().unwrap());
+            assert!(same(at(&tag, m["model_round"].as_u64().unwrap()), d as f32 as f64), "{tag}");
+            checked += 1;
+        } else if m["kind"] == "round" {
+            assert!(same(at("round_time/wall_s", round), (m["wall_ms"].as_f64().unwrap() / 1e3) as f32 as f64));
+            assert_eq!(at("participation/reported", round), m["sites"].as_f64().unwrap());
+            checked += 2;
+        }
+    }
+    assert!(checked > 30, "only {checked} numbers compared");
+
+    // The site's local run: the loss of every step, each round's mean loss, its classes' Dice.
+    let local = fedtalent_tests::tensorboard_scalars(tb_site);
+    assert!(local["loss/step"].len() >= (rounds * steps) as usize, "a loss per local step");
+    assert_eq!(local["loss/round"].iter().map(|p| p.0).collect::<Vec<_>>(), (1..=rounds as i64).collect::<Vec<_>>());
+    for m in metrics.iter().filter(|m| m["site"] == "liver" && m.get("train_loss").is_some()) {
+        let round = m["round"].as_i64().unwrap();
+        let mean = local["loss/round"].iter().find(|p| p.0 == round).unwrap().1;
+        assert!(same(mean, m["train_loss"].as_f64().unwrap() as f32 as f64), "liver's loss of round {round}");
+    }
+    assert!(local.keys().any(|k| k.starts_with("dice/liver/")), "{:?}", local.keys());
 }
 
 /// `[plan.privacy]` end to end: two sites, three planned rounds and an ε budget that two of

@@ -18,6 +18,7 @@
 mod accept;
 mod dispatch;
 mod export;
+mod publish;
 mod round;
 mod setup;
 mod start_from;
@@ -36,6 +37,7 @@ use tracing::info;
 
 pub use accept::HandshakeLimiter;
 pub use export::{export_from_state, export_model};
+pub use publish::{write_progress_png, write_progress_png_to};
 
 use crate::aggregate::ServerState;
 use crate::config::{FederationConfig, Launch, ADMIN_IDENTITY};
@@ -125,6 +127,8 @@ pub struct Coordinator {
     /// Bumped on every state change that a waiting request may care about.
     changes: watch::Sender<u64>,
     pub allowlist: Allowlist,
+    /// What each committed round publishes for people (progress.png, TensorBoard).
+    publisher: publish::Publisher,
 }
 
 impl Coordinator {
@@ -154,7 +158,14 @@ impl Coordinator {
         let mut allowed: Vec<String> = config.federation.sites.clone();
         allowed.push(ADMIN_IDENTITY.to_string());
         let (changes, _) = watch::channel(0);
-        Ok(Arc::new(Self { config, state, inner: Mutex::new(inner), changes, allowlist: Allowlist::new(allowed) }))
+        Ok(Arc::new(Self {
+            config,
+            state,
+            inner: Mutex::new(inner),
+            changes,
+            allowlist: Allowlist::new(allowed),
+            publisher: publish::Publisher::default(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -182,6 +193,10 @@ impl Coordinator {
 
     /// Sites of this federation that were not removed since it started.
     fn active_sites(&self, inner: &Inner) -> usize {
-        self.config.federation.sites.iter().filter(|s| !inner.removed.contains(*s)).count()
+        self.active_site_names(inner).len()
+    }
+
+    fn active_site_names(&self, inner: &Inner) -> Vec<String> {
+        self.config.federation.sites.iter().filter(|s| !inner.removed.contains(*s)).cloned().collect()
     }
 }

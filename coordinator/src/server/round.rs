@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::setup::digest_global;
 use super::{Coordinator, Federation, Inner};
 use crate::aggregate::{self, Aggregated, PrivateRound, ServerState, ServerStep, Update};
-use crate::metrics::{MetricsLine, PrivacySpent, RoundLine};
+use crate::metrics::{MetricsLine, Participation, PrivacySpent, RefusalNote, RoundLine};
 use crate::state::{Contribution, RoundRecord, Setup};
 
 /// How long a site's poll waits for work before the coordinator answers `Heartbeat`.
@@ -49,6 +49,12 @@ pub(super) struct OpenRound {
     /// upload was acknowledged before it polled for this one), so an update of an older round
     /// from one of them is no late arrival but a broken site: that answers this round for it.
     handed: BTreeSet<String>,
+    /// Every refusal while the round was open (of this round's updates or late ones), with its
+    /// reason: the round's participation in the metrics log.
+    refusals: Vec<RefusalNote>,
+    /// Bytes of the model streamed to each site during the round (a site that fetched twice,
+    /// after a broken stream, counts both).
+    downloads: BTreeMap<String, u64>,
 }
 
 impl OpenRound {
@@ -60,6 +66,8 @@ impl OpenRound {
             arriving: BTreeSet::new(),
             refused: BTreeSet::new(),
             handed: BTreeSet::new(),
+            refusals: Vec::new(),
+            downloads: BTreeMap::new(),
         }
     }
 
@@ -215,11 +223,16 @@ impl Coordinator {
             let set = wire::parts_to_wire(&federation.global, &selection);
             (set, federation.wire_digests.clone(), federation.digest.clone())
         };
+        let bytes = set.total_bytes();
         fedtalent_protocol::quic::send_tensors_shared(send, Arc::new(set), &mut digests)
             .await
             .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
         if let Some(federation) = self.lock().running_mut().filter(|f| f.digest == version) {
             federation.wire_digests.merge(digests);
+            // A site's download is part of the round it works on; the operator's is not.
+            if let Some(open) = federation.open.as_mut().filter(|_| !full) {
+                *open.downloads.entry(peer.to_string()).or_default() += bytes;
+            }
         }
         Ok(())
     }
@@ -235,6 +248,9 @@ impl Coordinator {
         let refusal = self.admit_update(peer, header, recv).await.err();
         if let Some(refusal) = &refusal {
             warn!(site = %peer, round, "update refused: {}", refusal.reason);
+            if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()) {
+                open.refusals.push(RefusalNote { site: peer.to_string(), reason: refusal.reason.clone() });
+            }
             // A refusal may have been the round's last answer: the round task re-checks.
             self.changed();
         }
@@ -260,6 +276,7 @@ impl Coordinator {
         };
         // A stalled payload would hold its slot (and this task) forever: it must arrive before
         // the round closes, when it could not count any more.
+        let receiving = Instant::now();
         let (set, digest) = match tokio::time::timeout_at(until.into(), recv_tensors_digest(recv, &limits)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -310,12 +327,13 @@ impl Coordinator {
             .as_mut()
             .filter(|o| o.round == round)
             .ok_or_else(|| late(format!("round {round} closed while the update was arriving")))?;
+        let upload_ms = receiving.elapsed().as_millis() as u64;
         let n_cases = header.n_cases;
         let loss = header.train_loss;
         let header = UpdateHeader { payload_digest: digest, ..header };
         open.updates.insert(
             peer.to_string(),
-            Update { site: peer.to_string(), header, bytes: set.total_bytes(), backbone_norm, parts },
+            Update { site: peer.to_string(), header, bytes: set.total_bytes(), upload_ms, backbone_norm, parts },
         );
         drop(inner);
         self.changed();
@@ -464,11 +482,16 @@ impl Coordinator {
         Some(PrivacySpent { epsilon, delta: plan.delta, noise_std: private.noise_std, clipped })
     }
 
+    /// Who `open` waited for (the configured sites not removed) and whom it refused.
+    fn participation(&self, open: &OpenRound) -> Participation {
+        Participation { expected: self.active_site_names(&self.lock()), refusals: open.refusals.clone() }
+    }
+
     /// Makes the checkpointed aggregate the global model and logs the round's metrics. A
     /// metrics write error is a warning: the checkpoint, already written, is what counts.
     fn commit_round(&self, open: &OpenRound, next: NextGlobal, closing: Instant) {
         let updates: Vec<&Update> = open.updates.values().collect();
-        let mut lines = MetricsLine::of_updates(open.round, &updates, &next.weights);
+        let mut lines = MetricsLine::of_updates(open.round, &updates, &next.weights, &open.downloads);
         let privacy = self.privacy_spent(open.round, &updates, next.privacy.as_ref());
         lines.push(MetricsLine::Round(
             RoundLine::new(
@@ -478,11 +501,13 @@ impl Coordinator {
                 closing.elapsed().as_millis() as u64,
                 updates.len(),
             )
-            .with_privacy(privacy),
+            .with_privacy(privacy)
+            .with_participation(self.participation(open)),
         ));
         if let Err(e) = self.state.append_metrics(&lines) {
             warn!(round = open.round, "metrics of the round not written (its checkpoint is): {e:#}");
         }
+        self.publish_round(&lines);
         info!(
             round = open.round,
             reported = updates.len(),
