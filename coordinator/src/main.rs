@@ -297,7 +297,12 @@ fn report(config_path: &Path, html: Option<&Path>, png: Option<&Path>) -> Result
     }
     if let Some(path) = html {
         let title = format!("fedtalent federation report: {}", config_path.display());
-        let plan = toml::to_string_pretty(&config.plan).context("writing the plan as TOML")?;
+        // As federation.toml spells it: under [plan], [plan.local], ...
+        #[derive(serde::Serialize)]
+        struct AsInTheConfig<'a> {
+            plan: &'a fedtalent_vocab::Plan,
+        }
+        let plan = toml::to_string_pretty(&AsInTheConfig { plan: &config.plan }).context("writing the plan as TOML")?;
         let page = fedtalent_coordinator::report::html(&title, &plan, &log)?;
         fedtalent_report::write_atomic(path, page.as_bytes())?;
         println!("wrote {}", path.display());

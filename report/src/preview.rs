@@ -28,13 +28,20 @@ const ALPHA: f32 = 0.45;
 
 /// The preview as PNG bytes. The slices cross at the centroid of the predicted foreground
 /// (the middle of the volume when nothing was predicted), so that what was found is in view.
-pub fn preview_png(title: &str, image: &Volume<f32>, overlays: &[Overlay]) -> Result<Vec<u8>> {
+/// Grey values span `window` (a CT model's clip range: what the network sees), else the
+/// image's 0.5th to 99.5th percentile.
+pub fn preview_png(
+    title: &str,
+    image: &Volume<f32>,
+    overlays: &[Overlay],
+    window: Option<(f32, f32)>,
+) -> Result<Vec<u8>> {
     let n: usize = image.shape.iter().product();
     ensure!(image.data.len() == n, "preview: {} voxels for shape {:?}", image.data.len(), image.shape);
     for o in overlays {
         ensure!(o.mask.len() == n, "preview: mask {:?} has {} voxels, the image {n}", o.label, o.mask.len());
     }
-    let (lo, hi) = window(image.data);
+    let (lo, hi) = window.filter(|(lo, hi)| hi > lo).unwrap_or_else(|| percentile_window(image.data));
     let centre = foreground_centroid(image.shape, overlays);
     let slices =
         [Plane::Axial, Plane::Coronal, Plane::Sagittal].map(|p| Slice::cut(p, image, overlays, centre, (lo, hi)));
@@ -78,7 +85,7 @@ pub fn preview_png(title: &str, image: &Volume<f32>, overlays: &[Overlay]) -> Re
 }
 
 /// The grey window: the 0.5th and 99.5th percentiles (CT or MR alike), a sampled estimate.
-fn window(data: &[f32]) -> (f32, f32) {
+fn percentile_window(data: &[f32]) -> (f32, f32) {
     let step = (data.len() / 200_000).max(1);
     let mut sample: Vec<f32> = data.iter().step_by(step).copied().filter(|v| v.is_finite()).collect();
     if sample.is_empty() {
@@ -216,7 +223,8 @@ mod tests {
             }
         }
         let image = Volume { data: &data, shape, spacing: [2.0, 1.0, 1.0] };
-        let png = preview_png("case_000", &image, &[Overlay { label: "liver/liver".into(), mask: &mask }]).unwrap();
+        let png =
+            preview_png("case_000", &image, &[Overlay { label: "liver/liver".into(), mask: &mask }], None).unwrap();
         let rgb = image::load_from_memory(&png).unwrap().to_rgb8();
         let RGBColor(r, g, b) = colour(0);
         let tinted = |p: &image::Rgb<u8>| {
@@ -237,7 +245,7 @@ mod tests {
         let data = vec![0f32; 8];
         let mask = vec![0u8; 7];
         let image = Volume { data: &data, shape: [2, 2, 2], spacing: [1.0; 3] };
-        let err = preview_png("c", &image, &[Overlay { label: "a/b".into(), mask: &mask }]).unwrap_err();
+        let err = preview_png("c", &image, &[Overlay { label: "a/b".into(), mask: &mask }], None).unwrap_err();
         assert!(err.to_string().contains("a/b"), "{err}");
     }
 }

@@ -32,7 +32,7 @@ impl LocalCurves {
             return ProgressBar::hidden();
         }
         let style = ProgressStyle::with_template(
-            "round {msg} [{bar:30}] {pos}/{len} steps, loss {prefix}, {per_sec:.1} (ETA {eta})",
+            "round {msg} [{bar:30}] {pos}/{len} steps, loss {prefix}, {per_sec} (ETA {eta})",
         )
         .expect("a valid template");
         let bar = ProgressBar::new(steps).with_style(style.progress_chars("=> "));

@@ -99,13 +99,21 @@ fn predict_one(
     let written = predictor.write_prediction(file, &prediction, output)?;
     if preview {
         let path = output.join(case_name(file)).join("preview.png");
-        write_preview(file, &prediction, &written, &path)?;
+        let norm = &predictor.manifest.normalization;
+        write_preview(file, &prediction, &written, (norm.clip_low, norm.clip_high), &path)?;
     }
     Ok(written)
 }
 
-/// The preview of a prediction: the input's slices with each written mask overlaid.
-fn write_preview(file: &Path, prediction: &Prediction, written: &[WrittenMask], path: &Path) -> Result<()> {
+/// The preview of a prediction: the input's slices with each written mask overlaid, grey
+/// values over `window` (the model's CT clip range).
+fn write_preview(
+    file: &Path,
+    prediction: &Prediction,
+    written: &[WrittenMask],
+    window: (f32, f32),
+    path: &Path,
+) -> Result<()> {
     let image = fedtalent_data::nifti_io::read_nifti(file).with_context(|| format!("{}: reading", file.display()))?;
     let data = image.data.as_standard_layout();
     let (z, y, x) = data.dim();
@@ -116,7 +124,7 @@ fn write_preview(file: &Path, prediction: &Prediction, written: &[WrittenMask], 
         .zip(written)
         .map(|(m, w)| Overlay { label: w.id.clone(), mask: m.as_slice().expect("standard layout") })
         .collect();
-    let png = preview_png(&case_name(file), &volume, &overlays)
+    let png = preview_png(&case_name(file), &volume, &overlays, Some(window))
         .with_context(|| format!("{}: drawing the preview", file.display()))?;
     fedtalent_report::write_atomic(path, &png)
 }

@@ -48,6 +48,7 @@ fn three_sites_four_rounds() {
     run_to_the_end_with(&fed, Duration::from_secs(900), &["--tensorboard", tb.to_str().unwrap()], liver_args);
     assert_eq!(fed.completed_rounds(), vec![1, 2, 3, 4]);
     check_the_curves(&fed, &tb, &tb_liver, 4, 20);
+    check_the_preview(&fed);
 
     // Recompute the last round's aggregate from what each site uploaded (its saved local model).
     let uploads = fed.round_uploads(4);
@@ -117,7 +118,7 @@ fn check_the_curves(fed: &LocalFederation, tb: &std::path::Path, tb_site: &std::
             .arg(&html),
     );
     let page = std::fs::read_to_string(&html).unwrap();
-    assert_eq!(page.matches("<svg").count(), 4, "one inline figure per plot");
+    assert_eq!(page.matches("src=\"data:image/svg+xml;base64,").count(), 4, "one embedded figure per plot");
     let dice: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["dice"].is_f64()).collect();
     let last_model = dice.iter().map(|m| m["model_round"].as_u64().unwrap()).max().unwrap();
     let mut rows = 0;
@@ -168,6 +169,35 @@ fn check_the_curves(fed: &LocalFederation, tb: &std::path::Path, tb_site: &std::
         assert!(same(mean, m["train_loss"].as_f64().unwrap() as f32 as f64), "liver's loss of round {round}");
     }
     assert!(local.keys().any(|k| k.starts_with("dice/liver/")), "{:?}", local.keys());
+}
+
+/// `site-agent predict --preview` of the exported model on a phantom: a PNG beside the masks,
+/// as wide as the three slices.
+fn check_the_preview(fed: &LocalFederation) {
+    let model = fed.dir.join("model");
+    let coordinator = fedtalent_tests::binary("coordinator");
+    fedtalent_tests::run_ok(
+        std::process::Command::new(coordinator)
+            .args(["export", "--config"])
+            .arg(fed.config_path())
+            .arg("--out")
+            .arg(&model),
+    );
+    let image = fed.dir.join("data/Dataset001_liver/imagesTr/liver_000_0000.nii.gz");
+    let masks = fed.dir.join("masks");
+    fedtalent_tests::run_ok(
+        std::process::Command::new(fedtalent_tests::binary("site-agent"))
+            .args(["predict", "--device", "cpu", "--preview", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(&image)
+            .arg("--output")
+            .arg(&masks),
+    );
+    let png = std::fs::read(masks.join("liver_000/preview.png")).expect("the preview beside the masks");
+    assert_eq!(&png[1..4], b"PNG");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    assert!(width > 3 * 200, "three slices side by side: {width} px");
 }
 
 /// `[plan.privacy]` end to end: two sites, three planned rounds and an ε budget that two of
