@@ -120,4 +120,21 @@ fn broken_updates_are_refused_and_rounds_go_on() {
             "no refusal of {site}'s update mentioning {reason:?}:\n{log}"
         );
     }
+    // The metrics log's participation records each refusal with its reason (the report's
+    // refusals table and participation figure read it), and every site as expected.
+    let rounds: Vec<serde_json::Value> = fed.metrics().into_iter().filter(|m| m["kind"] == "round").collect();
+    let refusals: Vec<(String, String)> = rounds
+        .iter()
+        .flat_map(|r| r["participation"]["refusals"].as_array().cloned().unwrap_or_default())
+        .map(|f| (f["site"].as_str().unwrap().to_string(), f["reason"].as_str().unwrap().to_string()))
+        .collect();
+    for (site, reason) in [("multiorgan", "NaN"), ("kidney", "shape"), ("liver_novessels", "owned by site")] {
+        assert!(
+            refusals.iter().any(|(s, r)| s == site && r.contains(reason)),
+            "no refusal of {site} ({reason:?}) in the metrics: {refusals:?}"
+        );
+    }
+    for r in &rounds {
+        assert_eq!(r["participation"]["expected"].as_array().unwrap().len(), sites.len(), "{r}");
+    }
 }
