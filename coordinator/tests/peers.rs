@@ -2,19 +2,22 @@
 //! needs (no training): how the coordinator answers faulty or hostile sites (issue 21), and
 //! that the honest sites' round still completes.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+mod peer;
 
-use fedtalent_certs::{FederationCa, SiteKey};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedtalent_certs::FederationCa;
 use fedtalent_coordinator::{config, Coordinator, FederationConfig};
 use fedtalent_protocol::{
-    quic, read_frame, recv_tensors_digest, write_frame, Ack, AdminReply, AdminRequest, ClassRegion, ErrorKind, Hello,
-    HuHistogram, Message, ModelRequest, PhaseTimings, RecvLimits, Refusal, RoundStart, TensorDigests, TensorSet,
-    Transport, UpdateHeader, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    read_frame, AdminReply, AdminRequest, ClassRegion, ErrorKind, Hello, HuHistogram, Message, PhaseTimings,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use peer::{ack, assert_refused, hello, hello_of, Metrics, Peer, Upload, Work, TIMEOUT};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 struct Federation {
     dir: tempfile::TempDir,
@@ -27,8 +30,8 @@ fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A federation of the tiny preset, 2 rounds of 1 step, a 30 s round deadline.
-fn federation_config(dir: &std::path::Path, sites: &[&str], min_sites: u32) -> FederationConfig {
+/// A federation of the tiny preset, 2 rounds of 1 step, a round deadline of `deadline_s`.
+fn federation_config(dir: &std::path::Path, sites: &[&str], min_sites: u32, deadline_s: u64) -> FederationConfig {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let names: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
     let mut config: FederationConfig = toml::from_str(&config::template("peers", addr, &names)).unwrap();
@@ -36,15 +39,20 @@ fn federation_config(dir: &std::path::Path, sites: &[&str], min_sites: u32) -> F
     config.federation.pki_dir = dir.join("pki");
     let plan = &mut config.plan;
     (plan.preset, plan.rounds, plan.local_steps, plan.eval_every) = ("tiny".into(), 2, 1, 1);
-    (plan.min_sites, plan.round_deadline_s) = (min_sites, 30);
+    (plan.min_sites, plan.round_deadline_s) = (min_sites, deadline_s);
     config.validate().unwrap();
     config
 }
 
 impl Federation {
+    /// A coordinator serving `sites` in this process, with a 30 s round deadline.
     async fn start(sites: &[&str], min_sites: u32) -> Federation {
+        Self::start_with_deadline(sites, min_sites, 30).await
+    }
+
+    async fn start_with_deadline(sites: &[&str], min_sites: u32, deadline_s: u64) -> Federation {
         let dir = tempfile::tempdir().unwrap();
-        let config = federation_config(dir.path(), sites, min_sites);
+        let config = federation_config(dir.path(), sites, min_sites, deadline_s);
         let ca = FederationCa::create("peers CA").unwrap();
         let coordinator = Coordinator::open(config.clone()).unwrap();
         let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
@@ -60,182 +68,12 @@ impl Federation {
 
     /// A client endpoint presenting a fresh certificate of `site` from the federation CA.
     fn endpoint_of(&self, site: &str) -> quinn::Endpoint {
-        let k = SiteKey::generate(site).unwrap();
-        let cert = self.ca.sign_site_csr(&k.csr_pem, 1).unwrap();
-        let cfg = fedtalent_certs::client_config(self.ca.cert_pem(), &cert, &k.key_pem).unwrap();
-        let mut endpoint = fedtalent_certs::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(cfg);
-        endpoint
+        peer::endpoint_of(&self.ca, site, LOOPBACK)
     }
 
     /// A connection of `site`, certified by the federation CA (retried while `serve` binds).
     async fn connect(&self, site: &str) -> Peer {
-        let endpoint = self.endpoint_of(site);
-        for _ in 0..20 {
-            let connecting = endpoint.connect(self.addr, "localhost").unwrap();
-            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), connecting).await {
-                return Peer { site: site.into(), _endpoint: endpoint, conn };
-            }
-        }
-        panic!("site {site} could not connect to the coordinator at {}", self.addr);
-    }
-}
-
-struct Peer {
-    site: String,
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-}
-
-/// What an honest site of one class would register.
-fn hello_of(site: &str) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        site: site.into(),
-        classes: vec![ClassRegion { name: "organ".into(), labels: vec![1] }],
-        n_train: 4,
-        n_val: 1,
-        hu_histogram: HuHistogram { min_hu: -100, counts: vec![5; 300] },
-        device: "cpu".into(),
-    }
-}
-
-fn hello(site: &str) -> Message {
-    Message::Hello(hello_of(site))
-}
-
-/// The metrics fields of an update header.
-#[derive(Default)]
-struct Metrics {
-    dice: Vec<(String, f32)>,
-    durations_ms: PhaseTimings,
-}
-
-/// A round's work as announced to a site.
-struct Work {
-    round: u32,
-    digest: String,
-}
-
-impl Peer {
-    async fn request(&self, message: &Message) -> Message {
-        tokio::time::timeout(TIMEOUT, quic::request(&self.conn, message))
-            .await
-            .unwrap_or_else(|_| panic!("site {}: no answer to {}", self.site, message.kind()))
-            .unwrap_or_else(|e| panic!("site {}: {} failed: {e}", self.site, message.kind()))
-    }
-
-    async fn join(&self) {
-        let reply = self.request(&hello(&self.site)).await;
-        assert!(matches!(reply, Message::Welcome(_)), "site {}: {reply:?}", self.site);
-    }
-
-    /// Polls until the coordinator hands out a round.
-    async fn work(&self) -> Work {
-        loop {
-            match self.request(&Message::Heartbeat).await {
-                Message::Heartbeat => continue,
-                Message::RoundStart(RoundStart { round, model_digest, .. }) => {
-                    return Work { round, digest: model_digest }
-                }
-                other => panic!("site {}: polled, got {other:?}", self.site),
-            }
-        }
-    }
-
-    /// Downloads the global model (`full`: all of it) or the coordinator's refusal.
-    async fn download(&self, digest: &str, full: bool) -> Result<TensorSet, Message> {
-        self.download_digest(digest, full).await.map(|(set, _)| set)
-    }
-
-    /// As [`Peer::download`], also returning the set digest the stream carried.
-    async fn download_digest(&self, digest: &str, full: bool) -> Result<(TensorSet, String), Message> {
-        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Message::ModelRequest(ModelRequest { digest: digest.into(), full })).await.unwrap();
-        send.finish().unwrap();
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 1 << 16];
-        while let Some(n) = tokio::time::timeout(TIMEOUT, recv.read(&mut buf)).await.unwrap().unwrap() {
-            reply.extend_from_slice(&buf[..n]);
-        }
-        // A refusal is one control frame; anything else must be the tensor stream.
-        if let Ok(message) = fedtalent_protocol::decode_frame(&reply, MAX_FRAME_BYTES) {
-            return Err(message);
-        }
-        let received = recv_tensors_digest(&mut reply.as_slice(), &RecvLimits::default())
-            .await
-            .unwrap_or_else(|e| panic!("site {}: the model stream is broken: {e}", self.site));
-        Ok(received)
-    }
-
-    /// Opens an upload of `set` as this site's update of `round`: the header is sent, the
-    /// payload not yet (see [`Upload::send`]).
-    async fn begin_upload(&self, round: u32, n_cases: u32, train_loss: f32, set: &TensorSet) -> Upload {
-        self.begin_upload_with(round, n_cases, train_loss, Metrics::default(), set).await
-    }
-
-    /// As [`Peer::begin_upload`] with the header's metrics.
-    async fn begin_upload_with(
-        &self,
-        round: u32,
-        n_cases: u32,
-        train_loss: f32,
-        m: Metrics,
-        set: &TensorSet,
-    ) -> Upload {
-        let mut digests = TensorDigests::new(Transport::Native);
-        let header = Message::UpdateHeader(UpdateHeader {
-            round,
-            n_cases,
-            train_loss,
-            dice: m.dice,
-            payload_digest: set.wire_digest_cached(&mut digests),
-            durations_ms: m.durations_ms,
-        });
-        let (mut send, recv) = self.conn.open_bi().await.unwrap();
-        write_frame(&mut send, &header).await.unwrap();
-        Upload { send, recv, digests, set: Arc::new(set.clone()) }
-    }
-
-    /// Uploads `set` as this site's update of `round`; returns (accepted, reason).
-    async fn upload(&self, round: u32, n_cases: u32, train_loss: f32, set: &TensorSet) -> (bool, String) {
-        ack(&self.begin_upload(round, n_cases, train_loss, set).await.send().await)
-    }
-
-    /// Takes this round's model and sends it back unchanged (an honest update of norm 0).
-    async fn honest_update(&self, work: &Work) -> (bool, String) {
-        let set = self.download(&work.digest, false).await.expect("the site's model");
-        self.upload(work.round, 4, 0.5, &set).await
-    }
-}
-
-struct Upload {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    digests: TensorDigests,
-    set: Arc<TensorSet>,
-}
-
-impl Upload {
-    /// Streams the payload and returns the coordinator's answer.
-    async fn send(mut self) -> Message {
-        // The coordinator may refuse before reading the payload: then sending fails.
-        let _ = quic::send_tensors_shared(&mut self.send, self.set.clone(), &mut self.digests).await;
-        let _ = self.send.finish();
-        tokio::time::timeout(TIMEOUT, read_frame(&mut self.recv, MAX_FRAME_BYTES))
-            .await
-            .expect("no answer to an update")
-            .expect("a readable answer to an update")
-    }
-}
-
-/// (accepted, reason) of an `Ack`.
-fn ack(reply: &Message) -> (bool, String) {
-    match reply {
-        Message::Ack(Ack { refusal, .. }) => {
-            (refusal.is_none(), refusal.as_ref().map(Refusal::to_string).unwrap_or_default())
-        }
-        other => panic!("expected an Ack, got {other:?}"),
+        peer::connect(&self.ca, self.addr, site, LOOPBACK).await
     }
 }
 
@@ -253,16 +91,6 @@ async fn wait_completed(fed: &Federation, round: u32) {
     })
     .await
     .unwrap_or_else(|_| panic!("round {round} did not complete"));
-}
-
-fn assert_refused(reply: &Message, kind: ErrorKind, needles: &[&str]) {
-    let Message::Error(Refusal { kind: got, reason }) = reply else {
-        panic!("expected a {kind:?} refusal, got {reply:?}")
-    };
-    assert_eq!(*got, kind, "{reason}");
-    for needle in needles {
-        assert!(reason.contains(needle), "refusal {reason:?} does not mention {needle:?}");
-    }
 }
 
 /// Issue 21 item 4: a Hello of another protocol version is answered VersionMismatch (final for
@@ -683,4 +511,100 @@ async fn a_sites_concurrent_requests_are_capped() {
     let other = fed.connect("alpha").await;
     assert_refused(&other.request(&Message::Heartbeat).await, ErrorKind::BadMessage, &["site alpha", "concurrent"]);
     drop(streams);
+}
+
+/// Issue 21, a stalled stream: two sites open their update and stop sending without closing
+/// the stream, one after the header, one inside its tensor stream. The coordinator keeps
+/// serving the honest site at once, and the stalled uploads hold each round only until its
+/// deadline, the payload's timeout: a stalled upload is an absent site, which a round waits for
+/// as for one still training (a shorter stall timeout could not close the round sooner
+/// without also dropping slow honest links). At the deadline they are refused naming the
+/// site, they do not count, and the honest site finishes both rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_hold_a_round_only_until_its_deadline() {
+    const DEADLINE: Duration = Duration::from_secs(6);
+    let fed = Federation::start_with_deadline(&["alpha", "beta", "gamma"], 1, DEADLINE.as_secs()).await;
+    let (alpha, beta, gamma) = (fed.connect("alpha").await, fed.connect("beta").await, fed.connect("gamma").await);
+    tokio::join!(alpha.join(), beta.join(), gamma.join());
+    for round in 1..=2 {
+        let work = alpha.work().await;
+        let opened = Instant::now();
+        assert_eq!(work.round, round);
+        let mut stalled = [(stalled_upload(&beta, 0).await, "beta"), (stalled_upload(&gamma, 1000).await, "gamma")];
+        assert_eq!(alpha.honest_update(&work).await, (true, String::new()));
+        let honest = opened.elapsed();
+        assert!(honest < DEADLINE / 2, "alpha's round {round} took {honest:?} next to the stalled uploads");
+        wait_completed(&fed, round).await;
+        let closed = opened.elapsed();
+        assert!(
+            closed < DEADLINE + Duration::from_secs(3),
+            "round {round} closed after {closed:?}, its deadline is {DEADLINE:?}"
+        );
+        for (upload, site) in &mut stalled {
+            let (accepted, reason) = ack(&upload.answer().await);
+            assert!(!accepted && reason.contains(&format!("site {site}:")) && reason.contains("deadline"), "{reason}");
+        }
+        assert_eq!(contributions(&fed, round), vec![("alpha".into(), 4, 0.5)]);
+    }
+}
+
+/// `peer` takes its round's model and opens its update, then stops after `payload_bytes` of
+/// the tensor stream without closing it.
+async fn stalled_upload(peer: &Peer, payload_bytes: usize) -> Upload {
+    let work = peer.work().await;
+    let set = peer.download(&work.digest, false).await.unwrap();
+    let mut upload = peer.begin_upload(work.round, 4, 0.5, &set).await;
+    upload.send_part(payload_bytes).await;
+    upload
+}
+
+/// Issue 21, a stream flood: alpha opens request streams on two more connections as fast as
+/// the coordinator lets it, each a partial frame left open (8 of them hold alpha's request
+/// slots, the rest are refused at once). Meanwhile beta's poll, download and upload are served
+/// at once; once the flood ends, alpha's own update closes the round with both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_does_not_hold_up_the_honest_site() {
+    let fed = Federation::start(&["alpha", "beta"], 2).await;
+    let (alpha, beta, work) = round_one(&fed).await;
+    let flooders = vec![fed.connect("alpha").await, fed.connect("alpha").await];
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flood = tokio::spawn(flood(flooders, opened.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let beta_work = beta.work().await;
+    assert_eq!(beta.honest_update(&beta_work).await, (true, String::new()));
+    let honest = started.elapsed();
+    let during = opened.load(Ordering::Relaxed);
+    eprintln!("beta's round took {honest:?} while alpha opened {during} streams");
+    assert!(during >= 50, "only {during} streams opened: no flood to speak of");
+    assert!(honest < Duration::from_secs(5), "beta's round took {honest:?} during a flood of {during} streams");
+    flood.abort();
+    // The flood's connections are gone with the task; their stalled requests end with them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(alpha.honest_update(&work).await, (true, String::new()));
+    wait_completed(&fed, 1).await;
+    assert_eq!(contributions(&fed, 1), vec![("alpha".into(), 4, 0.5), ("beta".into(), 4, 0.5)]);
+}
+
+/// Opens request streams on every connection of `peers` as fast as QUIC's stream limit allows,
+/// each with a partial frame, counting them in `opened`; a stream is let go once the
+/// coordinator answered it (a refusal), so that the next can be opened. Runs until aborted.
+async fn flood(peers: Vec<Peer>, opened: Arc<AtomicUsize>) {
+    let mut streams = tokio::task::JoinSet::new();
+    for peer in peers {
+        let opened = opened.clone();
+        streams.spawn(async move {
+            let mut answered = tokio::task::JoinSet::new();
+            while let Ok((mut send, mut recv)) = peer.conn.open_bi().await {
+                let _ = send.write_all(&[0, 0]).await;
+                opened.fetch_add(1, Ordering::Relaxed);
+                while answered.try_join_next().is_some() {}
+                answered.spawn(async move {
+                    let _ = recv.read_to_end(MAX_FRAME_BYTES).await;
+                    drop(send);
+                });
+            }
+        });
+    }
+    streams.join_all().await;
 }

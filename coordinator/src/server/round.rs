@@ -275,7 +275,9 @@ impl Coordinator {
             }
         };
         // A stalled payload would hold its slot (and this task) forever: it must arrive before
-        // the round closes, when it could not count any more.
+        // the round closes, when it could not count any more. No shorter stall timeout: until
+        // the deadline a stalled upload is an absent site, which the round waits for anyway, as
+        // for a site still training; a shorter one would only drop slow honest links.
         let receiving = Instant::now();
         let (set, digest) = match tokio::time::timeout_at(until.into(), recv_tensors_digest(recv, &limits)).await {
             Ok(Ok(v)) => v,
@@ -290,7 +292,10 @@ impl Coordinator {
                 let _ = recv.stop(close::REFUSED);
                 return Err(Refusal::new(
                     ErrorKind::LateUpdate,
-                    format!("payload of round {round} still arriving at its deadline"),
+                    format!(
+                        "site {peer}: payload of round {round} still arriving at its deadline ({} s after the round opened)",
+                        self.config.plan.round_deadline_s
+                    ),
                 ));
             }
         };
