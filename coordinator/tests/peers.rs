@@ -26,13 +26,9 @@ struct Federation {
     coordinator: Arc<Coordinator>,
 }
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A federation of the tiny preset, 2 rounds of 1 step, a round deadline of `deadline_s`.
 fn federation_config(dir: &std::path::Path, sites: &[&str], min_sites: u32, deadline_s: u64) -> FederationConfig {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", peer::free_port()).parse().unwrap();
     let names: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
     let mut config: FederationConfig = toml::from_str(&config::template("peers", addr, &names)).unwrap();
     config.federation.state_dir = dir.join("state");

@@ -19,6 +19,11 @@ use fedtalent_protocol::{
 /// How long a peer waits for any one answer of the coordinator.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A UDP port free on loopback for the coordinator to listen on.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A client endpoint bound to `bind` presenting a fresh certificate of `site` from `ca`.
 pub fn endpoint_of(ca: &FederationCa, site: &str, bind: IpAddr) -> quinn::Endpoint {
     let k = SiteKey::generate(site).unwrap();
@@ -94,12 +99,19 @@ impl Peer {
 
     /// Polls until the coordinator hands out a round.
     pub async fn work(&self) -> Work {
+        let site = &self.site;
+        self.next_work().await.unwrap_or_else(|| panic!("site {site}: polled for work, the federation finished"))
+    }
+
+    /// Polls until the coordinator hands out a round (`Some`) or says the federation finished.
+    pub async fn next_work(&self) -> Option<Work> {
         loop {
             match self.request(&Message::Heartbeat).await {
                 Message::Heartbeat => continue,
                 Message::RoundStart(RoundStart { round, model_digest, .. }) => {
-                    return Work { round, digest: model_digest }
+                    return Some(Work { round, digest: model_digest })
                 }
+                Message::Finished(_) => return None,
                 other => panic!("site {}: polled, got {other:?}", self.site),
             }
         }
