@@ -57,6 +57,9 @@ pub struct Plan {
     pub local: &'static str,
     /// `[plan.privacy]` lines; empty: no differential privacy.
     pub privacy: String,
+    /// `[federation].launch`: `auto` (rounds start once every site registered) or `manual` (on
+    /// `coordinator launch`).
+    pub launch: &'static str,
 }
 
 impl Default for Plan {
@@ -75,6 +78,7 @@ impl Default for Plan {
             per_site_decoders: false,
             local: "",
             privacy: String::new(),
+            launch: "auto",
         }
     }
 }
@@ -142,9 +146,9 @@ impl LocalFederation {
         let p = &self.plan;
         let sites = allowed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let text = format!(
-            "[federation]\nname = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\npki_dir = \"pki\"\nsites = [{sites}]\nlaunch = \"auto\"\nkeep_rounds = 10\nexit_when_done = {}\n\n\
+            "[federation]\nname = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\npki_dir = \"pki\"\nsites = [{sites}]\nlaunch = {:?}\nkeep_rounds = 10\nexit_when_done = {}\n\n\
              [plan]\npreset = {:?}\nper_site_decoders = {}\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\nbf16_transport = {}\n",
-            self.port, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
+            self.port, p.launch, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
         );
         let text = if p.local.is_empty() { text } else { format!("{text}\n[plan.local]\n{}\n", p.local) };
         let text = if p.privacy.is_empty() { text } else { format!("{text}\n[plan.privacy]\n{}\n", p.privacy) };
