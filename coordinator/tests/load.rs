@@ -19,7 +19,7 @@ use peer::Peer;
 const SITES: usize = 100;
 const ROUNDS: u32 = 3;
 
-/// How long the whole federation may take (it takes about 15 s on 2 cores, see the README).
+/// How long the whole federation may take (about 10 s on 2 busy cores, debug build).
 const FEDERATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `coordinator serve` as a child process, killed on drop (a failing test leaves none behind).
