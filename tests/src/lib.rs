@@ -60,6 +60,8 @@ pub struct Plan {
     /// `[federation].launch`: `auto` (rounds start once every site registered) or `manual` (on
     /// `coordinator launch`).
     pub launch: &'static str,
+    /// `[site].torch_threads` of every site agent; `None`: libtorch's own choice.
+    pub torch_threads: Option<usize>,
 }
 
 impl Default for Plan {
@@ -79,6 +81,7 @@ impl Default for Plan {
             local: "",
             privacy: String::new(),
             launch: "auto",
+            torch_threads: None,
         }
     }
 }
@@ -93,6 +96,14 @@ pub struct LocalFederation {
 impl LocalFederation {
     /// Phantom data for `kinds` (site names = phantom kinds), the PKI and every config.
     pub fn create(dir: &Path, kinds: &[&str], plan: Plan) -> Self {
+        let sites: Vec<(&str, &str)> = kinds.iter().map(|k| (*k, *k)).collect();
+        Self::create_named(dir, &sites, plan)
+    }
+
+    /// [`LocalFederation::create`] with site names of their own: `(name, phantom kind)` pairs,
+    /// where a kind may repeat (each site still gets its own phantom patients).
+    pub fn create_named(dir: &Path, sites: &[(&str, &str)], plan: Plan) -> Self {
+        let (names, kinds): (Vec<&str>, Vec<&str>) = sites.iter().copied().unzip();
         let data = dir.join("data");
         let shape: Vec<String> = plan.shape.iter().map(|s| s.to_string()).collect();
         run_ok(
@@ -106,13 +117,16 @@ impl LocalFederation {
         let coord = dir.join("coordinator");
         run_ok(Command::new(binary("coordinator")).args(["init", "--dir"]).arg(&coord).args([
             "--sites",
-            &kinds.join(","),
+            &names.join(","),
             "--listen",
             &format!("127.0.0.1:{port}"),
         ]));
-        let fed = Self { dir: dir.to_path_buf(), sites: kinds.iter().map(|s| s.to_string()).collect(), port, plan };
+        let fed = Self { dir: dir.to_path_buf(), sites: names.iter().map(|s| s.to_string()).collect(), port, plan };
         fed.write_federation_toml(&fed.sites);
-        for site in kinds {
+        // synth's sites.json lists the sites in the order of `--sites`.
+        let phantoms = phantom_sites(&data);
+        assert_eq!(phantoms.len(), sites.len(), "sites.json");
+        for (site, phantom) in names.iter().zip(&phantoms) {
             let site_dir = dir.join(site);
             fs::create_dir_all(&site_dir).unwrap();
             run_ok(Command::new(binary("site-agent")).args(["keygen", "--site", site, "--dir"]).arg(&site_dir));
@@ -123,7 +137,7 @@ impl LocalFederation {
                     .arg("--csr")
                     .arg(site_dir.join(format!("{site}.csr"))),
             );
-            let (dataset, classes) = phantom_site(&data, site);
+            let (dataset, classes) = phantom_entry(phantom);
             fed.write_site_toml(site, &dataset, classes);
         }
         fed
@@ -160,6 +174,7 @@ impl LocalFederation {
         // The preset's spacing: the site preprocesses once, not again when it joins.
         config.data.target_spacing =
             fedtalent_model::Topology::preset(self.plan.preset).expect("a known preset").spacing;
+        config.site.torch_threads = self.plan.torch_threads;
         config.write(&self.site_dir(site).join("site.toml")).unwrap();
     }
 
@@ -269,13 +284,18 @@ impl LocalFederation {
 
 /// A phantom site's dataset folder and its `classes = [...]` TOML (from `synth`'s sites.json).
 pub fn phantom_site(data: &Path, site: &str) -> (PathBuf, Vec<ClassRegion>) {
+    let sites = phantom_sites(data);
+    phantom_entry(sites.iter().find(|s| s["name"] == site).unwrap_or_else(|| panic!("no phantom site {site}")))
+}
+
+/// The entries of `synth`'s sites.json, in the order of its `--sites`.
+fn phantom_sites(data: &Path) -> Vec<serde_json::Value> {
     let sites: serde_json::Value = serde_json::from_str(&fs::read_to_string(data.join("sites.json")).unwrap()).unwrap();
-    let entry = sites
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == site)
-        .unwrap_or_else(|| panic!("no phantom site {site}"));
+    sites.as_array().expect("sites.json is a list").clone()
+}
+
+/// The dataset folder and classes of one sites.json entry.
+fn phantom_entry(entry: &serde_json::Value) -> (PathBuf, Vec<ClassRegion>) {
     let classes = serde_json::from_value(entry["classes"].clone()).expect("sites.json classes are class regions");
     (PathBuf::from(entry["dataset_dir"].as_str().unwrap()), classes)
 }
@@ -384,4 +404,29 @@ pub fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec
             (tag.clone(), points)
         })
         .collect()
+}
+
+/// What a running process has used so far, from /proc.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessUsage {
+    /// Peak resident set (VmHWM).
+    pub peak_rss_mib: f64,
+    /// User plus system CPU time.
+    pub cpu_s: f64,
+}
+
+/// The [`ProcessUsage`] of the running process `pid` (panics when it has exited).
+pub fn process_usage(pid: u32) -> ProcessUsage {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let status = fs::read_to_string(proc.join("status")).unwrap_or_else(|e| panic!("process {pid}: {e}"));
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status:\n{status}"));
+    // utime and stime are the 14th and 15th fields, the 12th and 13th after the parenthesised
+    // command name (which may hold spaces); /proc counts them in USER_HZ, 100 on Linux.
+    let stat = fs::read_to_string(proc.join("stat")).unwrap();
+    let after_name: Vec<&str> = stat[stat.rfind(')').expect("(comm) in stat") + 1..].split_whitespace().collect();
+    let ticks = |i: usize| -> f64 { after_name[i].parse().unwrap_or_else(|_| panic!("/proc/{pid}/stat: {stat}")) };
+    ProcessUsage { peak_rss_mib: peak_kib / 1024.0, cpu_s: (ticks(11) + ticks(12)) / 100.0 }
 }
