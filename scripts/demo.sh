@@ -28,6 +28,10 @@ echo "== federation: ${SITES[*]}; $ROUNDS rounds x $STEPS local steps (logs: $OU
   2> >(grep --line-buffered -E "round aggregated|federation finished|error|refused" >&2)
 "$BIN/coordinator" status --config "$OUT/coordinator/federation.toml" 2>/dev/null
 "$BIN/coordinator" report --config "$OUT/coordinator/federation.toml"
+echo "== each hospital's own model: the shared encoder with its decoder and heads (an nnU-Net v1 state dict)"
+for site in "${SITES[@]}"; do
+  "$BIN/coordinator" export --config "$OUT/coordinator/federation.toml" --site "$site" --out "$OUT/model-$site" 2>/dev/null
+done
 
 echo "== predict the held-out phantom: one mask per class of every site"
 "$BIN/site-agent" predict --model "$OUT/model" --input "$OUT/data/test/test_000_0000.nii.gz" --output "$OUT/masks" 2>/dev/null
@@ -43,6 +47,7 @@ for site in "${SITES[@]}"; do
   "$BIN/site-agent" evaluate --model "$OUT/model" --data "$eval_dir" --site "$site" --json "$OUT/eval/$site.json" 2>/dev/null
 done
 echo
-echo "model:   $OUT/model (model.safetensors with nnU-Net v1 names + model.json)"
+echo "model:   $OUT/model (every class: the shared encoder, one decoder per site; model.json)"
+echo "         $OUT/model-<site> (one hospital's classes; nnU-Net v1 names, loads into Generic_UNet)"
 echo "masks:   $OUT/masks"
 echo "metrics: $OUT/coordinator/state/metrics.jsonl"

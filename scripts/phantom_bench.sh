@@ -34,8 +34,8 @@ echo "== held-out phantoms: $HELDOUT cases per site, seed $((1000 + SEED)) (trai
 
 for variant in "${VARIANTS[@]}"; do
   preset="${variant%+decoders}"
-  extra=()
-  [ "$variant" != "$preset" ] && extra=(--per-site-decoders)
+  extra=(--per-site-decoders false)
+  [ "$variant" != "$preset" ] && extra=(--per-site-decoders true)
   echo "== $variant: $ROUNDS rounds x $STEPS local steps"
   start=$(date +%s)
   "$BIN/coordinator" simulate --out "$OUT/$variant" --preset "$preset" "${extra[@]}" --sites "$SITES" \

@@ -77,9 +77,10 @@ evaluate() { # model dir, seed, json
 
 for seed in "${SEEDS[@]}"; do
   echo "== seed $seed: pre-training $ROUNDS x $STEPS on liver,pancreas,multiorgan; $TUNE steps on $NEW_SITE"
+  # One shared decoder: the new site has no decoder of its own in a per-site-decoder model.
   timed pre-training "$BIN/coordinator" simulate --out "$OUT/pre-$seed" --preset "$PRESET" \
     --sites liver,pancreas,multiorgan --seed "$seed" --rounds "$ROUNDS" --local-steps "$STEPS" \
-    --cases "$CASES" --device "$DEVICE" "${FED_ARGS[@]}"
+    --cases "$CASES" --device "$DEVICE" --per-site-decoders false "${FED_ARGS[@]}"
   "$BIN/site-agent" synth --out "$OUT/new-$seed" --seed $((500 + seed)) --cases "$CASES" --sites "$NEW_SITE" \
     >/dev/null 2>>"$OUT/log.txt"
   "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \

@@ -100,7 +100,7 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     result?;
     agents.wait()?;
     let model_dir = opts.out.join("model");
-    println!("{}", server::export_from_state(&config, &model_dir)?);
+    println!("{}", server::export_from_state(&config, &model_dir, None)?);
     Ok(model_dir)
 }
 

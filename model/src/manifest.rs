@@ -1,6 +1,7 @@
 //! `model.json`: what a consumer of an exported model needs besides the weights (DESIGN.md §2.5):
 //! topology, patch, spacing, CT normalization, and the classes with their sites and label sets.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -10,6 +11,7 @@ use tch::Device;
 
 use crate::network::MultiTalentNet;
 use crate::topology::Topology;
+use crate::wire::{self, Selection};
 
 pub const MANIFEST_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -85,6 +87,49 @@ impl ModelManifest {
             .filter_map(|&row| self.classes.get(row as usize))
             .map(|c| c.site.clone())
             .collect()
+    }
+
+    /// One site's model out of a model with per-site decoders: the shared encoder, that site's
+    /// decoder in the place of the one decoder, and the heads of its classes only. It is a plain
+    /// network of the preset's layout, so for `unet`/`tiny`/`small`/`resenc` its weights are an
+    /// nnU-Net v1 state dict again (which the model with every site's decoder is not), and its
+    /// outputs are the site's channels of the full model.
+    pub fn site_model(&self, net: &MultiTalentNet, site: &str) -> Result<(Self, MultiTalentNet)> {
+        let sites = self.decoder_sites();
+        ensure!(!sites.is_empty(), "the model has no per-site decoders: it is one network already");
+        ensure!(
+            sites.iter().any(|s| s == site),
+            "the model has no decoder of site {site:?} (its decoders: {})",
+            sites.join(", ")
+        );
+        let classes: Vec<GlobalClass> = self
+            .classes
+            .iter()
+            .filter(|c| c.site == site)
+            .enumerate()
+            .map(|(i, c)| GlobalClass { index: i as u32, ..c.clone() })
+            .collect();
+        let topology = Topology { site_decoders: Vec::new(), ..self.topology.clone() };
+        let mut plain = MultiTalentNet::new(&topology, classes.len() as i64, net.device())?;
+        let mut parts = wire::Parts::from_wire(&wire::parts_to_wire(net, &Selection::global(&self.classes, &sites)))?;
+        // The site's decoder tensors carry the plain network's decoder names after their
+        // `decoders.<i>.` prefix: in the plain network they are backbone tensors.
+        let decoder = parts.decoders.remove(site).expect("the site has a decoder (checked above)");
+        parts.backbone.extend(decoder);
+        parts.decoders.clear();
+        let expected: BTreeSet<String> = plain.params().backbone().into_iter().map(|(name, _)| name).collect();
+        let given: BTreeSet<String> = parts.backbone.iter().map(|(name, _)| name.clone()).collect();
+        ensure!(
+            expected == given,
+            "site {site:?}'s encoder and decoder do not make the plain network: missing {:?}, unexpected {:?}",
+            expected.difference(&given).collect::<Vec<_>>(),
+            given.difference(&expected).collect::<Vec<_>>()
+        );
+        parts.heads.retain(|id, _| classes.iter().any(|c| &c.id == id));
+        let ids: Vec<String> = classes.iter().map(|c| c.id.clone()).collect();
+        parts.apply(&mut plain, &Selection::local(&ids, None)).with_context(|| format!("site {site:?}'s model"))?;
+        let manifest = ModelManifest { topology, classes, ..self.clone() };
+        Ok((manifest, plain))
     }
 
     /// Loads an exported model directory (`model.json` + weights) onto `device`.

@@ -138,3 +138,55 @@ fn gradients_of_site_a_never_reach_site_b_decoder() {
     assert!(a_norm > 0.0, "site A's decoder got no gradient");
     assert!(encoder_norm > 0.0, "the shared encoder got no gradient");
 }
+
+/// A site's plain model (`coordinator export --site`) is the full model's encoder, that site's
+/// decoder and its heads: its outputs are the site's channels of the full model, and it is a
+/// network of the shared layout (nnU-Net v1 names). A model without per-site decoders, or a
+/// site without a decoder, is refused by name.
+#[test]
+fn a_sites_plain_model_predicts_its_channels_of_the_full_model() {
+    use fedtalent_model::ModelManifest;
+    use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass};
+    let _serial = serial();
+    let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
+    // Rows as in `two_sites`: A = {0, 2}, B = {1}.
+    let classes = vec![
+        GlobalClass::new(0, "a", &region("x")),
+        GlobalClass::new(1, "b", &region("y")),
+        GlobalClass::new(2, "a", &region("z")),
+    ];
+    for layout in ["tiny", "resenc-tiny"] {
+        let full = two_sites(layout);
+        let manifest = ModelManifest::of(&full, "tiny", CtNormalization::PAPER, classes.clone());
+        tch::manual_seed(3);
+        let x = Tensor::randn([1, 1, 16, 48, 48], (Kind::Float, Device::Cpu));
+        let all = tch::no_grad(|| full.forward(&x));
+        for (site, rows) in [("a", vec![0i64, 2]), ("b", vec![1])] {
+            let (m, plain) = manifest.site_model(&full, site).unwrap();
+            assert!(m.topology.site_decoders.is_empty(), "{layout}/{site}: one decoder");
+            assert_eq!(
+                m.classes.iter().map(|c| c.index).collect::<Vec<_>>(),
+                (0..rows.len() as u32).collect::<Vec<_>>()
+            );
+            assert!(m.classes.iter().all(|c| c.site == site));
+            let shared = net(&topology(layout), rows.len() as i64);
+            for p in plain.params().iter() {
+                assert!(
+                    shared.params().id(&p.name).is_some(),
+                    "{layout}/{site}: {} is no name of the shared layout",
+                    p.name
+                );
+            }
+            let mine = tch::no_grad(|| plain.forward(&x));
+            let expected = all.index_select(1, &Tensor::from_slice(&rows));
+            let diff = (mine - expected).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{layout}/{site}: outputs differ by {diff}");
+        }
+        let err = manifest.site_model(&full, "c").unwrap_err().to_string();
+        assert!(err.contains("no decoder of site \"c\""), "{err}");
+    }
+    let shared = net(&topology("tiny"), 3);
+    let manifest = ModelManifest::of(&shared, "tiny", CtNormalization::PAPER, classes);
+    let err = manifest.site_model(&shared, "a").unwrap_err().to_string();
+    assert!(err.contains("no per-site decoders"), "{err}");
+}

@@ -41,13 +41,28 @@ pub fn export_model(
     Ok(dir.to_path_buf())
 }
 
-/// Offline export from the newest checkpoint in the state dir (the coordinator may be stopped).
-pub fn export_from_state(config: &FederationConfig, dir: &Path) -> Result<String> {
+/// Offline export from the newest checkpoint in the state dir (the coordinator may be stopped);
+/// with `site`, that site's own plain network ([`ModelManifest::site_model`]).
+pub fn export_from_state(config: &FederationConfig, dir: &Path, site: Option<&str>) -> Result<String> {
     let state = StateDir::open(&config.federation.state_dir)?;
     let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
     let (net, round, _) = load_global(config, &state, &setup)?;
     anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
     let digest = wire::model_digest(&net, &Selection::global(&setup.classes, config.decoder_sites()));
-    export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
-    Ok(format!("round {round} exported to {} (digest {digest})", dir.display()))
+    let Some(site) = site else {
+        export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
+        return Ok(format!("round {round} exported to {} (digest {digest})", dir.display()));
+    };
+    let global = ModelManifest {
+        round,
+        digest: digest.clone(),
+        ..ModelManifest::of(&net, &config.plan.preset, setup.normalization, setup.classes.clone())
+    };
+    let (manifest, plain) = global.site_model(&net, site).context("--site")?;
+    manifest.save(&plain, dir)?;
+    Ok(format!(
+        "round {round}: site {site}'s model ({} classes, its own decoder) exported to {} (global digest {digest})",
+        manifest.classes.len(),
+        dir.display()
+    ))
 }
