@@ -106,7 +106,8 @@ pub struct UpdateHeader {
 }
 
 /// A refusal: what kind, and a reason naming the site and the offending field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {reason}")]
 pub struct Refusal {
     pub kind: ErrorKind,
     pub reason: String,
@@ -121,12 +122,6 @@ impl Refusal {
     /// dataset does not fit the federation.
     pub fn is_final(&self) -> bool {
         matches!(self.kind, ErrorKind::NotAllowed | ErrorKind::VersionMismatch | ErrorKind::BadDataset)
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.kind, self.reason)
     }
 }
 
