@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// The identity the operator's CLI (`status`, `launch`) presents; never a site.
 pub const ADMIN_IDENTITY: &str = "coordinator-admin";
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     pub federation: FederationSection,
@@ -18,7 +18,7 @@ pub struct FederationConfig {
     pub plan: Plan,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationSection {
     pub name: String,
@@ -69,6 +69,14 @@ impl FederationConfig {
         config.plan.init_model = config.plan.init_model.map(|m| base.join(m));
         config.validate().with_context(|| format!("invalid {}", path.display()))?;
         Ok(config)
+    }
+
+    /// Writes the config as TOML that [`FederationConfig::load`] reads back as it is: paths as
+    /// they are (relative ones are then relative to the file), every key written out, no
+    /// comments (the commented form an operator edits is [`template`]'s).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string(self).with_context(|| format!("serializing {}", path.display()))?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -291,6 +299,32 @@ mod tests {
         assert_eq!(config.federation.sites, vec!["a", "b"]);
         assert_eq!(config.federation.state_dir, dir.path().join("state"));
         assert_eq!(config.total_steps(), 100 * 250);
+    }
+
+    /// What `write` writes, `load` reads back as the same config: the template's, and one
+    /// with the optional sections and enums away from their defaults.
+    #[test]
+    fn a_written_config_loads_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = FederationConfig::load(&write(dir.path(), &valid())).unwrap();
+        let mut changed = template.clone();
+        changed.federation.launch = Launch::Manual;
+        changed.federation.exit_when_done = true;
+        changed.plan.transport = fedtalent_vocab::Transport::Bf16;
+        changed.plan.dice_mode = fedtalent_vocab::DiceMode::PerSample;
+        changed.plan.local.optimizer_state = fedtalent_vocab::OptimizerState::Reset;
+        changed.plan.server = ServerOptimizer { lr: 1.5, momentum: 0.9 };
+        changed.plan.privacy = Some(fedtalent_vocab::Privacy {
+            clip_norm: 0.05,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            epsilon_budget: Some(100.0 / 3.0),
+        });
+        for config in [template, changed] {
+            let path = dir.path().join("written.toml");
+            config.write(&path).unwrap();
+            assert_eq!(FederationConfig::load(&path).unwrap(), config);
+        }
     }
 
     /// `[plan].init_model` must name a model folder of the plan's preset; `init_normalization`

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use fedtalent_coordinator::config::{FederationSection, Launch};
+use fedtalent_coordinator::FederationConfig;
 use fedtalent_data::{SiteDataConfig, ValCases};
 use fedtalent_site_agent::config::{SiteConfig, SiteSection};
-use fedtalent_vocab::ClassRegion;
+use fedtalent_vocab::{ClassRegion, LocalPolicy, Privacy, Transport};
 
 /// The built binaries (`cargo build --workspace --bins`, done by `scripts/test.sh`).
 pub fn binary(name: &str) -> PathBuf {
@@ -53,13 +55,12 @@ pub struct Plan {
     pub preset: &'static str,
     /// FIRENet presets: one decoder per site, kept by its owner.
     pub per_site_decoders: bool,
-    /// `[plan.local]` lines (the round-boundary policy); empty: the defaults.
-    pub local: &'static str,
-    /// `[plan.privacy]` lines; empty: no differential privacy.
-    pub privacy: String,
-    /// `[federation].launch`: `auto` (rounds start once every site registered) or `manual` (on
-    /// `coordinator launch`).
-    pub launch: &'static str,
+    /// `[plan.local]`: the round-boundary policy.
+    pub local: LocalPolicy,
+    /// `[plan.privacy]`; `None`: no differential privacy.
+    pub privacy: Option<Privacy>,
+    /// `[federation].launch`: rounds start once every site registered, or on `coordinator launch`.
+    pub launch: Launch,
     /// `[site].torch_threads` of every site agent; `None`: libtorch's own choice.
     pub torch_threads: Option<usize>,
 }
@@ -78,9 +79,9 @@ impl Default for Plan {
             bf16_transport: false,
             preset: "tiny",
             per_site_decoders: false,
-            local: "",
-            privacy: String::new(),
-            launch: "auto",
+            local: LocalPolicy::default(),
+            privacy: None,
+            launch: Launch::Auto,
             torch_threads: None,
         }
     }
@@ -158,15 +159,29 @@ impl LocalFederation {
     /// (Re)writes federation.toml with `allowed` as the site list.
     pub fn write_federation_toml(&self, allowed: &[String]) {
         let p = &self.plan;
-        let sites = allowed.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
-        let text = format!(
-            "[federation]\nname = \"e2e\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\npki_dir = \"pki\"\nsites = [{sites}]\nlaunch = {:?}\nkeep_rounds = 10\nexit_when_done = {}\n\n\
-             [plan]\npreset = {:?}\nper_site_decoders = {}\nrounds = {}\nlocal_steps = {}\nbatch = 2\nlr = 0.01\neval_every = {}\nmin_sites = {}\nround_deadline_s = {}\ndice_mode = \"batch\"\nbf16_transport = {}\n",
-            self.port, p.launch, p.exit_when_done, p.preset, p.per_site_decoders, p.rounds, p.local_steps, p.eval_every, p.min_sites, p.deadline_s, p.bf16_transport
-        );
-        let text = if p.local.is_empty() { text } else { format!("{text}\n[plan.local]\n{}\n", p.local) };
-        let text = if p.privacy.is_empty() { text } else { format!("{text}\n[plan.privacy]\n{}\n", p.privacy) };
-        fs::write(self.config_path(), text).unwrap();
+        let config = FederationConfig {
+            federation: FederationSection {
+                name: "e2e".into(),
+                listen: ([127, 0, 0, 1], self.port).into(),
+                state_dir: "state".into(),
+                pki_dir: "pki".into(),
+                sites: allowed.to_vec(),
+                launch: p.launch,
+                keep_rounds: 10,
+                exit_when_done: p.exit_when_done,
+            },
+            plan: fedtalent_vocab::Plan {
+                eval_every: p.eval_every,
+                min_sites: p.min_sites,
+                round_deadline_s: p.deadline_s,
+                transport: if p.bf16_transport { Transport::Bf16 } else { Transport::Native },
+                per_site_decoders: p.per_site_decoders,
+                local: p.local,
+                privacy: p.privacy,
+                ..fedtalent_vocab::Plan::new(p.preset, p.rounds, p.local_steps)
+            },
+        };
+        config.write(&self.config_path()).unwrap();
     }
 
     fn write_site_toml(&self, site: &str, dataset: &Path, classes: Vec<ClassRegion>) {
@@ -212,29 +227,21 @@ impl LocalFederation {
 
     /// `coordinator serve` with `extra` arguments.
     pub fn spawn_coordinator_with(&self, extra: &[&str]) -> Child {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("coordinator.log")).unwrap();
-        Command::new(binary("coordinator"))
-            .args(["serve", "--config"])
-            .arg(self.config_path())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        self.spawn_logged(
+            "coordinator",
+            Command::new(binary("coordinator")).arg("serve").arg("--config").arg(self.config_path()).args(extra),
+        )
     }
 
     pub fn spawn_site(&self, site: &str, extra: &[&str]) -> Child {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{site}.log"))).unwrap();
-        Command::new(binary("site-agent"))
-            .args(["run", "--config"])
-            .arg(self.site_dir(site).join("site.toml"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        let config = self.site_dir(site).join("site.toml");
+        self.spawn_logged(site, Command::new(binary("site-agent")).arg("run").arg("--config").arg(config).args(extra))
+    }
+
+    /// Starts `cmd` at `info` with its stderr appended to `<who>.log` (read by [`Self::log`]).
+    fn spawn_logged(&self, who: &str, cmd: &mut Command) -> Child {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{who}.log"))).unwrap();
+        cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap()
     }
 
     pub fn log(&self, who: &str) -> String {

@@ -214,7 +214,7 @@ fn private_backbone_stops_at_the_budget() {
         rounds: 3,
         local_steps: 5,
         cases: 4,
-        privacy: format!("clip_norm = 0.05\nnoise_multiplier = 1.0\nepsilon_budget = {budget}"),
+        privacy: Some(fedtalent_vocab::Privacy { epsilon_budget: Some(budget), ..privacy }),
         ..Plan::default()
     };
     let sites = ["liver", "pancreas"];

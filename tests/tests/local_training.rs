@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use fedtalent_tests::{binary, read_tensors, run_ok, wait_child, Children, LocalFederation, Plan};
+use fedtalent_vocab::{LocalPolicy, OptimizerState};
 
 fn train(site_toml: &Path, steps: u32, seed: u64, out: &Path) -> PathBuf {
     train_with(site_toml, steps, seed, out, &[])
@@ -57,7 +58,7 @@ fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
 fn one_site_federation_is_local_training_and_policies_change_it() {
     let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let neutral = "optimizer_state = \"keep\"\nhead_warmup_steps = 0\nfinal_heads_only = false";
+    let neutral = LocalPolicy { optimizer_state: OptimizerState::Keep, head_warmup_steps: 0, final_heads_only: false };
     let plan =
         Plan { rounds: 3, local_steps: 4, min_sites: 1, eval_every: 2, cases: 3, local: neutral, ..Plan::default() };
     let (fed, federated) = federate(&dir.path().join("keep"), plan.clone());
@@ -66,7 +67,7 @@ fn one_site_federation_is_local_training_and_policies_change_it() {
     assert!(diff.is_empty(), "a neutral one-site federation and `site-agent train` differ in {diff:?}");
 
     // Resetting momentum at each round boundary is a different training: the policy is applied.
-    let reset = Plan { local: "optimizer_state = \"reset\"", ..plan };
+    let reset = Plan { local: LocalPolicy { optimizer_state: OptimizerState::Reset, ..neutral }, ..plan };
     let (_, federated_reset) = federate(&dir.path().join("reset"), reset);
     assert!(!differing(&federated_reset, &alone).is_empty(), "optimizer_state = \"reset\" changed nothing");
 }

@@ -4,6 +4,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use fedtalent_coordinator::config::Launch;
 use fedtalent_tests::{binary, run_ok, wait_child, Children, LocalFederation, Plan};
 
 /// `coordinator <command> --config <federation.toml> <extra>`, which must succeed.
@@ -23,7 +24,7 @@ fn stdout(out: &Output) -> String {
 fn manual_launch_status_and_export() {
     let _machine = fedtalent_tests::one_federation_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let plan = Plan { rounds: 2, local_steps: 2, launch: "manual", ..Plan::default() };
+    let plan = Plan { rounds: 2, local_steps: 2, launch: Launch::Manual, ..Plan::default() };
     let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], plan);
     let mut procs = Children(vec![fed.spawn_coordinator()]);
     for site in &fed.sites {

@@ -67,6 +67,33 @@ fn default_max_update_norm() -> f64 {
 }
 
 impl Plan {
+    /// A plan of `rounds` rounds of `local_steps` steps of `preset`, the rest at small values:
+    /// batch 2, lr 0.01, evaluated every round, one site enough for a round, a one-hour deadline,
+    /// and every optional key (`dice_mode` … `privacy`) at its default, as if left out of the
+    /// TOML. For tests and programs that write a plan; an operator's starts from `coordinator
+    /// init`'s template.
+    pub fn new(preset: impl Into<String>, rounds: u32, local_steps: u32) -> Self {
+        Plan {
+            preset: preset.into(),
+            rounds,
+            local_steps,
+            batch: 2,
+            lr: 0.01,
+            eval_every: 1,
+            min_sites: 1,
+            round_deadline_s: 3600,
+            dice_mode: DiceMode::default(),
+            transport: Transport::default(),
+            max_update_norm: default_max_update_norm(),
+            per_site_decoders: false,
+            local: LocalPolicy::default(),
+            server: ServerOptimizer::default(),
+            init_model: None,
+            init_normalization: InitNormalization::default(),
+            privacy: None,
+        }
+    }
+
     /// The rounds the federation runs: all of `rounds`, or fewer where `[plan.privacy]`'s ε
     /// budget would be exceeded first.
     pub fn rounds_to_run(&self) -> u32 {
@@ -217,25 +244,7 @@ mod tests {
     use super::*;
 
     fn plan(rounds: u32, local_steps: u32, eval_every: u32) -> Plan {
-        Plan {
-            preset: "tiny".into(),
-            rounds,
-            local_steps,
-            batch: 2,
-            lr: 0.01,
-            eval_every,
-            min_sites: 1,
-            round_deadline_s: 60,
-            dice_mode: DiceMode::Batch,
-            transport: Transport::Native,
-            max_update_norm: 1e4,
-            per_site_decoders: false,
-            local: LocalPolicy::default(),
-            server: ServerOptimizer::default(),
-            init_model: None,
-            init_normalization: Default::default(),
-            privacy: None,
-        }
+        Plan { eval_every, ..Plan::new("tiny", rounds, local_steps) }
     }
 
     #[test]
