@@ -8,7 +8,8 @@
 # Uses the GPU when there is one. Output in demo-out/ (removed at the start).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROUNDS="${DEMO_ROUNDS:-40}"
+# `coordinator simulate`'s defaults: the small preset, per-site decoders, 100 rounds x 10 steps.
+ROUNDS="${DEMO_ROUNDS:-100}"
 STEPS="${DEMO_STEPS:-10}"
 SITES=(liver pancreas multiorgan)
 

@@ -13,14 +13,14 @@
 # site and the sd of the per-seed means, and writes $OUT/quality.json.
 #
 #   scripts/quality_bench.sh
-#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (40),
+#   env: BENCH_OUT (quality-bench-out), BENCH_SEEDS ("1 2 3"), BENCH_ROUNDS (100),
 #        BENCH_STEPS (10: local steps per round), BENCH_CASES (8 per site, 2 of them validation),
 #        BENCH_HELDOUT (4 cases per site), BENCH_SITES (liver,pancreas,multiorgan),
-#        BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_BIN (prebuilt binaries' folder),
-#        BENCH_FED_ARGS (extra `simulate` flags,
+#        BENCH_PRESET (small), BENCH_DEVICE (auto), BENCH_BIN (prebuilt binaries' folder),
+#        BENCH_FED_ARGS (extra `simulate` flags; its defaults are per-site decoders,
 #        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
 #        federation per seed with these flags, appended after the others so they override them,
-#        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders" or
+#        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders false" or
 #        "--rounds 10 --local-steps 40"; default "none": by the arms' measured times on 2 cores
 #        (federation 255-330 s, each alone 89-211 s, pooled 277-283 s) three seeds of three
 #        arms take 40-60 min, and a fourth arm adds ~15 more),
@@ -33,12 +33,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/quality-bench-out}"
 SEEDS=(${BENCH_SEEDS:-1 2 3})
-ROUNDS="${BENCH_ROUNDS:-40}"
+ROUNDS="${BENCH_ROUNDS:-100}"
 STEPS="${BENCH_STEPS:-10}"
 CASES="${BENCH_CASES:-8}"
 HELDOUT="${BENCH_HELDOUT:-4}"
 SITES="${BENCH_SITES:-liver,pancreas,multiorgan}"
-PRESET="${BENCH_PRESET:-tiny}"
+PRESET="${BENCH_PRESET:-small}"
 DEVICE="${BENCH_DEVICE:-auto}"
 read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
 COMPARE="${BENCH_COMPARE_ARGS:-none}"
