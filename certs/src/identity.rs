@@ -1,5 +1,9 @@
 //! Who is connecting: the site name a certificate proves, the allowlist, and the coordinator's
 //! client-certificate verifier that enforces both at every handshake.
+//!
+//! Rule (DESIGN §2.4): a peer's identity comes only from its verified certificate, never from
+//! anything it sends (a `Hello`'s site name must equal it); TLS session resumption is off so
+//! that every connection passes this verifier again.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};

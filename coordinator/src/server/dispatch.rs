@@ -1,5 +1,11 @@
 //! One request stream → one handler: who may send what (the operator's admin identity, a
 //! joined site, anyone with a `Hello`), and the answers to malformed or unexpected requests.
+//!
+//! Rule (DESIGN §5): every field of every peer message is validated before it is used — frame
+//! size before allocation, `Hello` in `setup.rs` (classes, case count, histogram), an update's
+//! header in `round.rs` (`check_header`, `check_metrics`) and its tensors in `aggregate.rs`
+//! (`validate`: shapes, finiteness, owners, completeness, norm) — and a refusal names the site
+//! and the field.
 
 use std::path::Path;
 use std::sync::Arc;
