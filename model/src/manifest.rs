@@ -111,7 +111,8 @@ impl ModelManifest {
             .collect();
         let topology = Topology { site_decoders: Vec::new(), ..self.topology.clone() };
         let mut plain = MultiTalentNet::new(&topology, classes.len() as i64, net.device())?;
-        let mut parts = wire::Parts::from_wire(&wire::parts_to_wire(net, &Selection::global(&self.classes, &sites)))?;
+        let own = Selection::global(&self.classes, &sites).of_site(site);
+        let mut parts = wire::Parts::from_wire(&wire::parts_to_wire(net, &own))?;
         // The site's decoder tensors carry the plain network's decoder names after their
         // `decoders.<i>.` prefix: in the plain network they are backbone tensors.
         let decoder = parts.decoders.remove(site).expect("the site has a decoder (checked above)");
@@ -125,7 +126,6 @@ impl ModelManifest {
             expected.difference(&given).collect::<Vec<_>>(),
             given.difference(&expected).collect::<Vec<_>>()
         );
-        parts.heads.retain(|id, _| classes.iter().any(|c| &c.id == id));
         let ids: Vec<String> = classes.iter().map(|c| c.id.clone()).collect();
         parts.apply(&mut plain, &Selection::local(&ids, None)).with_context(|| format!("site {site:?}'s model"))?;
         let manifest = ModelManifest { topology, classes, ..self.clone() };

@@ -32,13 +32,17 @@ pub fn export_model(
     digest: &str,
     dir: &Path,
 ) -> Result<PathBuf> {
-    let manifest = ModelManifest {
+    manifest_of(net, setup, preset, round, digest).save(net, dir)?;
+    Ok(dir.to_path_buf())
+}
+
+/// The global model's manifest at `round`.
+fn manifest_of(net: &MultiTalentNet, setup: &Setup, preset: &str, round: u32, digest: &str) -> ModelManifest {
+    ModelManifest {
         round,
         digest: digest.into(),
         ..ModelManifest::of(net, preset, setup.normalization, setup.classes.clone())
-    };
-    manifest.save(net, dir)?;
-    Ok(dir.to_path_buf())
+    }
 }
 
 /// Offline export from the newest checkpoint in the state dir (the coordinator may be stopped);
@@ -53,11 +57,7 @@ pub fn export_from_state(config: &FederationConfig, dir: &Path, site: Option<&st
         export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
         return Ok(format!("round {round} exported to {} (digest {digest})", dir.display()));
     };
-    let global = ModelManifest {
-        round,
-        digest: digest.clone(),
-        ..ModelManifest::of(&net, &config.plan.preset, setup.normalization, setup.classes.clone())
-    };
+    let global = manifest_of(&net, &setup, &config.plan.preset, round, &digest);
     let (manifest, plain) = global.site_model(&net, site).context("--site")?;
     manifest.save(&plain, dir)?;
     Ok(format!(
