@@ -173,6 +173,10 @@ struct SimulateArgs {
     /// Device of the site agents: auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// After the export, each site decides nnU-Net's post-processing of its classes on its
+    /// validation cases (`site-agent postprocess`); `false` leaves the model raw.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    postprocess: bool,
 }
 
 impl SimulateArgs {
@@ -214,6 +218,7 @@ impl SimulateArgs {
             shape: [self.shape[0], self.shape[1], self.shape[2]],
             seed: self.seed,
             device: self.device,
+            postprocess: self.postprocess,
         })
     }
 }

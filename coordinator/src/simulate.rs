@@ -43,6 +43,9 @@ pub struct SimulateOptions {
     pub seed: u64,
     /// Device of the site agents (auto | cpu | cuda | cuda:N).
     pub device: String,
+    /// After the export, each site decides the post-processing of its classes on its
+    /// validation cases (`site-agent postprocess`), as its operator would.
+    pub postprocess: bool,
 }
 
 /// Runs the federation to its last round and exports the model to `<out>/model`.
@@ -101,7 +104,28 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     agents.wait()?;
     let model_dir = opts.out.join("model");
     println!("{}", server::export_from_state(&config, &model_dir, None)?);
+    if opts.postprocess {
+        for site in &names {
+            decide_postprocessing(site_agent, &opts.out.join(site), &model_dir, &opts.device)?;
+        }
+    }
     Ok(model_dir)
+}
+
+/// `site-agent postprocess` of one site on the exported model (its log appended to the site's).
+fn decide_postprocessing(site_agent: &Path, dir: &Path, model_dir: &Path, device: &str) -> Result<()> {
+    let log = std::fs::OpenOptions::new().append(true).create(true).open(dir.join("site-agent.log"))?;
+    let status = Command::new(site_agent)
+        .args(["postprocess", "--model"])
+        .arg(model_dir)
+        .arg("--config")
+        .arg(dir.join("site.toml"))
+        .args(["--device", device])
+        .stderr(log)
+        .status()
+        .with_context(|| format!("starting {}", site_agent.display()))?;
+    ensure!(status.success(), "site-agent postprocess in {} failed ({status}); see its site-agent.log", dir.display());
+    Ok(())
 }
 
 /// The simulation's federation.toml: the `init` template with the simulation's plan.
@@ -264,6 +288,7 @@ mod tests {
             shape: [8, 16, 16],
             seed: 0,
             device: "cpu".into(),
+            postprocess: false,
         }
     }
 

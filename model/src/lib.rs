@@ -14,6 +14,7 @@ mod nnunet;
 pub mod nnunet_import;
 pub mod optim;
 pub mod params;
+pub mod postprocess;
 pub mod predict;
 mod routing;
 pub mod topology;

@@ -31,6 +31,11 @@ pub struct ModelManifest {
     /// SHA-256 of the weights as the federation names them.
     pub digest: String,
     pub weights: String,
+    /// Classes (ids) whose masks keep only their largest connected component: nnU-Net's
+    /// post-processing, decided per class on its site's validation cases (`site-agent
+    /// postprocess`, [`crate::postprocess`]). Absent in models no site has decided for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub largest_component: Vec<String>,
 }
 
 impl ModelManifest {
@@ -49,6 +54,7 @@ impl ModelManifest {
             round: 0,
             digest: String::new(),
             weights: WEIGHTS_FILE.into(),
+            largest_component: Vec::new(),
         }
     }
 
@@ -128,7 +134,9 @@ impl ModelManifest {
         );
         let ids: Vec<String> = classes.iter().map(|c| c.id.clone()).collect();
         parts.apply(&mut plain, &Selection::local(&ids, None)).with_context(|| format!("site {site:?}'s model"))?;
-        let manifest = ModelManifest { topology, classes, ..self.clone() };
+        let largest_component =
+            self.largest_component.iter().filter(|id| classes.iter().any(|c| &c.id == *id)).cloned().collect();
+        let manifest = ModelManifest { topology, classes, largest_component, ..self.clone() };
         Ok((manifest, plain))
     }
 

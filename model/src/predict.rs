@@ -19,6 +19,7 @@ use tch::{Device, Tensor};
 use crate::infer::{sliding_window_probabilities, InferOptions};
 use crate::manifest::{ModelManifest, MANIFEST_FILE};
 use crate::network::MultiTalentNet;
+use crate::postprocess::keep_largest_component;
 
 /// Probability above which a voxel belongs to a class.
 pub const THRESHOLD: f32 = 0.5;
@@ -241,8 +242,21 @@ impl Predictor {
         Ok((prepared, original))
     }
 
-    /// Thresholded masks (p > 0.5) of the selected classes in the input's geometry.
+    /// Masks of the selected classes in the input's geometry: p > 0.5, then the model's
+    /// post-processing (only the largest component of the classes `model.json` names).
     pub fn predict(&self, path: &Path, classes: &[usize]) -> Result<Prediction> {
+        let mut prediction = self.predict_unprocessed(path, classes)?;
+        for (&c, mask) in prediction.classes.iter().zip(&mut prediction.masks) {
+            if self.manifest.largest_component.contains(&self.manifest.classes[c].id) {
+                keep_largest_component(mask);
+            }
+        }
+        Ok(prediction)
+    }
+
+    /// Thresholded masks (p > 0.5) without post-processing: what the post-processing is
+    /// decided on.
+    pub fn predict_unprocessed(&self, path: &Path, classes: &[usize]) -> Result<Prediction> {
         let (prepared, probs) = self.probabilities(path, classes)?;
         let masks = probs.axis_iter(Axis(0)).map(|p| p.mapv(|v| u8::from(v > THRESHOLD))).collect();
         Ok(Prediction {
@@ -283,6 +297,7 @@ impl Predictor {
             "model_digest": self.manifest.digest,
             "round": self.manifest.round,
             "threshold": THRESHOLD,
+            "largest_component": self.manifest.largest_component,
             "classes": written,
         });
         let json_path = dir.join("classes.json");

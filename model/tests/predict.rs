@@ -112,6 +112,7 @@ fn write_model(dir: &Path) {
         round: 3,
         digest: "test".into(),
         weights: "model.safetensors".into(),
+        largest_component: Vec::new(),
     };
     manifest.write(dir).unwrap();
 }
@@ -285,4 +286,49 @@ fn bad_model_folders_are_refused_by_name() {
     std::fs::write(other.join("model.json"), "{ not json").unwrap();
     let e = err_of(Predictor::load(&other, options()));
     assert!(e.contains("model.json"), "{e}");
+}
+
+/// The network thresholds intensity, so a bright blob away from the labelled object is
+/// segmented too: a false positive that keeping the largest component removes. The decision is
+/// taken on a labelled (validation) case, recorded in model.json, and `predict` applies it.
+#[test]
+fn post_processing_is_decided_on_validation_cases_and_applied_by_predict() {
+    use fedtalent_model::postprocess::{connected_components, determine};
+    let f = fixture();
+    let mut image = phantom_image(&f.labels);
+    for z in 30..34 {
+        for y in 75..85 {
+            for x in 75..85 {
+                image[(z, y, x)] = 100.0;
+            }
+        }
+    }
+    let header = SpatialHeader::from_affine(&affine());
+    let case = fedtalent_data::Case {
+        id: "case_009".into(),
+        image: f.root.join("case_009_0000.nii.gz"),
+        label: f.label.clone(),
+    };
+    write_f32_nifti(&case.image, &image, &header).unwrap();
+    let predictor = Predictor::load(&f.model, options()).unwrap();
+    let raw = predictor.predict(&case.image, &[0]).unwrap().masks.remove(0);
+    assert_eq!(connected_components(&raw).1.len(), 2, "the blob is predicted as a second component");
+
+    let decisions = determine(&predictor, std::slice::from_ref(&case), &[0, 1]).unwrap();
+    let organ = &decisions[0];
+    assert!(organ.keep_largest && organ.dice_largest > organ.dice_raw, "{organ:?}");
+    // Nothing predicted: both Dice 0, no strict improvement, left as predicted.
+    assert!(!decisions[1].keep_largest, "{:?}", decisions[1]);
+
+    let mut manifest = ModelManifest::read(&f.model).unwrap();
+    manifest.largest_component = vec![organ.id.clone()];
+    manifest.write(&f.model).unwrap();
+    let predictor = Predictor::load(&f.model, options()).unwrap();
+    let processed = predictor.predict(&case.image, &[0]).unwrap().masks.remove(0);
+    assert_eq!(connected_components(&processed).1.len(), 1);
+    let truth = f.labels.mapv(|l| l > 0);
+    let d = dice(&processed.mapv(|v| v > 0), &truth).unwrap();
+    assert!(d > 0.9 && d > dice(&raw.mapv(|v| v > 0), &truth).unwrap(), "Dice {d}");
+    // The class it was not decided for is untouched.
+    assert!(predictor.predict(&case.image, &[1]).unwrap().masks[0].iter().all(|&v| v == 0));
 }

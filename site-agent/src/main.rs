@@ -9,6 +9,7 @@ mod evaluate;
 mod finetune;
 mod import;
 mod local;
+mod postprocess;
 mod predict;
 mod train;
 
@@ -100,6 +101,8 @@ enum Command {
     Predict(predict::Args),
     /// Per-class Dice and HD95 (mm) of an exported model on a labelled folder.
     Evaluate(evaluate::Args),
+    /// Decide post-processing (largest component per class) on this site's validation cases.
+    Postprocess(postprocess::Args),
     /// Benchmarks (one JSON line each).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -150,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Postprocess(args) => postprocess::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

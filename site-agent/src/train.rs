@@ -13,13 +13,15 @@ use fedtalent_data::PreprocessedCase;
 use fedtalent_model::manifest::ModelManifest;
 use fedtalent_model::{wire, Topology};
 use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::SiteConfig;
 use crate::curves::LocalCurves;
 use crate::device;
 use crate::finetune::InitModel;
 use crate::local::{self, LocalTrainer, StreamSpec, TrainerSpec};
+use crate::postprocess;
+use crate::predict::InferArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -65,6 +67,10 @@ pub struct Args {
     /// from (default: the training site's own).
     #[arg(long)]
     decoder_from: Option<String>,
+    /// After export, each site decides nnU-Net's post-processing of its classes on its
+    /// validation cases (`site-agent postprocess`); `false` exports the raw model.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    postprocess: bool,
     /// No progress bar (logs only).
     #[arg(long)]
     quiet: bool,
@@ -184,6 +190,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     let dir = export(&trainer, &preset, norm, classes, &args.out.join("model"))?;
     println!("model exported to {}", dir.display());
+    if args.postprocess {
+        let infer = InferArgs { tta: false, device: args.device.clone(), tile_batch: 2 };
+        for path in &args.sites {
+            let config = SiteConfig::load(path)?;
+            // The model is exported already: a site that cannot decide leaves it unprocessed.
+            match postprocess::decide(&dir, &config, &infer) {
+                Ok(decisions) => print!("{}", postprocess::table(&config.site.name, &decisions)),
+                Err(e) => warn!(site = %config.site.name, "post-processing not decided: {e:#}"),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -21,10 +21,12 @@ fn train_command(site_toml: &Path, steps: u32, out: &Path, extra: &[&str]) -> Co
     cmd
 }
 
-/// `site-agent train` (tiny, checkpoints every 4 steps) with `extra` flags; the model it exports.
+/// `site-agent train` (tiny, checkpoints every 4 steps, no post-processing: these tests compare
+/// weights) with `extra` flags; the model it exports.
 fn train_with(site_toml: &Path, steps: u32, seed: u64, out: &Path, extra: &[&str]) -> PathBuf {
     let seed = seed.to_string();
-    let flags = [&["--preset", "tiny", "--checkpoint-every", "4", "--seed", &seed], extra].concat();
+    let flags =
+        [&["--preset", "tiny", "--checkpoint-every", "4", "--seed", &seed, "--postprocess", "false"], extra].concat();
     run_ok(&mut train_command(site_toml, steps, out, &flags));
     out.join("model/model.safetensors")
 }
@@ -83,6 +85,35 @@ fn training_is_fully_seeded() {
     assert!(differing(&a, &b).is_empty(), "the same seed gave different weights");
     let c = train(&site, 6, 8, &dir.path().join("c"));
     assert!(!differing(&a, &c).is_empty(), "another seed gave the same weights");
+}
+
+/// `site-agent train` ends with the site deciding nnU-Net's post-processing of its classes on
+/// its validation cases (a row per class); `site-agent postprocess` refuses a site the model has
+/// no class of, by name.
+#[test]
+fn training_decides_the_post_processing_on_the_validation_cases() {
+    let _machine = fedtalent_tests::one_federation_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Plan { cases: 3, min_sites: 1, ..Plan::default() };
+    let fed = LocalFederation::create(dir.path(), &["liver", "pancreas"], plan);
+    let out = dir.path().join("liver");
+    let flags = ["--preset", "tiny", "--seed", "1"];
+    let done = run_ok(&mut train_command(&fed.site_dir("liver").join("site.toml"), 2, &out, &flags));
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(stdout.contains("post-processing of site \"liver\""), "{stdout}");
+    for class in ["liver/liver ", "liver/liver_tumour "] {
+        let decided = |l: &str| l.ends_with("as predicted") || l.ends_with("keep the largest component");
+        assert!(stdout.lines().any(|l| l.starts_with(class) && decided(l)), "{class}: {stdout}");
+    }
+    let refused = Command::new(binary("site-agent"))
+        .args(["postprocess", "--device", "cpu", "--model"])
+        .arg(out.join("model"))
+        .arg("--config")
+        .arg(fed.site_dir("pancreas").join("site.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("no class of site \"pancreas\""), "{stderr}");
 }
 
 /// A run stopped after a checkpoint resumes from it and ends where an uninterrupted run ends: the
