@@ -9,6 +9,9 @@
 #   fine-tuned with BENCH_FINETUNE_STEPS=F: the federation stops F steps early and each site
 #              fine-tunes its model on its own data for the last F steps (`site-agent train
 #              --init`): the same steps per site, a model personalised to each site
+# Every arm's model is post-processed as its sites would (`site-agent train` and `coordinator
+# simulate` end with `site-agent postprocess`: per class, the largest connected component where
+# that raised the Dice on the site's validation cases), and evaluated with it.
 # Prints a per-class Dice table (mean ± sd over seeds) with the three side by side, the mean per
 # site and the sd of the per-seed means, and writes $OUT/quality.json.
 #

@@ -210,6 +210,8 @@ pub struct Evaluation {
     pub dataset: PathBuf,
     pub model_digest: String,
     pub round: u32,
+    /// The classes whose masks were post-processed (only their largest component kept).
+    pub largest_component: Vec<String>,
     pub classes: Vec<ClassEvaluation>,
     pub cases: Vec<CaseEvaluation>,
     /// Cases refused (unreadable, mismatched), with the reason naming the file.
@@ -287,6 +289,7 @@ pub fn evaluate_cases(predictor: &Predictor, dataset: &Path, cases: &[Case], cla
         dataset: dataset.to_path_buf(),
         model_digest: predictor.manifest.digest.clone(),
         round: predictor.manifest.round,
+        largest_component: predictor.manifest.largest_component.clone(),
         classes: summaries,
         cases: done,
         skipped,
@@ -337,6 +340,11 @@ impl std::fmt::Display for Evaluation {
                 fmt(c.mean_hd95_mm, 2),
                 c.dice_cases
             )?;
+        }
+        let processed: Vec<&str> =
+            self.classes.iter().filter(|c| self.largest_component.contains(&c.id)).map(|c| c.id.as_str()).collect();
+        if !processed.is_empty() {
+            writeln!(f, "post-processed (largest component kept): {}", processed.join(", "))?;
         }
         for s in &self.skipped {
             writeln!(f, "skipped {s}")?;

@@ -331,4 +331,8 @@ fn post_processing_is_decided_on_validation_cases_and_applied_by_predict() {
     assert!(d > 0.9 && d > dice(&raw.mapv(|v| v > 0), &truth).unwrap(), "Dice {d}");
     // The class it was not decided for is untouched.
     assert!(predictor.predict(&case.image, &[1]).unwrap().masks[0].iter().all(|&v| v == 0));
+    // `evaluate` scores the post-processed masks and says so.
+    let e = fedtalent_model::metrics::evaluate_cases(&predictor, &f.root, &[case], &[0, 1]).unwrap();
+    assert!((e.classes[0].mean_dice.unwrap() - d).abs() < 1e-9, "{e}");
+    assert!(e.to_string().contains(&format!("post-processed (largest component kept): {}", organ.id)), "{e}");
 }
