@@ -25,8 +25,9 @@
 #        federation per seed with these flags, appended after the others so they override them,
 #        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders false" or
 #        "--rounds 10 --local-steps 40"; default "none": by the arms' measured times on 2 cores
-#        (federation 255-330 s, each alone 89-211 s, pooled 277-283 s) three seeds of three
-#        arms take 40-60 min, and a fourth arm adds ~15 more),
+#        at the small preset (federation ~8 min, each alone ~4 min, pooled ~12 min, evaluation
+#        ~5 min per seed) three seeds of three arms take about 2 hours, and a fourth arm adds
+#        ~25 min more),
 #        BENCH_FINETUNE_STEPS (0: steps of the fine-tuned arm, a multiple of BENCH_STEPS),
 #        BENCH_ARMS ("alone pooled": the arms besides the federation, which always runs since
 #        the others read its site configs; e.g. "alone" or "" to compare federation policies),

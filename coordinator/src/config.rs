@@ -212,7 +212,8 @@ keep_rounds = 3
 exit_when_done = false
 
 [plan]
-# Network preset: unet (paper), resenc (paper), tiny (CPU tests and the demo).
+# Network preset: unet (paper), resenc (paper), small (the demo and the CPU quality benchmark),
+# tiny (CPU tests), firenet, firenet-tiny.
 preset = "unet"
 rounds = 100
 # Local iterations per round and site, and the batch size. Shorter rounds (more, cheaper
