@@ -8,7 +8,11 @@ pub mod nifti_io;
 pub mod resample;
 
 pub use dataset::{check, Case, CheckReport, ClassSummary, Dataset, Layout, Problem, SiteDataConfig, ValCases};
-pub use nifti_io::{read_header, read_label_nifti, read_nifti, write_mask_nifti, NiftiIoError, SpatialHeader, Volume};
+pub use nifti_io::{
+    read_channel_files, read_header, read_image_info, read_label_nifti, read_nifti, read_nifti_channels,
+    write_mask_nifti, ChannelImage, ImageInfo, NiftiIoError, SpatialHeader, Volume,
+};
+pub use normalization::{nonzero_mask, use_mask_for_norm, Normalization, NormalizationError, NormalizationScheme};
 pub use resample::{
     anisotropy_axis, resample, resample_image, resample_labels, resample_labels_to_spacing, resample_probabilities,
     target_shape, Interp, LabelInterp,
@@ -16,6 +20,7 @@ pub use resample::{
 
 pub mod augment;
 pub mod loader;
+pub mod normalization;
 pub mod preprocess;
 pub mod sampler;
 pub mod spatial;

@@ -11,9 +11,14 @@ pub fn repo_root() -> PathBuf {
 
 /// Runs the nibabel oracle script with `args` and parses its JSON output.
 pub fn oracle(args: &[&str]) -> serde_json::Value {
+    python_oracle("nib_oracle.py", args)
+}
+
+/// Runs `script` (in this crate's tests/) with the repository's venv Python and parses its JSON output.
+pub fn python_oracle(script: &str, args: &[&str]) -> serde_json::Value {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
-    let script = root.join("model/data/tests/nib_oracle.py");
+    let script = root.join("model/data/tests").join(script);
     let out = Command::new(&python)
         .arg(&script)
         .args(args)
