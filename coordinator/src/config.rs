@@ -96,7 +96,9 @@ impl FederationConfig {
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
         ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
         ensure!(p.batch >= 1, "[plan].batch must be at least 1");
-        ensure!(p.lr > 0.0 && p.lr.is_finite(), "[plan].lr must be positive");
+        if let Some(lr) = p.lr {
+            ensure!(lr > 0.0 && lr.is_finite(), "[plan].lr must be positive");
+        }
         ensure!(p.eval_every >= 1, "[plan].eval_every must be at least 1");
         ensure!(
             p.min_sites >= 1 && p.min_sites as usize <= f.sites.len(),
@@ -221,7 +223,11 @@ rounds = 100
 # (scripts/quality_bench.sh) 40 x 10 beat 10 x 40 by 0.07 mean Dice at the same 400 steps.
 local_steps = 250
 batch = 2
-# SGD (momentum 0.99, Nesterov) base learning rate; poly decay over rounds x local_steps.
+# The sites' local optimizer: sgd (momentum 0.99, Nesterov: MultiTalent, nnU-Net) or adam
+# (FIRENet). A site restarting with the other one refuses its saved optimizer state.
+optimizer = "sgd"
+# Base learning rate, poly decay over rounds x local_steps; left out: the optimizer's default
+# (0.01 for sgd, 3e-4 for adam).
 lr = 0.01
 # Every eval_every rounds each site reports per-class Dice of the global model on its held-out cases.
 eval_every = 5
@@ -409,6 +415,7 @@ mod tests {
             (valid().replace("bf16_transport = false", "bf16_transport = \"no\""), "bf16_transport"),
             (valid().replace("batch = 2", "batch = 2\nbatches = 3"), "unknown field `batches`"),
             (valid().replace("lr = 0.01", "lr = -1.0"), "[plan].lr"),
+            (valid().replace("optimizer = \"sgd\"", "optimizer = \"rmsprop\""), "optimizer = \"rmsprop\""),
             (valid().replace("rounds = 100", "rounds = 0"), "[plan].rounds"),
             (format!("{}\nsurprise = 1\n", valid()), "unknown field"),
             ("[federation]\nname = \"x\"\n".to_string(), "missing field"),

@@ -217,6 +217,7 @@ fn prepare_site(
             threads: 1,
             seed,
             torch_threads: Some(torch_threads),
+            exclusive_classes: false,
         },
         data: SiteDataConfig {
             dataset_dir: site.dataset_dir.clone(),

@@ -27,7 +27,7 @@ pub enum Accumulate {
 pub struct InferOptions {
     /// Step between tiles as a fraction of the patch (nnU-Net: 0.5).
     pub step: f64,
-    /// Average the sigmoid probabilities over all 8 combinations of flips of z, y and x.
+    /// Average the class probabilities over all 8 combinations of flips of z, y and x.
     pub mirror: bool,
     /// Tiles per forward pass.
     pub tile_batch: usize,
@@ -40,6 +40,10 @@ pub struct InferOptions {
     pub half: bool,
     /// Show a progress bar (indicatif hides it by itself when stderr is not a terminal).
     pub progress: bool,
+    /// Channels (indices into the computed channels: `channels`' positions, or the network's
+    /// classes) that form one softmax over background + them (a site with mutually exclusive
+    /// classes, [`crate::loss::ClassRegions::exclusive`]); every other channel is a sigmoid.
+    pub softmax_groups: Vec<Vec<i64>>,
 }
 
 impl Default for InferOptions {
@@ -53,6 +57,7 @@ impl Default for InferOptions {
             channels: None,
             half: true,
             progress: true,
+            softmax_groups: Vec::new(),
         }
     }
 }
@@ -184,7 +189,7 @@ fn flips() -> Vec<Vec<i64>> {
     vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
 }
 
-/// Sliding-window sigmoid probabilities of `net` on a normalized image `[1, Z, Y, X]` (f32, any
+/// Sliding-window class probabilities (sigmoid, or softmax in `opts.softmax_groups`) of `net` on a normalized image `[1, Z, Y, X]` (f32, any
 /// device). Returns `[C, Z, Y, X]` f32 on the accumulator's device (see [`Accumulate`]).
 pub fn sliding_window_probabilities(
     net: &MultiTalentNet,
@@ -220,6 +225,20 @@ pub fn sliding_window_probabilities(
         patch,
         opts,
     )
+}
+
+/// Per-class probabilities of logits `[B, C, ...]`: sigmoid, except each softmax group's
+/// channels, which get their softmax over [0, their logits] without the background (the zero
+/// background logit of [`crate::loss::MultiTalentLoss::softmax_loss`]).
+pub fn class_probabilities(logits: &Tensor, softmax_groups: &[Vec<i64>]) -> Tensor {
+    let mut p = logits.sigmoid();
+    for group in softmax_groups {
+        let index = Tensor::from_slice(group).to_device(logits.device());
+        let members = logits.index_select(1, &index);
+        let softmax = crate::loss::with_background_logit(&members).softmax(1, Kind::Float);
+        p = p.index_copy(1, &index, &softmax.narrow(1, 1, group.len() as i64));
+    }
+    p
 }
 
 /// The sliding window over any `forward` (`[B, 1, pz, py, px]` -> logits `[B, channels, pz, py,
@@ -292,7 +311,7 @@ pub fn sliding_window_with(
                     "the network returned {got:?} for a tile batch of {:?}",
                     input.size()
                 );
-                let mut p = logits.to_kind(Kind::Float).sigmoid();
+                let mut p = class_probabilities(&logits.to_kind(Kind::Float), &opts.softmax_groups);
                 if !dims.is_empty() {
                     p = p.flip(dims.as_slice());
                 }

@@ -36,6 +36,11 @@ pub struct ModelManifest {
     /// postprocess`, [`crate::postprocess`]). Absent in models no site has decided for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub largest_component: Vec<String>,
+    /// Sites whose classes are mutually exclusive and were trained as one softmax over
+    /// background + them (`[site].exclusive_classes`): predicted by argmax among them, not by
+    /// thresholding each. Recorded by the site (`site-agent train`, `site-agent postprocess`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclusive_sites: Vec<String>,
 }
 
 impl ModelManifest {
@@ -55,7 +60,36 @@ impl ModelManifest {
             digest: String::new(),
             weights: WEIGHTS_FILE.into(),
             largest_component: Vec::new(),
+            exclusive_sites: Vec::new(),
         }
+    }
+
+    /// The softmax groups among the output classes `outputs` (class indices): for each
+    /// exclusive site with a class there, the positions in `outputs` of its classes. `outputs`
+    /// must hold all classes of such a site (a softmax over part of a group would be another
+    /// distribution).
+    pub fn softmax_groups(&self, outputs: &[usize]) -> Vec<Vec<usize>> {
+        self.exclusive_sites
+            .iter()
+            .map(|site| {
+                (0..outputs.len()).filter(|&i| self.classes.get(outputs[i]).is_some_and(|c| &c.site == site)).collect()
+            })
+            .filter(|group: &Vec<usize>| !group.is_empty())
+            .collect()
+    }
+
+    /// `classes` followed by the other classes of the exclusive sites among them: what must be
+    /// computed to predict `classes` (see [`ModelManifest::softmax_groups`]).
+    pub fn with_whole_groups(&self, classes: &[usize]) -> Vec<usize> {
+        let mut all = classes.to_vec();
+        for c in &self.classes {
+            let exclusive = self.exclusive_sites.contains(&c.site);
+            let touched = classes.iter().any(|&i| self.classes.get(i).is_some_and(|s| s.site == c.site));
+            if exclusive && touched && !all.contains(&(c.index as usize)) {
+                all.push(c.index as usize);
+            }
+        }
+        all
     }
 
     /// Writes an exported model folder: `net`'s weights (nnU-Net names) and this manifest.

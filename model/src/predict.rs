@@ -1,7 +1,8 @@
 //! End-to-end prediction with an exported model (DESIGN.md §1.5, §2.5): read a NIfTI, crop to the
 //! nonzero region, resample to the model's spacing (cubic), normalize with the model's CT
-//! statistics, sliding window, probabilities back to the original geometry (linear), p > 0.5,
-//! one uint8 mask per class with the input's qform/sform.
+//! statistics, sliding window, probabilities back to the original geometry (linear), p > 0.5
+//! (argmax among the classes of a site trained as one softmax), one uint8 mask per class with
+//! the input's qform/sform.
 //!
 //! Output layout: `<output>/<case>/<site>__<name>.nii.gz` per selected class plus
 //! `<output>/<case>/classes.json` (class index, id, label set, file, voxel count). `<case>` is the
@@ -23,6 +24,31 @@ use crate::postprocess::keep_largest_component;
 
 /// Probability above which a voxel belongs to a class.
 pub const THRESHOLD: f32 = 0.5;
+
+/// Masks of probabilities `[C, Z, Y, X]`: p > 0.5 per class, except in a softmax group (rows
+/// listed in `groups`), where a voxel gets the group's most probable class if that beats the
+/// background (1 − Σ p of the group) and no other class of the group: nnU-Net's argmax.
+pub fn masks_of(probs: &Array4<f32>, groups: &[Vec<usize>]) -> Vec<Array3<u8>> {
+    let mut masks: Vec<Array3<u8>> = probs.axis_iter(Axis(0)).map(|p| p.mapv(|v| u8::from(v > THRESHOLD))).collect();
+    for group in groups {
+        let rows = || group.iter().map(|&r| probs.index_axis(Axis(0), r));
+        let mut best = rows().fold(Array3::<f32>::ones(masks[0].dim()), |bg, p| bg - p);
+        let mut winner = Array3::<usize>::from_elem(best.dim(), usize::MAX);
+        for (&r, p) in group.iter().zip(rows()) {
+            ndarray::Zip::from(&mut best).and(&mut winner).and(&p).for_each(|b, w, &v| {
+                // Strictly greater: a tie keeps the background (or the earlier class).
+                if v > *b {
+                    *b = v;
+                    *w = r;
+                }
+            });
+        }
+        for &r in group {
+            masks[r] = winner.mapv(|w| u8::from(w == r));
+        }
+    }
+    masks
+}
 
 /// An exported model ready to segment volumes.
 pub struct Predictor {
@@ -224,22 +250,37 @@ impl Predictor {
         load_for_inference(path, self.manifest.spacing, &self.manifest.normalization)
     }
 
-    /// Probabilities `[C_sel, Z, Y, X]` of the selected classes in the input's original geometry.
+    /// Probabilities `[C_sel, Z, Y, X]` of the selected classes in the input's original geometry
+    /// (a class of an exclusive site: its softmax probability among all its site's classes).
     pub fn probabilities(&self, path: &Path, classes: &[usize]) -> Result<(InferenceImage, Array4<f32>)> {
+        let (prepared, probs) = self.group_probabilities(path, classes)?;
+        Ok((prepared, probs.slice(ndarray::s![..classes.len(), .., .., ..]).to_owned()))
+    }
+
+    /// The probabilities of `classes` followed by the other classes of their exclusive sites
+    /// ([`ModelManifest::with_whole_groups`]), in the input's original geometry.
+    fn group_probabilities(&self, path: &Path, classes: &[usize]) -> Result<(InferenceImage, Array4<f32>)> {
+        let computed = self.manifest.with_whole_groups(classes);
         let prepared = self.load_image(path)?;
         let (z, y, x) = prepared.image.dim();
         let image = Tensor::from_slice(prepared.image.as_slice().expect("standard layout"))
             .reshape([1, z as i64, y as i64, x as i64]);
         let mut opts = self.options.clone();
-        opts.channels = Some(classes.iter().map(|&c| c as i64).collect());
+        opts.channels = Some(computed.iter().map(|&c| c as i64).collect());
+        opts.softmax_groups = self.softmax_groups(&computed);
         let probs = sliding_window_probabilities(&self.net, &image, self.manifest.patch, &opts)
             .with_context(|| format!("{}: inference failed", path.display()))?;
         let probs = probs.to_device(Device::Cpu).contiguous();
-        let c = classes.len();
         let values = Vec::<f32>::try_from(probs.reshape([-1]))?;
-        let probs = Array4::from_shape_vec((c, z, y, x), values).expect("probability shape");
+        let probs = Array4::from_shape_vec((computed.len(), z, y, x), values).expect("probability shape");
         let original = prepared.probabilities_to_original(&probs, Interp::Linear);
         Ok((prepared, original))
+    }
+
+    /// The manifest's softmax groups among `computed`, as channel positions.
+    fn softmax_groups(&self, computed: &[usize]) -> Vec<Vec<i64>> {
+        let groups = self.manifest.softmax_groups(computed);
+        groups.into_iter().map(|g| g.into_iter().map(|i| i as i64).collect()).collect()
     }
 
     /// Masks of the selected classes in the input's geometry: p > 0.5, then the model's
@@ -257,8 +298,10 @@ impl Predictor {
     /// Thresholded masks (p > 0.5) without post-processing: what the post-processing is
     /// decided on.
     pub fn predict_unprocessed(&self, path: &Path, classes: &[usize]) -> Result<Prediction> {
-        let (prepared, probs) = self.probabilities(path, classes)?;
-        let masks = probs.axis_iter(Axis(0)).map(|p| p.mapv(|v| u8::from(v > THRESHOLD))).collect();
+        let (prepared, probs) = self.group_probabilities(path, classes)?;
+        let computed = self.manifest.with_whole_groups(classes);
+        let mut masks = masks_of(&probs, &self.manifest.softmax_groups(&computed));
+        masks.truncate(classes.len());
         Ok(Prediction {
             classes: classes.to_vec(),
             masks,

@@ -1,5 +1,5 @@
 //! One MultiTalent training step: forward with deep supervision, masked loss, backward, gradient
-//! clipping, SGD Nesterov on the poly schedule; fp16 autocast with dynamic loss scaling on CUDA.
+//! clipping, the local optimizer (SGD Nesterov or Adam) on the poly schedule; fp16 autocast with dynamic loss scaling on CUDA.
 
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::loss::{BatchTargets, DiceMode, MultiTalentLoss};
 use crate::network::MultiTalentNet;
-use crate::optim::{poly_lr, Sgd, SgdConfig};
+use crate::optim::{poly_lr, Optimizer, OptimizerConfig};
 
 /// Arithmetic of the training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -38,7 +38,7 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     pub precision: Precision,
     pub dice: DiceMode,
-    pub sgd: SgdConfig,
+    pub optimizer: OptimizerConfig,
 }
 
 impl Default for TrainConfig {
@@ -49,7 +49,7 @@ impl Default for TrainConfig {
             grad_clip: 12.0,
             precision: Precision::Fp32,
             dice: DiceMode::Batch,
-            sgd: SgdConfig::default(),
+            optimizer: OptimizerConfig::default(),
         }
     }
 }
@@ -91,7 +91,7 @@ impl LossScaler {
 /// A network with its optimizer and loss: everything a site needs to run local steps.
 pub struct Trainer {
     pub net: MultiTalentNet,
-    pub optimizer: Sgd,
+    pub optimizer: Optimizer,
     loss: MultiTalentLoss,
     config: TrainConfig,
     scaler: Option<LossScaler>,
@@ -110,7 +110,7 @@ impl Trainer {
         if net.device().is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        let optimizer = Sgd::new(net.params().trainable(), config.sgd.clone());
+        let optimizer = Optimizer::new(net.params().trainable(), config.optimizer.clone());
         let loss = MultiTalentLoss { ds_weights: net.topology().ds_weights.clone(), dice: config.dice };
         let scaler = fp16.then_some(LossScaler { scale: 65536.0, good_steps: 0 });
         Ok(Self { net, optimizer, loss, config, scaler, step: 0 })

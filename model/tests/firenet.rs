@@ -197,7 +197,7 @@ fn gradients_of_site_a_never_reach_site_b_decoder() {
     let _ = labels.narrow(2, 3, 6).narrow(3, 4, 8).narrow(4, 4, 8).fill_(1);
     let image = labels.to_kind(Kind::Float) + Tensor::randn([2, 1, 12, 16, 16], (Kind::Float, Device::Cpu)) * 0.3;
     // Site A's dataset annotates classes 0 and 2, not site B's class 1.
-    let regions = ClassRegions { regions: vec![Some(vec![1]), None, Some(vec![1])] };
+    let regions = ClassRegions { regions: vec![Some(vec![1]), None, Some(vec![1])], exclusive: false };
     let targets = BatchTargets::new(&[&regions, &regions], Device::Cpu).unwrap();
     let loss = MultiTalentLoss { ds_weights: n.topology().ds_weights.clone(), dice: Default::default() };
     let l = loss.compute(&n.forward_ds(&image), &labels, &targets).unwrap();
@@ -299,8 +299,8 @@ fn per_site_decoders_train_each_sites_classes() {
     let _serial = serial();
     tch::manual_seed(0);
     // Sample 0 from site A (classes 0 = {1,2}), sample 1 from site B (class 1 = {2}).
-    let a = ClassRegions { regions: vec![Some(vec![1, 2]), None] };
-    let b = ClassRegions { regions: vec![None, Some(vec![2])] };
+    let a = ClassRegions { regions: vec![Some(vec![1, 2]), None], exclusive: false };
+    let b = ClassRegions { regions: vec![None, Some(vec![2])], exclusive: false };
     let topo = Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]]);
     let (first, last, _) = overfit(&topo, &[&a, &b], 20);
     assert!(last < first - 0.5, "loss did not fall: {first} -> {last}");

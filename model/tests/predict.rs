@@ -113,6 +113,7 @@ fn write_model(dir: &Path) {
         digest: "test".into(),
         weights: "model.safetensors".into(),
         largest_component: Vec::new(),
+        exclusive_sites: Vec::new(),
     };
     manifest.write(dir).unwrap();
 }
@@ -335,4 +336,76 @@ fn post_processing_is_decided_on_validation_cases_and_applied_by_predict() {
     let e = fedtalent_model::metrics::evaluate_cases(&predictor, &f.root, &[case], &[0, 1]).unwrap();
     assert!((e.classes[0].mean_dice.unwrap() - d).abs() < 1e-9, "{e}");
     assert!(e.to_string().contains(&format!("post-processed (largest component kept): {}", organ.id)), "{e}");
+}
+
+/// The fixture's model with both classes of one site, `phantom`, whose classes are one softmax
+/// when `exclusive`: class 0 the detector (head 50), class 1 the same detector at half strength
+/// (head 25), so that as sigmoids both cover the object.
+fn one_site_model(dir: &Path, exclusive: bool) {
+    write_model(dir);
+    let (mut manifest, mut net) = ModelManifest::load_model(dir, Device::Cpu).unwrap();
+    set(&mut net, "seg_outputs.2.weight", |t| {
+        let _ = t.get(0).get(0).fill_(50.0);
+        let _ = t.get(1).get(0).fill_(25.0);
+    });
+    net.save(&dir.join(&manifest.weights)).unwrap();
+    let class = |index: u32, name: &str, labels: Vec<u32>| {
+        GlobalClass::new(index, "phantom", &ClassRegion { name: name.into(), labels })
+    };
+    manifest.classes = vec![class(0, "organ", vec![1]), class(1, "core", vec![2])];
+    manifest.exclusive_sites = if exclusive { vec!["phantom".into()] } else { Vec::new() };
+    manifest.write(dir).unwrap();
+}
+
+/// A site trained as one softmax is predicted by argmax: no voxel gets two of its classes
+/// (where sigmoid thresholds give the object to both), the most probable class wins, and a
+/// class selected alone is still decided against its whole site.
+#[test]
+fn an_exclusive_site_never_assigns_two_classes_to_a_voxel() {
+    let f = fixture();
+    let (sigmoid_dir, softmax_dir) = (f.root.join("sigmoid"), f.root.join("softmax"));
+    one_site_model(&sigmoid_dir, false);
+    one_site_model(&softmax_dir, true);
+    let truth = f.labels.mapv(|v| v != 0);
+    let both =
+        |m: &[Array3<u8>]| ndarray::Zip::from(&m[0]).and(&m[1]).fold(0usize, |n, &a, &b| n + usize::from(a * b > 0));
+
+    let sigmoid = Predictor::load(&sigmoid_dir, options()).unwrap().predict(&f.image, &[0, 1]).unwrap();
+    assert!(both(&sigmoid.masks) > 1000, "the sigmoid heads should overlap on the object");
+
+    let predictor = Predictor::load(&softmax_dir, options()).unwrap();
+    let softmax = predictor.predict(&f.image, &[0, 1]).unwrap();
+    assert_eq!(both(&softmax.masks), 0, "a voxel got two classes of an exclusive site");
+    let d = dice(&softmax.masks[0].mapv(|v| v != 0), &truth).unwrap();
+    assert!(d > 0.9, "organ (the stronger logit) Dice {d}");
+    assert_eq!(softmax.masks[1].iter().map(|&v| v as u64).sum::<u64>(), 0, "core never beats organ");
+    let alone = predictor.predict(&f.image, &[1]).unwrap();
+    assert_eq!(alone.masks[0], softmax.masks[1], "core selected alone is decided against organ too");
+    let (_, probs) = predictor.probabilities(&f.image, &[0, 1]).unwrap();
+    let total = probs.sum_axis(ndarray::Axis(0));
+    assert!(total.iter().all(|&p| p <= 1.0 + 1e-4), "softmax probabilities of a site sum to at most 1");
+}
+
+/// `masks_of` on random probabilities: at most one class of a group per voxel, the group's
+/// winner is its argmax against the background; a class outside the group is thresholded.
+#[test]
+fn group_masks_are_the_argmax_against_the_background() {
+    use fedtalent_model::predict::masks_of;
+    tch::manual_seed(5);
+    let logits = Tensor::randn([4, 6, 7, 8], (Kind::Float, Device::Cpu)) * 3.0;
+    let group = Tensor::cat(&[logits.narrow(0, 0, 1).zeros_like(), logits.narrow(0, 1, 3)], 0).softmax(0, Kind::Float);
+    let probs = Tensor::cat(&[logits.narrow(0, 0, 1).sigmoid(), group.narrow(0, 1, 3)], 0);
+    let winner = group.argmax(0, false);
+    let values = Vec::<f32>::try_from(probs.reshape([-1])).unwrap();
+    let probs = ndarray::Array4::from_shape_vec((4, 6, 7, 8), values).unwrap();
+    let masks = masks_of(&probs, &[vec![1, 2, 3]]);
+    for k in 1..4 {
+        let expected = Vec::<bool>::try_from(winner.eq(k).reshape([-1])).unwrap();
+        let got: Vec<bool> = masks[k as usize].iter().map(|&v| v == 1).collect();
+        assert_eq!(got, expected, "class {k}");
+    }
+    let sum = &masks[1] + &masks[2] + &masks[3];
+    assert!(sum.iter().all(|&s| s <= 1));
+    assert!(sum.iter().any(|&s| s == 0) && sum.iter().any(|&s| s == 1));
+    assert_eq!(masks[0], probs.index_axis(ndarray::Axis(0), 0).mapv(|p| u8::from(p > 0.5)));
 }

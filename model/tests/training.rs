@@ -158,6 +158,51 @@ fn frozen_backbone_trains_only_the_heads_and_momentum_can_be_cleared() {
     let first = trainer.net.params().iter().find(|p| &p.name == name).unwrap().tensor.detach();
     assert!(!first.equal(&after.iter().find(|p| &p.0 == name).unwrap().2), "backbone stayed frozen");
     assert!(trainer.optimizer.momentum_buffer(name).is_some());
-    trainer.optimizer.clear_momentum();
+    trainer.optimizer.clear_state();
     assert!(trainer.net.params().iter().all(|p| trainer.optimizer.momentum_buffer(&p.name).is_none()));
+}
+
+/// FIRENet's options end to end: Adam, and a dataset of mutually exclusive classes (box shell
+/// {1}, core {2}) trained as one softmax. The network learns both, and its argmax prediction
+/// never gives a voxel two classes.
+#[test]
+fn adam_and_a_softmax_site_overfit_a_small_batch() {
+    use fedtalent_model::loss::exclusive_masks;
+    use fedtalent_model::optim::{AdamConfig, OptimizerConfig};
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(0);
+    let topo = Topology::preset("tiny").unwrap();
+    let net = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
+    let regions = ClassRegions::all_annotated(&[vec![1], vec![2]]).into_exclusive().unwrap();
+    let targets = BatchTargets::new(&[&regions, &regions], Device::Cpu).unwrap();
+    let optimizer = OptimizerConfig::Adam(AdamConfig::default());
+    // Above FIRENet's default (3e-4) so that the overfit takes under a hundred steps.
+    let config = TrainConfig { base_lr: 1e-2, total_steps: 2000, optimizer, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(net, config).unwrap();
+    let (image, labels) = synthetic_batch();
+    let truth = targets.targets(&labels).unwrap();
+    let predicted = |trainer: &Trainer| {
+        let logits = tch::no_grad(|| trainer.net.forward(&image));
+        exclusive_masks(&logits, 1, false).to_kind(Kind::Float)
+    };
+    let dice_now = |trainer: &Trainer| {
+        let masks = predicted(trainer);
+        // hard_dice thresholds logits at 0: masks − 0.5 are such logits.
+        hard_dice(&(masks - 0.5), &truth)
+    };
+    let mut losses = Vec::new();
+    while losses.len() < 400 {
+        losses.push(trainer.train_step(&image, &labels, &targets).unwrap().loss);
+        if losses.len() >= 50 && losses.len() % 25 == 0 && dice_now(&trainer).iter().all(|d| *d > 0.9) {
+            break;
+        }
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first - 1.0, "loss did not fall: {first} -> {last}");
+    let dice = dice_now(&trainer);
+    assert!(dice.iter().all(|d| *d > 0.9), "Dice {dice:?} after {} Adam steps", losses.len());
+    let overlap = predicted(&trainer).sum_dim_intlist(&[1i64][..], false, Kind::Float).max();
+    assert!(f64::try_from(overlap).unwrap() <= 1.0, "a voxel got two classes");
+    let first_conv = trainer.net.params().iter().next().unwrap().name.clone();
+    assert_eq!(trainer.optimizer.adam_steps(&first_conv), Some(losses.len() as u64));
 }

@@ -116,7 +116,7 @@ fn gradients_of_site_a_never_reach_site_b_decoder() {
     let _ = labels.narrow(2, 4, 8).narrow(3, 10, 20).narrow(4, 10, 20).fill_(1);
     let image = labels.to_kind(Kind::Float) + Tensor::randn([2, 1, 16, 48, 48], (Kind::Float, Device::Cpu)) * 0.3;
     // Site A's dataset annotates classes 0 and 2, not site B's class 1.
-    let regions = ClassRegions { regions: vec![Some(vec![1]), None, Some(vec![1])] };
+    let regions = ClassRegions { regions: vec![Some(vec![1]), None, Some(vec![1])], exclusive: false };
     let targets = BatchTargets::new(&[&regions, &regions], Device::Cpu).unwrap();
     let loss = MultiTalentLoss { ds_weights: n.topology().ds_weights.clone(), dice: Default::default() };
     loss.compute(&n.forward_ds(&image), &labels, &targets).unwrap().backward();

@@ -58,7 +58,8 @@ fn train(b: TrainBench) -> Result<()> {
         .eq(0)
         .to_kind(Kind::Int64);
     let annotated = (b.classes / 4).max(1);
-    let regions = ClassRegions { regions: (0..b.classes).map(|c| (c < annotated).then(|| vec![1])).collect() };
+    let regions =
+        ClassRegions { regions: (0..b.classes).map(|c| (c < annotated).then(|| vec![1])).collect(), exclusive: false };
     let refs: Vec<&ClassRegions> = (0..b.batch).map(|_| &regions).collect();
     let targets = BatchTargets::new(&refs, device)?;
     for _ in 0..b.warmup {

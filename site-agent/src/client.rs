@@ -246,9 +246,11 @@ impl Agent {
             datasets: None,
             class_ids: self.class_ids(),
             device: self.options.device,
-            lr: plan.lr,
+            optimizer: plan.optimizer,
+            lr: plan.local_lr(),
             total_steps: plan.total_steps(),
             dice: plan.dice_mode,
+            exclusive: vec![self.config.site.exclusive_classes],
             site_decoder: plan.per_site_decoders.then_some(site.as_str()),
         };
         let mut trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;

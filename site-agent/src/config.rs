@@ -39,6 +39,14 @@ pub struct SiteSection {
     /// Seed of the local data sampling (mixed with the site's name, see `local::stream_seed`).
     #[serde(default)]
     pub seed: u64,
+    /// This site's classes are mutually exclusive (no voxel belongs to two of them; their label
+    /// sets are disjoint): train them as one softmax over background and them, with
+    /// cross-entropy and soft Dice, and predict them by argmax (FIRENet), instead of one sigmoid
+    /// head each (MultiTalent). A property of the site's annotation protocol, so the site declares it;
+    /// here rather than in `[data]`, which describes how the dataset is read and preprocessed
+    /// (and keys its cache), not how the network learns from it.
+    #[serde(default)]
+    pub exclusive_classes: bool,
     /// libtorch's intra-op threads (default: libtorch's own choice, one per core). Several agents
     /// sharing a machine should split its cores.
     #[serde(default)]
@@ -73,8 +81,28 @@ impl SiteConfig {
         ensure!(c.site.threads >= 1, "{}: [site].threads must be at least 1", path.display());
         let problems = c.data.problems();
         ensure!(problems.is_empty(), "{}: {}", path.display(), problems.join("; "));
+        if c.site.exclusive_classes {
+            disjoint_classes(&c.data.classes)
+                .with_context(|| format!("{}: [site].exclusive_classes", path.display()))?;
+        }
         Ok(c)
     }
+}
+
+/// Mutually exclusive classes share no label value (else a voxel would belong to two).
+fn disjoint_classes(classes: &[fedtalent_vocab::ClassRegion]) -> Result<()> {
+    for (i, a) in classes.iter().enumerate() {
+        for b in &classes[i + 1..] {
+            if let Some(l) = a.labels.iter().find(|l| b.labels.contains(l)) {
+                anyhow::bail!(
+                    "classes {:?} and {:?} both contain label value {l}, so they are not mutually exclusive",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 impl SiteConfig {
@@ -103,6 +131,10 @@ state_dir = "state"
 # auto | cpu | cuda | cuda:N
 device = "auto"
 threads = 4
+# true when no voxel belongs to two of the classes below (disjoint label sets): they are then
+# trained as one softmax with cross-entropy + Dice and predicted by argmax (FIRENet) instead of
+# one sigmoid each (MultiTalent). Overlapping classes, like these two, need false.
+exclusive_classes = false
 
 [data]
 # nnU-Net v2 or Medical Segmentation Decathlon folder.
@@ -164,6 +196,8 @@ mod tests {
             (t.replace("labels = [2] }", "labels = [] }"), "no label values"),
             (t.replace("labels = [1, 2] }", "labels = [0, 1] }"), "background"),
             (t.replace("val_cases = 0.2", "val_cases = 1.5"), "val_cases"),
+            // The template's liver {1, 2} and liver_tumour {2} overlap.
+            (t.replace("exclusive_classes = false", "exclusive_classes = true"), "[site].exclusive_classes"),
             (format!("{t}\n[extra]\nx = 1\n"), "unknown field"),
         ];
         for (text, expected) in cases {

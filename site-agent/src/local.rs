@@ -7,10 +7,14 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use fedtalent_data::{BatchLoader, Dataset, LoaderOptions, PreprocessOptions, PreprocessedCase};
 use fedtalent_model::infer::{sliding_window_probabilities, InferOptions};
+use fedtalent_model::loss::exclusive_masks;
+use fedtalent_model::optim::OptimizerConfig;
 use fedtalent_model::train::{Precision, TrainConfig, Trainer};
 use fedtalent_model::wire::Selection;
 use fedtalent_model::{BatchTargets, ClassRegions, MultiTalentNet, Topology};
-use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, HuHistogram, LocalPolicy, OptimizerState};
+use fedtalent_vocab::{
+    ClassRegion, CtNormalization, DiceMode, HuHistogram, LocalOptimizer, LocalPolicy, OptimizerState,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
@@ -94,9 +98,13 @@ pub struct TrainerSpec<'a> {
     pub datasets: Option<Vec<Vec<usize>>>,
     pub class_ids: Vec<String>,
     pub device: Device,
+    pub optimizer: LocalOptimizer,
     pub lr: f64,
     pub total_steps: u64,
     pub dice: DiceMode,
+    /// Per dataset (in `datasets`' order, or the one dataset): its classes are mutually
+    /// exclusive and trained as one softmax (`[site].exclusive_classes`).
+    pub exclusive: Vec<bool>,
     /// FIRENet per-site decoders: the local network has one decoder (index 0), this site's.
     pub site_decoder: Option<&'a str>,
 }
@@ -115,6 +123,7 @@ impl LocalTrainer {
             total_steps: spec.total_steps,
             precision,
             dice: spec.dice,
+            optimizer: OptimizerConfig::of(spec.optimizer),
             ..TrainConfig::default()
         };
         let mut trainer = Trainer::new(net, config)?;
@@ -134,16 +143,7 @@ impl LocalTrainer {
                 state_dir.display()
             );
         }
-        let labels: Vec<Vec<u32>> = spec.classes.iter().map(|c| c.labels.clone()).collect();
-        let regions = match spec.datasets {
-            None => vec![ClassRegions::all_annotated(&labels)],
-            Some(rows) => rows
-                .iter()
-                .map(|rows| ClassRegions {
-                    regions: (0..labels.len()).map(|r| rows.contains(&r).then(|| labels[r].clone())).collect(),
-                })
-                .collect(),
-        };
+        let regions = dataset_regions(spec.classes, spec.datasets, &spec.exclusive)?;
         Ok(Self {
             trainer,
             regions,
@@ -170,7 +170,7 @@ impl LocalTrainer {
     /// `head_warmup_steps` steps (at the round's learning rate; the schedule does not advance).
     pub fn begin_round(&mut self, loader: &mut BatchLoader, policy: &LocalPolicy, step_offset: u64) -> Result<()> {
         if policy.optimizer_state == OptimizerState::Reset {
-            self.trainer.optimizer.clear_momentum();
+            self.trainer.optimizer.clear_state();
         }
         if policy.head_warmup_steps == 0 {
             return Ok(());
@@ -181,9 +181,9 @@ impl LocalTrainer {
             self.step(loader).map(|_| ())
         });
         self.trainer.freeze_backbone(false);
-        // The heads' warm-up momentum would otherwise kick the first full steps.
+        // The heads' warm-up momentum (or Adam moments) would otherwise kick the first full steps.
         if policy.optimizer_state == OptimizerState::Reset {
-            self.trainer.optimizer.clear_momentum();
+            self.trainer.optimizer.clear_state();
         }
         warmed
     }
@@ -243,9 +243,12 @@ impl LocalTrainer {
     pub fn evaluate(&self, cases: &[PreprocessedCase], norm: &CtNormalization) -> Result<Vec<(String, f32)>> {
         let net = &self.trainer.net;
         let device = net.device();
-        let opts = InferOptions { device, progress: false, ..InferOptions::default() };
         let class_ids: Vec<&str> = self.selection.class_ids().collect();
         let classes = class_ids.len();
+        // A site of mutually exclusive classes predicts them as it trains them: one softmax.
+        let exclusive = self.regions[0].exclusive;
+        let softmax_groups = if exclusive { vec![(0..classes as i64).collect()] } else { Vec::new() };
+        let opts = InferOptions { device, progress: false, softmax_groups, ..InferOptions::default() };
         let (mut tp, mut sums) = (vec![0f64; classes], vec![0f64; classes]);
         for case in cases {
             let image = case.normalized_image(norm);
@@ -255,7 +258,7 @@ impl LocalTrainer {
             let probs = tch::no_grad(|| {
                 sliding_window_probabilities(net, &image.to_device(device), net.topology().patch, &opts)
             })?;
-            let pred = probs.gt(0.5).to_device(Device::Cpu);
+            let pred = if exclusive { exclusive_masks(&probs, 0, true) } else { probs.gt(0.5) }.to_device(Device::Cpu);
             let labels = Tensor::from_slice(&case.labels().iter().map(|&l| l as i64).collect::<Vec<_>>())
                 .view([1, 1, z as i64, y as i64, x as i64]);
             let targets = BatchTargets::new(&[&self.regions[0]], Device::Cpu)?.targets(&labels)?.squeeze_dim(0).gt(0.5);
@@ -272,6 +275,37 @@ impl LocalTrainer {
             })
             .collect())
     }
+}
+
+/// Which classes each dataset annotates (`rows`; `None`: one dataset annotating all), each
+/// trained as one softmax where `exclusive` says so (indexed like the datasets).
+fn dataset_regions(
+    classes: &[ClassRegion],
+    rows: Option<Vec<Vec<usize>>>,
+    exclusive: &[bool],
+) -> Result<Vec<ClassRegions>> {
+    let labels: Vec<Vec<u32>> = classes.iter().map(|c| c.labels.clone()).collect();
+    let datasets = match rows {
+        None => vec![ClassRegions::all_annotated(&labels)],
+        Some(rows) => rows
+            .iter()
+            .map(|rows| ClassRegions {
+                regions: (0..labels.len()).map(|r| rows.contains(&r).then(|| labels[r].clone())).collect(),
+                exclusive: false,
+            })
+            .collect(),
+    };
+    ensure!(
+        exclusive.len() == datasets.len(),
+        "{} exclusive-classes flags for {} datasets",
+        exclusive.len(),
+        datasets.len()
+    );
+    datasets
+        .into_iter()
+        .zip(exclusive)
+        .map(|(d, &exclusive)| if exclusive { d.into_exclusive() } else { Ok(d) })
+        .collect()
 }
 
 /// What a round asks of a site's training.
@@ -303,4 +337,26 @@ pub fn batch_loader(datasets: Vec<Vec<PreprocessedCase>>, spec: StreamSpec) -> R
     let mut opts = LoaderOptions::new(patch, spec.batch as usize, spec.norm, spec.seed, spec.threads, spec.device);
     opts.start_index = spec.start;
     BatchLoader::pooled(datasets, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(name: &str, labels: &[u32]) -> ClassRegion {
+        ClassRegion { name: name.into(), labels: labels.to_vec() }
+    }
+
+    /// `[site].exclusive_classes` reaches the loss per dataset; overlapping classes are refused.
+    #[test]
+    fn exclusive_datasets_train_as_one_softmax_and_overlaps_are_refused() {
+        let classes = [class("kidney", &[1]), class("spleen", &[2]), class("liver", &[1, 2])];
+        let rows = Some(vec![vec![0, 1], vec![2]]);
+        let regions = dataset_regions(&classes, rows.clone(), &[true, false]).unwrap();
+        assert_eq!(regions.iter().map(|r| r.exclusive).collect::<Vec<_>>(), [true, false]);
+        assert_eq!(regions[0].regions, [Some(vec![1]), Some(vec![2]), None]);
+        let all = dataset_regions(&classes, None, &[true]).unwrap_err().to_string();
+        assert!(all.contains("label value 1"), "{all}");
+        assert!(dataset_regions(&classes, rows, &[true]).is_err(), "one flag for two datasets");
+    }
 }

@@ -1,6 +1,6 @@
 //! `site-agent postprocess`: a site decides nnU-Net's post-processing for its own classes on its
 //! own validation cases and records it in the model's `model.json` (other sites' decisions are
-//! kept). Run by `site-agent train` and `coordinator simulate` at the end of training; a site
+//! kept), along with whether its classes are one softmax (`[site].exclusive_classes`). Run by `site-agent train` and `coordinator simulate` at the end of training; a site
 //! operator runs it on the model the federation distributed.
 
 use std::path::{Path, PathBuf};
@@ -39,6 +39,7 @@ pub fn run(args: Args) -> Result<()> {
 /// writes it into the model's manifest.
 pub fn decide(model_dir: &Path, config: &SiteConfig, infer: &crate::predict::InferArgs) -> Result<Vec<ClassDecision>> {
     let site = &config.site.name;
+    record_exclusive(model_dir, config)?;
     let predictor = Predictor::load(model_dir, infer.options()?)?;
     let classes: Vec<usize> =
         predictor.manifest.classes.iter().filter(|c| c.site == *site).map(|c| c.index as usize).collect();
@@ -58,6 +59,23 @@ pub fn decide(model_dir: &Path, config: &SiteConfig, infer: &crate::predict::Inf
     manifest.largest_component.extend(decisions.iter().filter(|d| d.keep_largest).map(|d| d.id.clone()));
     manifest.write(model_dir)?;
     Ok(decisions)
+}
+
+/// Records in the model's manifest whether this site's classes are one softmax
+/// (`[site].exclusive_classes`): how they were trained is how they must be predicted, and only
+/// the site knows (the federation's export does not). Done before deciding, so that the
+/// decision is made on the predictions users will get.
+fn record_exclusive(model_dir: &Path, config: &SiteConfig) -> Result<()> {
+    let mut manifest = ModelManifest::read(model_dir)?;
+    let site = &config.site.name;
+    if manifest.exclusive_sites.contains(site) == config.site.exclusive_classes {
+        return Ok(());
+    }
+    manifest.exclusive_sites.retain(|s| s != site);
+    if config.site.exclusive_classes {
+        manifest.exclusive_sites.push(site.clone());
+    }
+    manifest.write(model_dir)
 }
 
 /// The decisions as a table, one row per class.

@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use fedtalent_data::PreprocessedCase;
 use fedtalent_model::manifest::ModelManifest;
 use fedtalent_model::{wire, Topology};
-use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram};
+use fedtalent_vocab::{ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram, LocalOptimizer};
 use tracing::{info, warn};
 
 use crate::config::SiteConfig;
@@ -36,8 +36,12 @@ pub struct Args {
     steps: u64,
     #[arg(long, default_value_t = 2)]
     batch: u32,
-    #[arg(long, default_value_t = 0.01)]
-    lr: f64,
+    /// The local optimizer: sgd (MultiTalent / nnU-Net) or adam (FIRENet).
+    #[arg(long, default_value = "sgd")]
+    optimizer: LocalOptimizer,
+    /// Base learning rate (default: the optimizer's, 0.01 for sgd, 3e-4 for adam).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Seed of the network's initialisation and the batch stream.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -86,6 +90,8 @@ pub struct Args {
 struct Source {
     site: String,
     classes: Vec<ClassRegion>,
+    /// `[site].exclusive_classes`: its classes train as one softmax.
+    exclusive: bool,
     train: Vec<PreprocessedCase>,
     histogram: HuHistogram,
 }
@@ -103,6 +109,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let topology = Topology::preset(&preset).context("--preset")?;
     let sources = load_sources(&args.sites, topology.spacing)?;
+    let exclusive_sites: Vec<String> = sources.iter().filter(|s| s.exclusive).map(|s| s.site.clone()).collect();
     let classes = match &init {
         Some(init) => init.class_list(class_list(&sources), args.keep_heads),
         None => class_list(&sources),
@@ -134,9 +141,11 @@ pub fn run(args: Args) -> Result<()> {
         datasets: Some(datasets),
         class_ids: classes.iter().map(|c| c.id.clone()).collect(),
         device,
-        lr: args.lr,
+        optimizer: args.optimizer,
+        lr: args.lr.unwrap_or(args.optimizer.default_lr()),
         total_steps: args.steps,
         dice: DiceMode::Batch,
+        exclusive: sources.iter().map(|s| s.exclusive).collect(),
         site_decoder: decoder_owner.as_deref(),
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
@@ -188,7 +197,8 @@ pub fn run(args: Args) -> Result<()> {
             return Ok(());
         }
     }
-    let dir = export(&trainer, &preset, norm, classes, &args.out.join("model"))?;
+    let manifest = ModelManifest { exclusive_sites, ..ModelManifest::of(&trainer.trainer.net, &preset, norm, classes) };
+    let dir = export(&trainer, manifest, &args.out.join("model"))?;
     println!("model exported to {}", dir.display());
     if args.postprocess {
         let infer = InferArgs { tta: false, device: args.device.clone(), tile_batch: 2 };
@@ -232,6 +242,7 @@ fn load_sources(paths: &[PathBuf], spacing: [f64; 3]) -> Result<Vec<Source>> {
         sources.push(Source {
             site,
             classes: config.data.classes.clone(),
+            exclusive: config.site.exclusive_classes,
             train: data.train,
             histogram: data.histogram,
         });
@@ -256,15 +267,9 @@ fn normalization(sources: &[Source]) -> CtNormalization {
     HuHistogram::merge(&histograms).ct_stats().unwrap_or(CtNormalization::PAPER)
 }
 
-fn export(
-    trainer: &LocalTrainer,
-    preset: &str,
-    norm: CtNormalization,
-    classes: Vec<GlobalClass>,
-    dir: &Path,
-) -> Result<PathBuf> {
+fn export(trainer: &LocalTrainer, manifest: ModelManifest, dir: &Path) -> Result<PathBuf> {
     let net = &trainer.trainer.net;
     let digest = wire::model_digest(net, &trainer.selection);
-    ModelManifest { digest, ..ModelManifest::of(net, preset, norm, classes) }.save(net, dir)?;
+    ModelManifest { digest, ..manifest }.save(net, dir)?;
     Ok(dir.to_path_buf())
 }

@@ -209,6 +209,7 @@ impl LocalFederation {
                 threads: 1,
                 seed: 0,
                 torch_threads: None,
+                exclusive_classes: false,
             },
             data: SiteDataConfig {
                 dataset_dir: dataset.to_path_buf(),

@@ -23,7 +23,9 @@ pub mod privacy;
 pub use class::{class_id, parse_class_id, ClassRegion, GlobalClass};
 pub use histogram::{HistogramError, HuHistogram, HU_RANGE, MAX_VOXELS};
 pub use norm::CtNormalization;
-pub use plan::{DiceMode, InitNormalization, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport};
+pub use plan::{
+    DiceMode, InitNormalization, LocalOptimizer, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport,
+};
 pub use privacy::Privacy;
 
 /// ALPN protocol identifier of the federation protocol (TLS), `fedtalent/1`: the coordinator

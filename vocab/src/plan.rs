@@ -13,7 +13,13 @@ pub struct Plan {
     pub rounds: u32,
     pub local_steps: u32,
     pub batch: u32,
-    pub lr: f64,
+    /// The local optimizer's base learning rate (the poly schedule's start); absent: the
+    /// optimizer's own default ([`LocalOptimizer::default_lr`]). Read it with [`Plan::local_lr`].
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// The sites' local optimizer: `sgd` (MultiTalent / nnU-Net, the default) or `adam` (FIRENet).
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
     pub eval_every: u32,
     pub min_sites: u32,
     pub round_deadline_s: u64,
@@ -68,7 +74,7 @@ fn default_max_update_norm() -> f64 {
 
 impl Plan {
     /// A plan of `rounds` rounds of `local_steps` steps of `preset`, the rest at small values:
-    /// batch 2, lr 0.01, evaluated every round, one site enough for a round, a one-hour deadline,
+    /// batch 2, SGD at lr 0.01, evaluated every round, one site enough for a round, a one-hour deadline,
     /// and every optional key (`dice_mode` … `privacy`) at its default, as if left out of the
     /// TOML. For tests and programs that write a plan; an operator's starts from `coordinator
     /// init`'s template.
@@ -78,7 +84,8 @@ impl Plan {
             rounds,
             local_steps,
             batch: 2,
-            lr: 0.01,
+            lr: None,
+            optimizer: LocalOptimizer::default(),
             eval_every: 1,
             min_sites: 1,
             round_deadline_s: 3600,
@@ -98,6 +105,12 @@ impl Plan {
     /// budget would be exceeded first.
     pub fn rounds_to_run(&self) -> u32 {
         self.privacy.map_or(self.rounds, |p| p.rounds_within_budget(self.rounds))
+    }
+
+    /// The local optimizer's base learning rate: `lr` where the plan sets it, else the
+    /// optimizer's default.
+    pub fn local_lr(&self) -> f64 {
+        self.lr.unwrap_or(self.optimizer.default_lr())
     }
 
     /// Local steps of the whole federation: the length of the lr schedule.
@@ -153,16 +166,56 @@ pub enum DiceMode {
     PerSample,
 }
 
-/// What a site's optimizer momentum does at a round boundary.
+/// `[plan].optimizer`: the update rule of every site's local training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalOptimizer {
+    /// SGD, momentum 0.99, Nesterov, weight decay 3e-5 (MultiTalent, nnU-Net; DESIGN.md §1.4).
+    #[default]
+    Sgd,
+    /// Adam, betas (0.9, 0.999), eps 1e-8, L2 weight decay 3e-5 as `torch.optim.Adam` (FIRENet).
+    Adam,
+}
+
+impl LocalOptimizer {
+    /// The base learning rate when the plan sets none: nnU-Net's 0.01 for SGD; for Adam 3e-4,
+    /// nnU-Net's own Adam trainer's (FIRENet's paper, as far as we could find, states no value).
+    pub fn default_lr(self) -> f64 {
+        match self {
+            LocalOptimizer::Sgd => 0.01,
+            LocalOptimizer::Adam => 3e-4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LocalOptimizer::Sgd => "sgd",
+            LocalOptimizer::Adam => "adam",
+        }
+    }
+}
+
+impl std::str::FromStr for LocalOptimizer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sgd" => Ok(LocalOptimizer::Sgd),
+            "adam" => Ok(LocalOptimizer::Adam),
+            other => Err(format!("unknown optimizer {other:?} (sgd | adam)")),
+        }
+    }
+}
+
+/// What a site's optimizer state (SGD's momentum, Adam's moments) does at a round boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerState {
-    /// Momentum buffers carry over from the site's previous round (and survive a restart).
+    /// The optimizer state carries over from the site's previous round (and survives a restart).
     /// Measured better than `Reset` with short rounds: SGD momentum 0.99 needs ~100 steps to
     /// build up, which a 40-step round that starts empty never reaches.
     #[default]
     Keep,
-    /// Every round starts with empty momentum, as a fresh local optimizer (FedAvg).
+    /// Every round starts with an empty state, as a fresh local optimizer (FedAvg).
     Reset,
 }
 
@@ -251,6 +304,10 @@ mod tests {
     fn the_schedule_and_evaluation_rounds_follow_the_plan() {
         let p = plan(5, 10, 2);
         assert_eq!(p.total_steps(), 50);
+        assert_eq!(p.local_lr(), 0.01);
+        let adam = Plan { optimizer: LocalOptimizer::Adam, ..plan(5, 10, 2) };
+        assert_eq!(adam.local_lr(), 3e-4);
+        assert_eq!(Plan { lr: Some(1e-3), ..adam }.local_lr(), 1e-3);
         assert_eq!([1, 2, 5].map(|r| p.step_offset(r)), [0, 10, 40]);
         // Rounds 1, 3, 5 (every second from the first), and 5 is also the last.
         assert_eq!((1..=5).map(|r| p.evaluates(r)).collect::<Vec<_>>(), [true, false, true, false, true]);
