@@ -93,6 +93,8 @@ impl FederationConfig {
         ensure!(sorted.len() == f.sites.len(), "[federation].sites: a site is listed twice");
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
         fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        let channel_problems = p.input_channels.problems();
+        ensure!(channel_problems.is_empty(), "[plan].input_channels: {}", channel_problems.join("; "));
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
         ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
         ensure!(p.batch >= 1, "[plan].batch must be at least 1");

@@ -226,6 +226,7 @@ fn prepare_site(
             cache_dir: "cache".into(),
             target_spacing: spacing,
             label_interp: Default::default(),
+            input_channels: None,
         },
     };
     config.write(&dir.join("site.toml"))

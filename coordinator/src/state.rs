@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fedtalent_model::MultiTalentNet;
-use fedtalent_vocab::{CtNormalization, GlobalClass};
+use fedtalent_vocab::{CtNormalization, GlobalClass, InputChannels};
 
 use crate::aggregate::ServerState;
 use crate::metrics::MetricsLine;
@@ -34,6 +34,10 @@ pub struct Setup {
     pub normalization: CtNormalization,
     /// Training cases per site at registration.
     pub site_cases: Vec<(String, u32)>,
+    /// The input channels every site registered with (`[plan].input_channels`). Absent in
+    /// set-ups from before channels were declared: one CT channel.
+    #[serde(default)]
+    pub channels: InputChannels,
 }
 
 impl Setup {

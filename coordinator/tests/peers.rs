@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use fedtalent_certs::FederationCa;
 use fedtalent_coordinator::{config, Coordinator, FederationConfig};
 use fedtalent_protocol::{
-    read_frame, AdminReply, AdminRequest, ClassRegion, ErrorKind, Hello, HuHistogram, Message, PhaseTimings,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    read_frame, AdminReply, AdminRequest, ClassRegion, ErrorKind, Hello, HuHistogram, InputChannels, Message,
+    PhaseTimings, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use peer::{ack, assert_refused, hello, hello_of, Metrics, Peer, Upload, Work, TIMEOUT};
 
@@ -97,7 +97,8 @@ async fn hello_of_another_protocol_version_is_answered_version_mismatch() {
     let fed = Federation::start(&["alpha", "beta"], 1).await;
     let peer = fed.connect("alpha").await;
     let other = Message::Hello(Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello_of("alpha") });
-    assert_refused(&peer.request(&other).await, ErrorKind::VersionMismatch, &["alpha", "version 2"]);
+    let ours = format!("version {PROTOCOL_VERSION}");
+    assert_refused(&peer.request(&other).await, ErrorKind::VersionMismatch, &["alpha", &ours]);
     // Variant 0, version 7, then bytes this version cannot read as a Hello.
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
     let payload = [0u8, 7, 0xff, 0xff, 0xff];
@@ -134,6 +135,29 @@ async fn absurd_histograms_are_refused_and_the_federation_sets_up() {
         assert_eq!(peer.honest_update(&work).await, (true, String::new()));
     }
     wait_completed(&fed, 1).await;
+}
+
+/// A site whose dataset has other input channels than the federation's (one CT channel here) is
+/// refused at registration, naming the channel; with the federation's channels it joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_other_input_channels_is_refused_naming_the_channel() {
+    let fed = Federation::start(&["alpha", "beta"], 1).await;
+    let (alpha, beta) = (fed.connect("alpha").await, fed.connect("beta").await);
+    let refusals = [
+        (
+            InputChannels::named(["T1", "T2"]),
+            "the dataset has 2 input channel(s) (T1 (zscore), T2 (zscore)) but the federation declares 1 (CT)",
+        ),
+        (
+            InputChannels::named(["MR"]),
+            "input channel 0: the dataset has \"MR\" (zscore) where the federation declares \"CT\" (CT)",
+        ),
+    ];
+    for (channels, reason) in refusals {
+        let other = Message::Hello(Hello { channels, ..hello_of("alpha") });
+        assert_refused(&alpha.request(&other).await, ErrorKind::BadDataset, &["site alpha", reason]);
+    }
+    join_both(&alpha, &beta).await;
 }
 
 /// Two sites joined and round 1 announced to both.

@@ -251,7 +251,7 @@ pub fn sliding_window_with(
     opts: &InferOptions,
 ) -> Result<Tensor> {
     let size = image.size();
-    ensure!(size.len() == 4 && size[0] == 1, "sliding window: expected an image [1, Z, Y, X], got {size:?}");
+    ensure!(size.len() == 4 && size[0] >= 1, "sliding window: expected an image [C, Z, Y, X], got {size:?}");
     ensure!(opts.step > 0.0 && opts.step <= 1.0, "sliding window: step {} is not in (0, 1]", opts.step);
     ensure!(opts.tile_batch >= 1, "sliding window: tile batch must be at least 1");
     ensure!(patch.iter().all(|&p| p > 0), "sliding window: bad patch {patch:?}");

@@ -1,11 +1,12 @@
 //! `model.json`: what a consumer of an exported model needs besides the weights (DESIGN.md §2.5):
-//! topology, patch, spacing, CT normalization, and the classes with their sites and label sets.
+//! topology, patch, spacing, input channels, CT normalization, and the classes with their sites
+//! and label sets.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use fedtalent_vocab::{CtNormalization, GlobalClass};
+use fedtalent_vocab::{CtNormalization, GlobalClass, InputChannels};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -24,6 +25,11 @@ pub struct ModelManifest {
     pub topology: Topology,
     pub patch: [i64; 3],
     pub spacing: [f64; 3],
+    /// The input channels in order, each with its normalization: `topology.in_channels` of them.
+    /// Absent in models from before channels were declared, which took one CT channel.
+    #[serde(default)]
+    pub channels: InputChannels,
+    /// Applied to the CT channels.
     pub normalization: CtNormalization,
     pub classes: Vec<GlobalClass>,
     /// Federation round that produced the weights.
@@ -54,6 +60,7 @@ impl ModelManifest {
             patch: topology.patch,
             spacing: topology.spacing,
             topology,
+            channels: InputChannels::ct(),
             normalization,
             classes,
             round: 0,
@@ -92,6 +99,25 @@ impl ModelManifest {
         all
     }
 
+    /// This manifest with the network's input `channels` ([`ModelManifest::of`] assumes one CT
+    /// channel).
+    pub fn with_channels(mut self, channels: InputChannels) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// The declared channels must be the network's: one per input filter.
+    fn check_channels(&self) -> Result<()> {
+        ensure!(
+            self.channels.len() as i64 == self.topology.in_channels,
+            "model.json declares {} input channel(s) ({}) but its network takes {}",
+            self.channels.len(),
+            self.channels,
+            self.topology.in_channels
+        );
+        Ok(())
+    }
+
     /// Writes an exported model folder: `net`'s weights (nnU-Net names) and this manifest.
     pub fn save(&self, net: &MultiTalentNet, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -109,10 +135,12 @@ impl ModelManifest {
             path.display(),
             manifest.format
         );
+        manifest.check_channels().with_context(|| path.display().to_string())?;
         Ok(manifest)
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
+        self.check_channels()?;
         let json = serde_json::to_string_pretty(self)?;
         crate::io::write_bytes_atomic(&dir.join(MANIFEST_FILE), json.as_bytes())
     }

@@ -299,6 +299,7 @@ pub fn evaluate_cases(predictor: &Predictor, dataset: &Path, cases: &[Case], cla
 /// Evaluates `classes` on every case of an nnU-Net v2 or MSD folder (read by the data crate).
 pub fn evaluate_dataset(predictor: &Predictor, dataset_dir: &Path, classes: &[usize]) -> Result<Evaluation> {
     let config = SiteDataConfig {
+        input_channels: None,
         dataset_dir: dataset_dir.to_path_buf(),
         // Named by id: two sites' classes may share a name.
         classes: classes

@@ -103,34 +103,40 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// Refuses paths that are not `.nii`/`.nii.gz` files or are empty, naming the file.
+/// The endings of an image an input names: a NIfTI file, or the header of a `.hdr`/`.img` pair
+/// (which reads the pair).
+const IMAGE_ENDINGS: [&str; 4] = [".nii", ".nii.gz", ".hdr", ".hdr.gz"];
+
+fn is_image_name(name: &str) -> bool {
+    IMAGE_ENDINGS.iter().any(|e| name.ends_with(e))
+}
+
+/// Refuses paths that are not NIfTI files (`.nii`, `.nii.gz`, a pair's `.hdr`) or are empty,
+/// naming the file.
 pub fn check_nifti_path(path: &Path) -> Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    ensure!(
-        name.ends_with(".nii") || name.ends_with(".nii.gz"),
-        "{}: not a NIfTI file (expected .nii or .nii.gz)",
-        path.display()
-    );
+    ensure!(is_image_name(&name), "{}: not a NIfTI file (expected .nii, .nii.gz or .hdr)", path.display());
     let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
     ensure!(meta.is_file(), "{}: not a file", path.display());
     ensure!(meta.len() > 0, "{}: empty file", path.display());
     Ok(())
 }
 
-/// The NIfTI files named by `input`: the file itself, or the `.nii`/`.nii.gz` files of a folder
-/// (sorted; other files are ignored).
-pub fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
+/// The images named by `input` for a model of `channels` input channels: the file itself, or the
+/// NIfTI files of a folder (sorted; other files are ignored). With several channels, a case
+/// stored one file per channel is named by its `_0000` file: its `_0001` … files are not inputs.
+pub fn input_files(input: &Path, channels: usize) -> Result<Vec<PathBuf>> {
     if input.is_dir() {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))? {
             let path = entry?.path();
             let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            if path.is_file() && (name.ends_with(".nii") || name.ends_with(".nii.gz")) {
+            if path.is_file() && is_image_name(&name) && !is_later_channel(&path, channels) {
                 files.push(path);
             }
         }
         files.sort();
-        ensure!(!files.is_empty(), "{}: no .nii or .nii.gz files in this folder", input.display());
+        ensure!(!files.is_empty(), "{}: no .nii, .nii.gz or .hdr files in this folder", input.display());
         Ok(files)
     } else {
         check_nifti_path(input)?;
@@ -138,10 +144,22 @@ pub fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// `<case>` of an input file: the name without `.nii[.gz]` and without a `_0000` channel suffix.
+/// Whether `path` is channel 1 … `channels - 1` of a case whose `_0000` file is beside it.
+fn is_later_channel(path: &Path, channels: usize) -> bool {
+    let Some((case, k)) = fedtalent_data::channel_suffix(path) else {
+        return false;
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    // `<case>_<kkkk><ending>`: the ending follows the case and the 5 characters of `_<kkkk>`.
+    let first = path.with_file_name(format!("{case}_0000{}", &name[case.len() + 5..]));
+    (1..channels).contains(&k) && first.exists()
+}
+
+/// `<case>` of an input file: the name without its ending and without a `_0000` channel suffix.
 pub fn case_name(path: &Path) -> String {
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let stem = name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).unwrap_or(&name);
+    let ending = IMAGE_ENDINGS.iter().filter(|e| name.ends_with(*e)).max_by_key(|e| e.len());
+    let stem = ending.map_or(name.as_str(), |e| &name[..name.len() - e.len()]);
     stem.strip_suffix("_0000").unwrap_or(stem).to_string()
 }
 
@@ -247,7 +265,7 @@ impl Predictor {
     /// Reads and preprocesses `path` (crop, cubic resampling, normalization).
     pub fn load_image(&self, path: &Path) -> Result<InferenceImage> {
         check_nifti_path(path)?;
-        load_for_inference(path, self.manifest.spacing, &self.manifest.normalization)
+        load_for_inference(path, &self.manifest.channels, self.manifest.spacing, &self.manifest.normalization)
     }
 
     /// Probabilities `[C_sel, Z, Y, X]` of the selected classes in the input's original geometry
@@ -262,9 +280,9 @@ impl Predictor {
     fn group_probabilities(&self, path: &Path, classes: &[usize]) -> Result<(InferenceImage, Array4<f32>)> {
         let computed = self.manifest.with_whole_groups(classes);
         let prepared = self.load_image(path)?;
-        let (z, y, x) = prepared.image.dim();
+        let (c, z, y, x) = prepared.image.dim();
         let image = Tensor::from_slice(prepared.image.as_slice().expect("standard layout"))
-            .reshape([1, z as i64, y as i64, x as i64]);
+            .reshape([c as i64, z as i64, y as i64, x as i64]);
         let mut opts = self.options.clone();
         opts.channels = Some(computed.iter().map(|&c| c as i64).collect());
         opts.softmax_groups = self.softmax_groups(&computed);

@@ -91,6 +91,12 @@ impl Topology {
         }
     }
 
+    /// This topology taking `channels` input channels (a preset takes one).
+    pub fn with_in_channels(mut self, channels: usize) -> Topology {
+        self.in_channels = channels as i64;
+        self
+    }
+
     /// This topology with one decoder per site (`sites[s]`: the class indices of site s,
     /// together a partition of the network's classes; checked when the network is built).
     pub fn with_site_decoders(mut self, sites: Vec<Vec<i64>>) -> Topology {

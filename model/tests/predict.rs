@@ -107,6 +107,7 @@ fn write_model(dir: &Path) {
         patch: topology.patch,
         spacing: [2.0, 1.0, 1.0],
         topology,
+        channels: fedtalent_vocab::InputChannels::ct(),
         normalization: CtNormalization { clip_low: -1000.0, clip_high: 100.0, mean: -450.0, std: 550.0 },
         classes: vec![class(0, "phantom", "organ", vec![1, 2]), class(1, "other", "core", vec![2])],
         round: 3,
@@ -262,7 +263,7 @@ fn bad_inputs_are_refused_by_name() {
     );
     let e = err_of(predictor.predict_to(&four, &out, &[0]));
     assert!(e.contains("four_d.nii.gz") && e.contains("3D"), "{e}");
-    let e = err_of(fedtalent_model::predict::input_files(&f.root.join("missing.nii.gz")));
+    let e = err_of(fedtalent_model::predict::input_files(&f.root.join("missing.nii.gz"), 1));
     assert!(e.contains("missing.nii.gz"), "{e}");
     assert!(!out.join("notes").exists() && !out.join("empty").exists());
 }

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use fedtalent_vocab::{
-    ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram, LocalPolicy, OptimizerState, Plan,
+    ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram, InputChannels, LocalPolicy, OptimizerState, Plan,
     ServerOptimizer,
 };
 
@@ -35,6 +35,8 @@ pub struct Hello {
     pub n_val: u32,
     pub hu_histogram: HuHistogram,
     pub device: String,
+    /// The input channels its dataset declares, which must be the federation's.
+    pub channels: InputChannels,
 }
 
 /// coordinator → site, reply to [`Hello`]: what registration fixed for the whole federation.

@@ -20,6 +20,7 @@ pub fn sample_messages() -> Vec<Message> {
         server: ServerOptimizer { lr: 1.5, momentum: 0.9 },
         init_model: Some("m".into()),
         init_normalization: fedtalent_vocab::InitNormalization::Sites,
+        input_channels: fedtalent_vocab::InputChannels::named(["T1", "T2"]),
         privacy: None,
     };
     vec![
@@ -31,6 +32,7 @@ pub fn sample_messages() -> Vec<Message> {
             n_val: 20,
             hu_histogram: HuHistogram { min_hu: -1024, counts: vec![1, 2, 3] },
             device: "cuda:0".into(),
+            channels: fedtalent_vocab::InputChannels::ct(),
         }),
         Message::Welcome(Welcome {
             federation: "fed".into(),

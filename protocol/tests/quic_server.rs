@@ -28,6 +28,7 @@ fn hello(version: u32) -> Message {
         n_val: 2,
         hu_histogram: HuHistogram { min_hu: -1024, counts: vec![0; 8] },
         device: "cpu".into(),
+        channels: fedtalent_vocab::InputChannels::ct(),
     })
 }
 

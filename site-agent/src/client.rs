@@ -69,6 +69,8 @@ struct Agent {
     n_train: u32,
     n_val: u32,
     histogram: fedtalent_vocab::HuHistogram,
+    /// The input channels its dataset declares.
+    channels: fedtalent_vocab::InputChannels,
 }
 
 /// A connection to the coordinator (the endpoint must live as long as the connection).
@@ -109,6 +111,7 @@ pub async fn run(config: SiteConfig, options: RunOptions) -> Result<()> {
         n_train: data.train.len() as u32,
         n_val: data.val.len() as u32,
         histogram: data.histogram.clone(),
+        channels: data.channels.clone(),
         config,
         options,
     };
@@ -218,6 +221,7 @@ impl Agent {
             n_val: self.n_val,
             hu_histogram: self.histogram.clone(),
             device: format!("{:?}", self.options.device),
+            channels: self.channels.clone(),
         }
     }
 
@@ -245,6 +249,7 @@ impl Agent {
             classes: &self.config.data.classes,
             datasets: None,
             class_ids: self.class_ids(),
+            channels: &data.channels,
             device: self.options.device,
             optimizer: plan.optimizer,
             lr: plan.local_lr(),

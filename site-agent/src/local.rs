@@ -31,6 +31,8 @@ pub struct LocalData {
     pub train: Vec<PreprocessedCase>,
     pub val: Vec<PreprocessedCase>,
     pub histogram: HuHistogram,
+    /// The input channels its dataset.json declares.
+    pub channels: fedtalent_vocab::InputChannels,
 }
 
 /// Opens the dataset and preprocesses (or loads from cache) every case at `spacing`. Cases that
@@ -52,7 +54,7 @@ pub fn prepare_data(config: &SiteConfig, spacing: [f64; 3]) -> Result<LocalData>
     ensure!(!train.is_empty(), "{}: no usable training case", data_config.dataset_dir.display());
     let histogram = fedtalent_data::site_histogram(&train);
     info!(train = train.len(), val = val.len(), secs = started.elapsed().as_secs_f32(), "cases preprocessed");
-    Ok(LocalData { train, val, histogram })
+    Ok(LocalData { train, val, histogram, channels: dataset.channels })
 }
 
 /// Persistent facts about the site's progress.
@@ -97,6 +99,8 @@ pub struct TrainerSpec<'a> {
     /// Rows (into `classes`) each dataset annotates; `None`: one dataset annotating all.
     pub datasets: Option<Vec<Vec<usize>>>,
     pub class_ids: Vec<String>,
+    /// The network's input channels (its datasets' channels).
+    pub channels: &'a fedtalent_vocab::InputChannels,
     pub device: Device,
     pub optimizer: LocalOptimizer,
     pub lr: f64,
@@ -113,6 +117,7 @@ impl LocalTrainer {
     /// Builds the local trainer and restores heads, optimizer state and progress from `state_dir`.
     pub fn open(spec: TrainerSpec, state_dir: &Path) -> Result<Self> {
         let mut topo = Topology::preset(spec.preset)?;
+        topo.in_channels = spec.channels.len() as i64;
         if spec.site_decoder.is_some() {
             topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()]);
         }
@@ -253,8 +258,9 @@ impl LocalTrainer {
         for case in cases {
             let image = case.normalized_image(norm);
             let [z, y, x] = case.meta.shape;
+            let c = case.channels() as i64;
             let image =
-                Tensor::from_slice(image.as_slice().expect("standard layout")).view([1, z as i64, y as i64, x as i64]);
+                Tensor::from_slice(image.as_slice().expect("standard layout")).view([c, z as i64, y as i64, x as i64]);
             let probs = tch::no_grad(|| {
                 sliding_window_probabilities(net, &image.to_device(device), net.topology().patch, &opts)
             })?;

@@ -80,7 +80,7 @@ enum Command {
         /// Also print each class's round-trip Dice ceiling at this target spacing (z y x, mm).
         #[arg(long, num_args = 3)]
         ceiling_spacing: Option<Vec<f64>>,
-        /// liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide
+        /// liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide (CT); mr_liver (MR: T1, T2)
         #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
         sites: Vec<String>,
     },

@@ -1,4 +1,6 @@
 //! `site-agent predict`: segments NIfTI volumes with an exported model, one uint8 mask per class.
+//! A multi-channel model reads each case as training did: a 4D image (one volume per channel),
+//! or its `<case>_0000` file and the `_0001` … files beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -7,14 +9,16 @@ use clap::Args as ClapArgs;
 use fedtalent_model::infer::InferOptions;
 use fedtalent_model::predict::{case_name, input_files, parse_device, Prediction, Predictor, WrittenMask};
 use fedtalent_report::preview::{preview_png, Overlay, Volume};
+use fedtalent_vocab::NormalizationScheme;
 
-/// Segment CT volumes with an exported fedtalent model.
+/// Segment CT or MR volumes with an exported fedtalent model.
 #[derive(Debug, Clone, ClapArgs)]
 pub struct Args {
     /// Exported model folder (model.json + model.safetensors).
     #[arg(long)]
     pub model: PathBuf,
-    /// A .nii/.nii.gz file, or a folder of them.
+    /// A .nii/.nii.gz/.hdr file, or a folder of them. With a multi-channel model: 4D images, or
+    /// each case's `<case>_0000` file (its other channels beside it).
     #[arg(long)]
     pub input: PathBuf,
     /// Output folder: <output>/<case>/<site>__<name>.nii.gz per class, plus classes.json.
@@ -57,8 +61,8 @@ impl InferArgs {
 
 pub fn run(args: Args) -> Result<()> {
     let options = args.infer.options()?;
-    let files = input_files(&args.input)?;
     let predictor = Predictor::load(&args.model, options)?;
+    let files = input_files(&args.input, predictor.manifest.channels.len())?;
     let classes = predictor.select_classes(&args.classes)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;
     let mut failed = 0usize;
@@ -99,23 +103,26 @@ fn predict_one(
     let written = predictor.write_prediction(file, &prediction, output)?;
     if preview {
         let path = output.join(case_name(file)).join("preview.png");
-        let norm = &predictor.manifest.normalization;
-        write_preview(file, &prediction, &written, (norm.clip_low, norm.clip_high), &path)?;
+        write_preview(predictor, file, &prediction, &written, &path)?;
     }
     Ok(written)
 }
 
-/// The preview of a prediction: the input's slices with each written mask overlaid, grey
-/// values over `window` (the model's CT clip range).
+/// The preview of a prediction: the input's first channel with each written mask overlaid, grey
+/// values over the model's CT clip range when that channel is CT (else the preview's own window).
 fn write_preview(
+    predictor: &Predictor,
     file: &Path,
     prediction: &Prediction,
     written: &[WrittenMask],
-    window: (f32, f32),
     path: &Path,
 ) -> Result<()> {
-    let image = fedtalent_data::nifti_io::read_nifti(file).with_context(|| format!("{}: reading", file.display()))?;
-    let data = image.data.as_standard_layout();
+    let manifest = &predictor.manifest;
+    let image = fedtalent_data::read_case_image(file, manifest.channels.len())
+        .with_context(|| format!("{}: reading", file.display()))?;
+    let first_is_ct = manifest.channels.iter().next().is_some_and(|c| c.normalization == NormalizationScheme::Ct);
+    let window = first_is_ct.then_some((manifest.normalization.clip_low, manifest.normalization.clip_high));
+    let data = image.channels[0].as_standard_layout();
     let (z, y, x) = data.dim();
     let volume = Volume { data: data.as_slice().expect("standard layout"), shape: [z, y, x], spacing: image.spacing };
     let masks: Vec<_> = prediction.masks.iter().map(|m| m.as_standard_layout()).collect();
@@ -124,7 +131,7 @@ fn write_preview(
         .zip(written)
         .map(|(m, w)| Overlay { label: w.id.clone(), mask: m.as_slice().expect("standard layout") })
         .collect();
-    let png = preview_png(&case_name(file), &volume, &overlays, Some(window))
+    let png = preview_png(&case_name(file), &volume, &overlays, window)
         .with_context(|| format!("{}: drawing the preview", file.display()))?;
     fedtalent_report::write_atomic(path, &png)
 }

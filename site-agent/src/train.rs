@@ -94,6 +94,8 @@ struct Source {
     exclusive: bool,
     train: Vec<PreprocessedCase>,
     histogram: HuHistogram,
+    /// Its dataset's input channels.
+    channels: fedtalent_vocab::InputChannels,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -109,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let topology = Topology::preset(&preset).context("--preset")?;
     let sources = load_sources(&args.sites, topology.spacing)?;
+    let channels = input_channels(&sources, init.as_ref().map(|i| &i.manifest))?;
     let exclusive_sites: Vec<String> = sources.iter().filter(|s| s.exclusive).map(|s| s.site.clone()).collect();
     let classes = match &init {
         Some(init) => init.class_list(class_list(&sources), args.keep_heads),
@@ -140,6 +143,7 @@ pub fn run(args: Args) -> Result<()> {
         classes: &regions,
         datasets: Some(datasets),
         class_ids: classes.iter().map(|c| c.id.clone()).collect(),
+        channels: &channels,
         device,
         optimizer: args.optimizer,
         lr: args.lr.unwrap_or(args.optimizer.default_lr()),
@@ -197,7 +201,8 @@ pub fn run(args: Args) -> Result<()> {
             return Ok(());
         }
     }
-    let manifest = ModelManifest { exclusive_sites, ..ModelManifest::of(&trainer.trainer.net, &preset, norm, classes) };
+    let manifest = ModelManifest::of(&trainer.trainer.net, &preset, norm, classes).with_channels(channels);
+    let manifest = ModelManifest { exclusive_sites, ..manifest };
     let dir = export(&trainer, manifest, &args.out.join("model"))?;
     println!("model exported to {}", dir.display());
     if args.postprocess {
@@ -245,9 +250,27 @@ fn load_sources(paths: &[PathBuf], spacing: [f64; 3]) -> Result<Vec<Source>> {
             exclusive: config.site.exclusive_classes,
             train: data.train,
             histogram: data.histogram,
+            channels: data.channels,
         });
     }
     Ok(sources)
+}
+
+/// The input channels of the run: every dataset's must be the first's (one network takes one
+/// channel layout), and a --init model's too.
+fn input_channels(sources: &[Source], init: Option<&ModelManifest>) -> Result<fedtalent_vocab::InputChannels> {
+    let first = &sources[0];
+    for s in &sources[1..] {
+        s.channels.check_against(&first.channels).with_context(|| {
+            format!("site {:?} cannot train with site {:?} ({})", s.site, first.site, first.channels)
+        })?;
+    }
+    if let Some(model) = init {
+        first.channels.check_against(&model.channels).with_context(|| {
+            format!("site {:?} cannot fine-tune the --init model (channels: {})", first.site, model.channels)
+        })?;
+    }
+    Ok(first.channels.clone())
 }
 
 /// The classes of every dataset, in the order given, as a federation lists them.

@@ -218,6 +218,7 @@ impl LocalFederation {
                 cache_dir: "cache".into(),
                 target_spacing: SiteDataConfig::DEFAULT_TARGET_SPACING,
                 label_interp: Default::default(),
+                input_channels: None,
             },
         }
     }

@@ -51,6 +51,11 @@ pub struct Plan {
     /// With `init_model`: whose CT normalization the federation uses.
     #[serde(default)]
     pub init_normalization: InitNormalization,
+    /// The network's input channels in order, each with its normalization (`input_channels =
+    /// [{ name = "T2", normalization = "zscore" }, ...]`); every site's dataset must declare the
+    /// same. Absent: one CT channel.
+    #[serde(default)]
+    pub input_channels: crate::InputChannels,
     /// `[plan.privacy]`: client-level differential privacy of the backbone (absent: none).
     /// (No `skip_serializing_if`: the plan also travels as bincode, which needs every field.)
     #[serde(default)]
@@ -97,6 +102,7 @@ impl Plan {
             server: ServerOptimizer::default(),
             init_model: None,
             init_normalization: InitNormalization::default(),
+            input_channels: crate::InputChannels::ct(),
             privacy: None,
         }
     }

@@ -42,6 +42,7 @@ fn manifest_of(net: &MultiTalentNet, setup: &Setup, preset: &str, round: u32, di
         round,
         digest: digest.into(),
         ..ModelManifest::of(net, preset, setup.normalization, setup.classes.clone())
+            .with_channels(setup.channels.clone())
     }
 }
 

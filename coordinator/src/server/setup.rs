@@ -73,7 +73,9 @@ impl Coordinator {
 
     /// Records a site's registration; once every listed site registered, sets the federation up.
     fn register(&self, site: &str, hello: Hello) -> Result<()> {
-        let Hello { classes, n_train, hu_histogram: histogram, device, .. } = hello;
+        let Hello { classes, n_train, hu_histogram: histogram, device, channels, .. } = hello;
+        // Channel k of every site feeds the same input filters of the shared network.
+        channels.check_against(&self.config.plan.input_channels).map_err(|e| anyhow!("site {site}: {e}"))?;
         ensure!(!classes.is_empty(), "site {site}: no classes");
         // Class ids are `<site>/<name>`: a name listed twice would give two classes one id.
         let mut names = BTreeSet::new();
@@ -138,7 +140,7 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
         }),
     };
     let site_cases = config.federation.sites.iter().map(|s| (s.clone(), regs[s].n_train)).collect();
-    Ok(Setup { classes, normalization, site_cases })
+    Ok(Setup { classes, normalization, site_cases, channels: config.plan.input_channels.clone() })
 }
 
 /// The running federation of `setup`: the global model of the last complete checkpoint (else
@@ -162,7 +164,7 @@ pub(super) fn start(config: &FederationConfig, state: &StateDir, setup: Setup) -
 
 /// The global topology: the preset, with one decoder per site (its classes) when asked for.
 fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology> {
-    let topo = Topology::preset(&config.plan.preset)?;
+    let topo = Topology::preset(&config.plan.preset)?.with_in_channels(setup.channels.len());
     if !config.plan.per_site_decoders {
         return Ok(topo);
     }

@@ -119,6 +119,7 @@ mod tests {
             classes: vec![class(0, "liver/liver"), class(1, "kidney/kidney")],
             normalization: norm,
             site_cases: vec![("liver".into(), 3), ("kidney".into(), 3)],
+            channels: Default::default(),
         };
         tch::manual_seed(0);
         let mut global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
@@ -153,6 +154,7 @@ mod tests {
             classes: classes.clone(),
             normalization: CtNormalization::PAPER,
             site_cases: vec![("a".into(), 3), ("b".into(), 3)],
+            channels: Default::default(),
         };
         let site_topo = topo.clone().with_site_decoders(vec![vec![0], vec![1]]);
         let mut global = MultiTalentNet::new(&site_topo, 2, Device::Cpu).unwrap();

@@ -64,6 +64,7 @@ pub fn hello_of(site: &str) -> Hello {
         n_val: 1,
         hu_histogram: HuHistogram { min_hu: -100, counts: vec![5; 300] },
         device: "cpu".into(),
+        channels: fedtalent_vocab::InputChannels::ct(),
     }
 }
 

@@ -72,6 +72,7 @@ fn main() -> Result<()> {
         &SynthOptions { seed: 1, cases_per_site: cases, shape: [80, 256, 256], sites: vec![SiteKind::MultiOrgan] },
     )?;
     let cfg = SiteDataConfig {
+        input_channels: None,
         dataset_dir: sites[0].dataset_dir.clone(),
         classes: sites[0].classes.clone(),
         val_cases: ValCases::Count(0),

@@ -98,7 +98,7 @@ impl Augmenter {
         self.apply(image, labels)
     }
 
-    /// Augments `image` [B,1,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device, with
+    /// Augments `image` [B,C,Z,Y,X] float and `labels` [B,1,Z,Y,X] int64 on their device, with
     /// everything but the spatial transform, which the loader applies sample by sample with
     /// context around each patch ([`crate::spatial`]).
     pub fn apply(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
@@ -160,8 +160,12 @@ impl Augmenter {
         let idx = index_tensor(&sel, device);
         let k = Tensor::from_slice(&kernels).to_device(device);
         let size = image.size();
-        // Samples as channels of one image so that a grouped convolution gives each its own sigma.
-        let mut x = image.index_select(0, &idx).view([1, n, size[2], size[3], size[4]]);
+        // Every channel of every selected sample as a channel of one image, so that a grouped
+        // convolution gives each sample its own sigma (the same for all its input channels).
+        let channels = size[1];
+        let k = k.view([n, 1, 2 * RADIUS + 1]).expand([n, channels, 2 * RADIUS + 1], false).reshape([-1]);
+        let n = n * channels;
+        let mut x = image.index_select(0, &idx).reshape([1, n, size[2], size[3], size[4]]);
         let k_len = 2 * RADIUS + 1;
         for (shape, pad) in [
             ([n, 1, k_len, 1, 1], [0, 0, 0, 0, RADIUS, RADIUS]),
@@ -171,7 +175,7 @@ impl Augmenter {
             let padded = x.pad(pad, "replicate", None);
             x = padded.conv3d::<Tensor>(&k.view(shape), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], n);
         }
-        image.index_copy(0, &idx, &x.view([n, 1, size[2], size[3], size[4]]))
+        image.index_copy(0, &idx, &x.reshape([n / channels, channels, size[2], size[3], size[4]]))
     }
 
     fn factors(&mut self, n: usize, p: f64, range: (f64, f64)) -> Option<Vec<f64>> {

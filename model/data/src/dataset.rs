@@ -5,10 +5,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use fedtalent_vocab::ClassRegion;
+use fedtalent_vocab::{ClassRegion, InputChannels};
 use serde::{Deserialize, Serialize};
 
-use crate::nifti_io::{read_label_nifti, read_nifti};
+use crate::case_image::{channel_file, read_case_image};
+use crate::nifti_io::read_label_nifti;
 use crate::resample::LabelInterp;
 
 /// How many cases are held out for validation: a count, or a fraction of the cases.
@@ -43,6 +44,11 @@ pub struct SiteDataConfig {
     pub target_spacing: [f64; 3],
     #[serde(default)]
     pub label_interp: LabelInterp,
+    /// The federation's input channels (its `[plan].input_channels`, as its operator announces
+    /// them): a dataset whose dataset.json declares others is refused before joining, naming the
+    /// channel. Absent: the coordinator's check at registration is the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_channels: Option<InputChannels>,
 }
 
 /// Which folder convention a dataset follows.
@@ -57,6 +63,8 @@ pub enum Layout {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Case {
     pub id: String,
+    /// The image file, or channel 0's file (`<case>_0000`) of a case stored one file per channel
+    /// ([`crate::case_image`]).
     pub image: PathBuf,
     pub label: PathBuf,
 }
@@ -68,6 +76,8 @@ pub struct Dataset {
     pub layout: Layout,
     /// Label values declared in dataset.json, by value.
     pub declared_labels: BTreeMap<u32, String>,
+    /// Input channels declared in dataset.json (`channel_names` / `modality`), in order.
+    pub channels: InputChannels,
     /// All cases, sorted by id.
     pub cases: Vec<Case>,
 }
@@ -152,11 +162,35 @@ fn parse_labels(json: &serde_json::Value, layout: Layout, path: &Path) -> Result
     Ok(out)
 }
 
-fn v2_cases(dir: &Path, json: &serde_json::Value, json_path: &Path) -> Result<Vec<Case>> {
-    let channels = json.get("channel_names").and_then(|c| c.as_object()).map(|c| c.len()).unwrap_or(1);
-    if channels != 1 {
-        bail!("{}: {channels} input channels; only single-channel CT is supported", json_path.display());
+/// The input channels of dataset.json: `channel_names` (v2) or `modality` (MSD), an object from
+/// "0", "1", ... to each channel's name; absent, one CT channel (what datasets meant before
+/// channels were declared).
+fn parse_channels(json: &serde_json::Value, layout: Layout, path: &Path) -> Result<InputChannels> {
+    let key = match layout {
+        Layout::NnUNetV2 => "channel_names",
+        Layout::Msd => "modality",
+    };
+    let Some(value) = json.get(key) else {
+        return Ok(InputChannels::ct());
+    };
+    let obj = value.as_object().with_context(|| format!("{}: {key:?} is not an object", path.display()))?;
+    let mut names = Vec::with_capacity(obj.len());
+    for k in 0..obj.len() {
+        let name = obj
+            .get(&k.to_string())
+            .with_context(|| format!("{}: {key:?} has {} entries but no channel \"{k}\"", path.display(), obj.len()))?;
+        let name =
+            name.as_str().with_context(|| format!("{}: {key:?} channel \"{k}\" is not a string", path.display()))?;
+        names.push(name.to_string());
     }
+    let channels = InputChannels::named(names);
+    if let Some(problem) = channels.problems().first() {
+        bail!("{}: {key:?}: {problem}", path.display());
+    }
+    Ok(channels)
+}
+
+fn v2_cases(dir: &Path, json: &serde_json::Value) -> Result<Vec<Case>> {
     let ending = json.get("file_ending").and_then(|e| e.as_str()).unwrap_or(".nii.gz").to_string();
     let labels_dir = dir.join("labelsTr");
     let entries = std::fs::read_dir(&labels_dir).with_context(|| format!("{}: cannot list", labels_dir.display()))?;
@@ -195,10 +229,30 @@ fn msd_cases(dir: &Path, json: &serde_json::Value, json_path: &Path) -> Result<V
             .map(|n| n.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".nii").to_string())
             .unwrap_or_default();
         // nnU-Net v1 raw folders keep MSD's dataset.json but store images as <case>_0000.nii.gz.
-        let image = if image.exists() { image } else { v1_channel_path(&image) };
+        let image = existing_image(image);
         cases.push(Case { id, image, label });
     }
     Ok(cases)
+}
+
+/// The file an MSD entry's image is stored in: as named, else nnU-Net v1's `<case>_0000` of the
+/// same name, else an Analyze-style `.hdr`/`.img` pair of that stem; the name as given (reported
+/// missing by `check`) when none exists.
+fn existing_image(image: PathBuf) -> PathBuf {
+    if image.exists() {
+        return image;
+    }
+    let v1 = v1_channel_path(&image);
+    let pairs =
+        [".hdr", ".hdr.gz", ".img", ".img.gz"].into_iter().flat_map(|e| [&image, &v1].map(|p| with_ending(p, e)));
+    std::iter::once(v1.clone()).chain(pairs).find(|p| p.exists()).unwrap_or(image)
+}
+
+/// `path` with its `.nii`/`.nii.gz` ending replaced by `ending`.
+fn with_ending(path: &Path, ending: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let stem = name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).unwrap_or(&name);
+    path.with_file_name(format!("{stem}{ending}"))
 }
 
 fn v1_channel_path(image: &Path) -> PathBuf {
@@ -229,15 +283,21 @@ impl Dataset {
             bail!("{}: neither nnU-Net v2 (channel_names) nor MSD/v1 (modality, training)", json_path.display());
         };
         let declared_labels = parse_labels(&json, layout, &json_path)?;
+        let channels = parse_channels(&json, layout, &json_path)?;
+        if let Some(declared) = &config.input_channels {
+            channels
+                .check_against(declared)
+                .with_context(|| format!("{}: not the channels of [data].input_channels", json_path.display()))?;
+        }
         let mut cases = match layout {
-            Layout::NnUNetV2 => v2_cases(dir, &json, &json_path)?,
+            Layout::NnUNetV2 => v2_cases(dir, &json)?,
             Layout::Msd => msd_cases(dir, &json, &json_path)?,
         };
         cases.sort_by(|a, b| a.id.cmp(&b.id));
         if cases.is_empty() {
             bail!("{}: no training cases found", dir.display());
         }
-        Ok(Dataset { config: config.clone(), layout, declared_labels, cases })
+        Ok(Dataset { config: config.clone(), layout, declared_labels, channels, cases })
     }
 
     /// Number of validation cases for this dataset (at least one training case is always kept).
@@ -301,6 +361,8 @@ pub struct ClassSummary {
 pub struct CheckReport {
     pub dataset_dir: PathBuf,
     pub layout: Option<Layout>,
+    /// The input channels dataset.json declares.
+    pub channels: Option<InputChannels>,
     pub cases: usize,
     pub valid_cases: usize,
     pub train_cases: usize,
@@ -320,6 +382,9 @@ impl CheckReport {
 impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "dataset: {} ({:?})", self.dataset_dir.display(), self.layout)?;
+        if let Some(channels) = &self.channels {
+            writeln!(f, "input channels: {channels}")?;
+        }
         writeln!(
             f,
             "cases: {} ({} valid; {} train, {} validation)",
@@ -355,12 +420,15 @@ struct CaseFindings {
     label_counts: BTreeMap<u16, u64>,
 }
 
-fn check_case(
-    case: &Case,
-    allowed: &BTreeSet<u16>,
-    declared: &BTreeMap<u32, String>,
-    problems: &mut Vec<Problem>,
-) -> Option<CaseFindings> {
+/// What a case is checked against: the dataset's declarations and the configured classes.
+struct CaseRules<'a> {
+    allowed: BTreeSet<u16>,
+    declared: &'a BTreeMap<u32, String>,
+    channels: usize,
+}
+
+fn check_case(case: &Case, rules: &CaseRules, problems: &mut Vec<Problem>) -> Option<CaseFindings> {
+    let (allowed, declared) = (&rules.allowed, rules.declared);
     let mut report = |file: &Path, what: String| problems.push(Problem { file: Some(file.to_path_buf()), what });
     if !case.image.exists() {
         report(&case.image, "image file missing".into());
@@ -371,7 +439,8 @@ fn check_case(
     if !case.image.exists() || !case.label.exists() {
         return None;
     }
-    let image = read_nifti(&case.image).map_err(|e| problems.push(Problem { file: None, what: e.to_string() }));
+    let image = read_case_image(&case.image, rules.channels)
+        .map_err(|e| problems.push(Problem { file: None, what: e.to_string() }));
     let label = read_label_nifti(&case.label).map_err(|e| problems.push(Problem { file: None, what: e.to_string() }));
     let (image, label) = (image.ok()?, label.ok()?);
     let mut ok = true;
@@ -379,12 +448,20 @@ fn check_case(
         ok = false;
         problems.push(Problem { file: Some(file.to_path_buf()), what })
     };
-    let nan = image.data.iter().filter(|v| !v.is_finite()).count();
-    if nan > 0 {
-        report(&case.image, format!("{nan} NaN or infinite voxels"));
+    if rules.channels > 1 {
+        if let Some(extra) = channel_file(&case.image, rules.channels).filter(|f| f.exists()) {
+            report(&extra, format!("a channel beyond the {} input channels dataset.json declares", rules.channels));
+        }
     }
-    if image.data.dim() != label.data.dim() {
-        report(&case.label, format!("shape {:?} differs from the image's {:?}", label.data.dim(), image.data.dim()));
+    for (k, channel) in image.channels.iter().enumerate() {
+        let nan = channel.iter().filter(|v| !v.is_finite()).count();
+        if nan > 0 {
+            report(&case.image, format!("{nan} NaN or infinite voxels in channel {k}"));
+        }
+    }
+    let [z, y, x] = image.shape();
+    if (z, y, x) != label.data.dim() {
+        report(&case.label, format!("shape {:?} differs from the image's {:?}", label.data.dim(), (z, y, x)));
     }
     let max_diff = (0..3)
         .flat_map(|r| (0..4).map(move |c| (r, c)))
@@ -437,6 +514,7 @@ pub fn check(config: &SiteDataConfig) -> CheckReport {
         }
     };
     report.layout = Some(ds.layout);
+    report.channels = Some(ds.channels.clone());
     report.cases = ds.cases.len();
     report.train_cases = ds.train_cases().len();
     report.val_cases = ds.val_count();
@@ -450,7 +528,8 @@ pub fn check(config: &SiteDataConfig) -> CheckReport {
             }
         }
     }
-    let allowed = config.class_label_set();
+    let rules =
+        CaseRules { allowed: config.class_label_set(), declared: &ds.declared_labels, channels: ds.channels.len() };
     let mut spacings = Vec::new();
     let mut classes: Vec<ClassSummary> = config
         .classes
@@ -458,7 +537,7 @@ pub fn check(config: &SiteDataConfig) -> CheckReport {
         .map(|c| ClassSummary { name: c.name.clone(), labels: c.labels.clone(), voxels: 0, cases_present: 0 })
         .collect();
     for case in &ds.cases {
-        let Some(found) = check_case(case, &allowed, &ds.declared_labels, &mut report.problems) else {
+        let Some(found) = check_case(case, &rules, &mut report.problems) else {
             continue;
         };
         report.valid_cases += 1;

@@ -3,10 +3,12 @@
 //! Arrays are [z, y, x] everywhere; spacings are [z, y, x] in mm. Affines map voxel (x, y, z)
 //! indices to world coordinates, as nibabel's `img.affine`.
 
+pub mod case_image;
 pub mod dataset;
 pub mod nifti_io;
 pub mod resample;
 
+pub use case_image::{case_image_files, channel_file, channel_suffix, read_case_image};
 pub use dataset::{check, Case, CheckReport, ClassSummary, Dataset, Layout, Problem, SiteDataConfig, ValCases};
 pub use nifti_io::{
     read_channel_files, read_header, read_image_info, read_label_nifti, read_nifti, read_nifti_channels,

@@ -21,7 +21,7 @@ use fedtalent_vocab::CtNormalization;
 
 /// A training batch on the device.
 pub struct Batch {
-    /// [B, 1, Z, Y, X] float32.
+    /// [B, C, Z, Y, X] float32 (C input channels).
     pub image: Tensor,
     /// [B, 1, Z, Y, X] int64 raw label values.
     pub labels: Tensor,
@@ -86,19 +86,21 @@ struct CpuSample {
     case_id: String,
     dataset: usize,
     region: [usize; 3],
+    /// [c, z, y, x] flattened.
     image: Vec<f32>,
+    channels: usize,
     /// i32, not the device's i64: half the bytes to cut and to copy to the device.
     labels: Vec<i32>,
     transform: Option<SpatialTransform>,
 }
 
 impl CpuSample {
-    /// The sample on `device` as a [1, 1, Z, Y, X] patch: its region warped by its transform,
-    /// or the region itself (then the patch) when it has none.
+    /// The sample on `device` as a [1, C, Z, Y, X] patch and [1, 1, Z, Y, X] labels: its region
+    /// warped by its transform, or the region itself (then the patch) when it has none.
     fn to_device(&self, patch: [usize; 3], device: Device) -> (Tensor, Tensor) {
-        let shape = [1, 1, self.region[0] as i64, self.region[1] as i64, self.region[2] as i64];
-        let image = Tensor::from_slice(&self.image).view(shape).to_device(device);
-        let labels = Tensor::from_slice(&self.labels).view(shape).to_device(device).to_kind(Kind::Int64);
+        let [z, y, x] = self.region.map(|r| r as i64);
+        let image = Tensor::from_slice(&self.image).view([1, self.channels as i64, z, y, x]).to_device(device);
+        let labels = Tensor::from_slice(&self.labels).view([1, 1, z, y, x]).to_device(device).to_kind(Kind::Int64);
         match &self.transform {
             Some(t) => t.warp(&image, &labels, patch),
             None => (image, labels),
@@ -169,6 +171,7 @@ fn make_cpu_batch(pool: &Pool, opts: &LoaderOptions, index: u64) -> CpuBatch {
             let view = CaseView {
                 shape: case.meta.shape,
                 image: case.image(),
+                channels: &case.meta.channels,
                 labels: case.labels(),
                 class_locations: &case.meta.class_locations,
             };
@@ -181,6 +184,7 @@ fn make_cpu_batch(pool: &Pool, opts: &LoaderOptions, index: u64) -> CpuBatch {
                 dataset,
                 region,
                 image: p.image,
+                channels: case.channels(),
                 labels: p.labels.iter().map(|&l| i32::from(l)).collect(),
                 transform,
             }
@@ -216,6 +220,17 @@ impl BatchLoader {
         ensure!(!datasets.is_empty(), "no dataset to sample from");
         for (i, d) in datasets.iter().enumerate() {
             ensure!(!d.is_empty(), "dataset {i}: no preprocessed cases to sample from");
+        }
+        // Every sample of a batch feeds the same input filters: one channel layout for all.
+        let layout = &datasets[0][0].meta.channels;
+        if let Some(other) = datasets.iter().flatten().find(|c| &c.meta.channels != layout) {
+            anyhow::bail!(
+                "case {} has input channels {:?}, case {} {:?}: one network takes one channel layout",
+                datasets[0][0].meta.id,
+                layout,
+                other.meta.id,
+                other.meta.channels
+            );
         }
         ensure!(opts.batch > 0 && opts.patch.iter().all(|&p| p > 0), "batch and patch must be positive");
         let pool = Arc::new(Pool::new(datasets));

@@ -11,72 +11,9 @@
 use fedtalent_vocab::CtNormalization;
 use ndarray::Array3;
 
-/// The normalization a channel name selects. Serialized as nnU-Net's channel name for it, so a
-/// dataset.json value and a declared scheme read the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum NormalizationScheme {
-    /// Clip to the dataset's foreground 0.5/99.5 percentiles, z-score with its foreground mean/std.
-    #[serde(rename = "CT")]
-    Ct,
-    /// Per-image z-score (over the nonzero mask when the planner says so).
-    #[serde(rename = "zscore")]
-    ZScore,
-    /// Intensities as stored.
-    #[serde(rename = "noNorm")]
-    NoNorm,
-    /// Per-image min-max rescaling to [0, 1].
-    #[serde(rename = "rescale_0_1")]
-    RescaleTo01,
-    /// uint8 intensities divided by 255.
-    #[serde(rename = "rgb_to_0_1")]
-    RgbTo01,
-}
-
-impl NormalizationScheme {
-    /// nnU-Net v2's `get_normalization_scheme`: an exact, case-sensitive match of "CT", "noNorm",
-    /// "zscore", "rescale_0_1" or "rgb_to_0_1"; any other name (MR sequences such as "T2", "FLAIR",
-    /// "ADC", but also "ct") means z-score. nnU-Net's documentation spells the rescaling
-    /// "rescale_to_0_1", but its code maps only "rescale_0_1", so nnU-Net z-scores a channel named
-    /// "rescale_to_0_1"; this follows the code so that one dataset.json means the same in both.
-    pub fn from_channel_name(name: &str) -> Self {
-        match name {
-            "CT" => Self::Ct,
-            "noNorm" => Self::NoNorm,
-            "zscore" => Self::ZScore,
-            "rescale_0_1" => Self::RescaleTo01,
-            "rgb_to_0_1" => Self::RgbTo01,
-            _ => Self::ZScore,
-        }
-    }
-
-    /// The channel name that selects this scheme (and its serialized form).
-    pub fn channel_name(self) -> &'static str {
-        match self {
-            Self::Ct => "CT",
-            Self::ZScore => "zscore",
-            Self::NoNorm => "noNorm",
-            Self::RescaleTo01 => "rescale_0_1",
-            Self::RgbTo01 => "rgb_to_0_1",
-        }
-    }
-
-    /// nnU-Net's class name for the scheme, as its plans record it.
-    pub fn nnunet_class(self) -> &'static str {
-        match self {
-            Self::Ct => "CTNormalization",
-            Self::ZScore => "ZScoreNormalization",
-            Self::NoNorm => "NoNormalization",
-            Self::RescaleTo01 => "RescaleTo01Normalization",
-            Self::RgbTo01 => "RGBTo01Normalization",
-        }
-    }
-
-    /// Whether the scheme can restrict itself to the nonzero mask (nnU-Net's
-    /// `leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true`): only z-score does.
-    pub fn can_use_mask(self) -> bool {
-        self == Self::ZScore
-    }
-}
+/// The normalization a channel name selects: the vocabulary's type, shared with the federation's
+/// declared input channels.
+pub use fedtalent_vocab::NormalizationScheme;
 
 /// nnU-Net v2's planner decision for one channel: normalize within the nonzero mask when cropping
 /// to the nonzero region shrank the median case to below 3/4 of its size (skull-stripped MR as in
@@ -286,34 +223,6 @@ fn fill_holes(mask: &Array3<bool>) -> Array3<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn channel_names_map_as_in_nnunet_v2() {
-        use NormalizationScheme::*;
-        let cases = [
-            ("CT", Ct),
-            ("noNorm", NoNorm),
-            ("zscore", ZScore),
-            ("rescale_0_1", RescaleTo01),
-            ("rgb_to_0_1", RgbTo01),
-            // Anything else, including near misses, is z-score in nnU-Net v2.
-            ("ct", ZScore),
-            ("MRI", ZScore),
-            ("T2", ZScore),
-            ("FLAIR", ZScore),
-            ("rescale_to_0_1", ZScore),
-            ("", ZScore),
-        ];
-        for (name, scheme) in cases {
-            assert_eq!(NormalizationScheme::from_channel_name(name), scheme, "{name:?}");
-        }
-        for scheme in [Ct, ZScore, NoNorm, RescaleTo01, RgbTo01] {
-            assert_eq!(NormalizationScheme::from_channel_name(scheme.channel_name()), scheme);
-            let json = serde_json::to_string(&scheme).unwrap();
-            assert_eq!(json, format!("\"{}\"", scheme.channel_name()));
-            assert_eq!(serde_json::from_str::<NormalizationScheme>(&json).unwrap(), scheme);
-        }
-    }
 
     #[test]
     fn only_z_score_uses_the_mask_and_only_after_substantial_cropping() {

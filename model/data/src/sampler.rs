@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use fedtalent_vocab::CtNormalization;
+use fedtalent_vocab::{CtNormalization, NormalizationScheme};
 
 /// Fraction of samples centred on foreground (DESIGN.md §1.4).
 pub const FOREGROUND_FRACTION: f64 = 1.0 / 3.0;
@@ -11,13 +11,15 @@ pub const FOREGROUND_FRACTION: f64 = 1.0 / 3.0;
 /// A case as the sampler sees it.
 pub struct CaseView<'a> {
     pub shape: [usize; 3],
-    /// HU, [z, y, x] flattened.
+    /// [c, z, y, x] flattened: CT channels in HU, the others normalized already.
     pub image: &'a [f32],
+    /// What each channel holds ([`crate::CaseMeta::channels`]): CT channels are normalized as cut.
+    pub channels: &'a [NormalizationScheme],
     pub labels: &'a [u16],
     pub class_locations: &'a [Vec<[u32; 3]>],
 }
 
-/// One cut patch: normalized image and raw labels, [z, y, x] flattened.
+/// One cut patch: normalized image [c, z, y, x] and raw labels [z, y, x], flattened.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patch {
     pub image: Vec<f32>,
@@ -64,17 +66,37 @@ pub fn choose_start<R: Rng>(
     (start, centre)
 }
 
-/// Cuts the patch at `start`, normalizing the image; outside the case the image is 0 (the
-/// normalized mean, as nnU-Net pads) and the labels are background.
+/// Cuts the patch at `start` from every channel, normalizing CT channels with `norm`; outside
+/// the case the image is 0 (the normalized mean, as nnU-Net pads) and the labels are background.
 pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &CtNormalization) -> (Vec<f32>, Vec<u16>) {
-    let n = patch.iter().product();
-    let mut image = vec![0.0f32; n];
+    let n: usize = patch.iter().product();
+    let voxels: usize = case.shape.iter().product();
+    let mut image = vec![0.0f32; n * case.channels.len()];
     let mut labels = vec![0u16; n];
-    let [sz, sy, sx] = case.shape;
+    for (c, scheme) in case.channels.iter().enumerate() {
+        let source = &case.image[c * voxels..(c + 1) * voxels];
+        let ct = (*scheme == NormalizationScheme::Ct).then_some(norm);
+        copy_box(case.shape, patch, start, source, &mut image[c * n..(c + 1) * n], |h| ct.map_or(h, |n| n.apply(h)));
+    }
+    copy_box(case.shape, patch, start, case.labels, &mut labels, |l| l);
+    (image, labels)
+}
+
+/// Copies the part of `source` (a [z, y, x] volume of `shape`) that the patch at `start` covers
+/// into `dest` (the patch), mapping each value with `map`; the rest of `dest` is left as is.
+fn copy_box<T: Copy>(
+    shape: [usize; 3],
+    patch: [usize; 3],
+    start: [i64; 3],
+    source: &[T],
+    dest: &mut [T],
+    map: impl Fn(T) -> T,
+) {
+    let [sz, sy, sx] = shape;
     let x0 = start[2].max(0) as usize;
     let x1 = ((start[2] + patch[2] as i64).min(sx as i64)).max(0) as usize;
     if x1 <= x0 {
-        return (image, labels);
+        return;
     }
     let px = (x0 as i64 - start[2]) as usize;
     for pz in 0..patch[0] {
@@ -90,13 +112,11 @@ pub fn cut(case: &CaseView, patch: [usize; 3], start: [i64; 3], norm: &CtNormali
             let src = (z as usize * sy + y as usize) * sx;
             let dst = (pz * patch[1] + py) * patch[2] + px;
             let len = x1 - x0;
-            for (d, &h) in image[dst..dst + len].iter_mut().zip(&case.image[src + x0..src + x1]) {
-                *d = norm.apply(h);
+            for (d, &v) in dest[dst..dst + len].iter_mut().zip(&source[src + x0..src + x1]) {
+                *d = map(v);
             }
-            labels[dst..dst + len].copy_from_slice(&case.labels[src + x0..src + x1]);
         }
     }
-    (image, labels)
 }
 
 /// Samples one patch; it is foreground-centred with probability `foreground_fraction`.

@@ -7,6 +7,11 @@
 //! slices), `[48, 128, 128]` a coarse scan for CPU runs. Structures keep their physical size
 //! whatever the grid, so a model's target spacing decides what it can resolve, as with real
 //! data. Everything derives from the seed: the same options give byte-identical files.
+//!
+//! An MR site ([`SiteKind::MrLiver`]) images the same kind of anatomy as two contrasts, T1- and
+//! T2-like (channels `T1`, `T2`, one `_0000`/`_0001` file each): arbitrary units with a gain drawn
+//! per case and channel and a smooth bias field, exactly zero outside the body (the nonzero mask
+//! of MR), so only a per-image normalization makes cases comparable.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr_free::normal;
 use serde::{Deserialize, Serialize};
 
-use crate::nifti_io::{write_i16_nifti, write_mask_nifti, SpatialHeader};
+use crate::nifti_io::{write_f32_nifti, write_i16_nifti, write_mask_nifti, SpatialHeader};
 use fedtalent_vocab::ClassRegion;
 
 /// Box–Muller normal samples (avoids a dependency on rand_distr).
@@ -46,6 +51,8 @@ pub enum SiteKind {
     LiverNoVessels,
     /// Like `Liver`, but the liver is drawn 2 voxels wider in-plane (a different protocol).
     LiverWide,
+    /// Liver protocol on two-channel MR (T1, T2) instead of CT.
+    MrLiver,
 }
 
 impl std::str::FromStr for SiteKind {
@@ -53,16 +60,17 @@ impl std::str::FromStr for SiteKind {
 
     /// A kind by its [`SiteKind::name`].
     fn from_str(name: &str) -> Result<Self> {
-        const ALL: [SiteKind; 6] = [
+        const ALL: [SiteKind; 7] = [
             SiteKind::Liver,
             SiteKind::Pancreas,
             SiteKind::MultiOrgan,
             SiteKind::Kidney,
             SiteKind::LiverNoVessels,
             SiteKind::LiverWide,
+            SiteKind::MrLiver,
         ];
         ALL.into_iter().find(|k| k.name() == name).with_context(|| {
-            format!("unknown phantom site {name:?} (liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide)")
+            format!("unknown phantom site {name:?} (liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide, mr_liver)")
         })
     }
 }
@@ -76,6 +84,20 @@ impl SiteKind {
             SiteKind::Kidney => "kidney",
             SiteKind::LiverNoVessels => "liver_novessels",
             SiteKind::LiverWide => "liver_wide",
+            SiteKind::MrLiver => "mr_liver",
+        }
+    }
+
+    /// Whether the site images MR (two channels) rather than CT.
+    pub fn is_mr(self) -> bool {
+        self == SiteKind::MrLiver
+    }
+
+    /// The input channels its dataset.json declares (`channel_names`).
+    pub fn channel_names(self) -> &'static [&'static str] {
+        match self {
+            SiteKind::MrLiver => &MR_CHANNELS,
+            _ => &["CT"],
         }
     }
 
@@ -83,7 +105,7 @@ impl SiteKind {
     pub fn labels(self) -> (Vec<(&'static str, u32)>, Vec<ClassRegion>) {
         let class = |name: &str, labels: &[u32]| ClassRegion { name: name.to_string(), labels: labels.to_vec() };
         match self {
-            SiteKind::Liver | SiteKind::LiverNoVessels | SiteKind::LiverWide => {
+            SiteKind::Liver | SiteKind::LiverNoVessels | SiteKind::LiverWide | SiteKind::MrLiver => {
                 (vec![("liver", 1), ("liver_tumour", 2)], vec![class("liver", &[1, 2]), class("liver_tumour", &[2])])
             }
             SiteKind::Pancreas => (
@@ -129,8 +151,9 @@ pub struct GeneratedSite {
     pub name: String,
     pub dataset_dir: PathBuf,
     pub classes: Vec<ClassRegion>,
-    /// The held-out test image (the same for every site) and its ground truth in this site's
-    /// label encoding and protocol.
+    /// The held-out test image (the same for every CT site; an MR site's is channel 0's file of
+    /// the MR test case of the same anatomy) and its ground truth in this site's label encoding
+    /// and protocol.
     pub test_image: PathBuf,
     pub test_label: PathBuf,
 }
@@ -342,31 +365,40 @@ impl Anatomy {
     }
 }
 
-/// Renders a case on a grid of `shape` voxels of `spacing` mm centred on the body (z offset by
-/// `z_shift` mm): HU image (with texture and noise) and the structure map.
-fn render(
-    anatomy: &Anatomy,
-    shape: [usize; 3],
-    spacing: [f64; 3],
-    z_shift: f64,
-    rng: &mut ChaCha8Rng,
-) -> (Array3<i16>, Array3<u8>) {
-    let [nz, ny, nx] = shape;
-    let mm = |i: usize, n: usize, s: f64| (i as f64 + 0.5 - n as f64 / 2.0) * s;
-    let mut image = Array3::<i16>::zeros((nz, ny, nx));
-    let mut structures = Array3::<u8>::zeros((nz, ny, nx));
-    for z in 0..nz {
-        for y in 0..ny {
-            for x in 0..nx {
-                let p = [mm(x, nx, spacing[2]), mm(y, ny, spacing[1]), mm(z, nz, spacing[0]) + z_shift];
-                let (hu, s) = anatomy.voxel(p);
-                let tex = if hu > -500.0 { anatomy.texture(p) } else { 0.0 };
-                let v = hu + tex + 12.0 * normal(rng);
-                image[[z, y, x]] = v.round().clamp(-1024.0, 3071.0) as i16;
-                structures[[z, y, x]] = s as u8;
+impl Scan {
+    /// Visits every voxel of a grid of `shape` voxels of `spacing` mm centred on the body (z
+    /// offset by `z_shift` mm), z then y then x: its index [z, y, x], its position (x, y, z) in
+    /// mm, and the HU and structure there. Returns the structure map.
+    fn visit(&self, shape: [usize; 3], mut f: impl FnMut([usize; 3], [f64; 3], f64, Structure)) -> Array3<u8> {
+        let [nz, ny, nx] = shape;
+        let mm = |i: usize, n: usize, s: f64| (i as f64 + 0.5 - n as f64 / 2.0) * s;
+        let mut structures = Array3::<u8>::zeros((nz, ny, nx));
+        for z in 0..nz {
+            for y in 0..ny {
+                for x in 0..nx {
+                    let p = [
+                        mm(x, nx, self.spacing[2]),
+                        mm(y, ny, self.spacing[1]),
+                        mm(z, nz, self.spacing[0]) + self.z_shift,
+                    ];
+                    let (hu, s) = self.anatomy.voxel(p);
+                    structures[[z, y, x]] = s as u8;
+                    f([z, y, x], p, hu, s);
+                }
             }
         }
+        structures
     }
+}
+
+/// Renders a case: HU image (with texture and noise) and the structure map.
+fn render(scan: &Scan, shape: [usize; 3], rng: &mut ChaCha8Rng) -> (Array3<i16>, Array3<u8>) {
+    let mut image = Array3::<i16>::zeros((shape[0], shape[1], shape[2]));
+    let structures = scan.visit(shape, |i, p, hu, _| {
+        let tex = if hu > -500.0 { scan.anatomy.texture(p) } else { 0.0 };
+        let v = hu + tex + 12.0 * normal(rng);
+        image[i] = v.round().clamp(-1024.0, 3071.0) as i16;
+    });
     (image, structures)
 }
 
@@ -390,7 +422,9 @@ pub fn encode_labels(kind: SiteKind, structures: &Array3<u8>) -> Array3<u8> {
     let is = |v: u8, s: &[S]| s.iter().any(|&t| t as u8 == v);
     let liver_all = [S::Liver, S::LiverVessel, S::LiverTumour];
     match kind {
-        SiteKind::Liver => structures.mapv(|v| if is(v, &[S::LiverTumour]) { 2 } else { is(v, &liver_all) as u8 }),
+        SiteKind::Liver | SiteKind::MrLiver => {
+            structures.mapv(|v| if is(v, &[S::LiverTumour]) { 2 } else { is(v, &liver_all) as u8 })
+        }
         SiteKind::LiverNoVessels => {
             structures.mapv(|v| if is(v, &[S::LiverTumour]) { 2 } else { is(v, &[S::Liver]) as u8 })
         }
@@ -433,9 +467,10 @@ fn stream_seed(seed: u64, stream: &str, index: usize) -> u64 {
     u64::from_le_bytes(ctx.finish().as_ref()[..8].try_into().unwrap())
 }
 
-/// A phantom case: HU image, structure map and geometry.
-pub struct PhantomCase {
-    pub image: Array3<i16>,
+/// A phantom case: image (CT in HU by default; [`PhantomMrCase`]'s two MR channels), structure
+/// map and geometry.
+pub struct PhantomCase<I = Array3<i16>> {
+    pub image: I,
     pub structures: Array3<u8>,
     pub header: SpatialHeader,
     pub spacing: [f64; 3],
@@ -444,6 +479,32 @@ pub struct PhantomCase {
 /// Generates one case deterministically from (seed, stream, index): its field of view is drawn
 /// and divided into `shape` voxels (see the module doc).
 pub fn phantom_case(seed: u64, stream: &str, index: usize, shape: [usize; 3]) -> PhantomCase {
+    phantom_rendered(seed, stream, index, shape, render)
+}
+
+/// A case drawn from (seed, stream, index) and rendered by `render`: the same anatomy and field
+/// of view whatever renders it.
+fn phantom_rendered<I>(
+    seed: u64,
+    stream: &str,
+    index: usize,
+    shape: [usize; 3],
+    render: impl Fn(&Scan, [usize; 3], &mut ChaCha8Rng) -> (I, Array3<u8>),
+) -> PhantomCase<I> {
+    let (mut rng, scan) = draw_scan(seed, stream, index, shape);
+    let (image, structures) = render(&scan, shape, &mut rng);
+    PhantomCase { image, structures, header: scan.header, spacing: scan.spacing }
+}
+
+/// A case's anatomy and field of view, and the generator that goes on to render it.
+struct Scan {
+    anatomy: Anatomy,
+    spacing: [f64; 3],
+    z_shift: f64,
+    header: SpatialHeader,
+}
+
+fn draw_scan(seed: u64, stream: &str, index: usize, shape: [usize; 3]) -> (ChaCha8Rng, Scan) {
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, stream, index));
     let anatomy = Anatomy::random(&mut rng);
     let fov_xy = rng.gen_range(340.0..400.0);
@@ -455,12 +516,79 @@ pub fn phantom_case(seed: u64, stream: &str, index: usize, shape: [usize; 3]) ->
     let [sz, sy, sx] = spacing;
     let affine =
         [[-sx, 0.0, 0.0, -origin[0]], [0.0, -sy, 0.0, -origin[1]], [0.0, 0.0, sz, origin[2]], [0.0, 0.0, 0.0, 1.0]];
-    let (image, structures) = render(&anatomy, shape, spacing, z_shift, &mut rng);
-    PhantomCase { image, structures, header: SpatialHeader::from_affine(&affine), spacing }
+    (rng, Scan { anatomy, spacing, z_shift, header: SpatialHeader::from_affine(&affine) })
+}
+
+/// The MR site's channel names: nnU-Net z-scores both (any name but its scheme names).
+pub const MR_CHANNELS: [&str; 2] = ["T1", "T2"];
+
+/// A two-contrast MR phantom: T1- and T2-like images (`image`) of one anatomy.
+pub type PhantomMrCase = PhantomCase<[Array3<f32>; 2]>;
+
+/// Generates one MR case deterministically from (seed, stream, index), as [`phantom_case`]: the
+/// same anatomy as the CT case of the same stream and index.
+pub fn phantom_mr_case(seed: u64, stream: &str, index: usize, shape: [usize; 3]) -> PhantomMrCase {
+    phantom_rendered(seed, stream, index, shape, render_mr)
+}
+
+/// T1- and T2-like signal (arbitrary units, before gain, bias and noise) of the tissue at a voxel,
+/// from its structure and the CT tissue class its HU stands for; `None` outside the body.
+fn mr_signal(hu: f64, s: Structure) -> Option<[f64; 2]> {
+    use Structure as S;
+    Some(match s {
+        S::Liver => [550.0, 280.0],
+        S::LiverVessel => [200.0, 900.0],
+        S::LiverTumour => [300.0, 720.0],
+        S::Spleen => [400.0, 600.0],
+        S::Kidney => [450.0, 650.0],
+        S::KidneyTumour => [330.0, 760.0],
+        S::Pancreas => [600.0, 350.0],
+        S::PancreasTumour => [300.0, 650.0],
+        S::None => match hu {
+            h if h <= -999.0 => return None,   // air around the body
+            h if h <= -800.0 => [30.0, 20.0],  // lung, bowel gas
+            h if h <= -50.0 => [900.0, 750.0], // fat
+            h if h >= 800.0 => [60.0, 40.0],   // cortical bone
+            h if h >= 200.0 => [700.0, 500.0], // marrow
+            h if h >= 45.0 => [400.0, 250.0],  // muscle
+            h if h >= 30.0 => [500.0, 400.0],  // skin
+            _ => [450.0, 550.0],               // other soft tissue
+        },
+    })
+}
+
+/// Renders an MR case: per channel a gain (MR's arbitrary scale), a smooth multiplicative bias
+/// field, texture and noise; voxels outside the body are exactly 0 and those inside at least 1,
+/// so the nonzero mask is the body.
+fn render_mr(scan: &Scan, shape: [usize; 3], rng: &mut ChaCha8Rng) -> ([Array3<f32>; 2], Array3<u8>) {
+    let gains: [f64; 2] = std::array::from_fn(|_| rng.gen_range(0.5..2.0));
+    let bias: [f64; 3] = std::array::from_fn(|_| rng.gen_range(-0.15..0.15));
+    let grid = (shape[0], shape[1], shape[2]);
+    let mut channels = [Array3::<f32>::zeros(grid), Array3::<f32>::zeros(grid)];
+    let structures = scan.visit(shape, |i, p, hu, s| {
+        let Some(signal) = mr_signal(hu, s) else { return };
+        let field = 1.0 + bias[0] * (p[0] / 150.0) + bias[1] * (p[1] / 150.0) + bias[2] * (p[2] / 120.0);
+        for (c, channel) in channels.iter_mut().enumerate() {
+            let v = (signal[c] + 2.0 * scan.anatomy.texture(p)) * field * gains[c] + 20.0 * normal(rng);
+            channel[i] = v.max(1.0) as f32;
+        }
+    });
+    (channels, structures)
+}
+
+/// Writes an MR case's channels as `<stem>_0000.nii.gz`, `<stem>_0001.nii.gz` in `dir`; returns
+/// channel 0's path (the case's image).
+fn write_mr_channels(dir: &Path, stem: &str, case: &PhantomMrCase) -> Result<PathBuf> {
+    for (k, channel) in case.image.iter().enumerate() {
+        write_f32_nifti(dir.join(format!("{stem}_{k:04}.nii.gz")), channel, &case.header)?;
+    }
+    Ok(dir.join(format!("{stem}_0000.nii.gz")))
 }
 
 fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
     let (labels, _) = kind.labels();
+    let channel_names: serde_json::Map<String, serde_json::Value> =
+        kind.channel_names().iter().enumerate().map(|(k, name)| (k.to_string(), (*name).into())).collect();
     let mut lab = serde_json::Map::new();
     lab.insert("background".into(), 0.into());
     for (name, v) in labels {
@@ -468,7 +596,7 @@ fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
     }
     let json = serde_json::json!({
         "name": format!("phantom_{}", kind.name()),
-        "channel_names": {"0": "CT"},
+        "channel_names": channel_names,
         "labels": lab,
         "numTraining": n,
         "file_ending": ".nii.gz",
@@ -479,7 +607,7 @@ fn write_dataset_json(dir: &Path, kind: SiteKind, n: usize) -> Result<()> {
 }
 
 /// Writes one nnU-Net v2 folder per site, plus `test/` with a held-out case (the same image for
-/// every site) and its ground truth per site.
+/// every CT site, and one MR case of the same anatomy for MR sites) and its ground truth per site.
 pub fn generate_sites(out_dir: impl AsRef<Path>, opts: &SynthOptions) -> Result<Vec<GeneratedSite>> {
     let out_dir = out_dir.as_ref();
     let test_dir = out_dir.join("test");
@@ -488,6 +616,10 @@ pub fn generate_sites(out_dir: impl AsRef<Path>, opts: &SynthOptions) -> Result<
     let test_image = test_dir.join("test_000_0000.nii.gz");
     write_i16_nifti(&test_image, &test.image, &test.header)?;
     write_mask_nifti(test_dir.join("test_000_structures.nii.gz"), &test.structures, &test.header)?;
+    let mr_test_image = match opts.sites.iter().any(|k| k.is_mr()) {
+        true => Some(write_mr_channels(&test_dir, "test_mr_000", &phantom_mr_case(opts.seed, "test", 0, opts.shape))?),
+        false => None,
+    };
     let mut sites = Vec::new();
     for (k, &kind) in opts.sites.iter().enumerate() {
         let dir = out_dir.join(format!("Dataset{:03}_{}", k + 1, kind.name()));
@@ -496,23 +628,34 @@ pub fn generate_sites(out_dir: impl AsRef<Path>, opts: &SynthOptions) -> Result<
         }
         for i in 0..opts.cases_per_site {
             // The stream includes the site's position so that two sites never share patients.
-            let case = phantom_case(opts.seed, &format!("{}-{k}", kind.name()), i, opts.shape);
+            let stream = format!("{}-{k}", kind.name());
             let id = format!("{}_{i:03}", kind.name());
-            write_i16_nifti(dir.join("imagesTr").join(format!("{id}_0000.nii.gz")), &case.image, &case.header)?;
+            let (structures, header) = if kind.is_mr() {
+                let case = phantom_mr_case(opts.seed, &stream, i, opts.shape);
+                write_mr_channels(&dir.join("imagesTr"), &id, &case)?;
+                (case.structures, case.header)
+            } else {
+                let case = phantom_case(opts.seed, &stream, i, opts.shape);
+                write_i16_nifti(dir.join("imagesTr").join(format!("{id}_0000.nii.gz")), &case.image, &case.header)?;
+                (case.structures, case.header)
+            };
             write_mask_nifti(
                 dir.join("labelsTr").join(format!("{id}.nii.gz")),
-                &encode_labels(kind, &case.structures),
-                &case.header,
+                &encode_labels(kind, &structures),
+                &header,
             )?;
         }
         write_dataset_json(&dir, kind, opts.cases_per_site)?;
         let test_label = test_dir.join(format!("test_000_{}.nii.gz", kind.name()));
+        // The MR test case draws the same anatomy as the CT one (same stream), so one structure
+        // map serves both.
         write_mask_nifti(&test_label, &encode_labels(kind, &test.structures), &test.header)?;
+        let image = if kind.is_mr() { mr_test_image.clone().expect("written above") } else { test_image.clone() };
         sites.push(GeneratedSite {
             name: kind.name().to_string(),
             dataset_dir: dir,
             classes: kind.labels().1,
-            test_image: test_image.clone(),
+            test_image: image,
             test_label,
         });
         tracing::info!(site = kind.name(), cases = opts.cases_per_site, "phantom site written");

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use fedtalent_data::resample::{anisotropy_axis, resample, resample_labels, target_shape, Interp, LabelInterp};
 use fedtalent_data::sampler::{cut, sample_patch, CaseView};
-use fedtalent_vocab::{CtNormalization, HuHistogram};
+use fedtalent_vocab::{CtNormalization, HuHistogram, NormalizationScheme};
 use ndarray::Array3;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -159,10 +159,15 @@ fn toy_case() -> (Vec<f32>, Vec<u16>, Vec<Vec<[u32; 3]>>) {
     (image, labels, locs)
 }
 
+/// The toy case as the sampler sees it: one CT channel.
+fn toy_view<'a>(image: &'a [f32], labels: &'a [u16], locs: &'a [Vec<[u32; 3]>]) -> CaseView<'a> {
+    CaseView { shape: [20, 30, 30], image, channels: &[NormalizationScheme::Ct], labels, class_locations: locs }
+}
+
 #[test]
 fn foreground_fraction_and_centring() {
     let (image, labels, locs) = toy_case();
-    let case = CaseView { shape: [20, 30, 30], image: &image, labels: &labels, class_locations: &locs };
+    let case = toy_view(&image, &labels, &locs);
     let norm = CtNormalization { clip_low: -1e9, clip_high: 1e9, mean: 0.0, std: 1.0 };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (mut centred, mut with_fg) = (0usize, 0usize);
@@ -187,7 +192,7 @@ fn foreground_fraction_and_centring() {
 #[test]
 fn small_cases_are_padded() {
     let (image, labels, locs) = toy_case();
-    let case = CaseView { shape: [20, 30, 30], image: &image, labels: &labels, class_locations: &locs };
+    let case = toy_view(&image, &labels, &locs);
     let norm = CtNormalization { clip_low: -1e9, clip_high: 1e9, mean: 0.0, std: 1.0 };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for _ in 0..50 {

@@ -25,6 +25,7 @@ fn config_for(site: &GeneratedSite, cache: &Path) -> SiteDataConfig {
         cache_dir: cache.to_path_buf(),
         target_spacing: [6.0, 4.0, 4.0],
         label_interp: LabelInterp::Nearest,
+        input_channels: None,
     }
 }
 
@@ -323,10 +324,12 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
 fn inference_images_map_back_to_the_original_geometry() {
     let dir = tempfile::tempdir().unwrap();
     let sites = small_sites(dir.path(), 6);
-    let inf = load_for_inference(&sites[0].test_image, [6.0, 4.0, 4.0], &CtNormalization::PAPER).unwrap();
+    let ct = fedtalent_vocab::InputChannels::ct();
+    let inf = load_for_inference(&sites[0].test_image, &ct, [6.0, 4.0, 4.0], &CtNormalization::PAPER).unwrap();
     let src = read_nifti(&sites[0].test_image).unwrap();
     assert_eq!(inf.original_shape, [src.data.dim().0, src.data.dim().1, src.data.dim().2]);
-    let (z, y, x) = inf.image.dim();
+    let (c, z, y, x) = inf.image.dim();
+    assert_eq!(c, 1);
     let probs = ndarray::Array4::from_elem((2, z, y, x), 0.75f32);
     let back = inf.probabilities_to_original(&probs, resample::Interp::Cubic);
     assert_eq!(back.dim(), (2, inf.original_shape[0], inf.original_shape[1], inf.original_shape[2]));
