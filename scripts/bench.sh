@@ -10,6 +10,9 @@
 #   data path    preprocessing cache + loader + augmentation (`bench_data`; no peer yet)
 #   architecture FIRENet vs U-Net training step (`bench_arch`)
 #   transfer     QUIC vs TCP model transfer to 3 sites and back (`bench_transfer`)
+#   transfer_wan the same QUIC transfer through the link emulator at issue 18's WAN conditions,
+#                with the chosen congestion controller (`bench_transfer --wan`): goodput as a
+#                fraction of each site's link rate
 #   round        a whole `coordinator simulate` of 3 tiny sites, 2 rounds of 1 step: round overhead
 # --quick: CPU-sized shapes (minutes on 2 cores); without it the shapes are the paper's (for a
 # GPU: sized for under 8 minutes on one). Writes DIR/bench.json (default bench-out/) and prints
@@ -78,6 +81,7 @@ run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --
 run data "$BIN/examples/bench_data" --device "$DEVICE" "${DATA[@]}"
 run arch "$BIN/examples/bench_arch" --presets firenet,unet --device "$DEVICE" "${ARCH[@]}"
 run transfer "$BIN/examples/bench_transfer" --mb "$MB"
+run transfer_wan "$BIN/examples/bench_transfer" --wan --mb "$MB" --cc bbr
 t=$(date +%s)
 if "$BIN/coordinator" simulate --out "$OUT/simulate" --preset tiny --rounds 2 --local-steps 1 --cases 3 \
   --device "$DEVICE" > /dev/null 2>> "$OUT/log.txt"; then
@@ -111,13 +115,13 @@ for f in sorted(glob.glob(f"{out}/train_ours_*.json")):
     tag = f.split("train_ours_")[1][:-5]
     pair(f"train step unet 47 classes {tag}", f"train_ours_{tag}", f"train_torch_{tag}", "ms_per_step", "ms")
 pair("sliding-window predict", "predict_ours", "predict_torch", "seconds_per_volume", "s")
-for name in ["data", "arch", "transfer", "round"]:
+for name in ["data", "arch", "transfer", "transfer_wan", "round"]:
     result["benchmarks"][name] = {"ours": load(name), "peer": None}
 json.dump(result, open(f"{out}/bench.json", "w"), indent=1)
 print(f"\n{'benchmark':<40}{'fedtalent':>14}{'peer':>14}{'peer/ours':>11}")
 for r in rows:
     print(f"{r[0]:<40}{r[1]:>14}{r[2]:>14}{r[3]:>11}")
 d = result["benchmarks"]
-print(f"data path: {d['data']['ours']}\narchitectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\nround: {d['round']['ours']}")
+print(f"data path: {d['data']['ours']}\narchitectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\ntransfer_wan: {d['transfer_wan']['ours']}\nround: {d['round']['ours']}")
 print(f"\n{out}/bench.json")
 EOF

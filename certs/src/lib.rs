@@ -31,7 +31,9 @@ mod transport;
 pub use ca::{write_keygen, FederationCa, SiteKey};
 pub use identity::{peer_site_name, site_name_from_cert_der, Allowlist};
 pub use tls::{client_config, client_config_with_alpn, client_config_without_client_auth, server_config};
-pub use transport::{client_endpoint, server_endpoint, transport_config, UDP_BUFFER_BYTES};
+pub use transport::{
+    client_endpoint, server_endpoint, transport_config, transport_config_with, Congestion, CONGESTION, UDP_BUFFER_BYTES,
+};
 
 /// ALPN protocol identifier of the federation protocol (defined once, in the vocabulary).
 pub use fedtalent_vocab::ALPN;

@@ -26,10 +26,86 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// costs a round trip and halves the congestion window, the larger buffer is the safe side.
 pub const UDP_BUFFER_BYTES: usize = 8 << 20;
 
+/// The congestion controllers quinn offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Congestion {
+    NewReno,
+    Cubic,
+    Bbr,
+}
+
+impl Congestion {
+    pub const ALL: [Congestion; 3] = [Congestion::NewReno, Congestion::Cubic, Congestion::Bbr];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::NewReno => "newreno",
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Congestion> {
+        Congestion::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        match self {
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        }
+    }
+}
+
+/// The congestion controller of every federation connection (both ends: each controls what it
+/// sends): BBR, chosen by measurement (issue 18; docs/transport-wan-2026-12-06.txt).
+///
+/// `bench_transfer --wan`: each site through its own emulated link (fedtalent-link: one-way
+/// delay RTT/2, random loss, bottleneck rate behind a one-BDP drop-tail queue, 1472-byte MTU).
+/// Goodput as a fraction of one site link's rate, down/up, on this 2-core machine shared with
+/// other jobs (load average 5–7 throughout):
+///
+/// ```text
+///                            NewReno      Cubic        BBR (2 runs, seeds 1 and 2)
+/// 3 sites, 120 MB each
+///   20 ms, 0 %,   200 Mbit/s  0.75/0.80    0.75/0.82    0.68/0.66  0.66/0.59
+///   80 ms, 0.5 %, 100 Mbit/s  0.02/0.02 *  0.02/0.02 *  0.61/0.88  0.92/0.90  (0.61: one site; the others 0.95)
+///   150 ms, 2 %,   50 Mbit/s  0.01/0.01 *  0.01/0.01 *  0.93/0.90  0.94/0.91
+/// 1 site, 50 MB
+///   20 ms, 0 %,   200 Mbit/s  0.82/0.81    0.87/0.81    0.96/0.85
+///   80 ms, 0.5 %, 100 Mbit/s                            0.94/0.83
+///   150 ms, 2 %,   50 Mbit/s                            0.92/0.87
+/// (* 5 MB per site: at 1–2 Mbit/s a 120 MB run takes 8–26 min per direction)
+/// ```
+///
+/// Loss-based controllers (NewReno, Cubic) take every random loss for congestion and halve their
+/// window: their rate is bounded by ~MSS/RTT·1.2/√p (Mathis et al.), 2.5 Mbit/s at 80 ms and
+/// 0.5 %, 0.7 Mbit/s at 150 ms and 2 %, whatever the link. BBR paces to its measured bottleneck
+/// bandwidth and ignores random loss, so a lossy hospital link still moves a model in seconds.
+/// At 20 ms without loss all three are CPU-bound here with 3 sites (the relays with no limits
+/// carry 160–275 Mbit/s per site on these cores); with one site BBR is the best there too.
+///
+/// The cost: quinn's BBR (a port of quiche's BBRv1, marked experimental) keeps the bottleneck
+/// queue full — 20–48 % of the datagrams it offers a one-BDP drop-tail buffer are dropped there
+/// (Cubic: 1–3 %), which costs sender CPU and takes more than a fair share from TCP flows
+/// sharing the hospital's uplink. A site on a clean, shared link would be better served by
+/// Cubic; making the controller a per-federation setting is left to the configuration.
+///
+/// Flow-control windows were not varied: the largest bandwidth-delay product here is 1 MB
+/// (80 ms × 100 Mbit/s), 32× under the 32 MiB stream window, so they never limited a transfer.
+pub const CONGESTION: Congestion = Congestion::Bbr;
+
 /// QUIC transport parameters tuned for model transfer: large flow-control windows (so a
 /// 100+ MB model is not throttled by the receiver), keep-alives and an idle timeout.
 pub fn transport_config() -> quinn::TransportConfig {
+    transport_config_with(CONGESTION)
+}
+
+/// [`transport_config`] with another congestion controller (for the measurements that chose it).
+pub fn transport_config_with(congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(congestion.factory());
     // 32 MiB per stream, 64 MiB per connection: on LAN/WAN these keep a single stream well above
     // 1 Gbit/s up to ~250 ms RTT.
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));

@@ -12,15 +12,24 @@
 //!
 //! On stderr: wall and CPU time per phase, and each connection's datagram size and losses.
 //!
-//! `cargo run --release -p fedtalent-protocol --example bench_transfer [-- --bf16] [--mb N]`
+//! `--wan`: QUIC alone, each site through its own emulated WAN link (`fedtalent-link`: delay,
+//! random loss, a bottleneck rate behind a one-BDP drop-tail queue, a 1472-byte MTU) at the
+//! conditions of issue 18, one JSON line per condition × congestion controller, with goodput as
+//! a fraction of the link rate (see [`wan_sweep`]). `--cc newreno,cubic,bbr` (default all),
+//! `--conditions 0,1,2` (20 ms/0 %/200 Mbit/s, 80 ms/0.5 %/100, 150 ms/2 %/50; `3`: the relays
+//! without limits, the CPU ceiling), `--sites N` (default 3), `--seed N`, `--warm-mb N`.
+//!
+//! `cargo run --release -p fedtalent-protocol --example bench_transfer [-- --bf16] [--mb N] [--wan ...]`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use fedtalent_certs::{
-    client_config, client_endpoint, server_config, server_endpoint, Allowlist, FederationCa, SiteKey,
+    client_config, client_endpoint, server_config, server_endpoint, transport_config_with, Allowlist, Congestion,
+    FederationCa, SiteKey, CONGESTION,
 };
+use fedtalent_link::{LinkSpec, LinkStats, Relay, WAN_MTU};
 use fedtalent_protocol::quic::{recv_tensors_uni, send_tensors_uni};
 use fedtalent_protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,12 +68,14 @@ fn model(total_bytes: usize) -> TensorSet {
     set
 }
 
-/// One timed direction: bytes delivered, wall time and the process's CPU time (all threads).
-#[derive(Clone, Copy, Debug)]
+/// One timed direction: bytes delivered, wall time and the process's CPU time (all threads),
+/// and (QUIC) each site's own completion time.
+#[derive(Clone, Debug)]
 struct Phase {
     bytes: f64,
     wall_s: f64,
     cpu_s: f64,
+    sites_s: Vec<f64>,
 }
 
 impl Phase {
@@ -82,98 +93,128 @@ struct QuicResult {
     up: Phase,
     /// Sender-side hashing of the model (once; before the transfer, as in the protocol).
     digest_s: f64,
+    /// Per site: the coordinator's and the site's connection statistics.
+    paths: Vec<(quinn::PathStats, quinn::PathStats)>,
+    /// Per site: what its emulated link did (empty on plain loopback).
+    links: Vec<LinkStats>,
 }
 
-async fn quic_run(set: Arc<TensorSet>, transport: Transport) -> QuicResult {
+/// How the sites reach the coordinator in a QUIC run.
+struct QuicOpts {
+    /// Each site through its own emulated link (the same spec both ways), or straight on loopback.
+    link: Option<LinkSpec>,
+    congestion: Congestion,
+    seed: u64,
+    sites: usize,
+    /// Bytes per site of the untimed warm-up transfer.
+    warm_bytes: usize,
+}
+
+/// Connections to `opts.sites` sites as (coordinator side, site side), each site through its own
+/// relay when `opts.link` is set (the relays must outlive the connections).
+async fn connect_sites(
+    opts: &QuicOpts,
+) -> (Vec<(quinn::Connection, quinn::Connection)>, Vec<quinn::Endpoint>, Vec<Relay>) {
     let ca = FederationCa::create("bench").unwrap();
     let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
-    let names: Vec<String> = (0..SITES).map(|i| format!("site{i}")).collect();
-    let cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(names.clone())).unwrap();
+    let names: Vec<String> = (0..opts.sites).map(|i| format!("site{i}")).collect();
+    let transport = Arc::new(transport_config_with(opts.congestion));
+    let mut cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(names.clone())).unwrap();
+    cfg.transport_config(transport.clone());
     let server = server_endpoint(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
-    let limits = RecvLimits::for_manifest(set.manifest());
-
-    let mut site_conns = Vec::new();
-    let mut server_conns = Vec::new();
-    for name in &names {
+    let (mut conns, mut endpoints, mut relays) = (Vec::new(), vec![server.clone()], Vec::new());
+    for (i, name) in names.iter().enumerate() {
         let k = SiteKey::generate(name).unwrap();
         let c = ca.sign_site_csr(&k.csr_pem, 1).unwrap();
         let mut ep = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(client_config(ca.cert_pem(), &c, &k.key_pem).unwrap());
-        let connecting = ep.connect(addr, "localhost").unwrap();
+        let mut client = client_config(ca.cert_pem(), &c, &k.key_pem).unwrap();
+        client.transport_config(transport.clone());
+        ep.set_default_client_config(client);
+        let target = match &opts.link {
+            Some(link) => {
+                let relay = Relay::start(addr, link.clone(), link.clone(), opts.seed + i as u64).await.unwrap();
+                let a = relay.addr();
+                relays.push(relay);
+                a
+            }
+            None => addr,
+        };
+        let connecting = ep.connect(target, "localhost").unwrap();
         let incoming = server.accept().await.unwrap();
         let (cc, sc) = tokio::join!(connecting, incoming);
-        site_conns.push((ep, cc.unwrap()));
-        server_conns.push(sc.unwrap());
+        conns.push((sc.unwrap(), cc.unwrap()));
+        endpoints.push(ep);
     }
-    // Warm-up (lets MTU discovery and congestion control settle).
-    let warm = Arc::new(model(8 << 20));
-    let wl = RecvLimits::for_manifest(warm.manifest());
-    for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
-        let mut digests = TensorDigests::new(transport);
-        let (a, b) = tokio::join!(send_tensors_uni(sc, warm.clone(), &mut digests), recv_tensors_uni(cc, &wl));
-        a.unwrap();
-        b.unwrap();
-    }
+    (conns, endpoints, relays)
+}
 
-    let bytes = set.total_bytes() as f64 * SITES as f64;
+/// Streams `set` over every (sender, receiver) connection pair at once and times it: the
+/// phase's wall and CPU time, and each pair's own completion time.
+async fn quic_phase(
+    pairs: &[(quinn::Connection, quinn::Connection)],
+    set: &Arc<TensorSet>,
+    digests: &TensorDigests,
+) -> Phase {
+    let limits = RecvLimits::for_manifest(set.manifest());
+    let (t, c) = (Instant::now(), cpu_seconds());
+    let mut tasks = Vec::new();
+    for (send, recv) in pairs {
+        let (send, recv, set, limits) = (send.clone(), recv.clone(), set.clone(), limits.clone());
+        let mut digests = digests.clone();
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = tokio::join!(send_tensors_uni(&send, set, &mut digests), recv_tensors_uni(&recv, &limits));
+            assert_eq!(a.unwrap(), b.unwrap().1);
+            t.elapsed().as_secs_f64()
+        }));
+    }
+    let mut sites_s = Vec::new();
+    for task in tasks {
+        sites_s.push(task.await.unwrap());
+    }
+    let bytes = set.total_bytes() as f64 * pairs.len() as f64;
+    Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c, sites_s }
+}
+
+async fn quic_run(set: Arc<TensorSet>, transport: Transport, opts: &QuicOpts) -> QuicResult {
+    let (down_pairs, endpoints, relays) = connect_sites(opts).await;
+    let up_pairs: Vec<_> = down_pairs.iter().map(|(sc, cc)| (cc.clone(), sc.clone())).collect();
+    // Warm-up (lets MTU discovery and congestion control settle).
+    let warm = Arc::new(model(opts.warm_bytes));
+    quic_phase(&down_pairs, &warm, &TensorDigests::new(transport)).await;
+
     // In the protocol every payload is announced by its digest before it streams (the round
     // start names the global model's digest, computed once when the model is made; a site's
     // update header carries its payload digest), so a sender streams with its digests known.
     // That hashing is timed here on its own; the receivers' hashing is inside the transfer.
     let t = Instant::now();
-    let mut coordinator_digests = TensorDigests::new(transport);
-    set.wire_digest_cached(&mut coordinator_digests);
-    let site_digests = coordinator_digests.clone();
+    let mut digests = TensorDigests::new(transport);
+    set.wire_digest_cached(&mut digests);
     let digest_s = t.elapsed().as_secs_f64();
 
-    // Down: coordinator → every site.
-    let (t, c) = (Instant::now(), cpu_seconds());
-    let mut tasks = Vec::new();
-    for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
-        let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
-        let mut digests = coordinator_digests.clone();
-        tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(send_tensors_uni(&sc, set.clone(), &mut digests), recv_tensors_uni(&cc, &limits));
-            assert_eq!(a.unwrap(), b.unwrap().1);
-        }));
+    let down = quic_phase(&down_pairs, &set, &digests).await;
+    let up = quic_phase(&up_pairs, &set, &digests).await;
+    let paths = down_pairs.iter().map(|(sc, cc)| (sc.stats().path, cc.stats().path)).collect();
+    let links = relays.iter().map(Relay::stats).collect();
+    for (_, cc) in &down_pairs {
+        cc.close(0u32.into(), b"");
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let down = Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c };
-    // Up: every site → coordinator.
-    let (t, c) = (Instant::now(), cpu_seconds());
-    let mut tasks = Vec::new();
-    for (sc, (_, cc)) in server_conns.iter().zip(&site_conns) {
-        let (sc, cc, set, limits) = (sc.clone(), cc.clone(), set.clone(), limits.clone());
-        let mut digests = site_digests.clone();
-        tasks.push(tokio::spawn(async move {
-            let (a, b) = tokio::join!(send_tensors_uni(&cc, set.clone(), &mut digests), recv_tensors_uni(&sc, &limits));
-            assert_eq!(a.unwrap(), b.unwrap().1);
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let up = Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c };
-    for (i, (sc, (_, cc))) in server_conns.iter().zip(&site_conns).enumerate() {
-        let (s, c) = (sc.stats().path, cc.stats().path);
-        eprintln!(
-            "site{i}: coordinator→site mtu {} lost {} black holes {}; site→coordinator mtu {} lost {} black holes {}",
-            s.current_mtu,
-            s.lost_packets,
-            s.black_holes_detected,
-            c.current_mtu,
-            c.lost_packets,
-            c.black_holes_detected
-        );
-    }
-    for (ep, c) in site_conns {
-        c.close(0u32.into(), b"");
+    for ep in endpoints {
         ep.wait_idle().await;
     }
-    QuicResult { down, up, digest_s }
+    QuicResult { down, up, digest_s, paths, links }
+}
+
+fn print_paths(quic: &QuicResult) {
+    for (i, (s, c)) in quic.paths.iter().enumerate() {
+        eprintln!(
+            "site{i}: coordinator→site mtu {} lost {} black holes {} rtt {:?}; site→coordinator mtu {} lost {} black holes {}",
+            s.current_mtu, s.lost_packets, s.black_holes_detected, s.rtt, c.current_mtu, c.lost_packets, c.black_holes_detected
+        );
+    }
+    for (i, l) in quic.links.iter().enumerate() {
+        eprintln!("site{i} link: {l:?}");
+    }
 }
 
 async fn tcp_run(total: usize) -> (Phase, Phase) {
@@ -205,9 +246,10 @@ async fn tcp_run(total: usize) -> (Phase, Phase) {
         for t in tasks {
             pairs.push(t.await.unwrap());
         }
-        results.push(Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c });
+        results.push(Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c, sites_s: vec![] });
     }
-    (results[0], results[1])
+    let up = results.pop().unwrap();
+    (results.pop().unwrap(), up)
 }
 
 /// Single-core rates (GB/s) of the per-byte cryptography a QUIC transfer cannot skip, on this
@@ -259,20 +301,126 @@ impl CryptoRates {
     }
 }
 
+/// The issue's WAN conditions: (round-trip ms, loss, Mbit/s per site link); a fourth, index 3,
+/// is the CPU ceiling: the relays with a WAN MTU but no delay, loss or rate limit.
+const WAN_CONDITIONS: [(u64, f64, f64); 3] = [(20, 0.0, 200.0), (80, 0.005, 100.0), (150, 0.02, 50.0)];
+
+/// The value after `flag` in the command line, parsed.
+fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == flag)?;
+    Some(args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{flag} needs a value")))
+}
+
+/// A comma-separated list after `flag`, each item parsed by `parse`.
+fn list_arg<T>(args: &[String], flag: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
+    let list: String = arg(args, flag)?;
+    Some(list.split(',').map(|item| parse(item).unwrap_or_else(|| panic!("{flag}: bad item {item}"))).collect())
+}
+
+/// The 1-minute load average (the machine is shared: figures are read next to it).
+fn load1() -> f64 {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    s.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// Condition `i` of [`WAN_CONDITIONS`] (or the ceiling) as a link, its rate in Mbit/s (`None`:
+/// unlimited) and a label.
+fn wan_condition(i: usize) -> (LinkSpec, Option<f64>, String) {
+    let Some(&(rtt_ms, loss, mbit)) = WAN_CONDITIONS.get(i) else {
+        return (LinkSpec { mtu: WAN_MTU, ..LinkSpec::ideal() }, None, "\"rtt_ms\":0,\"loss\":0".into());
+    };
+    let link = LinkSpec::wan(std::time::Duration::from_millis(rtt_ms), loss, mbit);
+    (link, Some(mbit), format!("\"rtt_ms\":{rtt_ms},\"loss\":{loss}"))
+}
+
+/// `--wan`: QUIC through the link emulator, one JSON line per condition × controller. A
+/// direction's `fraction` is the model's bytes / the time until the slowest site has them /
+/// one site link's rate; `fraction_sites` the same per site (each site has its own link, so 3
+/// sites at 200 Mbit/s move 600 Mbit/s in all); `mbit` the slowest site's goodput. The rate
+/// counts UDP payload, so QUIC's own headers, acks and AEAD tags (~3 % at 1450-byte datagrams)
+/// are inside the link rate.
+fn wan_sweep(rt: &tokio::runtime::Runtime, set: Arc<TensorSet>, transport: Transport, args: &[String]) {
+    let controllers = list_arg(args, "--cc", Congestion::from_name).unwrap_or(Congestion::ALL.to_vec());
+    let conditions = list_arg(args, "--conditions", |c| c.parse().ok()).unwrap_or(vec![0, 1, 2]);
+    let seed = arg(args, "--seed").unwrap_or(1);
+    let sites = arg(args, "--sites").unwrap_or(SITES);
+    let per_site = set.total_bytes() as f64;
+    for &i in &conditions {
+        let (link, mbit, label) = wan_condition(i);
+        for &congestion in &controllers {
+            let load = load1();
+            let opts = QuicOpts { link: Some(link.clone()), congestion, seed, sites, warm_bytes: warm_bytes(args) };
+            let quic = rt.block_on(quic_run(set.clone(), transport, &opts));
+            print_paths(&quic);
+            let goodput = |t: f64| per_site * 8.0 / t / 1e6;
+            let fraction = |t: f64| mbit.map(|m| r3(goodput(t) / m));
+            let per_site_fractions = |p: &Phase| json_list(p.sites_s.iter().map(|&t| fraction(t)));
+            let drops = |f: fn(&LinkStats) -> u64| quic.links.iter().map(f).collect::<Vec<_>>();
+            let offered: u64 = quic.links.iter().map(|l| l.down.datagrams + l.up.datagrams).sum();
+            let dropped: u64 = quic.links.iter().map(|l| l.down.dropped_queue + l.up.dropped_queue).sum();
+            println!(
+                "{{{label},\"link_mbit\":{},\"congestion\":\"{}\",\"model_bytes\":{},\"sites\":{sites},\
+\"down_fraction\":{},\"up_fraction\":{},\"down_fraction_sites\":{},\"up_fraction_sites\":{},\
+\"down_mbit\":{},\"up_mbit\":{},\"down_s\":{},\"up_s\":{},\"queue_drops\":{:?},\"loss_drops\":{:?},\"queue_drop_share\":{},\
+\"load1_before\":{load},\"load1_after\":{}}}",
+                mbit.map_or("null".into(), |m| m.to_string()),
+                congestion.name(),
+                set.total_bytes(),
+                json_num(fraction(quic.down.wall_s)),
+                json_num(fraction(quic.up.wall_s)),
+                per_site_fractions(&quic.down),
+                per_site_fractions(&quic.up),
+                r1(goodput(quic.down.wall_s)),
+                r1(goodput(quic.up.wall_s)),
+                r3(quic.down.wall_s),
+                r3(quic.up.wall_s),
+                drops(|l| l.down.dropped_queue + l.up.dropped_queue),
+                drops(|l| l.down.dropped_loss + l.up.dropped_loss),
+                r3(dropped as f64 / offered as f64),
+                load1(),
+            );
+        }
+    }
+}
+
+/// A JSON number, or `null`.
+fn json_num(x: Option<f64>) -> String {
+    x.map_or("null".into(), |x| x.to_string())
+}
+
+fn json_list(xs: impl Iterator<Item = Option<f64>>) -> String {
+    format!("[{}]", xs.map(json_num).collect::<Vec<_>>().join(","))
+}
+
+/// `--warm-mb N` (default 8): the warm-up transfer per site before the timed ones.
+fn warm_bytes(args: &[String]) -> usize {
+    arg::<f64>(args, "--warm-mb").map_or(8 << 20, |mb| (mb * 1e6) as usize)
+}
+
+fn r1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let transport = if args.iter().any(|a| a == "--bf16") { Transport::Bf16 } else { Transport::Native };
-    let mb: usize = args
-        .iter()
-        .position(|a| a == "--mb")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse().expect("--mb N"))
-        .unwrap_or(120);
+    let mb: usize = arg(&args, "--mb").unwrap_or(120);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let set = Arc::new(model(mb * 1_000_000));
+    if args.iter().any(|a| a == "--wan") {
+        return wan_sweep(&rt, set, transport, &args);
+    }
     let total = set.total_bytes() as usize;
     // With bf16 transport, throughput is counted in model bytes (f32), i.e. what is delivered.
-    let quic = rt.block_on(quic_run(set, transport));
+    // `--cc NAME`: another congestion controller than the federation's.
+    let congestion = arg::<String>(&args, "--cc").map_or(CONGESTION, |n| Congestion::from_name(&n).expect("--cc NAME"));
+    let opts = QuicOpts { link: None, congestion, seed: 0, sites: SITES, warm_bytes: warm_bytes(&args) };
+    let quic = rt.block_on(quic_run(set, transport, &opts));
+    print_paths(&quic);
     let (qd, qu) = (quic.down, quic.up);
     eprintln!("quic down {qd:?}\nquic up {qu:?}");
     if args.iter().any(|a| a == "--quic-only") {
@@ -289,8 +437,6 @@ fn main() {
     // (With bf16 transport the cryptography covers half the model's bytes.)
     let wire_fraction = if transport == Transport::Bf16 { 0.5 } else { 1.0 };
     let ceiling = |tcp: &Phase| cores / (tcp.cpu_s_per_gb() + wire_fraction * crypto.cpu_s_per_gb()) * 1e3;
-    let r1 = |x: f64| (x * 10.0).round() / 10.0;
-    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     println!(
         "{{\"model_bytes\":{total},\"sites\":{SITES},\"transport\":\"{transport:?}\",\"cores\":{cores},\
 \"quic_down_MBps\":{},\"quic_up_MBps\":{},\"tcp_down_MBps\":{},\"tcp_up_MBps\":{},\
