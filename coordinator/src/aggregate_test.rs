@@ -13,8 +13,11 @@ use crate::config::ServerOptimizer;
 
 /// The tiny preset with two classes, `a/x` (row 0) and `b/y` (row 1), no site decoders.
 fn global() -> (MultiTalentNet, Selection) {
-    tch::manual_seed(0);
-    let net = MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 2, Device::Cpu).unwrap();
+    let net = {
+        let _rng = crate::torch_rng();
+        tch::manual_seed(0);
+        MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 2, Device::Cpu).unwrap()
+    };
     let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
     let classes = [GlobalClass::new(0, "a", &region("x")), GlobalClass::new(1, "b", &region("y"))];
     (net, Selection::global(&classes, &[]))

@@ -152,16 +152,6 @@ impl FederationConfig {
     pub fn total_steps(&self) -> u64 {
         self.plan.total_steps()
     }
-
-    /// The sites whose decoders the global model holds, at their positions: every site with
-    /// `[plan].per_site_decoders`, else none.
-    pub fn decoder_sites(&self) -> &[String] {
-        if self.plan.per_site_decoders {
-            &self.federation.sites
-        } else {
-            &[]
-        }
-    }
 }
 
 /// `[federation].sites` of a config file, read on its own: a running coordinator applies a

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fedtalent_model::MultiTalentNet;
-use fedtalent_vocab::{CtNormalization, GlobalClass, InputChannels};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass, InputChannels};
 
 use crate::aggregate::ServerState;
 use crate::metrics::MetricsLine;
@@ -41,9 +41,54 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// The training cases `site` registered with when the federation was set up.
+    /// The training cases `site` registered with when it joined the federation.
     pub fn cases_of(&self, site: &str) -> Option<u32> {
         self.site_cases.iter().find(|(s, _)| s == site).map(|&(_, n)| n)
+    }
+
+    /// The sites of the federation in the order they joined: the order of the class list and
+    /// of the per-site decoders. Not the config's order: a site listed later, or one removed
+    /// from the config, must not move the others' decoders.
+    pub fn sites(&self) -> Vec<String> {
+        self.site_cases.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// The sites whose decoders the global model holds, at their positions: every site with
+    /// `[plan].per_site_decoders`, else none.
+    pub fn decoder_sites(&self, per_site_decoders: bool) -> Vec<String> {
+        if per_site_decoders {
+            self.sites()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The setup grown by a site that joins after it was fixed: its classes appended to the
+    /// class list (the indices of every earlier class stay), its cases recorded. The CT
+    /// normalization stays: every trained layer depends on it.
+    pub fn with_site(&self, site: &str, classes: &[ClassRegion], n_train: u32) -> Setup {
+        let mut grown = self.clone();
+        for region in classes {
+            grown.classes.push(GlobalClass::new(grown.classes.len() as u32, site, region));
+        }
+        grown.site_cases.push((site.to_string(), n_train));
+        grown
+    }
+
+    /// The setup as it was when the federation had only `classes`, a prefix of this setup's
+    /// class list (a checkpoint written before later sites joined); `None` if they are not a
+    /// prefix made of whole sites.
+    pub fn before(&self, classes: &[GlobalClass]) -> Option<Setup> {
+        if !self.classes.starts_with(classes) {
+            return None;
+        }
+        let sites: Vec<&str> = self.site_cases.iter().map(|(s, _)| s.as_str()).collect();
+        let members = sites.iter().take_while(|s| classes.iter().any(|c| c.site == **s)).count();
+        let earlier =
+            Setup { classes: classes.to_vec(), site_cases: self.site_cases[..members].to_vec(), ..self.clone() };
+        let whole = earlier.classes.len()
+            == self.classes.iter().filter(|c| sites[..members].contains(&c.site.as_str())).count();
+        whole.then_some(earlier)
     }
 }
 

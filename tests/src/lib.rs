@@ -246,6 +246,17 @@ impl LocalFederation {
         cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap()
     }
 
+    /// `coordinator export --out <out>` of the state dir's newest round.
+    pub fn export(&self, out: &Path) {
+        run_ok(
+            Command::new(binary("coordinator"))
+                .args(["export", "--config"])
+                .arg(self.config_path())
+                .arg("--out")
+                .arg(out),
+        );
+    }
+
     pub fn log(&self, who: &str) -> String {
         fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default()
     }

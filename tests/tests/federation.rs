@@ -175,14 +175,7 @@ fn check_the_curves(fed: &LocalFederation, tb: &std::path::Path, tb_site: &std::
 /// as wide as the three slices.
 fn check_the_preview(fed: &LocalFederation) {
     let model = fed.dir.join("model");
-    let coordinator = fedtalent_tests::binary("coordinator");
-    fedtalent_tests::run_ok(
-        std::process::Command::new(coordinator)
-            .args(["export", "--config"])
-            .arg(fed.config_path())
-            .arg("--out")
-            .arg(&model),
-    );
+    fed.export(&model);
     let image = fed.dir.join("data/Dataset001_liver/imagesTr/liver_000_0000.nii.gz");
     let masks = fed.dir.join("masks");
     fedtalent_tests::run_ok(

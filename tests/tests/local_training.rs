@@ -46,13 +46,7 @@ fn federate(dir: &Path, plan: Plan) -> (LocalFederation, PathBuf) {
     let status = wait_child(&mut procs.0[1], Duration::from_secs(60), "site");
     assert!(status.success(), "site failed:\n{}", fed.log("liver"));
     let model = dir.join("exported");
-    run_ok(
-        Command::new(binary("coordinator"))
-            .args(["export", "--config"])
-            .arg(fed.config_path())
-            .arg("--out")
-            .arg(&model),
-    );
+    fed.export(&model);
     (fed, model.join("model.safetensors"))
 }
 

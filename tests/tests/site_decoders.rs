@@ -38,13 +38,7 @@ fn per_site_decoders_stay_with_their_owner() {
     assert!(shared > 10, "only {shared} shared tensors compared");
     // The export carries every site's decoder and loads back.
     let out = dir.path().join("model");
-    fedtalent_tests::run_ok(
-        std::process::Command::new(fedtalent_tests::binary("coordinator"))
-            .args(["export", "--config"])
-            .arg(fed.config_path())
-            .arg("--out")
-            .arg(&out),
-    );
+    fed.export(&out);
     let (manifest, net) = fedtalent_model::ModelManifest::load_model(&out, tch::Device::Cpu).unwrap();
     assert!(net.params().iter().any(|p| p.name.starts_with("decoders.1.")), "the export lacks site 1's decoder");
     assert_eq!(manifest.classes.len(), 4);

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use fedtalent_model::wire::{self, Selection};
+use fedtalent_model::wire;
 use fedtalent_model::{ModelManifest, MultiTalentNet};
 
-use super::setup::load_global;
+use super::setup::{global_selection, load_global};
 use super::Coordinator;
 use crate::config::FederationConfig;
 use crate::state::{Setup, StateDir};
@@ -53,7 +53,7 @@ pub fn export_from_state(config: &FederationConfig, dir: &Path, site: Option<&st
     let setup = state.read_setup()?.context("no federation set up in the state dir yet")?;
     let (net, round, _) = load_global(config, &state, &setup)?;
     anyhow::ensure!(round > 0, "no round completed yet: nothing to export");
-    let digest = wire::model_digest(&net, &Selection::global(&setup.classes, config.decoder_sites()));
+    let digest = wire::model_digest(&net, &global_selection(config, &setup));
     let Some(site) = site else {
         export_model(&net, &setup, &config.plan.preset, round, &digest, dir)?;
         return Ok(format!("round {round} exported to {} (digest {digest})", dir.display()));

@@ -18,6 +18,7 @@
 mod accept;
 mod dispatch;
 mod export;
+mod join;
 mod publish;
 mod round;
 mod setup;
@@ -77,6 +78,8 @@ struct Federation {
     completed: u32,
     /// The round accepting updates, if one is.
     open: Option<OpenRound>,
+    /// Sites listed after the setup that registered and join before the next round (by site).
+    joining: BTreeMap<String, Registration>,
 }
 
 /// What the coordinator knows of one site, whatever the phase.
@@ -191,12 +194,14 @@ impl Coordinator {
         }
     }
 
-    /// Sites of this federation that were not removed since it started.
+    /// Sites of this federation that were not removed since `serve` started and, once it is
+    /// set up, are in it: a site listed later counts once it joined.
     fn active_sites(&self, inner: &Inner) -> usize {
         self.active_site_names(inner).len()
     }
 
     fn active_site_names(&self, inner: &Inner) -> Vec<String> {
-        self.config.federation.sites.iter().filter(|s| !inner.removed.contains(*s)).cloned().collect()
+        let member = |site: &String| inner.running().is_none_or(|f| f.setup.cases_of(site).is_some());
+        self.config.federation.sites.iter().filter(|s| !inner.removed.contains(*s) && member(s)).cloned().collect()
     }
 }

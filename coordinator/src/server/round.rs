@@ -104,12 +104,20 @@ struct NextGlobal {
 impl Coordinator {
     /// The round task: once the federation is set up and launched, runs every round of the
     /// plan in turn (a dropped round is repeated), then reports the federation finished.
+    /// Between rounds it admits the sites that joined ([`Coordinator::admit_joining`]).
     pub(super) async fn run_rounds(self: Arc<Self>) -> Result<()> {
         loop {
             let completed = self
-                .wait_for(super::FOREVER, |i| i.running().filter(|_| i.launched).map(|f| f.completed))
+                .wait_for(super::FOREVER, |i| {
+                    i.running().filter(|f| i.launched || !f.joining.is_empty()).map(|f| f.completed)
+                })
                 .await
                 .expect("waits forever");
+            // Between rounds (or before the launch): sites registered to join, join now.
+            self.admit_joining();
+            if !self.lock().launched {
+                continue;
+            }
             let round = completed + 1;
             if round > self.config.plan.rounds_to_run() {
                 info!(rounds = self.config.plan.rounds_to_run(), "federation finished");
@@ -119,7 +127,11 @@ impl Coordinator {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     return Ok(());
                 }
-                std::future::pending::<()>().await;
+                // Still serving (export, status): a site listed later may still join.
+                loop {
+                    self.wait_for(super::FOREVER, |i| i.running().filter(|f| !f.joining.is_empty()).map(|_| ())).await;
+                    self.admit_joining();
+                }
             }
             self.run_round(round).await;
         }

@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{anyhow, bail, ensure, Result};
-use fedtalent_model::wire::{self, Selection};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use fedtalent_model::wire::{self, Parts, Selection};
 use fedtalent_model::{MultiTalentNet, Topology};
 use fedtalent_protocol::{ErrorKind, Hello, Message, TensorDigests, Transport, Welcome};
 use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass, HuHistogram};
@@ -19,8 +19,8 @@ use crate::state::{Setup, StateDir, CHECKPOINT_SERVER};
 
 /// What a site registered with, kept until the federation is set up.
 pub(super) struct Registration {
-    classes: Vec<ClassRegion>,
-    n_train: u32,
+    pub(super) classes: Vec<ClassRegion>,
+    pub(super) n_train: u32,
     /// Checked ([`HuHistogram::check`]) before it is stored.
     histogram: HuHistogram,
 }
@@ -30,7 +30,7 @@ impl Inner {
     pub(super) fn registered_cases(&self, site: &str) -> Option<u32> {
         match &self.phase {
             Phase::Registering(registrations) => registrations.get(site).map(|r| r.n_train),
-            Phase::Running(f) => f.setup.cases_of(site),
+            Phase::Running(f) => f.setup.cases_of(site).or_else(|| f.joining.get(site).map(|r| r.n_train)),
         }
     }
 }
@@ -57,8 +57,13 @@ impl Coordinator {
         }
         self.lock().sites.entry(peer.to_string()).or_default().joined = true;
         self.changed();
+        // Set up with this site in it: when every listed site registered, or, for a site that
+        // joins a running federation, before the next round.
         let (classes, normalization, completed) = self
-            .wait_for(FOREVER, |i| i.running().map(|f| (f.setup.classes.clone(), f.setup.normalization, f.completed)))
+            .wait_for(FOREVER, |i| {
+                let federation = i.running().filter(|f| f.setup.cases_of(peer).is_some())?;
+                Some((federation.setup.classes.clone(), federation.setup.normalization, federation.completed))
+            })
             .await
             .expect("waits forever");
         info!(site = %peer, completed, "welcomed");
@@ -89,7 +94,17 @@ impl Coordinator {
         histogram.check().map_err(|e| anyhow!("site {site}: hu_histogram.{e}"))?;
         let mut inner = self.lock();
         let registrations = match &mut inner.phase {
-            Phase::Running(federation) => return check_rejoin(&federation.setup, site, &classes, n_train),
+            Phase::Running(federation) if federation.setup.cases_of(site).is_some() => {
+                return check_rejoin(&federation.setup, site, &classes, n_train)
+            }
+            Phase::Running(federation) => {
+                // Listed after the federation was set up: it joins before the next round.
+                info!(site, classes = classes.len(), n_train, %device, "registered: joins the running federation before the next round");
+                federation.joining.insert(site.to_string(), Registration { classes, n_train, histogram });
+                drop(inner);
+                self.changed();
+                return Ok(());
+            }
             Phase::Registering(registrations) => registrations,
         };
         info!(site, classes = classes.len(), n_train, %device, "registered");
@@ -147,7 +162,7 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
 /// a fresh, deterministic initialisation), its digests and the server optimizer's state.
 pub(super) fn start(config: &FederationConfig, state: &StateDir, setup: Setup) -> Result<Federation> {
     let (global, completed, server) = load_global(config, state, &setup)?;
-    let selection = Selection::global(&setup.classes, config.decoder_sites());
+    let selection = global_selection(config, &setup);
     let (digest, wire_digests) = digest_global(config.plan.transport, &selection, &global);
     Ok(Federation {
         setup,
@@ -159,6 +174,7 @@ pub(super) fn start(config: &FederationConfig, state: &StateDir, setup: Setup) -
         wire_digests,
         completed,
         open: None,
+        joining: BTreeMap::new(),
     })
 }
 
@@ -168,43 +184,73 @@ fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology>
     if !config.plan.per_site_decoders {
         return Ok(topo);
     }
-    let partition = config
-        .federation
-        .sites
+    let partition = setup
+        .sites()
         .iter()
         .map(|site| setup.classes.iter().filter(|c| &c.site == site).map(|c| c.index as i64).collect())
         .collect();
     Ok(topo.with_site_decoders(partition))
 }
 
-/// The global model and the server optimizer's state: the last complete checkpoint, else a
-/// fresh, deterministic initialisation.
+/// Every class's heads and, with per-site decoders, every site's decoder of the global model of
+/// `setup`, at their places.
+pub(super) fn global_selection(config: &FederationConfig, setup: &Setup) -> Selection {
+    Selection::global(&setup.classes, &setup.decoder_sites(config.plan.per_site_decoders))
+}
+
+/// A fresh global network of `setup`, the same for the same setup (seeded): a restarted
+/// coordinator rebuilds bit for bit the heads it had not checkpointed yet.
+pub(super) fn fresh_global(config: &FederationConfig, setup: &Setup) -> Result<MultiTalentNet> {
+    let topo = global_topology(config, setup)?;
+    tch::manual_seed(0);
+    MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)
+}
+
+/// `net`, the global model of `from`, carried into a fresh network of `to`, a setup grown from
+/// it by sites that joined: the backbone, every class's heads (same ids, same rows) and every
+/// site's decoder are `net`'s, the new sites' heads and decoders fresh.
+pub(super) fn grow_global(
+    config: &FederationConfig,
+    net: &MultiTalentNet,
+    from: &Setup,
+    to: &Setup,
+) -> Result<MultiTalentNet> {
+    let parts = Parts::from_wire(&wire::parts_to_wire(net, &global_selection(config, from)))?;
+    let mut grown = fresh_global(config, to)?;
+    parts.apply(&mut grown, &global_selection(config, to)).context("carrying the global model into the grown one")?;
+    Ok(grown)
+}
+
+/// The global model and the server optimizer's state: the last complete checkpoint (grown by
+/// the sites that joined since), else a fresh, deterministic initialisation.
 pub(super) fn load_global(
     config: &FederationConfig,
     state: &StateDir,
     setup: &Setup,
 ) -> Result<(MultiTalentNet, u32, ServerState)> {
-    let topo = global_topology(config, setup)?;
-    tch::manual_seed(0);
-    let mut net = MultiTalentNet::new(&topo, setup.classes.len() as i64, Device::Cpu)?;
-    match state.latest()? {
-        Some((record, model)) => {
-            if record.classes != setup.classes {
-                bail!("checkpoint of round {} has other classes than {}", record.round, state.root().display());
-            }
-            net.load(&model)?;
-            let velocity_file = model.with_file_name(CHECKPOINT_SERVER);
-            let server =
-                if velocity_file.is_file() { ServerState::load(&net, &velocity_file)? } else { ServerState::default() };
-            Ok((net, record.round, server))
+    let Some((record, model)) = state.latest()? else {
+        let mut net = fresh_global(config, setup)?;
+        if let Some(dir) = &config.plan.init_model {
+            super::start_from::load_into(dir, &mut net, config, setup)?;
         }
-        None => {
-            if let Some(dir) = &config.plan.init_model {
-                super::start_from::load_into(dir, &mut net, config, setup)?;
-            }
-            Ok((net, 0, ServerState::default()))
-        }
+        return Ok((net, 0, ServerState::default()));
+    };
+    // A restart between a site's joining and the next checkpoint: the checkpoint is the global
+    // model of the setup before it joined.
+    let written = setup.before(&record.classes).with_context(|| {
+        format!("checkpoint of round {} has other classes than {}", record.round, state.root().display())
+    })?;
+    let mut net = fresh_global(config, &written)?;
+    net.load(&model)?;
+    let velocity_file = model.with_file_name(CHECKPOINT_SERVER);
+    let server =
+        if velocity_file.is_file() { ServerState::load(&net, &velocity_file)? } else { ServerState::default() };
+    if written.classes.len() < setup.classes.len() {
+        let joined = &setup.sites()[written.site_cases.len()..];
+        info!(round = record.round, ?joined, "the last checkpoint predates sites that joined: growing it");
+        net = grow_global(config, &net, &written, setup)?;
     }
+    Ok((net, record.round, server))
 }
 
 /// The digest naming `net` (over all its parts) and the per-tensor digests of its parts as they

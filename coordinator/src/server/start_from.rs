@@ -36,11 +36,11 @@ pub(super) fn load_into(dir: &Path, net: &mut MultiTalentNet, config: &Federatio
     let model_sites = manifest.decoder_sites();
     let mut parts =
         Parts::from_wire(&wire::parts_to_wire(&model, &Selection::global(&manifest.classes, &model_sites)))?;
-    let selection = Selection::global(&setup.classes, config.decoder_sites());
+    let selection = super::setup::global_selection(config, setup);
     parts.heads.retain(|id, _| selection.row_of(id).is_some());
     match (model_sites.is_empty(), config.plan.per_site_decoders) {
         (true, false) | (false, true) => parts.decoders.retain(|site, _| selection.decoder_of(site).is_some()),
-        (true, true) => share_decoder(&mut parts, net, config.decoder_sites()),
+        (true, true) => share_decoder(&mut parts, net, &setup.sites()),
         (false, false) => bail!(
             "{}: the model has per-site decoders ({}); a federation without per_site_decoders has one decoder, \
              which none of them is",
@@ -106,6 +106,7 @@ mod tests {
 
     #[test]
     fn continuing_classes_keep_their_heads_and_new_ones_start_fresh() {
+        let _rng = crate::torch_rng();
         let dir = tempfile::tempdir().unwrap();
         let topo = Topology::preset("tiny").unwrap();
         tch::manual_seed(7);
@@ -142,6 +143,7 @@ mod tests {
 
     #[test]
     fn a_shared_decoder_starts_every_sites_decoder_and_site_decoders_cannot_merge() {
+        let _rng = crate::torch_rng();
         let dir = tempfile::tempdir().unwrap();
         let topo = Topology::preset("tiny").unwrap();
         let model = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
