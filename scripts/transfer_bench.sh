@@ -15,7 +15,11 @@
 #        both arms), BENCH_HEAD_STEPS (the fine-tune's heads-only steps; default its own, 10%),
 #        BENCH_NEW_SITE (kidney), BENCH_CASES (8 per site, 2 of them validation),
 #        BENCH_HELDOUT (4), BENCH_PRESET (tiny), BENCH_DEVICE (auto), BENCH_BIN (prebuilt
-#        binaries' folder), BENCH_FED_ARGS (extra `simulate` flags)
+#        binaries' folder), BENCH_FED_ARGS (extra `simulate` flags),
+#        BENCH_PRETRAINED (a quality_bench.sh output folder: its federated models fed-<seed>/model,
+#        site configs included, are the pre-trained models instead of a new pre-training),
+#        BENCH_DECODER_FROM (with a per-site-decoder model: the decoder the fine-tune starts
+#        from, e.g. multiorgan, the site whose classes are nearest the new site's)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${BENCH_OUT:-$PWD/transfer-bench-out}"
@@ -31,6 +35,8 @@ DEVICE="${BENCH_DEVICE:-auto}"
 read -r -a FED_ARGS <<< "${BENCH_FED_ARGS:-}"
 HEAD_ARGS=()
 [ -z "${BENCH_HEAD_STEPS:-}" ] || HEAD_ARGS=(--head-steps "$BENCH_HEAD_STEPS")
+[ -z "${BENCH_DECODER_FROM:-}" ] || HEAD_ARGS+=(--decoder-from "$BENCH_DECODER_FROM")
+PRETRAINED="${BENCH_PRETRAINED:-}"
 
 scripts/setup.sh >/dev/null
 . scripts/env.sh
@@ -76,11 +82,17 @@ evaluate() { # model dir, seed, json
 }
 
 for seed in "${SEEDS[@]}"; do
-  echo "== seed $seed: pre-training $ROUNDS x $STEPS on liver,pancreas,multiorgan; $TUNE steps on $NEW_SITE"
-  # One shared decoder: the new site has no decoder of its own in a per-site-decoder model.
-  timed pre-training "$BIN/coordinator" simulate --out "$OUT/pre-$seed" --preset "$PRESET" \
-    --sites liver,pancreas,multiorgan --seed "$seed" --rounds "$ROUNDS" --local-steps "$STEPS" \
-    --cases "$CASES" --device "$DEVICE" --per-site-decoders false "${FED_ARGS[@]}"
+  pre="pre-training $ROUNDS x $STEPS on liver,pancreas,multiorgan"
+  [ -z "$PRETRAINED" ] || pre="pre-trained: $PRETRAINED/fed-$seed/model"
+  echo "== seed $seed: $pre; $TUNE steps on $NEW_SITE"
+  if [ -n "$PRETRAINED" ]; then
+    ln -sfn "$(readlink -f "$PRETRAINED/fed-$seed")" "$OUT/pre-$seed"
+  else
+    # One shared decoder: the new site has no decoder of its own in a per-site-decoder model.
+    timed pre-training "$BIN/coordinator" simulate --out "$OUT/pre-$seed" --preset "$PRESET" \
+      --sites liver,pancreas,multiorgan --seed "$seed" --rounds "$ROUNDS" --local-steps "$STEPS" \
+      --cases "$CASES" --device "$DEVICE" --per-site-decoders false "${FED_ARGS[@]}"
+  fi
   "$BIN/site-agent" synth --out "$OUT/new-$seed" --seed $((500 + seed)) --cases "$CASES" --sites "$NEW_SITE" \
     >/dev/null 2>>"$OUT/log.txt"
   "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \
