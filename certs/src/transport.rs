@@ -64,27 +64,30 @@ impl Congestion {
 /// `bench_transfer --wan`: each site through its own emulated link (fedtalent-link: one-way
 /// delay RTT/2, random loss, bottleneck rate behind a one-BDP drop-tail queue, 1472-byte MTU).
 /// Goodput as a fraction of one site link's rate, down/up, on this 2-core machine shared with
-/// other jobs (load average 5–7 throughout):
+/// other jobs (load average 5–7, but 1.7–3.4 for the third BBR run):
 ///
 /// ```text
-///                            NewReno      Cubic        BBR (2 runs, seeds 1 and 2)
+///                            NewReno      Cubic        BBR (3 runs, seeds 1, 2, 3)
 /// 3 sites, 120 MB each
-///   20 ms, 0 %,   200 Mbit/s  0.75/0.80    0.75/0.82    0.68/0.66  0.66/0.59
-///   80 ms, 0.5 %, 100 Mbit/s  0.02/0.02 *  0.02/0.02 *  0.61/0.88  0.92/0.90  (0.61: one site; the others 0.95)
-///   150 ms, 2 %,   50 Mbit/s  0.01/0.01 *  0.01/0.01 *  0.93/0.90  0.94/0.91
+///   20 ms, 0 %,   200 Mbit/s  0.75/0.80    0.75/0.82    0.68/0.66  0.66/0.59  0.52/0.91 **
+///   80 ms, 0.5 %, 100 Mbit/s  0.02/0.02 *  0.02/0.02 *  0.61/0.88  0.92/0.90  0.95/0.89 **
+///   150 ms, 2 %,   50 Mbit/s  0.01/0.01 *  0.01/0.01 *  0.93/0.90  0.94/0.91  0.94/0.91
 /// 1 site, 50 MB
 ///   20 ms, 0 %,   200 Mbit/s  0.82/0.81    0.87/0.81    0.96/0.85
 ///   80 ms, 0.5 %, 100 Mbit/s                            0.94/0.83
 ///   150 ms, 2 %,   50 Mbit/s                            0.92/0.87
-/// (* 5 MB per site: at 1–2 Mbit/s a 120 MB run takes 8–26 min per direction)
+/// (* 5 MB per site: at 1–2 Mbit/s a 120 MB run takes 8–26 min per direction. ** the slowest
+/// site: in 2 of 9 runs one site was held at 0.52–0.61 while the other two got 0.95–0.97,
+/// not yet explained. With 3 sites at load 5–7 the 20 ms row is CPU-bound.)
 /// ```
 ///
 /// Loss-based controllers (NewReno, Cubic) take every random loss for congestion and halve their
 /// window: their rate is bounded by ~MSS/RTT·1.2/√p (Mathis et al.), 2.5 Mbit/s at 80 ms and
-/// 0.5 %, 0.7 Mbit/s at 150 ms and 2 %, whatever the link. BBR paces to its measured bottleneck
-/// bandwidth and ignores random loss, so a lossy hospital link still moves a model in seconds.
-/// At 20 ms without loss all three are CPU-bound here with 3 sites (the relays with no limits
-/// carry 160–275 Mbit/s per site on these cores); with one site BBR is the best there too.
+/// 0.5 %, 0.7 Mbit/s at 150 ms and 2 %, whatever the link. BBR sizes its window from the
+/// measured bottleneck bandwidth and minimum RTT and does not shrink it on random loss, so a
+/// lossy hospital link still moves a model in seconds. At 20 ms without loss all three are
+/// CPU-bound here with 3 sites at load 5–7 (the relays with no limits carry 160–275 Mbit/s per
+/// site then, 400–420 at load 1.7); with one site BBR is the best there too.
 ///
 /// The cost: quinn's BBR (a port of quiche's BBRv1, marked experimental) keeps the bottleneck
 /// queue full — 20–48 % of the datagrams it offers a one-BDP drop-tail buffer are dropped there
