@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use fedtalent_data::{read_label_nifti, Case, Dataset, SiteDataConfig, ValCases};
 use fedtalent_vocab::ClassRegion;
 use ndarray::Array3;
@@ -315,6 +315,10 @@ pub fn evaluate_dataset(predictor: &Predictor, dataset_dir: &Path, classes: &[us
         label_interp: Default::default(),
     };
     let dataset = Dataset::open(&config)?;
+    // Same count but another order or modality would be predicted silently wrong: refuse by name.
+    dataset.channels.check_against(&predictor.manifest.channels).with_context(|| {
+        format!("{}: not the model's input channels ({})", dataset_dir.display(), predictor.manifest.channels)
+    })?;
     evaluate_cases(predictor, dataset_dir, &dataset.cases, classes)
 }
 

@@ -79,6 +79,28 @@ fn a_two_channel_mr_site_checks_trains_and_predicts() {
     let image = fedtalent_data::read_nifti(test.join("test_mr_000_0000.nii.gz")).unwrap();
     assert_eq!(mask.data.dim(), image.data.dim());
 
+    // evaluate reads the labelled MR dataset's cases as channels too, and refuses a CT dataset
+    // (same count would be possible, another modality never is) naming the channels.
+    let evaluate = |data: &Path| {
+        site_agent(&["evaluate", "--device", "cpu", "--site", "mr_liver", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let evaluated = evaluate(&dir.path().join("data/Dataset001_mr_liver"));
+    let stdout = String::from_utf8_lossy(&evaluated.stdout);
+    assert!(evaluated.status.success() && stdout.contains("mr_liver/liver"), "{stdout}");
+    let ct = LocalFederation::create(&dir.path().join("ct"), &["liver"], small_plan());
+    let refused = evaluate(&ct.dir.join("data/Dataset001_liver"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("not the model's input channels")
+            && stderr.contains("the dataset has 1 input channel(s) (CT) but the federation declares 2"),
+        "{stderr}"
+    );
     // The CT test image is not an input of this model: named `_0000`, it lacks its `_0001`.
     let refused = site_agent(&["predict", "--device", "cpu", "--model"])
         .arg(&model)
