@@ -145,6 +145,14 @@ impl FederationConfig {
                 model.preset,
                 p.preset
             );
+            // Its first layer's filters read the model's channels, in its order.
+            ensure!(
+                model.channels == p.input_channels,
+                "[plan].init_model: {} takes input channels {}, [plan].input_channels are {}",
+                dir.display(),
+                model.channels,
+                p.input_channels
+            );
         }
         Ok(())
     }
@@ -237,6 +245,11 @@ max_update_norm = 10000.0
 # (FIRENet's multi-decoder mode, any preset). The exported model then has every site's decoder
 # and is no nnU-Net v1 state dict.
 per_site_decoders = false
+# The network's input channels in order, named as every site's dataset.json names them
+# (channel_names / modality), each with its normalization: "CT" (the federation's statistics
+# from the sites' histograms), "zscore" (per image), "noNorm", "rescale_0_1", "rgb_to_0_1".
+# A site whose dataset declares other channels is refused. Default: one CT channel.
+# input_channels = [{{ name = "T1", normalization = "zscore" }}, {{ name = "T2", normalization = "zscore" }}]
 # Start from an exported model instead of a fresh network: its backbone (and decoders), and the
 # heads of the classes that continue, by class id; new classes get fresh heads.
 # init_model = "model/"
@@ -357,6 +370,12 @@ mod tests {
         let ok = with("init_model = \"tiny-model\"").replace("preset = \"unet\"", "preset = \"tiny\"");
         let config = FederationConfig::load(&write(dir.path(), &ok)).unwrap();
         assert_eq!(config.plan.init_model, Some(dir.path().join("tiny-model")));
+        let mr = ok.replace(
+            "preset = \"tiny\"",
+            "preset = \"tiny\"\ninput_channels = [{ name = \"T1\", normalization = \"zscore\" }]",
+        );
+        let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &mr)).unwrap_err());
+        assert!(err.contains("takes input channels CT, [plan].input_channels are T1 (zscore)"), "{err}");
         let bad = ok.replace("init_normalization = \"model\"", "init_normalization = \"hospital\"");
         let err = format!("{:#}", FederationConfig::load(&write(dir.path(), &bad)).unwrap_err());
         assert!(err.contains("hospital"), "{err}");
