@@ -38,9 +38,18 @@ pub struct Setup {
     /// set-ups from before channels were declared: one CT channel.
     #[serde(default)]
     pub channels: InputChannels,
+    /// Sites whose classes are mutually exclusive, trained as one softmax: the exported model
+    /// predicts their classes by argmax ([`fedtalent_model::ModelManifest::exclusive_sites`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclusive_sites: Vec<String>,
 }
 
 impl Setup {
+    /// A federation no site has joined yet (sites join by [`Setup::with_site`]).
+    pub fn empty(normalization: CtNormalization, channels: InputChannels) -> Setup {
+        Setup { classes: Vec::new(), normalization, site_cases: Vec::new(), channels, exclusive_sites: Vec::new() }
+    }
+
     /// The training cases `site` registered with when it joined the federation.
     pub fn cases_of(&self, site: &str) -> Option<u32> {
         self.site_cases.iter().find(|(s, _)| s == site).map(|&(_, n)| n)
@@ -66,8 +75,11 @@ impl Setup {
     /// The setup grown by a site that joins after it was fixed: its classes appended to the
     /// class list (the indices of every earlier class stay), its cases recorded. The CT
     /// normalization stays: every trained layer depends on it.
-    pub fn with_site(&self, site: &str, classes: &[ClassRegion], n_train: u32) -> Setup {
+    pub fn with_site(&self, site: &str, classes: &[ClassRegion], n_train: u32, exclusive: bool) -> Setup {
         let mut grown = self.clone();
+        if exclusive {
+            grown.exclusive_sites.push(site.to_string());
+        }
         for region in classes {
             grown.classes.push(GlobalClass::new(grown.classes.len() as u32, site, region));
         }
@@ -84,8 +96,13 @@ impl Setup {
         }
         let sites: Vec<&str> = self.site_cases.iter().map(|(s, _)| s.as_str()).collect();
         let members = sites.iter().take_while(|s| classes.iter().any(|c| c.site == **s)).count();
-        let earlier =
-            Setup { classes: classes.to_vec(), site_cases: self.site_cases[..members].to_vec(), ..self.clone() };
+        let member = |site: &String| sites[..members].contains(&site.as_str());
+        let earlier = Setup {
+            classes: classes.to_vec(),
+            site_cases: self.site_cases[..members].to_vec(),
+            exclusive_sites: self.exclusive_sites.iter().filter(|s| member(s)).cloned().collect(),
+            ..self.clone()
+        };
         let whole = earlier.classes.len()
             == self.classes.iter().filter(|c| sites[..members].contains(&c.site.as_str())).count();
         whole.then_some(earlier)

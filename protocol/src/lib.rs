@@ -29,7 +29,8 @@ pub use tensor::{
 /// Version of the federation protocol, sent in [`Hello`]; a coordinator refuses a different
 /// one. 2: the messages wrap named structs, `Welcome` carries the whole `[plan]`, updates carry
 /// typed phase timings and `Ack` a structured refusal. 3: `Hello` carries the site's input
-/// channels, `[plan]` the federation's.
+/// channels and whether its classes are exclusive, `[plan]` the federation's channels and
+/// local optimizer.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 pub use fedtalent_vocab::ALPN;

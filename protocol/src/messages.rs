@@ -37,6 +37,9 @@ pub struct Hello {
     pub device: String,
     /// The input channels its dataset declares, which must be the federation's.
     pub channels: InputChannels,
+    /// Its classes are mutually exclusive and trained as one softmax
+    /// (`[site].exclusive_classes`): every model of the federation predicts them by argmax.
+    pub exclusive_classes: bool,
 }
 
 /// coordinator → site, reply to [`Hello`]: what registration fixed for the whole federation.

@@ -34,6 +34,7 @@ pub fn sample_messages() -> Vec<Message> {
             hu_histogram: HuHistogram { min_hu: -1024, counts: vec![1, 2, 3] },
             device: "cuda:0".into(),
             channels: fedtalent_vocab::InputChannels::ct(),
+            exclusive_classes: true,
         }),
         Message::Welcome(Welcome {
             federation: "fed".into(),

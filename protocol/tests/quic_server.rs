@@ -29,6 +29,7 @@ fn hello(version: u32) -> Message {
         hu_histogram: HuHistogram { min_hu: -1024, counts: vec![0; 8] },
         device: "cpu".into(),
         channels: fedtalent_vocab::InputChannels::ct(),
+        exclusive_classes: false,
     })
 }
 

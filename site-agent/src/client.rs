@@ -222,6 +222,7 @@ impl Agent {
             hu_histogram: self.histogram.clone(),
             device: format!("{:?}", self.options.device),
             channels: self.channels.clone(),
+            exclusive_classes: self.config.site.exclusive_classes,
         }
     }
 

@@ -41,6 +41,7 @@ fn manifest_of(net: &MultiTalentNet, setup: &Setup, preset: &str, round: u32, di
     ModelManifest {
         round,
         digest: digest.into(),
+        exclusive_sites: setup.exclusive_sites.clone(),
         ..ModelManifest::of(net, preset, setup.normalization, setup.classes.clone())
             .with_channels(setup.channels.clone())
     }
@@ -66,4 +67,24 @@ pub fn export_from_state(config: &FederationConfig, dir: &Path, site: Option<&st
         manifest.classes.len(),
         dir.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtalent_model::Topology;
+    use fedtalent_vocab::{ClassRegion, CtNormalization};
+
+    use super::*;
+
+    /// The export says which sites' classes are one softmax: predict takes their argmax.
+    #[test]
+    fn the_export_names_the_sites_whose_classes_are_exclusive() {
+        let organ = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
+        let empty = Setup::empty(CtNormalization::PAPER, Default::default());
+        let setup = empty.with_site("a", &[organ("x")], 3, false).with_site("b", &[organ("y"), organ("z")], 3, true);
+        let net = MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 3, tch::Device::Cpu).unwrap();
+        let manifest = manifest_of(&net, &setup, "tiny", 1, "d");
+        assert_eq!(manifest.exclusive_sites, vec!["b"]);
+        assert_eq!(manifest.classes.len(), 3);
+    }
 }

@@ -55,7 +55,7 @@ fn admit(
     site: &str,
     registration: &Registration,
 ) -> Result<()> {
-    let setup = federation.setup.with_site(site, &registration.classes, registration.n_train);
+    let setup = federation.setup.with_site(site, &registration.classes, registration.n_train, registration.exclusive);
     let global = grow_global(config, &federation.global, &federation.setup, &setup)?;
     state.write_setup(&setup)?;
     let first = federation.setup.classes.len();
@@ -112,15 +112,10 @@ mod tests {
 
     /// The federation of sites a (one class) and b (two), and that federation after c joined.
     fn two_then_three() -> (Setup, Setup) {
-        let two = Setup {
-            classes: Vec::new(),
-            normalization: CtNormalization::PAPER,
-            site_cases: Vec::new(),
-            channels: Default::default(),
-        }
-        .with_site("a", &[region("x")], 3)
-        .with_site("b", &[region("y"), region("z")], 4);
-        let three = two.with_site("c", &[region("w")], 5);
+        let two = Setup::empty(CtNormalization::PAPER, Default::default())
+            .with_site("a", &[region("x")], 3, false)
+            .with_site("b", &[region("y"), region("z")], 4, true);
+        let three = two.with_site("c", &[region("w")], 5, false);
         (two, three)
     }
 
@@ -134,6 +129,9 @@ mod tests {
         assert_eq!(three.normalization, two.normalization);
         assert_eq!(three.before(&two.classes), Some(two.clone()));
         assert_eq!(three.before(&three.classes), Some(three.clone()));
+        // b's classes are one softmax, in every setup it is part of.
+        assert_eq!(three.exclusive_sites, vec!["b"]);
+        assert_eq!(three.before(&three.classes[..1]).unwrap().exclusive_sites, Vec::<String>::new());
         // Not a prefix, or a site cut in half: not an earlier state of this federation.
         let other = GlobalClass::new(0, "b", &region("y"));
         assert_eq!(three.before(std::slice::from_ref(&other)), None);

@@ -21,6 +21,8 @@ use crate::state::{Setup, StateDir, CHECKPOINT_SERVER};
 pub(super) struct Registration {
     pub(super) classes: Vec<ClassRegion>,
     pub(super) n_train: u32,
+    /// Its classes are one softmax ([`Hello::exclusive_classes`]).
+    pub(super) exclusive: bool,
     /// Checked ([`HuHistogram::check`]) before it is stored.
     histogram: HuHistogram,
 }
@@ -78,7 +80,8 @@ impl Coordinator {
 
     /// Records a site's registration; once every listed site registered, sets the federation up.
     fn register(&self, site: &str, hello: Hello) -> Result<()> {
-        let Hello { classes, n_train, hu_histogram: histogram, device, channels, .. } = hello;
+        let Hello { classes, n_train, hu_histogram: histogram, device, channels, exclusive_classes: exclusive, .. } =
+            hello;
         // Channel k of every site feeds the same input filters of the shared network.
         channels.check_against(&self.config.plan.input_channels).map_err(|e| anyhow!("site {site}: {e}"))?;
         ensure!(!classes.is_empty(), "site {site}: no classes");
@@ -95,12 +98,12 @@ impl Coordinator {
         let mut inner = self.lock();
         let registrations = match &mut inner.phase {
             Phase::Running(federation) if federation.setup.cases_of(site).is_some() => {
-                return check_rejoin(&federation.setup, site, &classes, n_train)
+                return check_rejoin(&federation.setup, site, &classes, n_train, exclusive)
             }
             Phase::Running(federation) => {
                 // Listed after the federation was set up: it joins before the next round.
                 info!(site, classes = classes.len(), n_train, %device, "registered: joins the running federation before the next round");
-                federation.joining.insert(site.to_string(), Registration { classes, n_train, histogram });
+                federation.joining.insert(site.to_string(), Registration { classes, n_train, exclusive, histogram });
                 drop(inner);
                 self.changed();
                 return Ok(());
@@ -108,7 +111,7 @@ impl Coordinator {
             Phase::Registering(registrations) => registrations,
         };
         info!(site, classes = classes.len(), n_train, %device, "registered");
-        registrations.insert(site.to_string(), Registration { classes, n_train, histogram });
+        registrations.insert(site.to_string(), Registration { classes, n_train, exclusive, histogram });
         if !self.config.federation.sites.iter().all(|s| registrations.contains_key(s)) {
             return Ok(());
         }
@@ -125,7 +128,7 @@ impl Coordinator {
 /// setup fixed: the same classes, and the same case count, which is what every update's
 /// n_cases must match (its aggregation weight); a changed dataset is refused here, visibly,
 /// rather than each of its updates later.
-fn check_rejoin(setup: &Setup, site: &str, classes: &[ClassRegion], n_train: u32) -> Result<()> {
+fn check_rejoin(setup: &Setup, site: &str, classes: &[ClassRegion], n_train: u32, exclusive: bool) -> Result<()> {
     let fixed: Vec<ClassRegion> = setup.classes.iter().filter(|c| c.site == site).map(GlobalClass::region).collect();
     ensure!(fixed == classes, "site {site}: classes {classes:?} differ from those registered earlier {fixed:?}");
     let registered = setup.cases_of(site);
@@ -133,6 +136,12 @@ fn check_rejoin(setup: &Setup, site: &str, classes: &[ClassRegion], n_train: u32
         registered == Some(n_train),
         "site {site}: n_train {n_train} differs from the {} training cases registered when the federation was set up",
         registered.map_or("(none)".to_string(), |n| n.to_string())
+    );
+    // Its heads were trained as one softmax or as sigmoids: the other way they mean another thing.
+    let was = setup.exclusive_sites.iter().any(|s| s == site);
+    ensure!(
+        was == exclusive,
+        "site {site}: exclusive_classes = {exclusive} differs from the {was} it registered with when it joined the federation"
     );
     Ok(())
 }
@@ -155,7 +164,8 @@ fn build_setup(config: &FederationConfig, regs: &BTreeMap<String, Registration>)
         }),
     };
     let site_cases = config.federation.sites.iter().map(|s| (s.clone(), regs[s].n_train)).collect();
-    Ok(Setup { classes, normalization, site_cases, channels: config.plan.input_channels.clone() })
+    let exclusive_sites = config.federation.sites.iter().filter(|s| regs[*s].exclusive).cloned().collect();
+    Ok(Setup { classes, normalization, site_cases, channels: config.plan.input_channels.clone(), exclusive_sites })
 }
 
 /// The running federation of `setup`: the global model of the last complete checkpoint (else
@@ -264,4 +274,24 @@ pub(super) fn digest_global(
     let mut native = TensorDigests::new(Transport::Native);
     let digest = set.wire_digest_cached(&mut native);
     (digest, if transport == Transport::Native { native } else { TensorDigests::new(transport) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_registers_again_only_as_it_joined() {
+        let organ = ClassRegion { name: "organ".into(), labels: vec![1] };
+        let empty = Setup::empty(CtNormalization::PAPER, Default::default());
+        let setup = empty.with_site("a", std::slice::from_ref(&organ), 3, true);
+        check_rejoin(&setup, "a", std::slice::from_ref(&organ), 3, true).unwrap();
+        let refused = |classes: &[ClassRegion], n_train, exclusive| {
+            format!("{:#}", check_rejoin(&setup, "a", classes, n_train, exclusive).unwrap_err())
+        };
+        assert!(refused(std::slice::from_ref(&organ), 3, false).contains("exclusive_classes = false"));
+        assert!(refused(std::slice::from_ref(&organ), 4, true).contains("n_train 4"));
+        let other = ClassRegion { name: "organ".into(), labels: vec![2] };
+        assert!(refused(&[other], 3, true).contains("differ from those registered earlier"));
+    }
 }

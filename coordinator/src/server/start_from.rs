@@ -121,6 +121,7 @@ mod tests {
             normalization: norm,
             site_cases: vec![("liver".into(), 3), ("kidney".into(), 3)],
             channels: Default::default(),
+            exclusive_sites: Vec::new(),
         };
         tch::manual_seed(0);
         let mut global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
@@ -157,6 +158,7 @@ mod tests {
             normalization: CtNormalization::PAPER,
             site_cases: vec![("a".into(), 3), ("b".into(), 3)],
             channels: Default::default(),
+            exclusive_sites: Vec::new(),
         };
         let site_topo = topo.clone().with_site_decoders(vec![vec![0], vec![1]]);
         let mut global = MultiTalentNet::new(&site_topo, 2, Device::Cpu).unwrap();

@@ -65,6 +65,7 @@ pub fn hello_of(site: &str) -> Hello {
         hu_histogram: HuHistogram { min_hu: -100, counts: vec![5; 300] },
         device: "cpu".into(),
         channels: fedtalent_vocab::InputChannels::ct(),
+        exclusive_classes: false,
     }
 }
 
