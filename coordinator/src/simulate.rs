@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, ensure, Context, Result};
 use fedtalent_data::{GeneratedSite, SiteDataConfig, SiteKind, SynthOptions, ValCases};
 use fedtalent_site_agent::config::{SiteConfig, SiteSection};
+use fedtalent_vocab::InputChannels;
 use tracing::info;
 
 use crate::config::{self, FederationConfig};
@@ -55,6 +56,7 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     let topology = fedtalent_model::Topology::preset(&opts.preset).context("--preset")?;
     ensure!(site_agent.exists(), "{} not found (build the workspace binaries)", site_agent.display());
     ensure!(!opts.out.join("coordinator").exists(), "{} already holds a federation", opts.out.display());
+    let channels = common_channels(&opts.sites)?;
     let synth =
         SynthOptions { seed: opts.seed, cases_per_site: opts.cases, shape: opts.shape, sites: opts.sites.clone() };
     let generated = fedtalent_data::generate_sites(opts.out.join("data"), &synth)?;
@@ -64,7 +66,7 @@ pub fn run(opts: &SimulateOptions, site_agent: &Path) -> Result<PathBuf> {
     let coord_dir = opts.out.join("coordinator");
     pki::init(&coord_dir.join("pki"), "simulation", &["localhost".into(), "127.0.0.1".into()], 30)?;
     let config_path = coord_dir.join("federation.toml");
-    std::fs::write(&config_path, federation_toml(opts, listen, &names))
+    std::fs::write(&config_path, federation_toml(opts, listen, &names, &channels))
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = FederationConfig::load(&config_path)?;
     for site in &generated {
@@ -128,8 +130,26 @@ fn decide_postprocessing(site_agent: &Path, dir: &Path, model_dir: &Path, device
     Ok(())
 }
 
-/// The simulation's federation.toml: the `init` template with the simulation's plan.
-fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String]) -> String {
+/// The input channels of the phantom sites, which one federation must share (an MR site and a
+/// CT site cannot feed the same first convolution).
+fn common_channels(sites: &[SiteKind]) -> Result<InputChannels> {
+    let channels = |kind: SiteKind| InputChannels::named(kind.channel_names().iter().copied());
+    let first = sites[0];
+    if let Some(&other) = sites.iter().find(|s| channels(**s) != channels(first)) {
+        bail!(
+            "--sites: {} has input channels {}, {} has {}: the sites of one federation share their input channels",
+            first.name(),
+            channels(first),
+            other.name(),
+            channels(other)
+        );
+    }
+    Ok(channels(first))
+}
+
+/// The simulation's federation.toml: the `init` template with the simulation's plan and the
+/// sites' input channels.
+fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String], channels: &InputChannels) -> String {
     let mut text = String::new();
     let mut section = "";
     for line in config::template("simulation", listen, sites).lines() {
@@ -143,6 +163,8 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
             (_, key) => match key {
                 "preset" => format!("preset = {:?}", opts.preset),
                 "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
+                // the template's commented-out example line
+                "# input_channels" if *channels != InputChannels::ct() => input_channels_line(channels),
                 // the template's commented-out example line
                 "# init_model" => match &opts.init_model {
                     Some(model) => format!("init_model = {model:?}"),
@@ -173,6 +195,15 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String])
         }
     }
     text
+}
+
+/// `input_channels = [{ name = "T1", normalization = "zscore" }, ...]`.
+fn input_channels_line(channels: &InputChannels) -> String {
+    let tables: Vec<String> = channels
+        .iter()
+        .map(|c| format!("{{ name = {:?}, normalization = {:?} }}", c.name, c.normalization.channel_name()))
+        .collect();
+    format!("input_channels = [{}]", tables.join(", "))
 }
 
 /// How every simulated site agent runs.
@@ -306,12 +337,30 @@ mod tests {
         };
         let opts = SimulateOptions { privacy: Some(privacy), ..options(dir.path(), "tiny", false) };
         let path = dir.path().join("federation.toml");
-        std::fs::write(&path, federation_toml(&opts, "127.0.0.1:4433".parse().unwrap(), &["liver".into()])).unwrap();
+        let ct = InputChannels::ct();
+        let toml =
+            |opts: &SimulateOptions| federation_toml(opts, "127.0.0.1:4433".parse().unwrap(), &["liver".into()], &ct);
+        std::fs::write(&path, toml(&opts)).unwrap();
         let config = FederationConfig::load(&path).unwrap();
         assert_eq!(config.plan.privacy, Some(privacy));
         let plain = options(dir.path(), "tiny", false);
-        std::fs::write(&path, federation_toml(&plain, "127.0.0.1:4433".parse().unwrap(), &["liver".into()])).unwrap();
+        std::fs::write(&path, toml(&plain)).unwrap();
         assert_eq!(FederationConfig::load(&path).unwrap().plan.privacy, None);
+    }
+
+    /// MR phantom sites federate on their two channels; MR and CT sites cannot share a network.
+    #[test]
+    fn the_sites_input_channels_reach_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mr = common_channels(&[SiteKind::MrLiver, SiteKind::MrLiver]).unwrap();
+        assert_eq!(mr, InputChannels::named(["T1", "T2"]));
+        let path = dir.path().join("federation.toml");
+        let opts = options(dir.path(), "tiny", false);
+        std::fs::write(&path, federation_toml(&opts, "127.0.0.1:4433".parse().unwrap(), &["mr_liver".into()], &mr))
+            .unwrap();
+        assert_eq!(FederationConfig::load(&path).unwrap().plan.input_channels, mr);
+        let e = common_channels(&[SiteKind::Liver, SiteKind::MrLiver]).unwrap_err().to_string();
+        assert!(e.contains("liver has input channels CT, mr_liver has T1 (zscore), T2 (zscore)"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use fedtalent_vocab::{CtNormalization, GlobalClass};
+use fedtalent_vocab::{CtNormalization, GlobalClass, InputChannels};
 use tch::{Device, Kind, Tensor};
 
 use crate::manifest::ModelManifest;
@@ -49,6 +49,32 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
+/// The first convolution's input filters must be the channels given: a network trained on T1
+/// and T2 cannot read one CT channel, and its first weights say how many it took. Said here in
+/// those words rather than as the shape mismatch the load would report.
+fn check_input_channels(
+    checkpoint: &Path,
+    tensors: &[(String, Tensor)],
+    net: &MultiTalentNet,
+    channels: &InputChannels,
+) -> Result<()> {
+    // The convolution reading the image is the one with the fewest input filters (every other
+    // one reads >= 32 feature maps), in both nnU-Net v1 layouts.
+    let stem =
+        net.params().named_tensors(false).into_iter().filter(|(_, t)| t.dim() == 5).min_by_key(|(_, t)| t.size()[1]);
+    let Some((name, first)) = stem.and_then(|(name, _)| tensors.iter().find(|(n, _)| *n == name)) else {
+        return Ok(()); // absent: the load names the missing tensor
+    };
+    let taken = first.size()[1];
+    ensure!(
+        taken == channels.len() as i64,
+        "{}: {name} takes {taken} input channels, but {} were given ({channels}); name each with --channel",
+        checkpoint.display(),
+        channels.len()
+    );
+    Ok(())
+}
+
 /// What to import a checkpoint as.
 pub struct ImportSpec<'a> {
     /// Preset whose network the checkpoint holds (its layout, widths and strides).
@@ -56,13 +82,16 @@ pub struct ImportSpec<'a> {
     /// One class per output channel, in channel order.
     pub classes: Vec<GlobalClass>,
     pub normalization: CtNormalization,
+    /// The network's input channels in order (nnU-Net's `modalities` of its plans; one CT channel
+    /// for the published MultiTalent weights).
+    pub channels: InputChannels,
 }
 
 /// Imports `checkpoint` into the model folder `out`; returns its manifest. Every tensor of the
 /// preset's network must be in the checkpoint with its shape, and nothing else (deep-supervision
 /// outputs included: nnU-Net v1 keeps them in the state dict).
 pub fn import(checkpoint: &Path, spec: ImportSpec, out: &Path) -> Result<ModelManifest> {
-    let topology = Topology::preset(spec.preset)?;
+    let topology = Topology::preset(spec.preset)?.with_in_channels(spec.channels.len());
     let tensors = read_state_dict(checkpoint)?;
     if let Some((name, t)) = tensors.iter().find(|(n, _)| n == "seg_outputs.0.weight") {
         ensure!(
@@ -74,10 +103,12 @@ pub fn import(checkpoint: &Path, spec: ImportSpec, out: &Path) -> Result<ModelMa
         );
     }
     let mut net = MultiTalentNet::new(&topology, spec.classes.len() as i64, Device::Cpu)?;
+    check_input_channels(checkpoint, &tensors, &net, &spec.channels)?;
     net.load_tensors(&tensors)
         .with_context(|| format!("{} is not a {:?} network", checkpoint.display(), spec.preset))?;
     let digest = crate::wire::model_digest(&net, &crate::wire::Selection::global(&spec.classes, &[]));
-    let manifest = ModelManifest { digest, ..ModelManifest::of(&net, spec.preset, spec.normalization, spec.classes) };
+    let manifest = ModelManifest { digest, ..ModelManifest::of(&net, spec.preset, spec.normalization, spec.classes) }
+        .with_channels(spec.channels);
     manifest.save(&net, out)?;
     Ok(manifest)
 }

@@ -8,15 +8,21 @@ use std::path::{Path, PathBuf};
 
 use fedtalent_model::manifest::ModelManifest;
 use fedtalent_model::nnunet_import::{self, ImportSpec};
-use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass, InputChannels};
 use tch::{Device, Tensor};
 
 /// Runs the oracle: (checkpoint, io file with the input `x` and nnU-Net's outputs `out{i}`).
 fn nnunet_checkpoint(dir: &Path, preset: &str, classes: usize) -> (PathBuf, PathBuf) {
-    let (checkpoint, io) = (dir.join(format!("{preset}.model")), dir.join(format!("{preset}-io.safetensors")));
+    nnunet_checkpoint_of(dir, preset, classes, 1)
+}
+
+/// [`nnunet_checkpoint`] of a network taking `channels` input channels (modalities).
+fn nnunet_checkpoint_of(dir: &Path, preset: &str, classes: usize, channels: usize) -> (PathBuf, PathBuf) {
+    let stem = format!("{preset}-{channels}ch");
+    let (checkpoint, io) = (dir.join(format!("{stem}.model")), dir.join(format!("{stem}-io.safetensors")));
     let script = std::fs::read_to_string(common::reference_dir().join("nnunet_v1_checkpoint.py")).unwrap();
-    let classes = classes.to_string();
-    common::run_python(&script, &[preset, &classes, checkpoint.to_str().unwrap(), io.to_str().unwrap()]);
+    let (classes, channels) = (classes.to_string(), channels.to_string());
+    common::run_python(&script, &[preset, &classes, checkpoint.to_str().unwrap(), io.to_str().unwrap(), &channels]);
     (checkpoint, io)
 }
 
@@ -27,18 +33,24 @@ fn classes(n: usize) -> Vec<GlobalClass> {
 }
 
 fn spec(preset: &str, n: usize) -> ImportSpec<'_> {
-    ImportSpec { preset, classes: classes(n), normalization: CtNormalization::PAPER }
+    ImportSpec { preset, classes: classes(n), normalization: CtNormalization::PAPER, channels: InputChannels::ct() }
 }
 
 /// Imports the oracle's checkpoint and compares our outputs with nnU-Net's, level by level.
 fn imports_with_nnunet_outputs(preset: &str, classes: usize) {
+    imports_with_nnunet_outputs_of(preset, classes, InputChannels::ct());
+}
+
+fn imports_with_nnunet_outputs_of(preset: &str, classes: usize, channels: InputChannels) {
     let dir = tempfile::tempdir().unwrap();
-    let (checkpoint, io) = nnunet_checkpoint(dir.path(), preset, classes);
+    let (checkpoint, io) = nnunet_checkpoint_of(dir.path(), preset, classes, channels.len());
     let model = dir.path().join("model");
-    nnunet_import::import(&checkpoint, spec(preset, classes), &model).unwrap();
+    nnunet_import::import(&checkpoint, ImportSpec { channels: channels.clone(), ..spec(preset, classes) }, &model)
+        .unwrap();
     let (manifest, net) = ModelManifest::load_model(&model, Device::Cpu).unwrap();
     assert_eq!(manifest.preset, preset);
     assert_eq!(manifest.classes.len(), classes);
+    assert_eq!(manifest.channels, channels);
     let io: std::collections::HashMap<String, Tensor> =
         fedtalent_model::io::read_tensors(&io).unwrap().into_iter().collect();
     let ours = tch::no_grad(|| net.forward_ds(&io["x"]));
@@ -61,6 +73,20 @@ fn generic_unet_checkpoint_imports_with_nnunet_outputs() {
 #[test]
 fn fabians_unet_checkpoint_imports_with_nnunet_outputs() {
     imports_with_nnunet_outputs("resenc", 2);
+}
+
+/// A network nnU-Net trained on two modalities imports with its two channels, and is refused
+/// as a one-channel CT network.
+#[test]
+fn a_two_modality_checkpoint_imports_with_its_channels() {
+    imports_with_nnunet_outputs_of("tiny", 2, InputChannels::named(["T1", "T2"]));
+    let dir = tempfile::tempdir().unwrap();
+    let (checkpoint, _) = nnunet_checkpoint_of(dir.path(), "tiny", 2, 2);
+    let err = import_error(&checkpoint, spec("tiny", 2));
+    assert!(
+        err.contains("conv_blocks_context.0.blocks.0.conv.weight takes 2 input channels, but 1 were given (CT)"),
+        "{err}"
+    );
 }
 
 fn import_error(checkpoint: &Path, spec: ImportSpec) -> String {

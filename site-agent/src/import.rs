@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use fedtalent_model::nnunet_import::{self, ImportSpec};
-use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass};
+use fedtalent_vocab::{ClassRegion, CtNormalization, GlobalClass, InputChannels};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +25,10 @@ pub struct Args {
     /// (default: the MultiTalent paper's).
     #[arg(long, value_delimiter = ',', num_args = 4)]
     normalization: Option<Vec<f32>>,
+    /// The network's input channels in order, one flag each, named as the datasets name them
+    /// (nnU-Net's `modalities` in its plans): `--channel T1 --channel T2`. Default: one CT channel.
+    #[arg(long = "channel")]
+    channels: Vec<String>,
     /// The model folder to write (model.json + model.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -41,7 +45,11 @@ pub fn run(args: Args) -> Result<()> {
         Some(&[clip_low, clip_high, mean, std]) => CtNormalization { clip_low, clip_high, mean, std },
         _ => CtNormalization::PAPER,
     };
-    let spec = ImportSpec { preset: &args.preset, classes, normalization };
+    let channels = if args.channels.is_empty() { InputChannels::ct() } else { InputChannels::named(args.channels) };
+    if let Some(problem) = channels.problems().first() {
+        anyhow::bail!("--channel: {problem}");
+    }
+    let spec = ImportSpec { preset: &args.preset, classes, normalization, channels };
     let manifest = nnunet_import::import(&args.checkpoint, spec, &args.out)?;
     println!(
         "imported {} ({} preset, {} classes) into {}",

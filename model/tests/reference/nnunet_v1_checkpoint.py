@@ -20,25 +20,25 @@ from nnunet.network_architecture.generic_modular_UNet import get_default_network
 from nnunet.network_architecture.initialization import InitWeights_He
 
 
-def tiny(classes):
+def tiny(classes, channels):
     """fedtalent's `tiny` preset: widths 8, 16, 32, 48; strides 2, 2, (1, 2, 2); 2 convs per stage."""
     pools = [[2, 2, 2], [2, 2, 2], [1, 2, 2]]
     kernels = [[3, 3, 3]] * 4
-    net = Generic_UNet(1, 8, classes, len(pools), 2, 2, nn.Conv3d, nn.InstanceNorm3d, {'eps': 1e-5, 'affine': True},
+    net = Generic_UNet(channels, 8, classes, len(pools), 2, 2, nn.Conv3d, nn.InstanceNorm3d, {'eps': 1e-5, 'affine': True},
                        nn.Dropout3d, {'p': 0, 'inplace': True}, nn.LeakyReLU, {'negative_slope': 1e-2, 'inplace': True},
                        True, False, lambda x: x, InitWeights_He(1e-2), pools, kernels, False, True, True,
                        max_num_features=48)
-    return net, (2, 1, 16, 32, 32)
+    return net, (2, channels, 16, 32, 32)
 
 
-def resenc(classes):
+def resenc(classes, channels):
     """fedtalent's `resenc` preset (MultiTalent's residual-encoder U-Net)."""
     pools = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     kernels = [[1, 3, 3]] + [[3, 3, 3]] * 5
     cfg = get_default_network_config(3, None, norm_type="in")
-    net = FabiansUNet(1, 30, (1, 2, 3, 4, 4, 4), 2, pools, kernels, cfg, classes, (1, 1, 1, 1, 1), True, False, 320,
+    net = FabiansUNet(channels, 30, (1, 2, 3, 4, 4, 4), 2, pools, kernels, cfg, classes, (1, 1, 1, 1, 1), True, False, 320,
                       InitWeights_He(1e-2))
-    return net, (1, 1, 32, 64, 64)
+    return net, (1, channels, 32, 64, 64)
 
 
 def outputs(net, x):
@@ -48,8 +48,9 @@ def outputs(net, x):
 
 def main():
     preset, classes, checkpoint, io_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    channels = int(sys.argv[5]) if len(sys.argv) > 5 else 1  # input channels (modalities)
     torch.manual_seed(0)
-    net, shape = {"tiny": tiny, "resenc": resenc}[preset](classes)
+    net, shape = {"tiny": tiny, "resenc": resenc}[preset](classes, channels)
     # nnUNetTrainerV2's optimizer, one step on a random target: weights (norm affines too) and
     # momentum buffers are no longer their initial values.
     optimizer = torch.optim.SGD(net.parameters(), 0.01, weight_decay=3e-5, momentum=0.99, nesterov=True)
