@@ -5,7 +5,9 @@
 //! brightness, contrast, simulated low resolution, inverted gamma, gamma, mirroring. Labels only
 //! follow the spatial transform (nearest) and the mirroring, so they stay integers from the
 //! input's label set. Per-sample decisions and parameters come from a seeded ChaCha RNG; the
-//! noise voxels come from torch's generator on the device.
+//! noise voxels come from torch's generator on the device. After the noise (one std per sample,
+//! as batchgenerators' default), each transform draws one coin per sample and then its
+//! parameter per channel, as nnU-Net's trainer configures batchgenerators.
 
 use rand::Rng;
 use rand::SeedableRng;
@@ -104,18 +106,42 @@ impl Augmenter {
     pub fn apply(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         tch::no_grad(|| {
             let img = self.noise(image);
-            let img = self.blur(&img);
-            let img = self.brightness(&img);
-            let img = self.contrast(&img);
-            let img = self.low_resolution(&img);
-            let img = self.gamma(&img, true);
-            let img = self.gamma(&img, false);
-            self.mirror(&img, labels)
+            // The intensity transforms after the noise act per channel, as batchgenerators'
+            // (per_channel / different_sigma_per_channel in nnU-Net's trainer): one coin per
+            // sample, then each channel its own parameter. Each channel becomes a row of its own.
+            let size = img.size();
+            let channels = size[1] as usize;
+            let rows = img.reshape([size[0] * size[1], 1, size[2], size[3], size[4]]);
+            let rows = self.blur(&rows, channels);
+            let rows = self.brightness(&rows, channels);
+            let rows = self.contrast(&rows, channels);
+            let rows = self.low_resolution(&rows, channels);
+            let rows = self.gamma(&rows, channels, true);
+            let rows = self.gamma(&rows, channels, false);
+            self.mirror(&rows.reshape(&size[..]), labels)
         })
     }
 
     fn batch(t: &Tensor) -> usize {
         t.size()[0] as usize
+    }
+
+    /// Per channel row (sample-major), what `draw` gave for it: for each sample a coin of
+    /// probability `p`, then, if it came up, one `draw` per channel; `None` where nothing applies.
+    /// With one channel this is one coin and one draw per sample, in that order.
+    fn per_channel_draws<T>(
+        &mut self,
+        rows: usize,
+        channels: usize,
+        p: f64,
+        mut draw: impl FnMut(&mut ChaCha8Rng) -> Option<T>,
+    ) -> Vec<Option<T>> {
+        let mut out = Vec::with_capacity(rows);
+        for _ in 0..rows / channels {
+            let hit = self.rng.gen_bool(p);
+            out.extend((0..channels).map(|_| if hit { draw(&mut self.rng) } else { None }));
+        }
+        out
     }
 
     fn noise(&mut self, image: &Tensor) -> Tensor {
@@ -138,34 +164,33 @@ impl Augmenter {
         image + image.randn_like() * per_sample(&stds, image.device())
     }
 
-    fn blur(&mut self, image: &Tensor) -> Tensor {
+    /// Gaussian blur of channel rows [N,1,Z,Y,X], each selected row with its own sigma.
+    fn blur(&mut self, rows: &Tensor, channels: usize) -> Tensor {
         const RADIUS: i64 = 3; // covers 3 sigma for sigma <= 1
-        let c = &self.config;
+        let c = self.config.clone();
+        let draws = self.per_channel_draws(Self::batch(rows), channels, c.p_blur, |rng| {
+            rng.gen_bool(c.p_blur_per_channel).then(|| rng.gen_range(c.blur_sigma.0..=c.blur_sigma.1))
+        });
         let (mut sel, mut kernels) = (Vec::new(), Vec::new());
-        for b in 0..Self::batch(image) {
-            if self.rng.gen_bool(c.p_blur) && self.rng.gen_bool(c.p_blur_per_channel) {
-                let sigma = self.rng.gen_range(c.blur_sigma.0..=c.blur_sigma.1);
-                let w: Vec<f32> =
-                    (-RADIUS..=RADIUS).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
-                let sum: f32 = w.iter().sum();
-                kernels.extend(w.into_iter().map(|v| v / sum));
-                sel.push(b as i64);
-            }
+        for (row, sigma) in draws.into_iter().enumerate() {
+            let Some(sigma) = sigma else { continue };
+            let w: Vec<f32> =
+                (-RADIUS..=RADIUS).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
+            let sum: f32 = w.iter().sum();
+            kernels.extend(w.into_iter().map(|v| v / sum));
+            sel.push(row as i64);
         }
         if sel.is_empty() {
-            return image.shallow_clone();
+            return rows.shallow_clone();
         }
-        let device = image.device();
+        let device = rows.device();
         let n = sel.len() as i64;
         let idx = index_tensor(&sel, device);
         let k = Tensor::from_slice(&kernels).to_device(device);
-        let size = image.size();
-        // Every channel of every selected sample as a channel of one image, so that a grouped
-        // convolution gives each sample its own sigma (the same for all its input channels).
-        let channels = size[1];
-        let k = k.view([n, 1, 2 * RADIUS + 1]).expand([n, channels, 2 * RADIUS + 1], false).reshape([-1]);
-        let n = n * channels;
-        let mut x = image.index_select(0, &idx).reshape([1, n, size[2], size[3], size[4]]);
+        let size = rows.size();
+        // Every selected row as a channel of one image, so that a grouped convolution gives each
+        // its own sigma.
+        let mut x = rows.index_select(0, &idx).reshape([1, n, size[2], size[3], size[4]]);
         let k_len = 2 * RADIUS + 1;
         for (shape, pad) in [
             ([n, 1, k_len, 1, 1], [0, 0, 0, 0, RADIUS, RADIUS]),
@@ -175,80 +200,84 @@ impl Augmenter {
             let padded = x.pad(pad, "replicate", None);
             x = padded.conv3d::<Tensor>(&k.view(shape), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], n);
         }
-        image.index_copy(0, &idx, &x.reshape([n / channels, channels, size[2], size[3], size[4]]))
+        rows.index_copy(0, &idx, &x.reshape([n, 1, size[2], size[3], size[4]]))
     }
 
-    fn factors(&mut self, n: usize, p: f64, range: (f64, f64)) -> Option<Vec<f64>> {
-        let f: Vec<f64> =
-            (0..n).map(|_| if self.rng.gen_bool(p) { around_one(&mut self.rng, range) } else { 1.0 }).collect();
+    /// Per channel row, its factor around one (1 where the sample's coin did not come up), or
+    /// `None` if no row changes.
+    fn factors(&mut self, rows: usize, channels: usize, p: f64, range: (f64, f64)) -> Option<Vec<f64>> {
+        let draws = self.per_channel_draws(rows, channels, p, |rng| Some(around_one(rng, range)));
+        let f: Vec<f64> = draws.into_iter().map(|d| d.unwrap_or(1.0)).collect();
         f.iter().any(|&v| v != 1.0).then_some(f)
     }
 
-    fn brightness(&mut self, image: &Tensor) -> Tensor {
+    fn brightness(&mut self, rows: &Tensor, channels: usize) -> Tensor {
         let (p, r) = (self.config.p_brightness, self.config.brightness_range);
-        match self.factors(Self::batch(image), p, r) {
+        match self.factors(Self::batch(rows), channels, p, r) {
             // nnU-Net's brightness is multiplicative.
-            Some(f) => image * per_sample(&f, image.device()),
-            None => image.shallow_clone(),
+            Some(f) => rows * per_sample(&f, rows.device()),
+            None => rows.shallow_clone(),
         }
     }
 
-    fn contrast(&mut self, image: &Tensor) -> Tensor {
+    fn contrast(&mut self, rows: &Tensor, channels: usize) -> Tensor {
         let (p, r) = (self.config.p_contrast, self.config.contrast_range);
-        let Some(f) = self.factors(Self::batch(image), p, r) else {
-            return image.shallow_clone();
+        let Some(f) = self.factors(Self::batch(rows), channels, p, r) else {
+            return rows.shallow_clone();
         };
         let dims = [1i64, 2, 3, 4];
-        let mean = image.mean_dim(&dims[..], true, Kind::Float);
-        let (lo, hi) = (image.amin(&dims[..], true), image.amax(&dims[..], true));
+        let mean = rows.mean_dim(&dims[..], true, Kind::Float);
+        let (lo, hi) = (rows.amin(&dims[..], true), rows.amax(&dims[..], true));
         // Preserve the range, as nnU-Net's ContrastAugmentationTransform(preserve_range=True).
-        ((image - &mean) * per_sample(&f, image.device()) + &mean).maximum(&lo).minimum(&hi)
+        ((rows - &mean) * per_sample(&f, rows.device()) + &mean).maximum(&lo).minimum(&hi)
     }
 
-    fn low_resolution(&mut self, image: &Tensor) -> Tensor {
-        let size = image.size();
-        let mut out = image.shallow_clone();
-        for b in 0..Self::batch(image) {
-            if !(self.rng.gen_bool(self.config.p_low_res) && self.rng.gen_bool(self.config.p_low_res_per_channel)) {
-                continue;
-            }
-            let zoom = self.rng.gen_range(self.config.low_res_zoom.0..=self.config.low_res_zoom.1);
+    fn low_resolution(&mut self, rows: &Tensor, channels: usize) -> Tensor {
+        let c = self.config.clone();
+        let draws = self.per_channel_draws(Self::batch(rows), channels, c.p_low_res, |rng| {
+            rng.gen_bool(c.p_low_res_per_channel).then(|| rng.gen_range(c.low_res_zoom.0..=c.low_res_zoom.1))
+        });
+        let size = rows.size();
+        let mut out = rows.shallow_clone();
+        for (row, zoom) in draws.into_iter().enumerate() {
+            let Some(zoom) = zoom else { continue };
             let small: Vec<i64> = size[2..].iter().map(|&s| ((s as f64 * zoom).round() as i64).max(1)).collect();
-            let x = out.narrow(0, b as i64, 1);
+            let x = out.narrow(0, row as i64, 1);
             let down = x.upsample_nearest3d(&small, None::<f64>, None::<f64>, None::<f64>);
             // nnU-Net upsamples with cubic splines; trilinear is the device-side equivalent.
             let up = down.upsample_trilinear3d(&size[2..], false, None::<f64>, None::<f64>, None::<f64>);
-            out = out.index_copy(0, &index_tensor(&[b as i64], image.device()), &up);
+            out = out.index_copy(0, &index_tensor(&[row as i64], rows.device()), &up);
         }
         out
     }
 
-    fn gamma(&mut self, image: &Tensor, invert: bool) -> Tensor {
+    fn gamma(&mut self, rows: &Tensor, channels: usize, invert: bool) -> Tensor {
         let c = &self.config;
-        let p = if invert { c.p_gamma_inverted } else { c.p_gamma };
+        let (p, range) = (if invert { c.p_gamma_inverted } else { c.p_gamma }, c.gamma_range);
+        let draws = self.per_channel_draws(Self::batch(rows), channels, p, |rng| Some(around_one(rng, range)));
         let (mut sel, mut gammas) = (Vec::new(), Vec::new());
-        for b in 0..Self::batch(image) {
-            if self.rng.gen_bool(p) {
-                gammas.push(around_one(&mut self.rng, c.gamma_range));
-                sel.push(b as i64);
+        for (row, gamma) in draws.into_iter().enumerate() {
+            if let Some(gamma) = gamma {
+                gammas.push(gamma);
+                sel.push(row as i64);
             }
         }
         if sel.is_empty() {
-            return image.shallow_clone();
+            return rows.shallow_clone();
         }
-        let device = image.device();
+        let device = rows.device();
         let idx = index_tensor(&sel, device);
         let sign = if invert { -1.0 } else { 1.0 };
-        let x = image.index_select(0, &idx) * sign;
+        let x = rows.index_select(0, &idx) * sign;
         let dims = [1i64, 2, 3, 4];
         let (mean, std) = (x.mean_dim(&dims[..], true, Kind::Float), x.std_dim(&dims[..], false, true));
         let lo = x.amin(&dims[..], true);
         let range = x.amax(&dims[..], true) - &lo + 1e-7;
         let y = ((&x - &lo) / &range).clamp_min(0.0).pow(&per_sample(&gammas, device)) * &range + &lo;
-        // retain_stats: restore each sample's mean and std.
+        // retain_stats: restore each row's mean and std.
         let (m2, s2) = (y.mean_dim(&dims[..], true, Kind::Float), y.std_dim(&dims[..], false, true));
         let y = (y - &m2) / (s2 + 1e-8) * std + mean;
-        image.index_copy(0, &idx, &(y * sign))
+        rows.index_copy(0, &idx, &(y * sign))
     }
 
     fn mirror(&mut self, image: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {

@@ -320,6 +320,38 @@ fn every_augmentation_keeps_shapes_and_label_sets() {
     assert!(img.equal(&image.flip([2, 3, 4])) && lab.equal(&labels.flip([2, 3, 4])));
 }
 
+/// Intensity transforms draw their parameter per channel (nnU-Net's per_channel): the two
+/// channels of a sample get their own brightness factor, each applied to all of its channel.
+#[test]
+fn intensity_augmentation_draws_per_channel() {
+    let brightness_only = AugmentConfig {
+        p_rotation: 0.0,
+        p_scale: 0.0,
+        p_noise: 0.0,
+        p_blur: 0.0,
+        p_brightness: 1.0,
+        p_contrast: 0.0,
+        p_low_res: 0.0,
+        p_gamma_inverted: 0.0,
+        p_gamma: 0.0,
+        p_mirror_per_axis: 0.0,
+        ..AugmentConfig::default()
+    };
+    let shape = [3i64, 2, 4, 6, 6];
+    let image = Tensor::ones(shape, (Kind::Float, Device::Cpu));
+    let labels = Tensor::zeros(shape, (Kind::Int64, Device::Cpu)).narrow(1, 0, 1);
+    let (img, _) = Augmenter::new(brightness_only, 5).apply(&image, &labels);
+    for b in 0..shape[0] {
+        let factor = |c: i64| img.get(b).get(c);
+        for c in 0..shape[1] {
+            let f = factor(c).flatten(0, -1);
+            assert!(f.max().double_value(&[]) == f.min().double_value(&[]), "sample {b} channel {c}: not one factor");
+        }
+        let (f0, f1) = (factor(0).mean(Kind::Float).double_value(&[]), factor(1).mean(Kind::Float).double_value(&[]));
+        assert!(f0 != 1.0 && f1 != 1.0 && f0 != f1, "sample {b}: channel factors {f0} and {f1}");
+    }
+}
+
 #[test]
 fn inference_images_map_back_to_the_original_geometry() {
     let dir = tempfile::tempdir().unwrap();
