@@ -369,13 +369,17 @@ mod tests {
 
     impl Fixture {
         fn new(decoders: bool) -> Self {
-            tch::manual_seed(0);
             let topo = if decoders {
                 Topology::preset("firenet-tiny").unwrap().with_site_decoders(vec![vec![0], vec![1]])
             } else {
                 Topology::preset("tiny").unwrap()
             };
-            let global = MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap();
+            // Tests compare the models of two fixtures: both must be the seed's.
+            let global = {
+                let _rng = crate::torch_rng();
+                tch::manual_seed(0);
+                MultiTalentNet::new(&topo, 2, Device::Cpu).unwrap()
+            };
             let region = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
             let classes = [GlobalClass::new(0, "a", &region("x")), GlobalClass::new(1, "b", &region("y"))];
             let sites = if decoders { vec!["a".to_string(), "b".to_string()] } else { Vec::new() };
@@ -613,8 +617,10 @@ mod tests {
         let f = Fixture::new(false);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("server_momentum.safetensors");
-        let velocity: Vec<(String, Tensor)> =
-            f.global.params().backbone().into_iter().map(|(n, t)| (n, t.rand_like().to_kind(Kind::Double))).collect();
+        let velocity: Vec<(String, Tensor)> = {
+            let _rng = crate::torch_rng(); // it draws from the generator other tests seed
+            f.global.params().backbone().into_iter().map(|(n, t)| (n, t.rand_like().to_kind(Kind::Double))).collect()
+        };
         let mut reversed: Vec<(String, Tensor)> =
             velocity.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         reversed.reverse();

@@ -82,7 +82,10 @@ mod tests {
         let organ = |name: &str| ClassRegion { name: name.into(), labels: vec![1] };
         let empty = Setup::empty(CtNormalization::PAPER, Default::default());
         let setup = empty.with_site("a", &[organ("x")], 3, false).with_site("b", &[organ("y"), organ("z")], 3, true);
-        let net = MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 3, tch::Device::Cpu).unwrap();
+        let net = {
+            let _rng = crate::torch_rng(); // it draws from the generator other tests seed
+            MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 3, tch::Device::Cpu).unwrap()
+        };
         let manifest = manifest_of(&net, &setup, "tiny", 1, "d");
         assert_eq!(manifest.exclusive_sites, vec!["b"]);
         assert_eq!(manifest.classes.len(), 3);
