@@ -109,7 +109,8 @@ enum Command {
 struct SimulateArgs {
     #[arg(long)]
     out: PathBuf,
-    /// Phantom sites: liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide.
+    /// Phantom sites: liver, pancreas, multiorgan, kidney, liver_novessels, liver_wide, mr_liver
+    /// (two-channel MR; one federation's sites share their input channels).
     #[arg(long, value_delimiter = ',', default_value = "liver,pancreas,multiorgan")]
     sites: Vec<String>,
     /// Network preset; `small` is the CPU preset measured best on the phantom sites (README).
@@ -127,6 +128,12 @@ struct SimulateArgs {
     /// [plan.local].optimizer_state: keep | reset (default: the template's).
     #[arg(long)]
     optimizer_state: Option<fedtalent_protocol::OptimizerState>,
+    /// [plan].optimizer: the sites' local optimizer, sgd (nnU-Net, MultiTalent) | adam (FIRENet).
+    #[arg(long, default_value = "sgd")]
+    optimizer: fedtalent_vocab::LocalOptimizer,
+    /// [plan].lr (default: the optimizer's own, 0.01 for sgd, 3e-4 for adam).
+    #[arg(long)]
+    lr: Option<f64>,
     /// [plan.local].head_warmup_steps (default: the template's).
     #[arg(long)]
     head_warmup_steps: Option<u32>,
@@ -202,6 +209,8 @@ impl SimulateArgs {
                     momentum: self.server_momentum.unwrap_or(default.momentum),
                 }
             },
+            optimizer: self.optimizer,
+            lr: self.lr,
             privacy: self.dp_noise_multiplier.zip(self.dp_clip_norm).map(|(noise_multiplier, clip_norm)| {
                 fedtalent_vocab::Privacy {
                     clip_norm,

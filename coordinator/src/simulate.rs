@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, ensure, Context, Result};
 use fedtalent_data::{GeneratedSite, SiteDataConfig, SiteKind, SynthOptions, ValCases};
 use fedtalent_site_agent::config::{SiteConfig, SiteSection};
-use fedtalent_vocab::InputChannels;
+use fedtalent_vocab::{InputChannels, LocalOptimizer};
 use tracing::info;
 
 use crate::config::{self, FederationConfig};
@@ -30,6 +30,10 @@ pub struct SimulateOptions {
     pub init_model: Option<PathBuf>,
     /// `[plan.local]`: the sites' round-boundary policy.
     pub local: fedtalent_protocol::LocalPolicy,
+    /// `[plan].optimizer`: the sites' local optimizer.
+    pub optimizer: LocalOptimizer,
+    /// `[plan].lr`; `None`: the optimizer's default.
+    pub lr: Option<f64>,
     /// `[plan.server]`: the coordinator's optimizer.
     pub server: crate::config::ServerOptimizer,
     /// `[plan.privacy]`: differential privacy of the backbone (none: off).
@@ -171,6 +175,11 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String],
                     None => line.to_string(),
                 },
                 "rounds" => format!("rounds = {}", opts.rounds),
+                "optimizer" => format!("optimizer = {:?}", opts.optimizer.name()),
+                "lr" => match opts.lr {
+                    Some(lr) => format!("lr = {lr:?}"),
+                    None => "# lr: the optimizer's default".into(),
+                },
                 "local_steps" => format!("local_steps = {}", opts.local_steps),
                 "batch" => format!("batch = {}", opts.batch),
                 "optimizer_state" => format!("optimizer_state = {:?}", opts.local.optimizer_state.name()),
@@ -311,6 +320,8 @@ mod tests {
             per_site_decoders,
             init_model: None,
             local: fedtalent_protocol::LocalPolicy::default(),
+            optimizer: LocalOptimizer::Sgd,
+            lr: None,
             server: crate::config::ServerOptimizer::default(),
             privacy: None,
             rounds: 1,
@@ -359,6 +370,12 @@ mod tests {
         std::fs::write(&path, federation_toml(&opts, "127.0.0.1:4433".parse().unwrap(), &["mr_liver".into()], &mr))
             .unwrap();
         assert_eq!(FederationConfig::load(&path).unwrap().plan.input_channels, mr);
+        // --optimizer adam without --lr: Adam's own default lr, not the template's SGD one.
+        let adam = SimulateOptions { optimizer: LocalOptimizer::Adam, ..options(dir.path(), "tiny", false) };
+        std::fs::write(&path, federation_toml(&adam, "127.0.0.1:4433".parse().unwrap(), &["liver".into()], &mr))
+            .unwrap();
+        let plan = FederationConfig::load(&path).unwrap().plan;
+        assert_eq!((plan.optimizer, plan.local_lr()), (LocalOptimizer::Adam, 3e-4));
         let e = common_channels(&[SiteKind::Liver, SiteKind::MrLiver]).unwrap_err().to_string();
         assert!(e.contains("liver has input channels CT, mr_liver has T1 (zscore), T2 (zscore)"), "{e}");
     }
