@@ -189,7 +189,7 @@ fn flips() -> Vec<Vec<i64>> {
     vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
 }
 
-/// Sliding-window class probabilities (sigmoid, or softmax in `opts.softmax_groups`) of `net` on a normalized image `[1, Z, Y, X]` (f32, any
+/// Sliding-window class probabilities (sigmoid, or softmax in `opts.softmax_groups`) of `net` on a normalized image `[C_in, Z, Y, X]` (its input channels; f32, any
 /// device). Returns `[C, Z, Y, X]` f32 on the accumulator's device (see [`Accumulate`]).
 pub fn sliding_window_probabilities(
     net: &MultiTalentNet,

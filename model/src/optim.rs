@@ -275,6 +275,15 @@ impl Optimizer {
     }
 }
 
+/// `grad + wd·p`: L2 weight decay folded into the gradient, as both torch optimizers do.
+fn with_weight_decay(grad: &Tensor, p: &Tensor, weight_decay: f64) -> Tensor {
+    if weight_decay != 0.0 {
+        grad + p * weight_decay
+    } else {
+        grad.shallow_clone()
+    }
+}
+
 /// `torch.optim.SGD`: `g += wd·p; buf = μ·buf + g; p -= lr·(g + μ·buf)` (Nesterov) or
 /// `p -= lr·buf`. Returns the state to insert when the parameter had none.
 fn sgd_update(
@@ -284,7 +293,7 @@ fn sgd_update(
     state: Option<&mut ParamState>,
     lr: f64,
 ) -> Option<ParamState> {
-    let mut d = if c.weight_decay != 0.0 { grad + &*p * c.weight_decay } else { grad.shallow_clone() };
+    let mut d = with_weight_decay(grad, p, c.weight_decay);
     let mut fresh = None;
     if c.momentum != 0.0 {
         let buf = match state {
@@ -315,7 +324,7 @@ fn adam_update(
     state: Option<&mut ParamState>,
     lr: f64,
 ) -> Option<ParamState> {
-    let g = if c.weight_decay != 0.0 { grad + &*p * c.weight_decay } else { grad.shallow_clone() };
+    let g = with_weight_decay(grad, p, c.weight_decay);
     let mut fresh = None;
     let (step, exp_avg, exp_avg_sq) = match state {
         Some(ParamState::Adam { step, exp_avg, exp_avg_sq }) => (step, exp_avg, exp_avg_sq),
