@@ -7,7 +7,9 @@
 #   train step   `site-agent bench train` (unet, 47 classes) vs PyTorch eager
 #                (model/tests/reference/torch_reference.py), same batch, patch and precision
 #   predict      sliding-window predict (`bench_predict`) vs PyTorch's (`bench_predict_torch.py`)
-#   data path    preprocessing cache + loader + augmentation (`bench_data`; no peer yet)
+#   data path    preprocessing cache + loader + augmentation (`bench_data`) vs nnU-Net v1's CPU
+#                augmentation (batchgenerators with nnUNetTrainerV2's transforms and probabilities,
+#                `scripts/bench_data_nnunet.py`) on the same cases, patch and thread count
 #   architecture FIRENet vs U-Net training step (`bench_arch`)
 #   transfer     QUIC vs TCP model transfer to 3 sites and back (`bench_transfer`)
 #   transfer_wan the same QUIC transfer through the link emulator at issue 18's WAN conditions,
@@ -46,11 +48,13 @@ mkdir -p "$OUT"
 if [ $QUICK = 1 ]; then
   PATCH=(32 64 64) BATCHES=(2) STEPS=3 WARMUP=1 PRECISIONS=(fp32)
   PREDICT=(--preset tiny --classes 3 --shape 48 128 128) DATA=(--threads 2 --batches 4 --cases 2)
+  DATA_PEER=(--threads 2 --batches 4)
   ARCH=(--patch 32,64,64 --steps 2 --warmup 1) MB=30
 else
   PATCH=(96 192 192) BATCHES=(2 4) STEPS=20 WARMUP=5 PRECISIONS=(fp32)
   [ "$DEVICE" = cuda ] && PRECISIONS=(fp16 fp32)
   PREDICT=(--preset unet --classes 47 --shape 200 512 512) DATA=(--threads 4 --batches 20 --cases 3)
+  DATA_PEER=(--threads 4 --batches 20)
   ARCH=(--patch 96,192,192 --steps 10 --warmup 3) MB=120
 fi
 
@@ -78,7 +82,12 @@ for batch in "${BATCHES[@]}"; do
 done
 run predict_ours "$BIN/examples/bench_predict" "${PREDICT[@]}" --device "$DEVICE"
 run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE"
-run data "$BIN/examples/bench_data" --device "$DEVICE" "${DATA[@]}"
+# The data path, then nnU-Net's on the very cases ours preprocessed (batchgenerators' worker pool
+# needs threadpoolctl, which setup.sh's --no-deps install of it leaves out).
+"$PY" -c "import threadpoolctl" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check threadpoolctl
+run data "$BIN/examples/bench_data" --device "$DEVICE" "${DATA[@]}" --keep "$OUT/data-cases"
+run data_nnunet "$PY" scripts/bench_data_nnunet.py --cache "$OUT/data-cases/cache" "${DATA_PEER[@]}"
+rm -rf "$OUT/data-cases"
 run arch "$BIN/examples/bench_arch" --presets firenet,unet --device "$DEVICE" "${ARCH[@]}"
 run transfer "$BIN/examples/bench_transfer" --mb "$MB"
 run transfer_wan "$BIN/examples/bench_transfer" --wan --mb "$MB" --cc bbr
@@ -101,11 +110,12 @@ def load(name):
 
 result = {"device": device, "quick": quick, "machine": platform.machine(), "cores": os.cpu_count(), "benchmarks": {}}
 rows = []
-def pair(name, ours, peer, key, unit):
+def pair(name, ours, peer, key, unit, rate=False):
+    # rate: key is a throughput (higher is better), so peer time / ours = ours / peer.
     o, p = load(ours), load(peer)
     ratio = None
     if isinstance(o, dict) and isinstance(p, dict) and o.get(key) and p.get(key):
-        ratio = round(p[key] / o[key], 3)
+        ratio = round((o[key] / p[key]) if rate else (p[key] / o[key]), 3)
         rows.append((name, f"{o[key]} {unit}", f"{p[key]} {unit}", f"{ratio}x"))
     else:
         rows.append((name, "failed" if not isinstance(o, dict) or "error" in o else "", "failed", ""))
@@ -115,13 +125,14 @@ for f in sorted(glob.glob(f"{out}/train_ours_*.json")):
     tag = f.split("train_ours_")[1][:-5]
     pair(f"train step unet 47 classes {tag}", f"train_ours_{tag}", f"train_torch_{tag}", "ms_per_step", "ms")
 pair("sliding-window predict", "predict_ours", "predict_torch", "seconds_per_volume", "s")
-for name in ["data", "arch", "transfer", "transfer_wan", "round"]:
+pair("data path (samples/s)", "data", "data_nnunet", "samples_per_s", "/s", rate=True)
+for name in ["arch", "transfer", "transfer_wan", "round"]:
     result["benchmarks"][name] = {"ours": load(name), "peer": None}
 json.dump(result, open(f"{out}/bench.json", "w"), indent=1)
 print(f"\n{'benchmark':<40}{'fedtalent':>14}{'peer':>14}{'peer/ours':>11}")
 for r in rows:
     print(f"{r[0]:<40}{r[1]:>14}{r[2]:>14}{r[3]:>11}")
 d = result["benchmarks"]
-print(f"data path: {d['data']['ours']}\narchitectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\ntransfer_wan: {d['transfer_wan']['ours']}\nround: {d['round']['ours']}")
+print(f"architectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\ntransfer_wan: {d['transfer_wan']['ours']}\nround: {d['round']['ours']}")
 print(f"\n{out}/bench.json")
 EOF

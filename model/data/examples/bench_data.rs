@@ -3,6 +3,8 @@
 //! and of the whole path, augmentation on `--device` included (`samples_per_s`).
 //!
 //! `cargo run --release -p fedtalent-data --example bench_data -- --device cpu|cuda --threads 4`
+//! `--keep DIR` writes the generated cases and their preprocessed cache (`DIR/cache/*.ftp`) into
+//! DIR and keeps them, so a peer (scripts/bench_data_nnunet.py) can read the very same cases.
 //! The training-step figure to compare against comes from the model crate's benchmark.
 
 use std::time::Instant;
@@ -65,10 +67,13 @@ fn main() -> Result<()> {
     // The augmentation's CPU fallback should not use more threads than the data path may.
     tch::set_num_threads(threads as i32);
 
-    let dir = tempfile::tempdir()?;
+    let keep = args.iter().position(|a| a == "--keep").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
+    let tmp = tempfile::tempdir()?;
+    let root = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&root)?;
     let t0 = Instant::now();
     let sites = generate_sites(
-        dir.path(),
+        &root,
         &SynthOptions { seed: 1, cases_per_site: cases, shape: [80, 256, 256], sites: vec![SiteKind::MultiOrgan] },
     )?;
     let cfg = SiteDataConfig {
@@ -76,7 +81,7 @@ fn main() -> Result<()> {
         dataset_dir: sites[0].dataset_dir.clone(),
         classes: sites[0].classes.clone(),
         val_cases: ValCases::Count(0),
-        cache_dir: dir.path().join("cache"),
+        cache_dir: root.join("cache"),
         target_spacing: [1.5, 1.0, 1.0],
         label_interp: LabelInterp::Nearest,
     };
