@@ -2,7 +2,7 @@
 # Every speed benchmark in one run, each next to its peer measured in the same run, collected
 # into one JSON file: the first thing to run on a GPU machine.
 #
-#   scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--out DIR]
+#   scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--flower] [--out DIR]
 #
 #   train step   `site-agent bench train` (unet, 47 classes) vs PyTorch eager
 #                (model/tests/reference/torch_reference.py), same batch, patch and precision
@@ -16,18 +16,24 @@
 #                with the chosen congestion controller (`bench_transfer --wan`): goodput as a
 #                fraction of each site's link rate
 #   round        a whole `coordinator simulate` of 3 tiny sites, 2 rounds of 1 step: round overhead
+#   round_flower (--flower) a whole deployed round like for like (`scripts/bench_round.py`): the
+#                coordinator + 3 `site-agent` processes with the unet model (~117 MB) and no local
+#                training vs Flower (SuperLink + 3 SuperNodes, FedAvg over one float32 array of
+#                the same size, clients echo it): round wall time and peak RSS of all processes.
+#                Installs flwr from PyPI into the venv (only with --flower).
 # --quick: CPU-sized shapes (minutes on 2 cores); without it the shapes are the paper's (for a
 # GPU: sized for under 8 minutes on one). Writes DIR/bench.json (default bench-out/) and prints
 # each figure with its peer's and the ratio (peer time / ours: > 1 means we are faster).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-DEVICE=auto QUICK=0 OUT="$PWD/bench-out"
+DEVICE=auto QUICK=0 FLOWER=0 OUT="$PWD/bench-out"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --flower) FLOWER=1; shift ;;
     --out) OUT=$2; shift 2 ;;
-    *) echo "usage: scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--out DIR]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--flower] [--out DIR]" >&2; exit 2 ;;
   esac
 done
 scripts/setup.sh >/dev/null
@@ -81,7 +87,9 @@ for batch in "${BATCHES[@]}"; do
   done
 done
 run predict_ours "$BIN/examples/bench_predict" "${PREDICT[@]}" --device "$DEVICE"
-run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE"
+# The peer tiles with our patch (the preset's, as our JSON reports it), so both run the same tiles.
+OUR_PATCH=$("$PY" -c 'import json, sys; print(*json.load(open(sys.argv[1]))["patch"])' "$OUT/predict_ours.json" 2>/dev/null || true)
+run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE" ${OUR_PATCH:+--patch $OUR_PATCH}
 # The data path, then nnU-Net's on the very cases ours preprocessed (batchgenerators' worker pool
 # needs threadpoolctl, which setup.sh's --no-deps install of it leaves out).
 "$PY" -c "import threadpoolctl" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check threadpoolctl
@@ -99,6 +107,19 @@ else
   echo '{"error": "failed"}' > "$OUT/round.json"
 fi
 echo "   round: $(( $(date +%s) - t )) s"
+if [ $FLOWER = 1 ]; then
+  # Ours first: Flower's array gets the byte count our sites downloaded.
+  run round_ours "$PY" scripts/bench_round.py fedtalent --bin "$BIN" --rounds 4 --work "$OUT/round-work"
+  floats=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model_bytes_down_per_site"] // 4)' \
+    "$OUT/round_ours.json" 2>/dev/null || echo 29300000)
+  if "$PY" -c "import flwr" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check flwr==1.42.0; then
+    run round_flower "$PY" scripts/bench_round.py flower --floats "$floats" --rounds 4 --work "$OUT/round-work"
+  else
+    echo "   round_flower: flwr could not be installed from PyPI (unreachable?)"
+    echo '{"error": "flwr could not be installed from PyPI"}' > "$OUT/round_flower.json"
+  fi
+  rm -rf "$OUT/round-work"
+fi
 
 "$PY" - "$OUT" "$DEVICE" "$QUICK" <<'EOF'
 import glob, json, os, platform, sys
@@ -126,6 +147,12 @@ for f in sorted(glob.glob(f"{out}/train_ours_*.json")):
     pair(f"train step unet 47 classes {tag}", f"train_ours_{tag}", f"train_torch_{tag}", "ms_per_step", "ms")
 pair("sliding-window predict", "predict_ours", "predict_torch", "seconds_per_volume", "s")
 pair("data path (samples/s)", "data", "data_nnunet", "samples_per_s", "/s", rate=True)
+if os.path.exists(f"{out}/round_ours.json"):
+    pair("deployed round, no training", "round_ours", "round_flower", "median_round_s", "s")
+    o, p = load("round_ours"), load("round_flower")
+    if isinstance(o, dict) and isinstance(p, dict) and o.get("peak_rss_mib") and p.get("peak_rss_mib"):
+        rows.append(("  peak RSS, all processes", f"{o['peak_rss_mib']} MiB", f"{p['peak_rss_mib']} MiB",
+                     f"{round(p['peak_rss_mib'] / o['peak_rss_mib'], 3)}x"))
 for name in ["arch", "transfer", "transfer_wan", "round"]:
     result["benchmarks"][name] = {"ours": load(name), "peer": None}
 json.dump(result, open(f"{out}/bench.json", "w"), indent=1)

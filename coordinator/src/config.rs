@@ -96,7 +96,8 @@ impl FederationConfig {
         let channel_problems = p.input_channels.problems();
         ensure!(channel_problems.is_empty(), "[plan].input_channels: {}", channel_problems.join("; "));
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
-        ensure!(p.local_steps >= 1, "[plan].local_steps must be at least 1");
+        // local_steps = 0: no local training, each site uploads the global model as it received it
+        // (the whole-round transport benchmark, scripts/bench_round.py).
         ensure!(p.batch >= 1, "[plan].batch must be at least 1");
         if let Some(lr) = p.lr {
             ensure!(lr > 0.0 && lr.is_finite(), "[plan].lr must be positive");

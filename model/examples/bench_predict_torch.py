@@ -18,7 +18,7 @@ from torch_reference import MultiTalentUNet  # noqa: E402
 
 PRESETS = {  # features, pools (strides of stages 1..), patch
     "unet": ((30, 60, 120, 240, 320, 320), ((2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)), (96, 192, 192)),
-    "tiny": ((8, 16, 32, 48), ((2, 2, 2), (2, 2, 2), (1, 2, 2)), (32, 64, 64)),
+    "tiny": ((8, 16, 32, 48), ((2, 2, 2), (2, 2, 2), (1, 2, 2)), (16, 48, 48)),
 }
 
 
@@ -48,7 +48,7 @@ FLIPS = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
 
 
 @torch.no_grad()
-def sliding_window(net, image, patch, classes, dev, acc_dev, tta, tile_batch):
+def sliding_window(net, image, patch, classes, dev, acc_dev, tta, tile_batch, channels_last=False):
     shape = image.shape[1:]
     padded = [max(s, p) for s, p in zip(shape, patch)]
     below = [(p - s) // 2 for s, p in zip(shape, padded)]
@@ -65,6 +65,8 @@ def sliding_window(net, image, patch, classes, dev, acc_dev, tta, tile_batch):
     for i in range(0, len(tiles), tile_batch):
         batch = tiles[i:i + tile_batch]
         x = torch.stack([img[:, z:z + patch[0], y:y + patch[1], xx:xx + patch[2]] for z, y, xx in batch]).to(dev)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         probs = None
         for f in flips:
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
@@ -89,11 +91,16 @@ def main():
     ap.add_argument("--tile-batch", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--accumulate", choices=["device", "cpu"], default="device")
+    ap.add_argument("--patch", type=int, nargs=3, help="the tile (default: the preset's; bench.sh passes ours)")
+    ap.add_argument("--channels-last", action="store_true", help="network and tiles channels-last (NDHWC)")
     a = ap.parse_args()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     feats, pools, patch = PRESETS[a.preset]
+    patch = tuple(a.patch) if a.patch else patch
     torch.manual_seed(0)
     net = MultiTalentUNet(a.classes, feats, pools).to(dev).eval()
+    if a.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
     torch.backends.cudnn.benchmark = True
     image = torch.randn(1, *a.shape)
     acc_dev = dev if a.accumulate == "device" else torch.device("cpu")
@@ -103,7 +110,7 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    probs, tiles = sliding_window(net, image, patch, a.classes, dev, acc_dev, a.tta, a.tile_batch)
+    probs, tiles = sliding_window(net, image, patch, a.classes, dev, acc_dev, a.tta, a.tile_batch, a.channels_last)
     mean = probs.mean().item()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -112,7 +119,8 @@ def main():
     print(json.dumps({
         "impl": "pytorch-eager", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "preset": a.preset, "classes": a.classes, "shape": a.shape, "patch": list(patch), "tiles": tiles,
-        "tta": a.tta, "tile_batch": a.tile_batch, "accumulator_device": str(acc_dev),
+        "tta": a.tta, "tile_batch": a.tile_batch, "channels_last": a.channels_last,
+        "accumulator_device": str(acc_dev),
         "seconds_per_volume": round(dt, 3),
         "peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,

@@ -196,6 +196,10 @@ impl LocalTrainer {
     /// A federation round's local training: [`LocalTrainer::begin_round`], then `steps` steps
     /// (heads only in the last round when the policy says so); returns the mean loss.
     pub fn train_round(&mut self, loader: &mut BatchLoader, policy: &LocalPolicy, work: &RoundWork) -> Result<f32> {
+        // `[plan].local_steps = 0` (the round benchmark): no training, the update is the model received.
+        if work.steps == 0 {
+            return Ok(0.0);
+        }
         self.begin_round(loader, policy, work.step_offset)?;
         let heads_only = policy.final_heads_only && work.last;
         self.trainer.freeze_backbone(heads_only);

@@ -1,0 +1,1 @@
+"""Flower echo app: FedAvg over one float32 array, clients return it unchanged."""
