@@ -92,7 +92,17 @@ impl FederationConfig {
         sorted.dedup();
         ensure!(sorted.len() == f.sites.len(), "[federation].sites: a site is listed twice");
         ensure!(f.keep_rounds >= 1, "[federation].keep_rounds must be at least 1");
-        fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        let preset = fedtalent_model::Topology::preset(&p.preset).context("[plan].preset")?;
+        if p.site_encoder_stages > 0 {
+            ensure!(
+                p.per_site_decoders,
+                "[plan].site_encoder_stages = {} needs per_site_decoders = true (the stages lie in front of each \
+                 site's decoder)",
+                p.site_encoder_stages
+            );
+            let own = preset.with_site_decoders(vec![vec![0]]).with_site_encoder_stages(p.site_encoder_stages as usize);
+            own.validate().context("[plan].site_encoder_stages")?;
+        }
         let channel_problems = p.input_channels.problems();
         ensure!(channel_problems.is_empty(), "[plan].input_channels: {}", channel_problems.join("; "));
         ensure!(p.rounds >= 1, "[plan].rounds must be at least 1");
@@ -246,6 +256,9 @@ max_update_norm = 10000.0
 # (FIRENet's multi-decoder mode, any preset). The exported model then has every site's decoder
 # and is no nnU-Net v1 state dict.
 per_site_decoders = false
+# With per_site_decoders: how many of the deepest encoder stages each site also keeps as its own,
+# in front of its decoder (0: the whole encoder is averaged; the first stage always is).
+site_encoder_stages = 0
 # The network's input channels in order, named as every site's dataset.json names them
 # (channel_names / modality), each with its normalization: "CT" (the federation's statistics
 # from the sites' histograms), "zscore" (per image), "noNorm", "rescale_0_1", "rgb_to_0_1".
@@ -429,6 +442,13 @@ mod tests {
             (valid().replace("lr = 0.01", "lr = -1.0"), "[plan].lr"),
             (valid().replace("optimizer = \"sgd\"", "optimizer = \"rmsprop\""), "optimizer = \"rmsprop\""),
             (valid().replace("rounds = 100", "rounds = 0"), "[plan].rounds"),
+            (valid().replace("site_encoder_stages = 0", "site_encoder_stages = 1"), "needs per_site_decoders = true"),
+            (
+                valid()
+                    .replace("per_site_decoders = false", "per_site_decoders = true")
+                    .replace("site_encoder_stages = 0", "site_encoder_stages = 6"),
+                "its first stays shared",
+            ),
             (format!("{}\nsurprise = 1\n", valid()), "unknown field"),
             ("[federation]\nname = \"x\"\n".to_string(), "missing field"),
         ];

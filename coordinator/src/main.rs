@@ -122,6 +122,10 @@ struct SimulateArgs {
     /// nnU-Net v1 model).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     per_site_decoders: bool,
+    /// [plan].site_encoder_stages: with per-site decoders, the deepest encoder stages each site
+    /// also keeps as its own (0: the whole encoder is averaged).
+    #[arg(long, default_value_t = 0)]
+    site_encoder_stages: u32,
     /// [plan].init_model: start from this exported model (its backbone, the continuing heads).
     #[arg(long)]
     init_model: Option<PathBuf>,
@@ -193,6 +197,7 @@ impl SimulateArgs {
             out: self.out,
             preset: self.preset,
             per_site_decoders: self.per_site_decoders,
+            site_encoder_stages: self.site_encoder_stages,
             init_model: self.init_model.map(|m| std::path::absolute(&m)).transpose().context("--init-model")?,
             local: {
                 let default = fedtalent_protocol::LocalPolicy::default();

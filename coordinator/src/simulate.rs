@@ -26,6 +26,8 @@ pub struct SimulateOptions {
     pub preset: String,
     /// `[plan].per_site_decoders` (FIRENet's multi-decoder mode, any preset).
     pub per_site_decoders: bool,
+    /// `[plan].site_encoder_stages`: the deepest encoder stages each site keeps as its own.
+    pub site_encoder_stages: u32,
     /// `[plan].init_model` (an absolute path).
     pub init_model: Option<PathBuf>,
     /// `[plan.local]`: the sites' round-boundary policy.
@@ -167,6 +169,7 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String],
             (_, key) => match key {
                 "preset" => format!("preset = {:?}", opts.preset),
                 "per_site_decoders" => format!("per_site_decoders = {}", opts.per_site_decoders),
+                "site_encoder_stages" => format!("site_encoder_stages = {}", opts.site_encoder_stages),
                 // the template's commented-out example line
                 "# input_channels" if *channels != InputChannels::ct() => input_channels_line(channels),
                 // the template's commented-out example line
@@ -318,6 +321,7 @@ mod tests {
             sites: vec![SiteKind::Liver],
             preset: preset.into(),
             per_site_decoders,
+            site_encoder_stages: 0,
             init_model: None,
             local: fedtalent_protocol::LocalPolicy::default(),
             optimizer: LocalOptimizer::Sgd,

@@ -177,7 +177,7 @@ impl ModelManifest {
             .enumerate()
             .map(|(i, c)| GlobalClass { index: i as u32, ..c.clone() })
             .collect();
-        let topology = Topology { site_decoders: Vec::new(), ..self.topology.clone() };
+        let topology = Topology { site_decoders: Vec::new(), site_encoder_stages: 0, ..self.topology.clone() };
         let mut plain = MultiTalentNet::new(&topology, classes.len() as i64, net.device())?;
         let own = Selection::global(&self.classes, &sites).of_site(site);
         let mut parts = wire::Parts::from_wire(&wire::parts_to_wire(net, &own))?;

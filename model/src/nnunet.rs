@@ -9,7 +9,10 @@
 //! Per-site decoders ([`Topology::site_decoders`]): one decoder per site under
 //! `decoders.<s>.<nnU-Net's decoder names>` with [`Role::SiteDecoder`], in nnU-Net's registration
 //! order; the heads stay shared modules whose rows read their site's decoder
-//! ([`crate::routing`]). Such a network is no nnU-Net v1 state dict.
+//! ([`crate::routing`]). Such a network is no nnU-Net v1 state dict. With
+//! [`Topology::site_encoder_stages`] each site's decoder also has the deepest encoder stages of
+//! its own, under the same `decoders.<s>.` prefix with nnU-Net's encoder names, so one site's
+//! part of the model (`ModelManifest::site_model`) is again a plain network.
 
 use anyhow::Result;
 use tch::Tensor;
@@ -67,14 +70,39 @@ impl Decoder {
     }
 }
 
+/// One decoder with the encoder stages only it reads (empty unless
+/// [`Topology::site_encoder_stages`]): a site's own branch of the network.
+#[derive(Debug, Clone)]
+struct Branch {
+    /// The deepest encoder stages of this branch, continuing the shared ones.
+    encoder: Vec<EncoderStage>,
+    decoder: Decoder,
+}
+
+impl Branch {
+    /// The decoder's features from the shared encoder's output `x` and its `skips` (every shared
+    /// stage's output, the last one included).
+    fn forward(&self, p: &ParamStore, x: &Tensor, skips: &[Tensor], outputs: Outputs) -> Vec<Option<Tensor>> {
+        let mut skips: Vec<Tensor> = skips.iter().map(Tensor::shallow_clone).collect();
+        let mut x = x.shallow_clone();
+        for stage in &self.encoder {
+            x = stage.forward(p, &x);
+            skips.push(x.shallow_clone());
+        }
+        skips.pop(); // the bottleneck is no skip
+        self.decoder.forward(p, &x, &skips, outputs)
+    }
+}
+
 /// The forward graph of both nnU-Net layouts.
 #[derive(Debug)]
 pub(crate) struct UnetGraph {
     /// FabiansUNet's initial conv; Generic_UNet has none.
     stem: Option<ConvNorm>,
+    /// The shared encoder stages (all of them unless sites have their own deepest ones).
     encoder: Vec<EncoderStage>,
-    /// One decoder, or one per site.
-    decoders: Vec<Decoder>,
+    /// One decoder, or one per site (each with its own deepest encoder stages, if any).
+    branches: Vec<Branch>,
     /// `heads[u]`: decoder level `u`'s (deepest first).
     heads: Vec<Head>,
     /// `Some` exactly with per-site decoders.
@@ -93,9 +121,8 @@ impl UnetGraph {
             x = stage.forward(p, &x);
             skips.push(x.shallow_clone());
         }
-        skips.pop(); // the bottleneck is no skip
         let features: Vec<Vec<Option<Tensor>>> =
-            self.decoders.iter().map(|d| d.forward(p, &x, &skips, outputs)).collect();
+            self.branches.iter().map(|b| b.forward(p, &x, &skips, outputs)).collect();
         let mut logits: Vec<Tensor> = self
             .heads
             .iter()
@@ -163,6 +190,26 @@ fn decoder_scopes<'a>(topo: &Topology, root: &ParamScope<'a>) -> Vec<ParamScope<
     }
 }
 
+/// The encoder's stages built by `stage(scope, d)`: the shared ones under `root`, then each
+/// decoder's own deepest [`Topology::site_encoder_stages`] under its scope (none by default, so
+/// the registration order is nnU-Net's).
+fn split_encoder(
+    topo: &Topology,
+    root: &ParamScope,
+    decoder_scopes: &[ParamScope],
+    stage: impl Fn(&ParamScope, usize) -> EncoderStage,
+) -> (Vec<EncoderStage>, Vec<Vec<EncoderStage>>) {
+    let n = topo.stages.len();
+    let shared = n - topo.site_encoder_stages;
+    let own = decoder_scopes.iter().map(|scope| (shared..n).map(|d| stage(scope, d)).collect()).collect();
+    ((0..shared).map(|d| stage(root, d)).collect(), own)
+}
+
+/// Pairs each decoder with its own encoder stages.
+fn branches(own_stages: Vec<Vec<EncoderStage>>, decoders: impl Iterator<Item = Decoder>) -> Vec<Branch> {
+    own_stages.into_iter().zip(decoders).map(|(encoder, decoder)| Branch { encoder, decoder }).collect()
+}
+
 /// The heads' routing to per-site decoders, after checking the partition.
 fn routing(topo: &Topology, classes: i64, root: &ParamScope) -> Result<Option<SiteRouting>> {
     check_site_partition(&topo.site_decoders, classes)?;
@@ -193,29 +240,32 @@ pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> 
             .collect()
     };
     let localizations: Vec<Vec<Vec<ConvNorm>>> = scopes.iter().map(localization).collect();
-    let mut encoder = Vec::with_capacity(n);
-    let mut cin = topo.in_channels;
-    for (d, stage) in stages.iter().enumerate() {
-        let scope = root.pp("conv_blocks_context").pp(d);
-        let mut convs = Vec::with_capacity(stage.depth);
-        for j in 0..stage.depth {
-            // The bottleneck is a Sequential of one-conv StackedConvLayers: other names.
-            let conv_scope = if d == n - 1 { scope.pp(j).pp("blocks.0") } else { scope.pp("blocks").pp(j) };
-            let spec = ConvNormSpec {
-                stride: block_stride(stage, j),
-                bias: true,
-                ..ConvNormSpec::new(cin, stage.width, stage.kernel)
-            };
-            convs.push(ConvNorm::new(&conv_scope, ConvNormNames::CONV_INSTNORM, spec));
-            cin = stage.width;
-        }
-        encoder.push(EncoderStage::Plain(convs));
-    }
-    let decoders = localizations
-        .into_iter()
-        .zip(&scopes)
-        .map(|(convs, scope)| decoder(convs, upsamplers(topo, &scope.pp("tu"))))
-        .collect();
+    let stage = |scope: &ParamScope, d: usize| {
+        let stage = &stages[d];
+        let scope = scope.pp("conv_blocks_context").pp(d);
+        let convs = (0..stage.depth)
+            .map(|j| {
+                // The bottleneck is a Sequential of one-conv StackedConvLayers: other names.
+                let conv_scope = if d == n - 1 { scope.pp(j).pp("blocks.0") } else { scope.pp("blocks").pp(j) };
+                let cin = match (d, j) {
+                    (0, 0) => topo.in_channels,
+                    (_, 0) => stages[d - 1].width,
+                    _ => stage.width,
+                };
+                let spec = ConvNormSpec {
+                    stride: block_stride(stage, j),
+                    bias: true,
+                    ..ConvNormSpec::new(cin, stage.width, stage.kernel)
+                };
+                ConvNorm::new(&conv_scope, ConvNormNames::CONV_INSTNORM, spec)
+            })
+            .collect();
+        EncoderStage::Plain(convs)
+    };
+    let (encoder, own_stages) = split_encoder(topo, root, &scopes, stage);
+    let decoders =
+        localizations.into_iter().zip(&scopes).map(|(convs, scope)| decoder(convs, upsamplers(topo, &scope.pp("tu"))));
+    let branches = branches(own_stages, decoders);
     let heads = (0..levels)
         .map(|u| {
             let level = levels - 1 - u;
@@ -223,7 +273,7 @@ pub(crate) fn generic_unet(topo: &Topology, classes: i64, root: &ParamScope) -> 
             Head::new(&root.pp("seg_outputs").pp(u), spec)
         })
         .collect();
-    Ok(UnetGraph { stem: None, encoder, decoders, heads, routing: routing(topo, classes, root)? })
+    Ok(UnetGraph { stem: None, encoder, branches, heads, routing: routing(topo, classes, root)? })
 }
 
 /// nnU-Net v1 `FabiansUNet`: `encoder.initial_*`, `encoder.stages`, then the decoder's
@@ -236,24 +286,30 @@ pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope)
     let w0 = stages[0].width;
     let stem_names = ConvNormNames { conv: "initial_conv", norm: "initial_norm" };
     let stem = ConvNorm::new(&root.pp("encoder"), stem_names, ConvNormSpec::new(topo.in_channels, w0, [3; 3]));
-    let mut encoder = Vec::with_capacity(n);
-    let mut cin = w0;
-    for (s, stage) in stages.iter().enumerate() {
-        let scope = root.pp("encoder.stages").pp(s).pp("convs");
-        let mut blocks = Vec::with_capacity(stage.depth);
-        for b in 0..stage.depth {
-            let spec = ResidualSpec {
-                cin,
-                cout: stage.width,
-                kernel: stage.kernel,
-                stride: block_stride(stage, b),
-                second_norm_scale: Init::Zeros,
-            };
-            blocks.push(ResidualBlock::new(&scope.pp(b), ResidualNames::FABIANS_UNET, spec));
-            cin = stage.width;
-        }
-        encoder.push(EncoderStage::Residual(blocks));
-    }
+    let scopes = decoder_scopes(topo, root);
+    let stage = |scope: &ParamScope, d: usize| {
+        let stage = &stages[d];
+        let scope = scope.pp("encoder.stages").pp(d).pp("convs");
+        let blocks = (0..stage.depth)
+            .map(|b| {
+                let cin = match (d, b) {
+                    (0, 0) => w0,
+                    (_, 0) => stages[d - 1].width,
+                    _ => stage.width,
+                };
+                let spec = ResidualSpec {
+                    cin,
+                    cout: stage.width,
+                    kernel: stage.kernel,
+                    stride: block_stride(stage, b),
+                    second_norm_scale: Init::Zeros,
+                };
+                ResidualBlock::new(&scope.pp(b), ResidualNames::FABIANS_UNET, spec)
+            })
+            .collect();
+        EncoderStage::Residual(blocks)
+    };
+    let (encoder, own_stages) = split_encoder(topo, root, &scopes, stage);
     let heads_scope = root.pp("decoder");
     let head = |scope: &ParamScope, level: usize| {
         Head::new(scope, HeadSpec { width: stages[level].width, classes, level, bias: true })
@@ -277,17 +333,15 @@ pub(crate) fn residual_encoder(topo: &Topology, classes: i64, root: &ParamScope)
             })
             .collect()
     };
-    let decoders = decoder_scopes(topo, root)
-        .iter()
-        .map(|scope| {
-            let scope = scope.pp("decoder");
-            let upsample = upsamplers(topo, &scope.pp("tus"));
-            decoder(level_convs(&scope), upsample)
-        })
-        .collect();
+    let decoders = scopes.iter().map(|scope| {
+        let scope = scope.pp("decoder");
+        let upsample = upsamplers(topo, &scope.pp("tus"));
+        decoder(level_convs(&scope), upsample)
+    });
+    let branches = branches(own_stages, decoders);
     // Deepest first, like the decoder levels; the full-resolution head was registered first.
     let mut heads: Vec<Head> =
         (0..levels - 1).map(|u| head(&heads_scope.pp("deep_supervision_outputs").pp(u), levels - 1 - u)).collect();
     heads.push(full_res_head);
-    Ok(UnetGraph { stem: Some(stem), encoder, decoders, heads, routing: routing(topo, classes, root)? })
+    Ok(UnetGraph { stem: Some(stem), encoder, branches, heads, routing: routing(topo, classes, root)? })
 }

@@ -79,6 +79,17 @@ pub struct Topology {
     /// own decoder like its heads, so the features only its classes need are not averaged away.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub site_decoders: Vec<Vec<i64>>,
+    /// With per-site decoders: how many of the deepest encoder stages each site has of its own,
+    /// in front of its decoder (personalised upper layers, as LG-FedAvg keeps its upper layers
+    /// local): the shallow stages, whose features every site's images share, are averaged; the
+    /// deep, semantic ones are trained and kept by their site like its decoder. 0: the whole
+    /// encoder is shared.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub site_encoder_stages: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Topology {
@@ -101,6 +112,13 @@ impl Topology {
     /// together a partition of the network's classes; checked when the network is built).
     pub fn with_site_decoders(mut self, sites: Vec<Vec<i64>>) -> Topology {
         self.site_decoders = sites;
+        self
+    }
+
+    /// This topology with the deepest `stages` encoder stages per site (see
+    /// [`Topology::site_encoder_stages`]; needs per-site decoders, checked by `validate`).
+    pub fn with_site_encoder_stages(mut self, stages: usize) -> Topology {
+        self.site_encoder_stages = stages;
         self
     }
 
@@ -154,6 +172,7 @@ impl Topology {
                 stage.kernel
             );
         }
+        self.validate_site_encoder_stages()?;
         if self.layout == Layout::FireNet {
             return self.validate_firenet();
         }
@@ -178,6 +197,31 @@ impl Topology {
 }
 
 impl Topology {
+    fn validate_site_encoder_stages(&self) -> anyhow::Result<()> {
+        let k = self.site_encoder_stages;
+        if k == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            !self.site_decoders.is_empty(),
+            "topology {}: site_encoder_stages = {k} needs per-site decoders (the stages lie in front of them)",
+            self.name
+        );
+        anyhow::ensure!(
+            self.layout != Layout::FireNet,
+            "topology {}: site_encoder_stages is not available for the FireNet layout (its fabric module is the \
+             shared part)",
+            self.name
+        );
+        anyhow::ensure!(
+            k < self.stages.len(),
+            "topology {}: site_encoder_stages = {k}, but the encoder has {} stages and its first stays shared",
+            self.name,
+            self.stages.len()
+        );
+        Ok(())
+    }
+
     /// FIRENet needs no fixed patch (every resampling is to an explicit size), so only the
     /// structure is checked.
     fn validate_firenet(&self) -> anyhow::Result<()> {
@@ -246,6 +290,7 @@ pub fn unet() -> Topology {
         spacing: [1.5, 1.0, 1.0],
         firenet: None,
         site_decoders: Vec::new(),
+        site_encoder_stages: 0,
     }
 }
 
@@ -269,6 +314,7 @@ pub fn resenc() -> Topology {
         spacing: [1.5, 1.0, 1.0],
         firenet: None,
         site_decoders: Vec::new(),
+        site_encoder_stages: 0,
     }
 }
 
@@ -290,6 +336,7 @@ pub fn tiny() -> Topology {
         spacing: [5.0, 4.0, 4.0],
         firenet: None,
         site_decoders: Vec::new(),
+        site_encoder_stages: 0,
     }
 }
 
@@ -323,6 +370,7 @@ pub fn firenet() -> Topology {
         spacing: [1.5, 1.0, 1.0],
         firenet: Some(FireNetSpec::default()),
         site_decoders: Vec::new(),
+        site_encoder_stages: 0,
     }
 }
 

@@ -29,8 +29,60 @@ fn topology(layout: &str) -> Topology {
 
 /// Sites: A = classes {0, 2}, B = class {1}.
 fn two_sites(layout: &str) -> MultiTalentNet {
+    two_sites_with_own_stages(layout, 0)
+}
+
+/// [`two_sites`] where each site also has the deepest `own_stages` encoder stages of its own.
+fn two_sites_with_own_stages(layout: &str, own_stages: usize) -> MultiTalentNet {
     tch::manual_seed(11);
-    net(&topology(layout).with_site_decoders(vec![vec![0, 2], vec![1]]), 3)
+    let topo = topology(layout).with_site_decoders(vec![vec![0, 2], vec![1]]).with_site_encoder_stages(own_stages);
+    net(&topo, 3)
+}
+
+/// Every (layout, own encoder stages) the routing tests run: the whole encoder shared, its
+/// bottleneck per site, and all but its first stage per site.
+const CASES: [(&str, usize); 6] =
+    [("tiny", 0), ("tiny", 1), ("tiny", 3), ("resenc-tiny", 0), ("resenc-tiny", 1), ("resenc-tiny", 3)];
+
+/// With the deepest stages per site, each site's decoder scope holds those stages under the
+/// encoder's own names; the backbone keeps the rest; nothing is added but the stages' copies.
+#[test]
+fn a_sites_own_encoder_stages_move_from_the_backbone_into_its_decoder() {
+    let _serial = serial();
+    for layout in ["tiny", "resenc-tiny"] {
+        let shared_encoder = two_sites(layout);
+        let own = two_sites_with_own_stages(layout, 1);
+        let deepest = if layout == "tiny" { "conv_blocks_context.3." } else { "encoder.stages.3." };
+        let bottleneck = shared_encoder.params().count(|p| p.name.starts_with(deepest));
+        assert!(bottleneck > 0, "{layout}: no bottleneck tensor named {deepest}*");
+        let (total, backbone, per_class) = own.parameter_counts();
+        let (total0, backbone0, per_class0) = shared_encoder.parameter_counts();
+        assert_eq!(backbone, backbone0 - bottleneck, "{layout}: the bottleneck left the backbone");
+        assert_eq!(total, total0 + bottleneck, "{layout}: one more bottleneck (two sites, one was shared)");
+        assert_eq!(per_class, per_class0);
+        for s in 0..2 {
+            let prefix = format!("decoders.{s}.{deepest}");
+            let stage: Vec<_> = own.params().iter().filter(|p| p.name.starts_with(&prefix)).collect();
+            assert!(!stage.is_empty(), "{layout}: site {s} has no {prefix}*");
+            assert!(stage.iter().all(|p| p.role == fedtalent_model::params::Role::SiteDecoder { site: s }));
+        }
+    }
+    // Refused: without per-site decoders, for FireNet, and the first stage (or more) per site.
+    let tiny = Topology::preset("tiny").unwrap();
+    for (topo, expected) in [
+        (tiny.clone().with_site_encoder_stages(1), "needs per-site decoders"),
+        (tiny.clone().with_site_decoders(vec![vec![0, 1, 2]]).with_site_encoder_stages(4), "its first stays shared"),
+        (
+            Topology::preset("firenet-tiny")
+                .unwrap()
+                .with_site_decoders(vec![vec![0, 1, 2]])
+                .with_site_encoder_stages(1),
+            "FireNet",
+        ),
+    ] {
+        let err = MultiTalentNet::new(&topo, 3, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 #[test]
@@ -80,8 +132,9 @@ fn bad_partitions_are_refused_for_the_unet_too() {
 #[test]
 fn each_class_reads_its_own_sites_decoder_on_every_level() {
     let _serial = serial();
-    for preset in ["tiny", "resenc-tiny"] {
-        let mut n = two_sites(preset);
+    for (preset, own_stages) in CASES {
+        let mut n = two_sites_with_own_stages(preset, own_stages);
+        let preset = format!("{preset} with {own_stages} own encoder stages");
         let patch = [16, 48, 48];
         let x = Tensor::randn([1, 1, patch[0], patch[1], patch[2]], (Kind::Float, Device::Cpu));
         let before = tch::no_grad(|| n.forward_ds(&x));
@@ -111,7 +164,13 @@ fn each_class_reads_its_own_sites_decoder_on_every_level() {
 #[test]
 fn gradients_of_site_a_never_reach_site_b_decoder() {
     let _serial = serial();
-    let n = two_sites("tiny");
+    for own_stages in [0, 1, 3] {
+        gradients_of_site_a_stay_in_its_branch(own_stages);
+    }
+}
+
+fn gradients_of_site_a_stay_in_its_branch(own_stages: usize) {
+    let n = two_sites_with_own_stages("tiny", own_stages);
     let labels = Tensor::zeros([2, 1, 16, 48, 48], (Kind::Int64, Device::Cpu));
     let _ = labels.narrow(2, 4, 8).narrow(3, 10, 20).narrow(4, 10, 20).fill_(1);
     let image = labels.to_kind(Kind::Float) + Tensor::randn([2, 1, 16, 48, 48], (Kind::Float, Device::Cpu)) * 0.3;
@@ -155,8 +214,8 @@ fn a_sites_plain_model_predicts_its_channels_of_the_full_model() {
         GlobalClass::new(1, "b", &region("y")),
         GlobalClass::new(2, "a", &region("z")),
     ];
-    for layout in ["tiny", "resenc-tiny"] {
-        let full = two_sites(layout);
+    for (layout, own_stages) in CASES {
+        let full = two_sites_with_own_stages(layout, own_stages);
         let manifest = ModelManifest::of(&full, "tiny", CtNormalization::PAPER, classes.clone());
         tch::manual_seed(3);
         let x = Tensor::randn([1, 1, 16, 48, 48], (Kind::Float, Device::Cpu));
@@ -164,6 +223,7 @@ fn a_sites_plain_model_predicts_its_channels_of_the_full_model() {
         for (site, rows) in [("a", vec![0i64, 2]), ("b", vec![1])] {
             let (m, plain) = manifest.site_model(&full, site).unwrap();
             assert!(m.topology.site_decoders.is_empty(), "{layout}/{site}: one decoder");
+            assert_eq!(m.topology.site_encoder_stages, 0, "{layout}/{site}: its encoder is the plain one");
             assert_eq!(
                 m.classes.iter().map(|c| c.index).collect::<Vec<_>>(),
                 (0..rows.len() as u32).collect::<Vec<_>>()

@@ -17,6 +17,7 @@ pub fn sample_messages() -> Vec<Message> {
         transport: Transport::Bf16,
         max_update_norm: 1e4,
         per_site_decoders: false,
+        site_encoder_stages: 0,
         local: LocalPolicy::default(),
         server: ServerOptimizer { lr: 1.5, momentum: 0.9 },
         init_model: Some("m".into()),

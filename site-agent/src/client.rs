@@ -258,6 +258,7 @@ impl Agent {
             dice: plan.dice_mode,
             exclusive: vec![self.config.site.exclusive_classes],
             site_decoder: plan.per_site_decoders.then_some(site.as_str()),
+            site_encoder_stages: plan.site_encoder_stages as usize,
         };
         let mut trainer = LocalTrainer::open(spec, &self.config.site.state_dir)?;
         trainer.curves = LocalCurves::new(self.options.quiet, self.options.tensorboard.as_deref())?;

@@ -43,6 +43,7 @@ impl InitModel {
         // The local trainer builds the preset's network: the model must be one.
         let mut preset = Topology::preset(&manifest.preset).with_context(|| format!("{}", dir.display()))?;
         preset.site_decoders = manifest.topology.site_decoders.clone();
+        preset.site_encoder_stages = manifest.topology.site_encoder_stages;
         ensure!(
             preset == manifest.topology,
             "the model {} is not a plain {:?} network (its topology differs from the preset's)",

@@ -111,6 +111,8 @@ pub struct TrainerSpec<'a> {
     pub exclusive: Vec<bool>,
     /// FIRENet per-site decoders: the local network has one decoder (index 0), this site's.
     pub site_decoder: Option<&'a str>,
+    /// With `site_decoder`: the deepest encoder stages that belong to it (`[plan].site_encoder_stages`).
+    pub site_encoder_stages: usize,
 }
 
 impl LocalTrainer {
@@ -119,7 +121,9 @@ impl LocalTrainer {
         let mut topo = Topology::preset(spec.preset)?;
         topo.in_channels = spec.channels.len() as i64;
         if spec.site_decoder.is_some() {
-            topo = topo.with_site_decoders(vec![(0..spec.classes.len() as i64).collect()]);
+            topo = topo
+                .with_site_decoders(vec![(0..spec.classes.len() as i64).collect()])
+                .with_site_encoder_stages(spec.site_encoder_stages);
         }
         let net = MultiTalentNet::new(&topo, spec.classes.len() as i64, spec.device)?;
         let precision = if spec.device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 };

@@ -151,6 +151,8 @@ pub fn run(args: Args) -> Result<()> {
         dice: DiceMode::Batch,
         exclusive: sources.iter().map(|s| s.exclusive).collect(),
         site_decoder: decoder_owner.as_deref(),
+        // A model with per-site decoders brings its sites' own encoder stages along.
+        site_encoder_stages: init.as_ref().map_or(0, |i| i.manifest.topology.site_encoder_stages),
     };
     let mut trainer = LocalTrainer::open(spec, &args.out.join("state"))?;
     trainer.curves = LocalCurves::new(args.quiet, args.tensorboard.as_deref())?;

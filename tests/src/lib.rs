@@ -55,6 +55,8 @@ pub struct Plan {
     pub preset: &'static str,
     /// FIRENet presets: one decoder per site, kept by its owner.
     pub per_site_decoders: bool,
+    /// `[plan].site_encoder_stages`.
+    pub site_encoder_stages: u32,
     /// `[plan.local]`: the round-boundary policy.
     pub local: LocalPolicy,
     /// `[plan.privacy]`; `None`: no differential privacy.
@@ -79,6 +81,7 @@ impl Default for Plan {
             bf16_transport: false,
             preset: "tiny",
             per_site_decoders: false,
+            site_encoder_stages: 0,
             local: LocalPolicy::default(),
             privacy: None,
             launch: Launch::Auto,
@@ -176,6 +179,7 @@ impl LocalFederation {
                 round_deadline_s: p.deadline_s,
                 transport: if p.bf16_transport { Transport::Bf16 } else { Transport::Native },
                 per_site_decoders: p.per_site_decoders,
+                site_encoder_stages: p.site_encoder_stages,
                 local: p.local,
                 privacy: p.privacy,
                 ..fedtalent_vocab::Plan::new(p.preset, p.rounds, p.local_steps)

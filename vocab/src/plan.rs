@@ -36,6 +36,10 @@ pub struct Plan {
     /// fabric module, are averaged): FIRENet's multi-decoder mode, for every preset.
     #[serde(default)]
     pub per_site_decoders: bool,
+    /// With `per_site_decoders`: the deepest encoder stages each site also keeps as its own, in
+    /// front of its decoder (0: the whole encoder is averaged).
+    #[serde(default)]
+    pub site_encoder_stages: u32,
     /// `[plan.local]`: the sites' round-boundary policy.
     #[serde(default)]
     pub local: LocalPolicy,
@@ -98,6 +102,7 @@ impl Plan {
             transport: Transport::default(),
             max_update_norm: default_max_update_norm(),
             per_site_decoders: false,
+            site_encoder_stages: 0,
             local: LocalPolicy::default(),
             server: ServerOptimizer::default(),
             init_model: None,

@@ -199,7 +199,7 @@ fn global_topology(config: &FederationConfig, setup: &Setup) -> Result<Topology>
         .iter()
         .map(|site| setup.classes.iter().filter(|c| &c.site == site).map(|c| c.index as i64).collect())
         .collect();
-    Ok(topo.with_site_decoders(partition))
+    Ok(topo.with_site_decoders(partition).with_site_encoder_stages(config.plan.site_encoder_stages as usize))
 }
 
 /// Every class's heads and, with per-site decoders, every site's decoder of the global model of

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use fedtalent_model::wire::{self, Parts, Selection};
 use fedtalent_model::{ModelManifest, MultiTalentNet};
 use fedtalent_vocab::{CtNormalization, InitNormalization};
@@ -38,6 +38,13 @@ pub(super) fn load_into(dir: &Path, net: &mut MultiTalentNet, config: &Federatio
         Parts::from_wire(&wire::parts_to_wire(&model, &Selection::global(&manifest.classes, &model_sites)))?;
     let selection = super::setup::global_selection(config, setup);
     parts.heads.retain(|id, _| selection.row_of(id).is_some());
+    let own_stages = config.plan.site_encoder_stages as usize;
+    ensure!(
+        model_sites.is_empty() || manifest.topology.site_encoder_stages == own_stages,
+        "{}: each site's decoder has {} encoder stages of its own in the model, [plan].site_encoder_stages = {own_stages}",
+        context(),
+        manifest.topology.site_encoder_stages
+    );
     match (model_sites.is_empty(), config.plan.per_site_decoders) {
         (true, false) | (false, true) => parts.decoders.retain(|site, _| selection.decoder_of(site).is_some()),
         (true, true) => share_decoder(&mut parts, net, &setup.sites()),
