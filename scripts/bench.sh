@@ -6,7 +6,8 @@
 #
 #   train step   `site-agent bench train` (unet, 47 classes) vs PyTorch eager
 #                (model/tests/reference/torch_reference.py), same batch, patch and precision
-#   predict      sliding-window predict (`bench_predict`) vs PyTorch's (`bench_predict_torch.py`)
+#   predict      sliding-window predict (`bench_predict`) vs PyTorch's (`bench_predict_torch.py`),
+#                same tiles; also vs PyTorch with the network channels-last, as ours runs on the CPU
 #   data path    preprocessing cache + loader + augmentation (`bench_data`) vs nnU-Net v1's CPU
 #                augmentation (batchgenerators with nnUNetTrainerV2's transforms and probabilities,
 #                `scripts/bench_data_nnunet.py`) on the same cases, patch and thread count
@@ -90,6 +91,9 @@ run predict_ours "$BIN/examples/bench_predict" "${PREDICT[@]}" --device "$DEVICE
 # The peer tiles with our patch (the preset's, as our JSON reports it), so both run the same tiles.
 OUR_PATCH=$("$PY" -c 'import json, sys; print(*json.load(open(sys.argv[1]))["patch"])' "$OUT/predict_ours.json" 2>/dev/null || true)
 run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE" ${OUR_PATCH:+--patch $OUR_PATCH}
+# Ours runs channels-last on the CPU by default; the peer the same way, for reference.
+run predict_torch_cl "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE" \
+  ${OUR_PATCH:+--patch $OUR_PATCH} --channels-last
 # The data path, then nnU-Net's on the very cases ours preprocessed (batchgenerators' worker pool
 # needs threadpoolctl, which setup.sh's --no-deps install of it leaves out).
 "$PY" -c "import threadpoolctl" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check threadpoolctl
@@ -146,6 +150,7 @@ for f in sorted(glob.glob(f"{out}/train_ours_*.json")):
     tag = f.split("train_ours_")[1][:-5]
     pair(f"train step unet 47 classes {tag}", f"train_ours_{tag}", f"train_torch_{tag}", "ms_per_step", "ms")
 pair("sliding-window predict", "predict_ours", "predict_torch", "seconds_per_volume", "s")
+pair("  vs PyTorch channels-last", "predict_ours", "predict_torch_cl", "seconds_per_volume", "s")
 pair("data path (samples/s)", "data", "data_nnunet", "samples_per_s", "/s", rate=True)
 if os.path.exists(f"{out}/round_ours.json"):
     pair("deployed round, no training", "round_ours", "round_flower", "median_round_s", "s")

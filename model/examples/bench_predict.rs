@@ -3,7 +3,7 @@
 //!
 //!   cargo run --release -p fedtalent-model --example bench_predict -- \
 //!       --preset unet --classes 47 --shape 200 512 512 --device cuda [--tta] [--tile-batch 2] \
-//!       [--accumulate auto|device|cpu]
+//!       [--accumulate auto|device|cpu] [--channels-last true|false]
 //!
 //! Peak GPU memory is sampled every 5 ms from `cudaMemGetInfo` (device-wide: total − free,
 //! CUDA context and the caching allocator's reserve included); peak RSS is the process's VmHWM.
@@ -34,6 +34,7 @@ fn main() -> Result<()> {
     let mut tta = false;
     let mut tile_batch = 2usize;
     let mut accumulate = Accumulate::Auto;
+    let mut channels_last: Option<bool> = None;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     let value = |i: usize| args.get(i + 1).with_context(|| format!("{} needs a value", args[i]));
@@ -43,6 +44,7 @@ fn main() -> Result<()> {
             "--classes" => classes = value(i)?.parse()?,
             "--device" => device = value(i)?.clone(),
             "--tile-batch" => tile_batch = value(i)?.parse()?,
+            "--channels-last" => channels_last = Some(value(i)?.parse().context("--channels-last true|false")?),
             "--accumulate" => {
                 accumulate = match value(i)?.as_str() {
                     "auto" => Accumulate::Auto,
@@ -75,7 +77,15 @@ fn main() -> Result<()> {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     let image = Tensor::randn([1, shape[0], shape[1], shape[2]], (Kind::Float, Device::Cpu));
-    let opts = InferOptions { mirror: tta, tile_batch, device, accumulate, progress: false, ..InferOptions::default() };
+    let opts = InferOptions {
+        mirror: tta,
+        tile_batch,
+        device,
+        accumulate,
+        progress: false,
+        channels_last,
+        ..InferOptions::default()
+    };
     // Warm-up: one tile batch (cuDNN autotuning, allocator).
     tch::no_grad(|| {
         let x = Tensor::randn([tile_batch as i64, 1, patch[0], patch[1], patch[2]], (Kind::Float, device));
@@ -123,6 +133,7 @@ fn main() -> Result<()> {
             "tiles": n_tiles,
             "tta": tta,
             "tile_batch": tile_batch,
+            "channels_last": opts.channels_last.unwrap_or(device == Device::Cpu),
             "accumulator_device": format!("{:?}", probs.device()),
             "seconds_per_volume": (seconds * 1000.0).round() / 1000.0,
             "peak_gpu_used_gib": peak_gpu.map(|g| (g * 100.0).round() / 100.0),

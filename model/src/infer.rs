@@ -44,6 +44,11 @@ pub struct InferOptions {
     /// classes) that form one softmax over background + them (a site with mutually exclusive
     /// classes, [`crate::loss::ClassRegions::exclusive`]); every other channel is a sigmoid.
     pub softmax_groups: Vec<Vec<i64>>,
+    /// Run the network channels-last (NDHWC): its 5-D weights and each tile batch are laid out
+    /// channels-last for the duration of the call (values unchanged; the layout is restored
+    /// afterwards). `None`: on the CPU only, where oneDNN's channels-last convolutions measured
+    /// faster (scripts/bench.sh, predict); on CUDA it waits for a GPU figure.
+    pub channels_last: Option<bool>,
 }
 
 impl Default for InferOptions {
@@ -58,6 +63,7 @@ impl Default for InferOptions {
             half: true,
             progress: true,
             softmax_groups: Vec::new(),
+            channels_last: None,
         }
     }
 }
@@ -185,6 +191,41 @@ fn accumulate_on_device(
     }
 }
 
+/// `t` ([N, C, D, H, W]) with channels-last strides, same shape and values.
+fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3])
+}
+
+/// The network's 5-D weights laid out channels-last while this lives; contiguous again on drop.
+/// Layout only: every value stays the same, so nothing reading the network meanwhile sees a
+/// difference but the strides.
+struct ChannelsLastWeights(Vec<Tensor>);
+
+impl ChannelsLastWeights {
+    fn apply(net: &MultiTalentNet) -> Self {
+        let mut weights: Vec<Tensor> =
+            net.params().trainable().into_iter().map(|(_, t)| t).filter(|t| t.dim() == 5).collect();
+        tch::no_grad(|| {
+            for w in &mut weights {
+                let cl = channels_last(w);
+                w.set_data(&cl);
+            }
+        });
+        Self(weights)
+    }
+}
+
+impl Drop for ChannelsLastWeights {
+    fn drop(&mut self) {
+        tch::no_grad(|| {
+            for w in &mut self.0 {
+                let plain = w.contiguous();
+                w.set_data(&plain);
+            }
+        });
+    }
+}
+
 fn flips() -> Vec<Vec<i64>> {
     vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
 }
@@ -212,9 +253,11 @@ pub fn sliding_window_probabilities(
     }
     let index = opts.channels.as_ref().map(|c| Tensor::from_slice(c).to_device(opts.device));
     let channels = opts.channels.as_ref().map_or(classes, |c| c.len() as i64);
+    let last = opts.channels_last.unwrap_or(opts.device == Device::Cpu);
+    let _layout = last.then(|| ChannelsLastWeights::apply(net));
     sliding_window_with(
         |x| {
-            let logits = net.forward(x);
+            let logits = if last { net.forward(&channels_last(x)) } else { net.forward(x) };
             match &index {
                 Some(i) => logits.index_select(1, i),
                 None => logits,
@@ -324,7 +367,8 @@ pub fn sliding_window_with(
             if mirrors.len() > 1 {
                 probs /= mirrors.len() as f64;
             }
-            let weighted = (probs * &gauss_dev).to_device(acc_device);
+            let _ = probs.g_mul_(&gauss_dev);
+            let weighted = probs.to_device(acc_device);
             for (b, s) in batch.iter().enumerate() {
                 let _ = tile(s, &acc).g_add_(&weighted.get(b as i64));
                 let _ = tile(s, &weight).g_add_(&gauss_acc.unsqueeze(0));
