@@ -141,7 +141,8 @@ def pair(name, ours, peer, key, unit, rate=False):
     ratio = None
     if isinstance(o, dict) and isinstance(p, dict) and o.get(key) and p.get(key):
         ratio = round((o[key] / p[key]) if rate else (p[key] / o[key]), 3)
-        rows.append((name, f"{o[key]} {unit}", f"{p[key]} {unit}", f"{ratio}x"))
+        short = lambda v: round(v, 3) if isinstance(v, float) else v
+        rows.append((name, f"{short(o[key])} {unit}", f"{short(p[key])} {unit}", f"{ratio}x"))
     else:
         rows.append((name, "failed" if not isinstance(o, dict) or "error" in o else "", "failed", ""))
     result["benchmarks"][name] = {"ours": o, "peer": p, "peer_time_over_ours": ratio}

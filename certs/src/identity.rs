@@ -105,7 +105,12 @@ fn claimed_name(der: &[u8]) -> String {
 pub fn peer_site_name(conn: &quinn::Connection) -> Result<String> {
     let identity = conn.peer_identity().ok_or(CertError::NoPeerCertificate)?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| CertError::NoPeerCertificate)?;
-    let leaf = certs.first().ok_or(CertError::NoPeerCertificate)?;
+    site_name_of_chain(Some(&certs))
+}
+
+/// The site name of a peer's certificate chain (its leaf), as the handshake verified it.
+pub(crate) fn site_name_of_chain(certs: Option<&[CertificateDer<'_>]>) -> Result<String> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(CertError::NoPeerCertificate)?;
     site_name_from_cert_der(leaf)
 }
 

@@ -6,7 +6,8 @@
 //!   [`write_keygen`]); only the CSR travels to the coordinator's operator, who signs it
 //!   ([`FederationCa::sign_site_csr`]). Private keys never leave their owner.
 //! * [`server_config`] / [`client_config`] build quinn configs for mutual TLS 1.3 with the ring
-//!   provider and ALPN `fedtalent/1`.
+//!   provider and ALPN `fedtalent/1`; [`server_tls_config`] / [`client_tls_config`] the same
+//!   rustls configs for TLS over TCP ([`tcp_accept`], [`tcp_connect`]).
 //!
 //! ## Site identity
 //! A site certificate carries the site name twice: as the subject common name (CN) and as the
@@ -18,19 +19,29 @@
 //! ## Where things are
 //! * `ca`: the CA and the sites' keys and CSRs ([`FederationCa`], [`SiteKey`]).
 //! * `identity`: the site name a certificate proves, the [`Allowlist`], the client verifier.
-//! * `tls`: the quinn client and server configurations.
+//! * `tls`: the rustls client and server configurations, and the quinn ones around them.
 //! * `transport`: QUIC transport tuning and the UDP endpoints.
+//! * `tcp`: TLS 1.3 over TCP with the same configurations, the fallback where UDP is blocked.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 mod ca;
 mod identity;
+mod tcp;
 mod tls;
 mod transport;
 pub use ca::{write_keygen, FederationCa, SiteKey};
 pub use identity::{peer_site_name, site_name_from_cert_der, Allowlist};
-pub use tls::{client_config, client_config_with_alpn, client_config_without_client_auth, server_config};
+pub use tcp::{
+    tcp_accept, tcp_acceptor, tcp_connect, tls_refusal, tune_tcp, ClientTlsStream, ServerTlsStream,
+    TCP_HANDSHAKE_TIMEOUT,
+};
+pub use tls::{
+    client_config, client_config_with_alpn, client_config_without_client_auth, client_tls_config,
+    client_tls_config_without_client_auth, quic_client_config, server_config, server_tls_config,
+};
+pub use tokio_rustls::TlsAcceptor;
 pub use transport::{
     client_endpoint, server_endpoint, transport_config, transport_config_with, Congestion, CONGESTION, UDP_BUFFER_BYTES,
 };

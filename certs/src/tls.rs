@@ -41,16 +41,16 @@ fn roots(ca_cert_pem: &str) -> Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
-/// Server (coordinator) config: TLS 1.3 only, ring provider, ALPN `fedtalent/1`, client
-/// certificates required, validated against the federation CA, and their site name checked
-/// against `allowlist` at every handshake (session resumption is off, so every connection is a
-/// full handshake that runs the verifier).
-pub fn server_config(
+/// The coordinator's rustls config, shared by both transports: TLS 1.3 only, ring provider,
+/// ALPN `fedtalent/1`, client certificates required, validated against the federation CA, and
+/// their site name checked against `allowlist` at every handshake (session resumption is off, so
+/// every connection is a full handshake that runs the verifier).
+pub fn server_tls_config(
     ca_cert_pem: &str,
     cert_pem: &str,
     key_pem: &str,
     allowlist: Allowlist,
-) -> Result<quinn::ServerConfig> {
+) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(roots(ca_cert_pem)?, provider.clone())
         .build()
@@ -71,15 +71,55 @@ pub fn server_config(
     // produces stateless ones, and with no store a stateful ticket could not be honoured).
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
+    Ok(tls)
+}
+
+/// Server (coordinator) QUIC config: [`server_tls_config`] with the federation's QUIC transport.
+pub fn server_config(
+    ca_cert_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    allowlist: Allowlist,
+) -> Result<quinn::ServerConfig> {
+    let tls = server_tls_config(ca_cert_pem, cert_pem, key_pem, allowlist)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
 }
 
-/// Client (site) config: verifies the coordinator's certificate against the federation CA
-/// (the server name passed to `Endpoint::connect` must be one of the coordinator's SANs) and
-/// presents the site certificate.
+/// The site's rustls config, shared by both transports: verifies the coordinator's certificate
+/// against the federation CA (the server name connected to must be one of the coordinator's
+/// SANs), presents the site certificate, offers `alpn`.
+pub fn client_tls_config(
+    ca_cert_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_root_certificates(roots(ca_cert_pem)?)
+        .with_client_auth_cert(parse_certs(cert_pem, "site certificate")?, parse_key(key_pem, "site key")?)
+        .map_err(|e| CertError::Tls(format!("site certificate/key: {e}")))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// A client rustls config that presents no client certificate (only useful to test refusals).
+pub fn client_tls_config_without_client_auth(ca_cert_pem: &str) -> Result<rustls::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_root_certificates(roots(ca_cert_pem)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// Client (site) QUIC config: [`client_tls_config`] with ALPN `fedtalent/1` and the federation's
+/// QUIC transport.
 pub fn client_config(ca_cert_pem: &str, cert_pem: &str, key_pem: &str) -> Result<quinn::ClientConfig> {
     client_config_with_alpn(ca_cert_pem, cert_pem, key_pem, ALPN)
 }
@@ -91,28 +131,16 @@ pub fn client_config_with_alpn(
     key_pem: &str,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| CertError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca_cert_pem)?)
-        .with_client_auth_cert(parse_certs(cert_pem, "site certificate")?, parse_key(key_pem, "site key")?)
-        .map_err(|e| CertError::Tls(format!("site certificate/key: {e}")))?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    finish_client(tls)
+    quic_client_config(client_tls_config(ca_cert_pem, cert_pem, key_pem, alpn)?)
 }
 
 /// A client config that presents no client certificate (only useful to test refusals).
 pub fn client_config_without_client_auth(ca_cert_pem: &str) -> Result<quinn::ClientConfig> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| CertError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca_cert_pem)?)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    finish_client(tls)
+    quic_client_config(client_tls_config_without_client_auth(ca_cert_pem)?)
 }
 
-fn finish_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
+/// A QUIC client config around a client rustls config, with the federation's QUIC transport.
+pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));

@@ -1,13 +1,24 @@
-//! Mutual TLS over real quinn endpoints on 127.0.0.1: honest peers complete a round trip, each
-//! broken credential is refused at handshake time with a specific reason, and the server keeps
-//! serving honest peers afterwards.
+//! Mutual TLS over real quinn endpoints and TLS-over-TCP listeners on 127.0.0.1: honest peers
+//! complete a round trip, each broken credential is refused at handshake time with a specific
+//! reason, and the server keeps serving honest peers afterwards. Every test runs over both
+//! transports (QUIC, and TLS over TCP, the fallback where UDP is blocked), which share one
+//! rustls configuration per side.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use fedtalent_certs::*;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Quic,
+    Tcp,
+}
+
+const KINDS: [Kind; 2] = [Kind::Quic, Kind::Tcp];
 
 struct Pki {
     ca: FederationCa,
@@ -28,11 +39,17 @@ fn site(ca: &FederationCa, name: &str) -> (String, String) {
     (cert, k.key_pem)
 }
 
+/// A site's client TLS config (both transports use it).
+fn client(p: &Pki, cert: &str, key: &str) -> rustls::ClientConfig {
+    client_tls_config(p.ca.cert_pem(), cert, key, ALPN).unwrap()
+}
+
 type Outcome = Result<String, String>;
 
 struct Server {
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
+    tcp_addr: SocketAddr,
     outcomes: mpsc::UnboundedReceiver<Outcome>,
 }
 
@@ -45,17 +62,18 @@ impl Server {
     }
 }
 
-/// A server that reports, per incoming connection, Ok(site) or Err(handshake error) and answers
-/// "ping" with "pong:<site>".
+/// A server on both transports that reports, per incoming connection, Ok(site) or Err(handshake
+/// error) and answers "ping" with "pong:<site>".
 fn start_server(p: &Pki, allowlist: Allowlist) -> Server {
-    let cfg = server_config(p.ca.cert_pem(), &p.coord_cert, &p.coord_key, allowlist).unwrap();
+    let cfg = server_config(p.ca.cert_pem(), &p.coord_cert, &p.coord_key, allowlist.clone()).unwrap();
     let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let (tx, outcomes) = mpsc::unbounded_channel();
     let ep = endpoint.clone();
+    let quic_tx = tx.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
-            let tx = tx.clone();
+            let tx = quic_tx.clone();
             tokio::spawn(async move {
                 match incoming.await {
                     Err(e) => {
@@ -84,11 +102,44 @@ fn start_server(p: &Pki, allowlist: Allowlist) -> Server {
             });
         }
     });
-    Server { endpoint, addr, outcomes }
+    let tls = server_tls_config(p.ca.cert_pem(), &p.coord_cert, &p.coord_key, allowlist).unwrap();
+    let acceptor = tcp_acceptor(tls);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let tcp_addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                match tcp_accept(&acceptor, socket).await {
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                    Ok((mut tls, site)) => {
+                        let _ = tx.send(Ok(site.clone()));
+                        let mut req = Vec::new();
+                        if (&mut tls).take(64).read_to_end(&mut req).await.is_ok() && req == b"ping" {
+                            let _ = tls.write_all(format!("pong:{site}").as_bytes()).await;
+                            let _ = tls.shutdown().await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Server { endpoint, addr, tcp_addr, outcomes }
 }
 
-/// Connects and does one ping/pong; returns the reply or the client-side error.
-async fn round_trip(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> Result<String, String> {
+/// Connects over `kind` and does one ping/pong; returns the reply or the client-side error.
+async fn round_trip(kind: Kind, cfg: rustls::ClientConfig, server: &Server, name: &str) -> Result<String, String> {
+    match kind {
+        Kind::Quic => quic_round_trip(quic_client_config(cfg).unwrap(), server.addr, name).await,
+        Kind::Tcp => tcp_round_trip(cfg, server.tcp_addr, name).await,
+    }
+}
+
+async fn quic_round_trip(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> Result<String, String> {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(cfg);
     let fut = async {
@@ -106,34 +157,49 @@ async fn round_trip(cfg: quinn::ClientConfig, addr: SocketAddr, name: &str) -> R
     res
 }
 
-async fn honest_round_trip(p: &Pki, server: &mut Server, name: &str) {
+/// Over TLS 1.3 the client's handshake completes before the server has checked the client's
+/// certificate: a refusal reaches the client as an alert on its first read.
+async fn tcp_round_trip(cfg: rustls::ClientConfig, addr: SocketAddr, name: &str) -> Result<String, String> {
+    let fut = async {
+        let mut tls = tcp_connect(addr, name, std::sync::Arc::new(cfg)).await.map_err(|e| e.to_string())?;
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        tls.shutdown().await.map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        tls.read_to_end(&mut reply).await.map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.unwrap_or_else(|_| Err("client timed out".into()))
+}
+
+async fn honest_round_trip(kind: Kind, p: &Pki, server: &mut Server, name: &str) {
     let (cert, key) = site(&p.ca, name);
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let reply = round_trip(cfg, server.addr, "localhost").await;
-    assert_eq!(reply, Ok(format!("pong:{name}")));
-    assert_eq!(server.next_outcome().await, Ok(name.to_string()));
+    let reply = round_trip(kind, client(p, &cert, &key), server, "localhost").await;
+    assert_eq!(reply, Ok(format!("pong:{name}")), "{kind:?}");
+    assert_eq!(server.next_outcome().await, Ok(name.to_string()), "{kind:?}");
 }
 
 /// Asserts the next handshake is refused by the server with a reason containing `needle`, that
 /// the client's round trip failed, then that an honest peer still gets through.
-async fn expect_refused(p: &Pki, server: &mut Server, client: Result<String, String>, needle: &str) {
-    assert!(client.is_err(), "client round trip should fail, got {client:?}");
+async fn expect_refused(kind: Kind, p: &Pki, server: &mut Server, client: Result<String, String>, needle: &str) {
+    assert!(client.is_err(), "{kind:?}: client round trip should fail, got {client:?}");
     let outcome = server.next_outcome().await;
     let reason = outcome.expect_err("server should refuse the handshake");
-    assert!(reason.contains(needle), "refusal reason {reason:?} does not mention {needle:?}");
-    honest_round_trip(p, server, "alpha").await;
+    assert!(reason.contains(needle), "{kind:?}: refusal reason {reason:?} does not mention {needle:?}");
+    honest_round_trip(kind, p, server, "alpha").await;
 }
 
 #[tokio::test]
 async fn honest_sites_round_trip() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha", "beta"]));
-    honest_round_trip(&p, &mut server, "alpha").await;
-    honest_round_trip(&p, &mut server, "beta").await;
-    // The coordinator's IP SAN works as server name too.
-    let (cert, key) = site(&p.ca, "alpha");
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    assert_eq!(round_trip(cfg, server.addr, "127.0.0.1").await, Ok("pong:alpha".into()));
+    for kind in KINDS {
+        honest_round_trip(kind, &p, &mut server, "alpha").await;
+        honest_round_trip(kind, &p, &mut server, "beta").await;
+        // The coordinator's IP SAN works as server name too.
+        let (cert, key) = site(&p.ca, "alpha");
+        assert_eq!(round_trip(kind, client(&p, &cert, &key), &server, "127.0.0.1").await, Ok("pong:alpha".into()));
+        assert_eq!(server.next_outcome().await, Ok("alpha".into()));
+    }
     server.endpoint.close(0u32.into(), b"");
 }
 
@@ -143,29 +209,31 @@ async fn client_cert_from_another_ca_is_refused() {
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
     let other = FederationCa::create("another CA").unwrap();
     let (cert, key) = site(&other, "alpha");
-    // The client trusts our coordinator, but presents a certificate of the other CA.
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "site 'alpha' refused: not issued by the federation CA").await;
+    for kind in KINDS {
+        // The client trusts our coordinator, but presents a certificate of the other CA.
+        let client = round_trip(kind, client(&p, &cert, &key), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client, "site 'alpha' refused: not issued by the federation CA").await;
+    }
 }
 
 /// A client presenting a self-signed site certificate (SAN of alpha) with the subject CN `cn`.
-fn self_signed_client(p: &Pki, cn: &str) -> quinn::ClientConfig {
+fn self_signed_client(p: &Pki, cn: &str) -> rustls::ClientConfig {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec![site_san("alpha")]).unwrap();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.self_signed(&key).unwrap();
-    client_config(p.ca.cert_pem(), &cert.pem(), &key.serialize_pem()).unwrap()
+    client(p, &cert.pem(), &key.serialize_pem())
 }
 
 #[tokio::test]
 async fn self_signed_client_cert_is_refused() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
-    let cfg = self_signed_client(&p, "alpha");
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "not issued by the federation CA").await;
+    for kind in KINDS {
+        let client = round_trip(kind, self_signed_client(&p, "alpha"), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client, "not issued by the federation CA").await;
+    }
 }
 
 #[tokio::test]
@@ -176,9 +244,10 @@ async fn expired_client_cert_is_refused() {
     let now = time::OffsetDateTime::now_utc();
     let cert =
         p.ca.sign_site_csr_between(&k.csr_pem, now - time::Duration::days(10), now - time::Duration::days(1)).unwrap();
-    let cfg = client_config(p.ca.cert_pem(), &cert, &k.key_pem).unwrap();
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "site 'alpha' refused: certificate expired (not after").await;
+    for kind in KINDS {
+        let client = round_trip(kind, client(&p, &cert, &k.key_pem), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client, "site 'alpha' refused: certificate expired (not after").await;
+    }
 }
 
 #[tokio::test]
@@ -186,31 +255,34 @@ async fn site_not_on_allowlist_is_refused_and_removal_locks_out() {
     let p = pki();
     let allow = Allowlist::new(["alpha", "beta"]);
     let mut server = start_server(&p, allow.clone());
-    let (cert, key) = site(&p.ca, "mallory");
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "site 'mallory' is not on the federation allowlist").await;
+    for kind in KINDS {
+        let (cert, key) = site(&p.ca, "mallory");
+        let refused = round_trip(kind, client(&p, &cert, &key), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, refused, "site 'mallory' is not on the federation allowlist").await;
 
-    // beta gets in, is removed, and is locked out at its next handshake; alpha goes on.
-    honest_round_trip(&p, &mut server, "beta").await;
-    let (cert, key) = site(&p.ca, "beta");
-    assert!(allow.remove("beta"));
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let client = round_trip(cfg.clone(), server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "site 'beta' is not on the federation allowlist").await;
-    // Put back: accepted again, with the same certificate.
-    allow.replace(["alpha", "beta"]);
-    assert_eq!(round_trip(cfg, server.addr, "localhost").await, Ok("pong:beta".into()));
-    assert_eq!(server.next_outcome().await, Ok("beta".into()));
+        // beta gets in, is removed, and is locked out at its next handshake; alpha goes on.
+        honest_round_trip(kind, &p, &mut server, "beta").await;
+        let (cert, key) = site(&p.ca, "beta");
+        assert!(allow.remove("beta"));
+        let cfg = client(&p, &cert, &key);
+        let refused = round_trip(kind, cfg.clone(), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, refused, "site 'beta' is not on the federation allowlist").await;
+        // Put back: accepted again, with the same certificate.
+        allow.replace(["alpha", "beta"]);
+        assert_eq!(round_trip(kind, cfg, &server, "localhost").await, Ok("pong:beta".into()));
+        assert_eq!(server.next_outcome().await, Ok("beta".into()));
+    }
 }
 
 #[tokio::test]
 async fn missing_client_cert_is_refused() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
-    let cfg = client_config_without_client_auth(p.ca.cert_pem()).unwrap();
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "peer sent no certificates").await;
+    for kind in KINDS {
+        let cfg = client_tls_config_without_client_auth(p.ca.cert_pem()).unwrap();
+        let client = round_trip(kind, cfg, &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client, "peer sent no certificates").await;
+    }
 }
 
 #[tokio::test]
@@ -218,9 +290,16 @@ async fn wrong_alpn_is_refused() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
     let (cert, key) = site(&p.ca, "alpha");
-    let cfg = client_config_with_alpn(p.ca.cert_pem(), &cert, &key, b"other/1").unwrap();
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "peer doesn't support any known protocol").await;
+    for kind in KINDS {
+        let cfg = client_tls_config(p.ca.cert_pem(), &cert, &key, b"other/1").unwrap();
+        let client = round_trip(kind, cfg, &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client, "peer doesn't support any known protocol").await;
+    }
+    // Over TCP a client may offer no ALPN at all (QUIC requires one): refused too.
+    let mut cfg = client(&p, &cert, &key);
+    cfg.alpn_protocols.clear();
+    let client = round_trip(Kind::Tcp, cfg, &server, "localhost").await;
+    expect_refused(Kind::Tcp, &p, &mut server, client, "no ALPN fedtalent/1").await;
 }
 
 #[tokio::test]
@@ -228,19 +307,20 @@ async fn client_refuses_wrong_server_name_and_foreign_coordinator() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
     let (cert, key) = site(&p.ca, "alpha");
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    let err = round_trip(cfg, server.addr, "coordinator.example").await.unwrap_err();
-    assert!(err.contains("NotValidForName") || err.contains("not valid for"), "{err}");
-    // A coordinator certified by another CA is refused by the site.
-    let other = FederationCa::create("impostor CA").unwrap();
-    let cfg = client_config(other.cert_pem(), &cert, &key).unwrap();
-    let err = round_trip(cfg, server.addr, "localhost").await.unwrap_err();
-    assert!(err.contains("UnknownIssuer") || err.contains("unknown issuer"), "{err}");
-    // The server saw both handshakes fail (the client aborted them).
-    for _ in 0..2 {
-        assert!(server.next_outcome().await.is_err());
+    for kind in KINDS {
+        let err = round_trip(kind, client(&p, &cert, &key), &server, "coordinator.example").await.unwrap_err();
+        assert!(err.contains("NotValidForName") || err.contains("not valid for"), "{kind:?}: {err}");
+        // A coordinator certified by another CA is refused by the site.
+        let other = FederationCa::create("impostor CA").unwrap();
+        let cfg = client_tls_config(other.cert_pem(), &cert, &key, ALPN).unwrap();
+        let err = round_trip(kind, cfg, &server, "localhost").await.unwrap_err();
+        assert!(err.contains("UnknownIssuer") || err.contains("unknown issuer"), "{kind:?}: {err}");
+        // The server saw both handshakes fail (the client aborted them).
+        for _ in 0..2 {
+            assert!(server.next_outcome().await.is_err());
+        }
+        honest_round_trip(kind, &p, &mut server, "alpha").await;
     }
-    honest_round_trip(&p, &mut server, "alpha").await;
 }
 
 /// Issue 21 item 2: TLS 1.3 resumption must not bypass the client-certificate verifier. A site
@@ -252,21 +332,23 @@ async fn resumed_session_after_removal_is_refused() {
     let p = pki();
     let allow = Allowlist::new(["alpha", "beta"]);
     let mut server = start_server(&p, allow.clone());
-    let (cert, key) = site(&p.ca, "beta");
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    // One endpoint for both connections: the client's session cache lives in `cfg` and is
-    // shared by every connection made with it.
-    assert_eq!(round_trip(cfg.clone(), server.addr, "localhost").await, Ok("pong:beta".into()));
-    assert_eq!(server.next_outcome().await, Ok("beta".into()));
-    assert!(allow.remove("beta"));
-    let client = round_trip(cfg.clone(), server.addr, "localhost").await;
-    expect_refused(&p, &mut server, client, "site 'beta' is not on the federation allowlist").await;
-    // A site still on the list connects again and again with one config (full handshakes).
-    let (cert, key) = site(&p.ca, "alpha");
-    let cfg = client_config(p.ca.cert_pem(), &cert, &key).unwrap();
-    for _ in 0..2 {
-        assert_eq!(round_trip(cfg.clone(), server.addr, "localhost").await, Ok("pong:alpha".into()));
-        assert_eq!(server.next_outcome().await, Ok("alpha".into()));
+    for kind in KINDS {
+        let (cert, key) = site(&p.ca, "beta");
+        // One rustls config for both connections: its session cache is shared by its clones.
+        let cfg = client(&p, &cert, &key);
+        assert_eq!(round_trip(kind, cfg.clone(), &server, "localhost").await, Ok("pong:beta".into()));
+        assert_eq!(server.next_outcome().await, Ok("beta".into()));
+        assert!(allow.remove("beta"));
+        let client_result = round_trip(kind, cfg.clone(), &server, "localhost").await;
+        expect_refused(kind, &p, &mut server, client_result, "site 'beta' is not on the federation allowlist").await;
+        allow.replace(["alpha", "beta"]);
+        // A site still on the list connects again and again with one config (full handshakes).
+        let (cert, key) = site(&p.ca, "alpha");
+        let cfg = client(&p, &cert, &key);
+        for _ in 0..2 {
+            assert_eq!(round_trip(kind, cfg.clone(), &server, "localhost").await, Ok("pong:alpha".into()));
+            assert_eq!(server.next_outcome().await, Ok("alpha".into()));
+        }
     }
 }
 
@@ -276,9 +358,11 @@ async fn resumed_session_after_removal_is_refused() {
 async fn unverified_names_are_escaped_in_refusals() {
     let p = pki();
     let mut server = start_server(&p, Allowlist::new(["alpha"]));
-    let cfg = self_signed_client(&p, "alpha\nINFO site mallory joined");
-    let client = round_trip(cfg, server.addr, "localhost").await;
-    assert!(client.is_err(), "a self-signed certificate got in: {client:?}");
-    let reason = server.next_outcome().await.expect_err("the handshake should be refused");
-    assert!(reason.contains("alpha\\nINFO site mallory") && !reason.contains('\n'), "{reason:?}");
+    for kind in KINDS {
+        let client =
+            round_trip(kind, self_signed_client(&p, "alpha\nINFO site mallory joined"), &server, "localhost").await;
+        assert!(client.is_err(), "{kind:?}: a self-signed certificate got in: {client:?}");
+        let reason = server.next_outcome().await.expect_err("the handshake should be refused");
+        assert!(reason.contains("alpha\\nINFO site mallory") && !reason.contains('\n'), "{kind:?}: {reason:?}");
+    }
 }

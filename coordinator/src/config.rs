@@ -41,6 +41,21 @@ pub struct FederationSection {
     /// Stop `serve` once the last round is checkpointed.
     #[serde(default)]
     pub exit_when_done: bool,
+    /// `auto` (default): QUIC on `listen` and TLS over TCP on `tcp_listen` (for sites whose
+    /// network blocks UDP); `quic` or `tcp`: only that one.
+    #[serde(default)]
+    pub transport: fedtalent_protocol::TransportChoice,
+    /// TCP address of the TLS-over-TCP fallback; default: `listen` (same address, same port
+    /// number, TCP instead of UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_listen: Option<SocketAddr>,
+}
+
+impl FederationSection {
+    /// Where TLS over TCP listens: `tcp_listen`, or `listen`'s address and port.
+    pub fn tcp_listen_addr(&self) -> SocketAddr {
+        self.tcp_listen.unwrap_or(self.listen)
+    }
 }
 
 /// `[federation].launch`: when the rounds start.
@@ -230,6 +245,11 @@ exit_when_done = false
 preset = "unet"
 rounds = 100
 # Local iterations per round and site, and the batch size. Shorter rounds (more, cheaper
+# auto: QUIC on `listen` (UDP) and TLS 1.3 over TCP on the same port number for sites whose
+# network blocks UDP (open both in the firewall); "quic" or "tcp": only that one.
+transport = "auto"
+# The TCP address, where it is not `listen`'s:
+# tcp_listen = "0.0.0.0:7443"
 # communications) keep the sites' backbones closer to the average: on the phantom benchmark
 # (scripts/quality_bench.sh) 40 x 10 beat 10 x 40 by 0.07 mean Dice at the same 400 steps.
 local_steps = 250

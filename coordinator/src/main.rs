@@ -363,10 +363,11 @@ fn serve(config_path: &Path, tensorboard: Option<&Path>) -> Result<()> {
         let server_config = fedtalent_certs::server_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
         // Removing a site from federation.toml locks it out within 2 s, without a restart.
         tokio::spawn(coordinator.clone().watch_config(config_path.to_path_buf(), std::time::Duration::from_secs(2)));
-        coordinator.serve(server_config).await
+        coordinator.serve_with_tcp(server_config, Some(tcp_config)).await
     })
 }
 
+        let tcp_config = fedtalent_certs::server_tls_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
 fn status(config_path: &Path) -> Result<()> {
     let config = FederationConfig::load(config_path)?;
     match admin_request(&config, AdminRequest::Status) {
@@ -410,11 +411,19 @@ fn print_status(r: &StatusReport) {
         if r.running { ", a round is open" } else { "" }
     );
     println!("model digest {}", r.model_digest);
-    println!("{:<20} {:>9} {:>8} {:>7} {:>10} {:>10}", "site", "connected", "allowed", "cases", "last round", "loss");
+    let header = ["site", "connected", "transport", "allowed", "cases", "last round", "loss"];
+    println!(
+        "{:<20} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10}",
+        header[0], header[1], header[2], header[3], header[4], header[5], header[6]
+    );
     for s in &r.sites {
         let round = s.last_round.map_or("-".into(), |v| v.to_string());
         let loss = s.last_train_loss.map_or("-".into(), |v| format!("{v:.4}"));
-        println!("{:<20} {:>9} {:>8} {:>7} {:>10} {:>10}", s.site, s.connected, s.allowed, s.n_cases, round, loss);
+        let transport = s.transport.map_or("-", |t| t.name());
+        println!(
+            "{:<20} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10}",
+            s.site, s.connected, transport, s.allowed, s.n_cases, round, loss
+        );
     }
     if !r.dice.is_empty() {
         println!("{:<32} {:>7}", "class", "Dice");
@@ -468,22 +477,33 @@ fn admin_request(config: &FederationConfig, request: AdminRequest) -> Result<Mes
         &pki_dir.join(pki::ADMIN_KEY),
     )?;
     let server_name = pki::coordinator_server_name(pki_dir)?;
-    let mut addr = config.federation.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    }
+    let local = |mut addr: std::net::SocketAddr| {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        addr
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let client = fedtalent_certs::client_config(&files.ca_pem, &files.cert_pem, &files.key_pem)?;
-        let mut endpoint = fedtalent_certs::client_endpoint((Ipv4Addr::UNSPECIFIED, 0).into())?;
-        endpoint.set_default_client_config(client);
-        let connecting = endpoint.connect(addr, &server_name)?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
-            .await
-            .with_context(|| format!("no answer from {addr}"))??;
-        let reply = fedtalent_protocol::quic::request(&conn, &Message::Admin(request)).await?;
-        conn.close(0u32.into(), b"done");
-        endpoint.wait_idle().await;
+        let dial = fedtalent_protocol::Dial {
+            quic_addr: local(config.federation.listen),
+            tcp_addr: local(config.federation.tcp_listen_addr()),
+            server_name: &server_name,
+            tls: fedtalent_certs::client_tls_config(
+                &files.ca_pem,
+                &files.cert_pem,
+                &files.key_pem,
+                fedtalent_certs::ALPN,
+            )?,
+            choice: config.federation.transport,
+            quic_wait: fedtalent_protocol::conn::QUIC_WAIT,
+        };
+        let dialed = fedtalent_protocol::dial(&dial).await?;
+        let reply = fedtalent_protocol::conn::request(&dialed.conn, &Message::Admin(request)).await?;
+        dialed.conn.close(0u32.into(), b"done");
+        if let Some(endpoint) = dialed.endpoint {
+            endpoint.wait_idle().await;
+        }
         Ok(reply)
     })
 }

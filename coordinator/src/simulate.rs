@@ -267,6 +267,8 @@ fn prepare_site(
             classes: site.classes.clone(),
             val_cases: ValCases::Count(2),
             cache_dir: "cache".into(),
+            transport: Default::default(),
+            coordinator_tcp: None,
             target_spacing: spacing,
             label_interp: Default::default(),
             input_channels: None,

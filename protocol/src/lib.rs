@@ -8,13 +8,18 @@
 //!   shapes, byte lengths), then the raw little-endian bytes of each tensor followed by its
 //!   SHA-256, then the SHA-256 of the whole set ([`TensorSet::digest`]), which names a model
 //!   version. Optional bf16 transport of f32 tensors.
-//! * [`quic`]: small helpers for framed request/response over QUIC streams.
+//! * [`conn`]: one connection type over both transports (QUIC, and TLS over TCP where UDP is
+//!   blocked), and framed request/response over it; [`quic`]: QUIC-only helpers.
+//! * [`tcp`]: request streams over one TLS-over-TCP connection (a minimal multiplexer).
 
+pub mod conn;
 pub mod frame;
 pub mod messages;
 pub mod quic;
+pub mod tcp;
 pub mod tensor;
 
+pub use conn::{dial, ConnKind, Connection, Dial, DialError, Dialed, RecvStream, SendStream, TransportChoice};
 pub use frame::{
     decode_frame, decode_payload, encode_frame, encode_payload, read_frame, read_frame_opt, write_frame,
     write_frame_capped, FrameError,

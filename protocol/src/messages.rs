@@ -240,6 +240,8 @@ impl Message {
         match self {
             Message::Hello(_) => "Hello",
             Message::Welcome(_) => "Welcome",
+    /// The transport of its open connection (the newest, if several).
+    pub transport: Option<crate::ConnKind>,
             Message::RoundStart(_) => "RoundStart",
             Message::ModelRequest(_) => "ModelRequest",
             Message::UpdateHeader(_) => "UpdateHeader",

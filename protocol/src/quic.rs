@@ -4,19 +4,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::frame::{read_frame, write_frame_capped, FrameError};
+use crate::frame::FrameError;
 use crate::tensor::{
     recv_tensors_digest, stream_tensors, RecvLimits, TensorDigests, TensorError, TensorSet, TensorSink, TensorSource,
 };
-use crate::{Message, MAX_FRAME_BYTES};
+use crate::Message;
 
-/// Errors of the QUIC helpers.
+/// Errors of a request over either transport ([`crate::conn`]) or of the QUIC helpers here.
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error("connection: {0}")]
+    Link(#[from] crate::conn::ConnError),
     #[error("stream closed: {0}")]
     Closed(#[from] quinn::ClosedStream),
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error(transparent)]
@@ -26,10 +30,7 @@ pub enum QuicError {
 /// Opens a bidirectional stream, sends `request` as one frame, finishes the sending side and
 /// reads one reply frame (capped at [`MAX_FRAME_BYTES`]).
 pub async fn request(conn: &quinn::Connection, request: &Message) -> Result<Message, QuicError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame_capped(&mut send, request, MAX_FRAME_BYTES).await?;
-    send.finish()?;
-    Ok(read_frame(&mut recv, MAX_FRAME_BYTES).await?)
+    crate::conn::request(&crate::conn::Connection::Quic(conn.clone()), request).await
 }
 
 /// A QUIC send stream takes shared chunks as they are: it keeps a reference until the peer

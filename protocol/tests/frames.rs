@@ -83,6 +83,7 @@ pub fn sample_messages() -> Vec<Message> {
                 last_train_loss: Some(0.3),
             }],
             dice: vec![],
+                transport: Some(fedtalent_protocol::ConnKind::Tcp),
         })),
     ]
 }

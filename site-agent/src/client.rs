@@ -10,7 +10,6 @@
 //! not have changed); a refusal by the coordinator (certificate, version, dataset) ends the
 //! agent with the coordinator's reason.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fedtalent_data::{BatchLoader, PreprocessedCase};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::Topology;
+use fedtalent_protocol::conn::{self, Connection, Dial, DialError, Dialed};
 use fedtalent_protocol::{
     close, quic, read_frame, recv_tensors_digest, write_frame, Ack, Finished, Hello, Message, ModelRequest,
     PhaseTimings, Plan, RecvLimits, RoundStart, TensorDigests, TensorSet, UpdateHeader, Welcome, MAX_FRAME_BYTES,
@@ -73,10 +73,11 @@ struct Agent {
     channels: fedtalent_vocab::InputChannels,
 }
 
-/// A connection to the coordinator (the endpoint must live as long as the connection).
+/// A connection to the coordinator over QUIC or TLS over TCP (a QUIC endpoint must live as long
+/// as its connection).
 struct Session {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    _endpoint: Option<quinn::Endpoint>,
+    conn: Connection,
 }
 
 /// The training phase: what the plan fixed, and the local trainer.
@@ -160,30 +161,29 @@ impl Agent {
     }
 
     async fn connect(&self) -> Result<Session> {
+    /// Connects over `[site].transport`: QUIC, then TLS over TCP when QUIC gets no answer within
+    /// [`fedtalent_protocol::conn::QUIC_WAIT`] (`auto`). A TLS refusal ends the agent.
         let site = &self.config.site;
         let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
         let key = fedtalent_certs::read_private_key(&site.key)?;
-        let client = fedtalent_certs::client_config(&read(&site.ca)?, &read(&site.cert)?, &key)?;
-        let bind: SocketAddr = if site.coordinator.is_ipv4() {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
+        let tls =
+            fedtalent_certs::client_tls_config(&read(&site.ca)?, &read(&site.cert)?, &key, fedtalent_certs::ALPN)?;
+        let dial = Dial {
+            quic_addr: site.coordinator,
+            tcp_addr: site.coordinator_tcp.unwrap_or(site.coordinator),
+            server_name: &site.server_name,
+            tls,
+            choice: site.transport,
+            quic_wait: fedtalent_protocol::conn::QUIC_WAIT,
         };
-        let mut endpoint = fedtalent_certs::client_endpoint(bind)?;
-        endpoint.set_default_client_config(client);
-        let connecting = endpoint.connect(site.coordinator, &site.server_name)?;
-        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-            Err(_) => bail!("no answer from the coordinator at {}", site.coordinator),
-            // A TLS alert means the coordinator looked at our certificate and said no.
-            Ok(Err(quinn::ConnectionError::ConnectionClosed(close))) if is_tls_refusal(close.error_code) => {
-                return Err(Refused(format!("handshake: {close}")).into());
+        match fedtalent_protocol::dial(&dial).await {
+            Ok(Dialed { conn, endpoint }) => {
+                info!(transport = %conn.kind(), coordinator = %conn.remote_address(), "connected");
+                Ok(Session { _endpoint: endpoint, conn })
             }
-            Ok(Err(quinn::ConnectionError::TransportError(e))) if is_tls_refusal(e.code) => {
-                return Err(Refused(format!("handshake: {e}")).into());
-            }
-            Ok(r) => r.with_context(|| format!("connecting to {}", site.coordinator))?,
-        };
-        Ok(Session { _endpoint: endpoint, conn })
+            Err(DialError::Refused(reason)) => Err(Refused(reason).into()),
+            Err(DialError::Failed(e)) => bail!("no connection to the coordinator: {e}"),
+        }
     }
 
     /// Connects and says `Hello`; returns the connection and the coordinator's `Welcome`,
@@ -194,7 +194,7 @@ impl Agent {
         // A coordinator that refuses our certificate closes the connection right after the
         // handshake; the first request then fails with its reason.
         let reply =
-            quic::request(conn, &Message::Hello(self.hello_message())).await.map_err(|e| classify_closed(conn, e))?;
+            conn::request(conn, &Message::Hello(self.hello_message())).await.map_err(|e| classify_closed(conn, e))?;
         let Message::Welcome(welcome) = reply else {
             return Err(refusal_of(reply));
         };
@@ -299,7 +299,7 @@ impl Agent {
     async fn train_rounds(&self, session: &Session, training: &mut Training) -> Result<SessionEnd> {
         let conn = &session.conn;
         loop {
-            let reply = quic::request(conn, &Message::Heartbeat).await.map_err(|e| classify_closed(conn, e))?;
+            let reply = conn::request(conn, &Message::Heartbeat).await.map_err(|e| classify_closed(conn, e))?;
             match reply {
                 Message::Heartbeat => continue,
                 Message::RoundStart(start) => {
@@ -320,7 +320,7 @@ impl Agent {
     }
 
     /// One round: download the global model if needed, evaluate it if asked, train, upload.
-    async fn round(&self, conn: &quinn::Connection, training: &mut Training, start: RoundStart) -> Result<()> {
+    async fn round(&self, conn: &Connection, training: &mut Training, start: RoundStart) -> Result<()> {
         let mut durations = PhaseTimings::default();
         let started = Instant::now();
         if training.loaded_digest.as_deref() != Some(start.model_digest.as_str()) {
@@ -340,15 +340,19 @@ impl Agent {
         training.loaded_digest = None; // the local network now holds the site's update
         let t = Instant::now();
         let accepted = self.upload(conn, training, start.round, loss, dice, durations).await?;
-        let path = conn.stats().path;
+        let path = match conn {
+            Connection::Quic(c) => Some(c.stats().path),
+            Connection::Tcp(_) => None,
+        };
         info!(
             round = start.round,
             loss,
             upload_ms = t.elapsed().as_millis() as u64,
             accepted,
-            datagram_bytes = path.current_mtu,
-            rtt_ms = path.rtt.as_secs_f64() * 1e3,
-            lost_packets = path.lost_packets,
+            transport = %conn.kind(),
+            datagram_bytes = path.map(|p| p.current_mtu),
+            rtt_ms = path.map(|p| p.rtt.as_secs_f64() * 1e3),
+            lost_packets = path.map(|p| p.lost_packets),
             "round done"
         );
         training.trainer.save(start.round)?;
@@ -358,7 +362,7 @@ impl Agent {
 
     async fn upload(
         &self,
-        conn: &quinn::Connection,
+        conn: &Connection,
         training: &Training,
         round: u32,
         loss: f32,
@@ -387,7 +391,7 @@ impl Agent {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &Message::UpdateHeader(header)).await?;
         // The coordinator may refuse (a stale round) before reading the payload.
-        let sent = quic::send_tensors_shared(&mut send, Arc::new(set), &mut digests).await;
+        let sent = conn::send_tensors_shared(&mut send, Arc::new(set), &mut digests).await;
         let _ = send.finish();
         match read_frame(&mut recv, MAX_FRAME_BYTES).await {
             Ok(Message::Ack(Ack { refusal: None, .. })) => Ok(true),
@@ -403,7 +407,7 @@ impl Agent {
 
 impl Training {
     /// Fetches the global backbone and this site's heads and loads them into the local network.
-    async fn download(&mut self, conn: &quinn::Connection, digest: &str) -> Result<()> {
+    async fn download(&mut self, conn: &Connection, digest: &str) -> Result<()> {
         let net = &mut self.trainer.trainer.net;
         let manifest = wire::parts_manifest(net, &self.trainer.selection);
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -477,21 +481,11 @@ fn refusal_of(message: Message) -> anyhow::Error {
     }
 }
 
-/// QUIC carries TLS alerts as transport error codes 0x100..0x200 (RFC 9001 §4.8): the peer's
-/// TLS stack rejected us (an unknown CA, a certificate not on the allowlist, an expired one).
-fn is_tls_refusal(code: quinn::TransportErrorCode) -> bool {
-    (0x100..0x200).contains(&u64::from(code))
-}
-
-/// Turns "the connection was closed by the coordinator because of our certificate" into a refusal.
-fn classify_closed(conn: &quinn::Connection, e: quic::QuicError) -> anyhow::Error {
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::ConnectionClosed(c)) if is_tls_refusal(c.error_code) => {
-            Refused(format!("handshake: {c}")).into()
-        }
-        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::REFUSED => {
-            Refused(format!("closed by the coordinator: {}", String::from_utf8_lossy(&c.reason))).into()
-        }
-        _ => anyhow!("{e}"),
+/// Turns "the connection was closed by the coordinator because of our certificate" (a TLS
+/// refusal, or a close with `close::REFUSED`) into a refusal, on either transport.
+fn classify_closed(conn: &Connection, e: quic::QuicError) -> anyhow::Error {
+    match conn.refusal() {
+        Some(reason) => Refused(reason).into(),
+        None => anyhow!("{e}"),
     }
 }

@@ -51,6 +51,13 @@ pub struct SiteSection {
     /// sharing a machine should split its cores.
     #[serde(default)]
     pub torch_threads: Option<usize>,
+    /// `auto` (default): QUIC, then TLS over TCP when QUIC gets no answer within 5 s (a network
+    /// that blocks UDP); `quic` or `tcp`: only that one.
+    #[serde(default)]
+    pub transport: fedtalent_protocol::TransportChoice,
+    /// The coordinator's TCP address for TLS over TCP; default: `coordinator` (same port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_tcp: Option<SocketAddr>,
 }
 
 fn default_device() -> String {
@@ -122,6 +129,10 @@ name = "{site}"
 # The coordinator's UDP address and the name on its certificate.
 coordinator = "127.0.0.1:7443"
 server_name = "localhost"
+# auto: QUIC, and TLS 1.3 over TCP (same port, or coordinator_tcp) when QUIC gets no answer
+# within 5 s, as behind a firewall that blocks UDP; "quic" or "tcp": only that one.
+transport = "auto"
+# coordinator_tcp = "127.0.0.1:7443"
 # Federation CA certificate (from the coordinator's operator), this site's certificate and key.
 ca = "ca.crt"
 cert = "{site}.crt"

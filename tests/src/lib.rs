@@ -172,6 +172,8 @@ impl LocalFederation {
                 launch: p.launch,
                 keep_rounds: 10,
                 exit_when_done: p.exit_when_done,
+                transport: Default::default(),
+                tcp_listen: None,
             },
             plan: fedtalent_vocab::Plan {
                 eval_every: p.eval_every,
@@ -214,6 +216,8 @@ impl LocalFederation {
                 seed: 0,
                 torch_threads: None,
                 exclusive_classes: false,
+                transport: Default::default(),
+                coordinator_tcp: None,
             },
             data: SiteDataConfig {
                 dataset_dir: dataset.to_path_buf(),

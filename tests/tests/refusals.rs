@@ -1,21 +1,29 @@
 //! Bad peers and bad updates are refused with a logged reason while the federation goes on:
-//! a certificate from another CA, a site not on the allowlist, and uploads with NaN, a wrong
-//! shape, another site's heads, or a stale round number.
+//! a certificate from another CA, a site not on the allowlist (over QUIC and over the
+//! TLS-over-TCP fallback), and uploads with NaN, a wrong shape, another site's heads, or a stale
+//! round number.
 
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
+use fedtalent_protocol::TransportChoice;
 use fedtalent_tests::{binary, phantom_site, run_ok, wait_child, Children, LocalFederation, Plan};
 
 /// A site config for `name`, reusing the liver phantom's data, with its own key and certificate.
-fn impostor(fed: &LocalFederation, name: &str, cert_dir: &std::path::Path) -> std::path::PathBuf {
-    let dir = fed.dir.join(name);
+fn impostor(
+    fed: &LocalFederation,
+    name: &str,
+    cert_dir: &std::path::Path,
+    transport: TransportChoice,
+) -> std::path::PathBuf {
+    let dir = fed.dir.join(format!("{name}-{transport:?}"));
     fs::create_dir_all(&dir).unwrap();
     let (dataset, classes) = phantom_site(&fed.dir.join("data"), "liver");
     let mut config = fed.site_config(name, &dataset, classes);
     config.site.cert = cert_dir.join(format!("{name}.crt"));
     config.site.key = cert_dir.join(format!("{name}.key"));
+    config.site.transport = transport;
     config.write(&dir.join("site.toml")).unwrap();
     dir.join("site.toml")
 }
@@ -64,12 +72,14 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
     // The impostors try while the coordinator waits for its sites, so the federation cannot have
     // finished (and stopped answering) before an impostor is done preprocessing its data.
     let mut procs = Children(vec![fed.spawn_coordinator()]);
-    for (name, certs) in [("intruder", &other), ("stranger", &ours)] {
-        let config = impostor(&fed, name, certs);
-        let out = Command::new(binary("site-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name} was let in:\n{stderr}");
-        assert!(stderr.contains("refused"), "{name}: no refusal reason:\n{stderr}");
+    for transport in [TransportChoice::Quic, TransportChoice::Tcp] {
+        for (name, certs) in [("intruder", &other), ("stranger", &ours)] {
+            let config = impostor(&fed, name, certs, transport);
+            let out = Command::new(binary("site-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{name} was let in over {transport:?}:\n{stderr}");
+            assert!(stderr.contains("refused"), "{name} over {transport:?}: no refusal reason:\n{stderr}");
+        }
     }
     procs.0.push(fed.spawn_site("liver", &[]));
     procs.0.push(fed.spawn_site("pancreas", &[]));
@@ -79,6 +89,12 @@ fn foreign_ca_and_unlisted_sites_are_refused_while_others_train() {
     let log = fed.log("coordinator");
     assert!(log.contains("stranger"), "the refusal of the unlisted site is not logged by name:\n{log}");
     assert!(log.contains("handshake refused"), "no handshake refusal logged:\n{log}");
+    for transport in ["quic", "tcp"] {
+        assert!(
+            log.lines().any(|l| l.contains("handshake refused") && l.contains(&format!("transport=\"{transport}\""))),
+            "no handshake refusal over {transport} logged:\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -1,14 +1,18 @@
-//! Who may talk to the coordinator: the QUIC endpoint and its handshake rate limit, each
-//! connection's site identity, and the membership (the allowlist and removals while serving).
+//! Who may talk to the coordinator: the QUIC endpoint and the TLS-over-TCP listener (the
+//! fallback where UDP is blocked) and their handshake rate limit, each connection's site
+//! identity and transport, and the membership (the allowlist and removals while serving).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fedtalent_protocol::close;
+use fedtalent_certs::TlsAcceptor;
+use fedtalent_protocol::tcp::TcpConnection;
+use fedtalent_protocol::{close, Connection};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::{Coordinator, Inner};
@@ -27,22 +31,55 @@ const HANDSHAKE_PER_SECOND: f64 = 1.0;
 pub(super) const MAX_STREAMS_PER_SITE: usize = 8;
 
 impl Coordinator {
-    /// Serves until the federation is finished (with `exit_when_done`) or forever.
-    pub async fn serve(self: Arc<Self>, mut server_config: quinn::ServerConfig) -> Result<()> {
+    /// Serves QUIC only (tests); see [`Coordinator::serve_with_tcp`].
+    pub async fn serve(self: Arc<Self>, server_config: quinn::ServerConfig) -> Result<()> {
+        self.serve_with_tcp(server_config, None).await
+    }
+
+    /// Serves until the federation is finished (with `exit_when_done`) or forever: QUIC on
+    /// `[federation].listen` unless `transport = "tcp"`, and, with `tcp` (the same rustls
+    /// config as QUIC's: CA, allowlist, ALPN), TLS over TCP on `[federation].tcp_listen`
+    /// (default: the same address and port) unless `transport = "quic"`.
+    pub async fn serve_with_tcp(
+        self: Arc<Self>,
+        mut server_config: quinn::ServerConfig,
+        tcp: Option<rustls::ServerConfig>,
+    ) -> Result<()> {
+        let choice = self.config.federation.transport;
         // Every request is a bidirectional stream: a peer may not open unidirectional ones
         // (they would never be accepted, only buffered), and a site needs few bidi streams.
         let mut transport = fedtalent_certs::transport_config();
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_concurrent_bidi_streams((MAX_STREAMS_PER_SITE as u32).into());
         server_config.transport_config(Arc::new(transport));
-        let endpoint = fedtalent_certs::server_endpoint(server_config, self.config.federation.listen)
-            .with_context(|| format!("listening on UDP {}", self.config.federation.listen))?;
-        info!(addr = %endpoint.local_addr()?, federation = %self.config.federation.name, "coordinator listening");
+        let listen = self.config.federation.listen;
+        let endpoint = match choice.quic() {
+            true => {
+                let endpoint = fedtalent_certs::server_endpoint(server_config, listen)
+                    .with_context(|| format!("listening on UDP {listen}"))?;
+                info!(addr = %endpoint.local_addr()?, federation = %self.config.federation.name, "coordinator listening (QUIC)");
+                Some(endpoint)
+            }
+            false => None,
+        };
+        let tcp = match tcp.filter(|_| choice.tcp()) {
+            Some(tls) => {
+                let addr = self.config.federation.tcp_listen_addr();
+                let listener = TcpListener::bind(addr).await.with_context(|| format!("listening on TCP {addr}"))?;
+                info!(addr = %listener.local_addr()?, federation = %self.config.federation.name, "coordinator listening (TLS over TCP)");
+                Some((listener, fedtalent_certs::tcp_acceptor(tls)))
+            }
+            None => None,
+        };
+        anyhow::ensure!(
+            endpoint.is_some() || tcp.is_some(),
+            "[federation].transport = \"tcp\" needs a TLS config for TCP"
+        );
         let rounds = tokio::spawn(self.clone().run_rounds());
         let mut limiter = HandshakeLimiter::new(HANDSHAKE_BURST, HANDSHAKE_PER_SECOND);
         loop {
             tokio::select! {
-                incoming = endpoint.accept() => {
+                incoming = accept_quic(endpoint.as_ref()) => {
                     let Some(incoming) = incoming else { break };
                     let ip = incoming.remote_address().ip();
                     if !limiter.allow(ip, Instant::now()) {
@@ -52,23 +89,42 @@ impl Coordinator {
                         incoming.refuse();
                         continue;
                     }
-                    tokio::spawn(self.clone().handle_connection(incoming));
+                    tokio::spawn(self.clone().handle_quic(incoming));
+                }
+                accepted = accept_tcp(tcp.as_ref().map(|(l, _)| l)) => {
+                    let (socket, remote) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            warn!("TCP accept: {e}");
+                            continue;
+                        }
+                    };
+                    // The same budget per address as QUIC handshakes (here the address is
+                    // validated by TCP's own handshake).
+                    if !limiter.allow(remote.ip(), Instant::now()) {
+                        tracing::debug!(ip = %remote.ip(), "handshake refused: rate limit of this address");
+                        continue;
+                    }
+                    let acceptor = tcp.as_ref().map(|(_, a)| a.clone()).expect("a TCP socket comes from the listener");
+                    tokio::spawn(self.clone().handle_tcp(acceptor, socket, remote));
                 }
                 _ = wait_finished(&rounds) => break,
             }
         }
         let result = rounds.await.context("round task")?;
-        endpoint.close(close::DONE, b"federation finished");
-        endpoint.wait_idle().await;
+        if let Some(endpoint) = endpoint {
+            endpoint.close(close::DONE, b"federation finished");
+            endpoint.wait_idle().await;
+        }
         result
     }
 
-    async fn handle_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn handle_quic(self: Arc<Self>, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(conn) => conn,
             Err(e) => {
-                warn!(%remote, "handshake refused: {e}");
+                warn!(%remote, transport = "quic", "handshake refused: {e}");
                 return;
             }
         };
@@ -80,19 +136,32 @@ impl Coordinator {
                 return;
             }
         };
+        self.handle_connection(Connection::Quic(conn), peer).await;
+    }
+
+    async fn handle_tcp(self: Arc<Self>, acceptor: TlsAcceptor, socket: TcpStream, remote: SocketAddr) {
+        match fedtalent_certs::tcp_accept(&acceptor, socket).await {
+            Ok((tls, peer)) => self.handle_connection(Connection::Tcp(TcpConnection::server(tls, remote)), peer).await,
+            Err(e) => warn!(%remote, transport = "tcp", "handshake refused: {e}"),
+        }
+    }
+
+    /// Serves the requests of an authenticated connection of either transport until it ends.
+    async fn handle_connection(self: Arc<Self>, conn: Connection, peer: String) {
+        let (remote, transport) = (conn.remote_address(), conn.kind());
         if !self.add_connection(&peer, &conn) {
             warn!(site = %peer, %remote, "refused: the site was removed while it connected");
             conn.close(close::REFUSED, removed_reason(&peer).as_bytes());
             return;
         }
-        info!(site = %peer, %remote, "connected");
+        info!(site = %peer, %remote, %transport, "connected");
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     tokio::spawn(self.clone().handle_stream(peer.clone(), send, recv));
                 }
                 Err(e) => {
-                    info!(site = %peer, "disconnected: {e}");
+                    info!(site = %peer, %transport, "disconnected: {e}");
                     break;
                 }
             }
@@ -106,7 +175,7 @@ impl Coordinator {
     /// Records an open connection of `peer`, unless `peer` is no longer allowed. The allowlist is
     /// read under the lock that [`Coordinator::set_sites`] closes connections under, so that a
     /// handshake racing a removal is either closed there or refused here.
-    fn add_connection(&self, peer: &str, conn: &quinn::Connection) -> bool {
+    fn add_connection(&self, peer: &str, conn: &Connection) -> bool {
         let mut inner = self.lock();
         if !self.allowlist.contains(peer) {
             return false;
@@ -209,6 +278,22 @@ fn revoke(inner: &mut Inner, site: &str) {
     match dropped {
         Some(round) => warn!(site, round, "site removed: connections closed, its update of round {round} dropped"),
         None => warn!(site, "site removed: connections closed"),
+    }
+}
+
+/// The next QUIC connection attempt; never, without a QUIC endpoint.
+async fn accept_quic(endpoint: Option<&quinn::Endpoint>) -> Option<quinn::Incoming> {
+    match endpoint {
+        Some(endpoint) => endpoint.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next TCP socket; never, without a TCP listener.
+async fn accept_tcp(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedtalent_protocol::{
-    close, read_frame, write_frame, AdminReply, AdminRequest, ErrorKind, FrameError, Message, ModelRequest, SiteStatus,
-    StatusReport, MAX_FRAME_BYTES,
+    close, read_frame, write_frame, AdminReply, AdminRequest, ErrorKind, FrameError, Message, ModelRequest, RecvStream,
+    SendStream, SiteStatus, StatusReport, MAX_FRAME_BYTES,
 };
 use tracing::warn;
 
@@ -25,12 +25,7 @@ use crate::config::ADMIN_IDENTITY;
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 
 impl Coordinator {
-    pub(super) async fn handle_stream(
-        self: Arc<Self>,
-        peer: String,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
+    pub(super) async fn handle_stream(self: Arc<Self>, peer: String, mut send: SendStream, mut recv: RecvStream) {
         let Some(_stream) = StreamSlot::take(&self, &peer) else {
             warn!(site = %peer, "refused a request: {MAX_STREAMS_PER_SITE} of its requests are already open");
             let reason = format!("site {peer}: more than {MAX_STREAMS_PER_SITE} concurrent requests");
@@ -95,7 +90,7 @@ impl Coordinator {
     }
 
     /// Streams the model, or the refusal to answer instead.
-    async fn model_reply(&self, peer: &str, digest: &str, full: bool, send: &mut quinn::SendStream) -> Option<Message> {
+    async fn model_reply(&self, peer: &str, digest: &str, full: bool, send: &mut SendStream) -> Option<Message> {
         match self.send_model(peer, digest, full, send).await {
             Ok(()) => None,
             Err(reason) => {
@@ -148,6 +143,7 @@ impl Coordinator {
                     allowed: self.allowlist.contains(name),
                     last_round: s.and_then(|s| s.last_round),
                     n_cases: inner.registered_cases(name).unwrap_or(0),
+                    transport: s.and_then(|s| s.connections.values().next_back()).map(|c| c.kind()),
                     last_train_loss: s.and_then(|s| s.last_loss),
                 }
             })

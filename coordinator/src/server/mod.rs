@@ -32,7 +32,7 @@ use anyhow::Result;
 use fedtalent_certs::Allowlist;
 use fedtalent_model::wire::Selection;
 use fedtalent_model::MultiTalentNet;
-use fedtalent_protocol::TensorDigests;
+use fedtalent_protocol::{Connection, TensorDigests};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -85,8 +85,9 @@ struct Federation {
 /// What the coordinator knows of one site, whatever the phase.
 #[derive(Default)]
 struct SiteState {
-    /// Its open connections by [`quinn::Connection::stable_id`], so that a removal can close them.
-    connections: BTreeMap<usize, quinn::Connection>,
+    /// Its open connections (QUIC or TLS over TCP) by [`Connection::stable_id`], so that a
+    /// removal can close them.
+    connections: BTreeMap<usize, Connection>,
     /// Its requests being served now (see [`accept::MAX_STREAMS_PER_SITE`]).
     streams: usize,
     /// Its Hello was accepted by this run of the coordinator: only then may it poll, download

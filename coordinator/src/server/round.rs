@@ -219,7 +219,7 @@ impl Coordinator {
         peer: &str,
         digest: &str,
         full: bool,
-        send: &mut quinn::SendStream,
+        send: &mut fedtalent_protocol::SendStream,
     ) -> Result<()> {
         let (set, mut digests, version) = {
             let mut inner = self.lock();
@@ -236,7 +236,7 @@ impl Coordinator {
             (set, federation.wire_digests.clone(), federation.digest.clone())
         };
         let bytes = set.total_bytes();
-        fedtalent_protocol::quic::send_tensors_shared(send, Arc::new(set), &mut digests)
+        fedtalent_protocol::conn::send_tensors_shared(send, Arc::new(set), &mut digests)
             .await
             .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
         if let Some(federation) = self.lock().running_mut().filter(|f| f.digest == version) {
@@ -254,7 +254,7 @@ impl Coordinator {
         &self,
         peer: &str,
         header: UpdateHeader,
-        recv: &mut quinn::RecvStream,
+        recv: &mut fedtalent_protocol::RecvStream,
     ) -> Message {
         let round = header.round;
         let refusal = self.admit_update(peer, header, recv).await.err();
@@ -276,7 +276,7 @@ impl Coordinator {
         &self,
         peer: &str,
         header: UpdateHeader,
-        recv: &mut quinn::RecvStream,
+        recv: &mut fedtalent_protocol::RecvStream,
     ) -> std::result::Result<(), Refusal> {
         let round = header.round;
         let (_slot, limits, until) = match self.reserve_slot(peer, &header) {
