@@ -238,6 +238,11 @@ launch = "auto"
 keep_rounds = 3
 # Stop serving once the last round is checkpointed.
 exit_when_done = false
+# auto: QUIC on `listen` (UDP) and TLS 1.3 over TCP on the same port number for sites whose
+# network blocks UDP (open both in the firewall); "quic" or "tcp": only that one.
+transport = "auto"
+# The TCP address, where it is not `listen`'s:
+# tcp_listen = "0.0.0.0:7443"
 
 [plan]
 # Network preset: unet (paper), resenc (paper), small (the demo and the CPU quality benchmark),
@@ -245,11 +250,6 @@ exit_when_done = false
 preset = "unet"
 rounds = 100
 # Local iterations per round and site, and the batch size. Shorter rounds (more, cheaper
-# auto: QUIC on `listen` (UDP) and TLS 1.3 over TCP on the same port number for sites whose
-# network blocks UDP (open both in the firewall); "quic" or "tcp": only that one.
-transport = "auto"
-# The TCP address, where it is not `listen`'s:
-# tcp_listen = "0.0.0.0:7443"
 # communications) keep the sites' backbones closer to the average: on the phantom benchmark
 # (scripts/quality_bench.sh) 40 x 10 beat 10 x 40 by 0.07 mean Dice at the same 400 steps.
 local_steps = 250

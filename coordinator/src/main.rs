@@ -361,13 +361,13 @@ fn serve(config_path: &Path, tensorboard: Option<&Path>) -> Result<()> {
             coordinator.log_curves_to(dir)?;
         }
         let server_config = fedtalent_certs::server_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
+        let tcp_config = fedtalent_certs::server_tls_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
         // Removing a site from federation.toml locks it out within 2 s, without a restart.
         tokio::spawn(coordinator.clone().watch_config(config_path.to_path_buf(), std::time::Duration::from_secs(2)));
         coordinator.serve_with_tcp(server_config, Some(tcp_config)).await
     })
 }
 
-        let tcp_config = fedtalent_certs::server_tls_config(&ca, &cert, &key, coordinator.allowlist.clone())?;
 fn status(config_path: &Path) -> Result<()> {
     let config = FederationConfig::load(config_path)?;
     match admin_request(&config, AdminRequest::Status) {

@@ -182,6 +182,8 @@ pub enum AdminRequest {
 pub struct SiteStatus {
     pub site: String,
     pub connected: bool,
+    /// The transport of its open connection (the newest, if several).
+    pub transport: Option<crate::ConnKind>,
     pub allowed: bool,
     pub last_round: Option<u32>,
     pub n_cases: u32,
@@ -240,8 +242,6 @@ impl Message {
         match self {
             Message::Hello(_) => "Hello",
             Message::Welcome(_) => "Welcome",
-    /// The transport of its open connection (the newest, if several).
-    pub transport: Option<crate::ConnKind>,
             Message::RoundStart(_) => "RoundStart",
             Message::ModelRequest(_) => "ModelRequest",
             Message::UpdateHeader(_) => "UpdateHeader",

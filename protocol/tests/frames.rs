@@ -77,13 +77,13 @@ pub fn sample_messages() -> Vec<Message> {
             sites: vec![SiteStatus {
                 site: "alpha".into(),
                 connected: true,
+                transport: Some(fedtalent_protocol::ConnKind::Tcp),
                 allowed: true,
                 last_round: Some(1),
                 n_cases: 80,
                 last_train_loss: Some(0.3),
             }],
             dice: vec![],
-                transport: Some(fedtalent_protocol::ConnKind::Tcp),
         })),
     ]
 }

@@ -160,9 +160,9 @@ impl Agent {
         Ok(())
     }
 
-    async fn connect(&self) -> Result<Session> {
     /// Connects over `[site].transport`: QUIC, then TLS over TCP when QUIC gets no answer within
     /// [`fedtalent_protocol::conn::QUIC_WAIT`] (`auto`). A TLS refusal ends the agent.
+    async fn connect(&self) -> Result<Session> {
         let site = &self.config.site;
         let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
         let key = fedtalent_certs::read_private_key(&site.key)?;

@@ -140,10 +140,10 @@ impl Coordinator {
                 SiteStatus {
                     site: name.clone(),
                     connected: s.is_some_and(|s| !s.connections.is_empty()),
+                    transport: s.and_then(|s| s.connections.values().next_back()).map(|c| c.kind()),
                     allowed: self.allowlist.contains(name),
                     last_round: s.and_then(|s| s.last_round),
                     n_cases: inner.registered_cases(name).unwrap_or(0),
-                    transport: s.and_then(|s| s.connections.values().next_back()).map(|c| c.kind()),
                     last_train_loss: s.and_then(|s| s.last_loss),
                 }
             })
