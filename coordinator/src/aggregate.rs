@@ -56,7 +56,29 @@ pub fn validate(
     max_norm: f64,
 ) -> Result<f64> {
     check_owners(selection, sender, parts)?;
-    check_complete(global, sender, parts, selection.decoder_of(sender))?;
+    check_complete(global, sender, parts, selection.decoder_of(sender), false)?;
+    check_owned_finite(sender, parts)?;
+    for (name, theirs) in &parts.backbone {
+        ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
+    }
+    let norm = backbone_distance(&global.params().backbone(), parts)?;
+    ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
+    Ok(norm)
+}
+
+/// [`validate`] of a secure-aggregation upload, whose backbone arrived masked (checked and
+/// summed by `fedtalent-secagg`): its heads and decoder as [`validate`] checks them, and no
+/// backbone tensor. What cannot be checked any more is each site's backbone values (finite)
+/// and its update norm (`max_update_norm`): the sites clamp each coordinate to the fixed-point
+/// range instead (`[plan.privacy].secagg_clip_range`).
+pub fn validate_masked(global: &MultiTalentNet, selection: &Selection, sender: &str, parts: &Parts) -> Result<()> {
+    check_owners(selection, sender, parts)?;
+    check_complete(global, sender, parts, selection.decoder_of(sender), true)?;
+    check_owned_finite(sender, parts)
+}
+
+/// The sender's heads and decoder hold finite values only.
+fn check_owned_finite(sender: &str, parts: &Parts) -> Result<()> {
     for (site, tensors) in &parts.decoders {
         for (name, t) in tensors {
             ensure!(
@@ -65,17 +87,12 @@ pub fn validate(
             );
         }
     }
-    for (name, theirs) in &parts.backbone {
-        ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
-    }
     for (class, rows) in &parts.heads {
         for (name, t) in rows {
             ensure!(all_finite(t), "site {sender}: head {name:?} of class {class:?} holds NaN or infinite values");
         }
     }
-    let norm = backbone_distance(&global.params().backbone(), parts)?;
-    ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
-    Ok(norm)
+    Ok(())
 }
 
 /// The L2 distance of `parts`' backbone to `global` (both in the backbone's order), over all
@@ -112,9 +129,16 @@ fn check_owners(selection: &Selection, sender: &str, parts: &Parts) -> Result<()
 /// The structure [`aggregate`] relies on, without looking at values: the backbone tensor for
 /// tensor in the model's order, every head class with exactly every head tensor as one row,
 /// and the sender's decoder (if `own_decoder`) with exactly every tensor, shapes included.
-fn check_complete(global: &MultiTalentNet, sender: &str, parts: &Parts, own_decoder: Option<usize>) -> Result<()> {
+/// `masked`: the backbone arrived masked, so the upload must hold none.
+fn check_complete(
+    global: &MultiTalentNet,
+    sender: &str,
+    parts: &Parts,
+    own_decoder: Option<usize>,
+    masked: bool,
+) -> Result<()> {
     let params = global.params();
-    let global_backbone = params.backbone();
+    let global_backbone = if masked { Vec::new() } else { params.backbone() };
     ensure!(
         parts.backbone.len() == global_backbone.len(),
         "site {sender}: {} backbone tensors, the model has {}",
@@ -242,11 +266,44 @@ pub fn aggregate(
     server: ServerStep<'_>,
     selection: &Selection,
 ) -> Result<Aggregated> {
+    aggregate_backbone(global, updates, server, selection, None)
+}
+
+/// [`aggregate`] of a secure-aggregation round: `mean` is the unmasked sqrt(n)-weighted mean of
+/// the sites' backbone changes (every backbone tensor flattened, in the model's order), the
+/// updates hold heads and decoders only. With `[plan.privacy]`'s DP, the sites clipped their
+/// changes (the coordinator cannot see them): the noise is added here as in [`aggregate`].
+pub fn aggregate_masked(
+    global: &mut MultiTalentNet,
+    updates: &[&Update],
+    server: ServerStep<'_>,
+    selection: &Selection,
+    mean: &[f32],
+) -> Result<Aggregated> {
+    aggregate_backbone(global, updates, server, selection, Some(mean))
+}
+
+/// The number of values in the backbone: the length of a masked backbone.
+pub fn backbone_len(global: &MultiTalentNet) -> usize {
+    global.params().backbone().iter().map(|(_, t)| t.numel()).sum()
+}
+
+fn aggregate_backbone(
+    global: &mut MultiTalentNet,
+    updates: &[&Update],
+    server: ServerStep<'_>,
+    selection: &Selection,
+    masked: Option<&[f32]>,
+) -> Result<Aggregated> {
     ensure!(!updates.is_empty(), "no update to aggregate");
+    if let Some(mean) = masked {
+        let len = backbone_len(global);
+        ensure!(mean.len() == len, "a masked sum of {} values for a backbone of {len}", mean.len());
+    }
     // Validation already checked each update; checking the structure again here (cheap: no
     // tensor values are read) means a failure can never leave `global` half written.
     for u in updates {
-        check_complete(global, &u.site, &u.parts, selection.decoder_of(&u.site))?;
+        check_complete(global, &u.site, &u.parts, selection.decoder_of(&u.site), masked.is_some())?;
         ensure!(u.parts.decoders.keys().all(|s| s == &u.site), "site {}: sent another site's decoder", u.site);
         for class in u.parts.heads.keys() {
             ensure!(selection.row_of(class).is_some(), "site {}: heads of unknown class {class:?}", u.site);
@@ -257,6 +314,11 @@ pub fn aggregate(
     let current = global.params().backbone();
     let private = match privacy {
         None => None,
+        // The sites clipped their own changes, which only they see.
+        Some(p) if masked.is_some() => Some(PrivateRound {
+            clip_factors: Vec::new(),
+            noise_std: p.noise_std(weights.iter().copied().fold(0.0, f64::max)),
+        }),
         Some(p) => {
             // The norms are measured here, not taken from validation: the clip is what the
             // guarantee rests on.
@@ -279,10 +341,17 @@ pub fn aggregate(
         state.velocity = current.iter().map(|(n, t)| (n.clone(), t.zeros_like().to_kind(Kind::Double))).collect();
     }
     let mut stepped = Vec::with_capacity(current.len());
+    let mut offset = 0;
     for (i, (name, old)) in current.iter().enumerate() {
         let old = old.to_kind(Kind::Double);
         let mut change: Option<Tensor> = None;
-        for (u, scale) in updates.iter().zip(&scales) {
+        if let Some(mean) = masked {
+            let n = old.numel();
+            let values = Tensor::from_slice(&mean[offset..offset + n]);
+            change = Some(values.view(old.size().as_slice()).to_kind(Kind::Double).to_device(old.device()));
+            offset += n;
+        }
+        for (u, scale) in updates.iter().zip(&scales).filter(|_| masked.is_none()) {
             let term = (u.parts.backbone[i].1.to_kind(Kind::Double) - &old) * *scale;
             change = Some(match change {
                 Some(c) => c + term,
@@ -537,7 +606,7 @@ mod tests {
     }
 
     fn dp(clip_norm: f64, noise_multiplier: f64) -> Privacy {
-        Privacy { clip_norm, noise_multiplier, delta: 1e-5, epsilon_budget: None }
+        Privacy::dp(clip_norm, noise_multiplier)
     }
 
     /// The backbone change of one private aggregation of `updates` and what it reports.

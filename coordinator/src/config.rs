@@ -144,6 +144,13 @@ impl FederationConfig {
         );
         if let Some(privacy) = &p.privacy {
             privacy.validate().map_err(anyhow::Error::msg)?;
+            if let Some(t) = privacy.secagg_threshold.filter(|_| privacy.secure_aggregation) {
+                ensure!(
+                    t as usize <= f.sites.len(),
+                    "[plan.privacy].secagg_threshold = {t} is more than the {} sites",
+                    f.sites.len()
+                );
+            }
             let rounds = p.rounds_to_run();
             ensure!(
                 rounds >= 1,
@@ -315,6 +322,24 @@ momentum = {server_momentum:?}
 # noise_multiplier = 1.0
 # delta = 1e-5
 # epsilon_budget = 10.0
+#
+# Secure aggregation of the backbone (SecAgg; off by default, with or without the DP keys above):
+# each site masks its sqrt(n)-weighted backbone change, encoded in 32-bit fixed point, with masks
+# agreed with the other sites (X25519) and secret-shared among them (Shamir, secagg_threshold of
+# the round's sites, default a majority) so that a site that drops out is unmasked by the
+# others; the coordinator relays the keys and shares it cannot read and learns only the sum.
+# Heads and per-site decoders are not summed: they travel unmasked to the coordinator, as before.
+# What the coordinator can no longer check per update: that the backbone values are finite and
+# that the update's norm is under max_update_norm (the poisoning filter). What replaces it: each
+# site refuses to mask a non-finite value, clamps every coordinate of its change to
+# [-secagg_clip_range, secagg_clip_range] (with DP, also clips the change to clip_norm itself),
+# so one site moves each coordinate of the sum by at most sqrt(n_k) x secagg_clip_range; the
+# unit is 2^-secagg_frac_bits, and the coordinator refuses a round whose
+# sum of sqrt(n_k) x secagg_clip_range x 2^secagg_frac_bits could overflow 2^31.
+# secure_aggregation = true
+# secagg_clip_range = 1.0
+# secagg_frac_bits = 20
+# secagg_stage_timeout_s = 120
 "#,
         server_lr = server.lr,
         server_momentum = server.momentum,
@@ -361,10 +386,10 @@ mod tests {
         changed.plan.local.optimizer_state = fedtalent_vocab::OptimizerState::Reset;
         changed.plan.server = ServerOptimizer { lr: 1.5, momentum: 0.9 };
         changed.plan.privacy = Some(fedtalent_vocab::Privacy {
-            clip_norm: 0.05,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
             epsilon_budget: Some(100.0 / 3.0),
+            secure_aggregation: true,
+            secagg_threshold: Some(2),
+            ..fedtalent_vocab::Privacy::dp(0.05, 1.0)
         });
         for config in [template, changed] {
             let path = dir.path().join("written.toml");

@@ -162,6 +162,10 @@ struct SimulateArgs {
     /// [plan.privacy].epsilon_budget.
     #[arg(long, requires = "dp_noise_multiplier")]
     dp_epsilon_budget: Option<f64>,
+    /// [plan.privacy].secure_aggregation: the coordinator sees only the weighted sum of the
+    /// sites' backbone changes (SecAgg masks; with the --dp-* flags the sites clip).
+    #[arg(long)]
+    secure_aggregation: bool,
     /// Rounds, and local steps per round: many short rounds keep the sites' encoders close to
     /// their average (measured: 40 x 10 beat 10 x 40 at the same steps, README).
     #[arg(long, default_value_t = 100)]
@@ -216,14 +220,16 @@ impl SimulateArgs {
             },
             optimizer: self.optimizer,
             lr: self.lr,
-            privacy: self.dp_noise_multiplier.zip(self.dp_clip_norm).map(|(noise_multiplier, clip_norm)| {
-                fedtalent_vocab::Privacy {
-                    clip_norm,
-                    noise_multiplier,
-                    delta: self.dp_delta,
-                    epsilon_budget: self.dp_epsilon_budget,
-                }
-            }),
+            privacy: fedtalent_vocab::Privacy::of_flags(
+                self.dp_noise_multiplier.zip(self.dp_clip_norm).map(|(noise_multiplier, clip_norm)| {
+                    fedtalent_vocab::Privacy {
+                        delta: self.dp_delta,
+                        epsilon_budget: self.dp_epsilon_budget,
+                        ..fedtalent_vocab::Privacy::dp(clip_norm, noise_multiplier)
+                    }
+                }),
+                self.secure_aggregation,
+            ),
             rounds: self.rounds,
             eval_every: self.eval_every.unwrap_or((self.rounds / 5).max(1)),
             local_steps: self.local_steps,
@@ -387,7 +393,7 @@ fn status(config_path: &Path) -> Result<()> {
 /// `[plan.privacy]`'s account after `rounds` released rounds (ε is a function of the plan and
 /// the round count alone: every site takes part in every round).
 fn print_privacy(config: &FederationConfig, rounds: u32) {
-    if let Some(p) = &config.plan.privacy {
+    if let Some(p) = config.plan.privacy.as_ref().filter(|p| p.differential()) {
         let budget = p.epsilon_budget.map_or(String::new(), |b| format!(" of a budget of {b}"));
         println!(
             "differential privacy: (ε, δ) = ({:.3}, {:e}) spent{budget} (clip {}, noise multiplier {}); \

@@ -197,13 +197,19 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String],
         let _ = writeln!(text, "{replaced}");
     }
     if let Some(p) = &opts.privacy {
-        let _ = writeln!(
-            text,
-            "[plan.privacy]\nclip_norm = {:?}\nnoise_multiplier = {:?}\ndelta = {:?}",
-            p.clip_norm, p.noise_multiplier, p.delta
-        );
+        let _ = writeln!(text, "[plan.privacy]");
+        if p.differential() {
+            let _ = writeln!(
+                text,
+                "clip_norm = {:?}\nnoise_multiplier = {:?}\ndelta = {:?}",
+                p.clip_norm, p.noise_multiplier, p.delta
+            );
+        }
         if let Some(budget) = p.epsilon_budget {
             let _ = writeln!(text, "epsilon_budget = {budget:?}");
+        }
+        if p.secure_aggregation {
+            let _ = writeln!(text, "secure_aggregation = true");
         }
     }
     text
@@ -347,10 +353,10 @@ mod tests {
     fn privacy_options_reach_the_plan() {
         let dir = tempfile::tempdir().unwrap();
         let privacy = fedtalent_vocab::Privacy {
-            clip_norm: 0.25,
-            noise_multiplier: 0.5,
             delta: 1e-6,
             epsilon_budget: Some(50.0),
+            secure_aggregation: true,
+            ..fedtalent_vocab::Privacy::dp(0.25, 0.5)
         };
         let opts = SimulateOptions { privacy: Some(privacy), ..options(dir.path(), "tiny", false) };
         let path = dir.path().join("federation.toml");

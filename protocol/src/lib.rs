@@ -35,8 +35,9 @@ pub use tensor::{
 /// one. 2: the messages wrap named structs, `Welcome` carries the whole `[plan]`, updates carry
 /// typed phase timings and `Ack` a structured refusal. 3: `Hello` carries the site's input
 /// channels and whether its classes are exclusive, `[plan]` the federation's channels and
-/// local optimizer.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// local optimizer. 4: secure aggregation (`RoundStart.secagg`, the `SecAgg` messages,
+/// `[plan.privacy]`'s secure-aggregation keys).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 pub use fedtalent_vocab::ALPN;
 

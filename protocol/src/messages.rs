@@ -8,6 +8,15 @@
 //! 3. site → [`UpdateHeader`] followed by the tensors on the same stream; coordinator → [`Ack`].
 //! 4. `Admin`/`AdminReply` for the operator's CLI.
 //!
+//! With `[plan.privacy].secure_aggregation`, a round's `RoundStart` carries the site's
+//! [`SecAggRound`], and the site's part of the round is: [`SecAggRequest`] `Keys` (answered
+//! [`SecAggReply::Peers`] once every site advertised or the stage timed out), `Shares`
+//! (answered `Relayed`: the ciphertexts addressed to it), local training, the update with the
+//! masked backbone as one `I32` tensor [`MASKED_BACKBONE`] instead of the backbone tensors
+//! (heads and decoders unmasked), `UnmaskPoll` (answered `Unmasking` once the round's inputs are
+//! in) and `Unmask` (answered `Accepted`). A stage that cannot go on is answered
+//! `Error(Refusal)`: the site drops out of the round and polls for the next.
+//!
 //! Each variant wraps a named struct, so that both sides pass the payload around as one value
 //! instead of re-declaring its fields. The vocabulary inside (classes, histograms, the plan, the
 //! normalization) is `fedtalent-vocab`'s, embedded as is.
@@ -19,6 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use fedtalent_secagg::{AdvertiseKeys, EncryptedShare, UnmaskShares};
 pub use fedtalent_vocab::{
     ClassRegion, CtNormalization, DiceMode, GlobalClass, HuHistogram, InputChannels, LocalPolicy, OptimizerState, Plan,
     ServerOptimizer,
@@ -67,6 +77,54 @@ pub struct RoundStart {
     pub total_steps: u64,
     /// Whether the site evaluates the global model on its validation cases this round.
     pub evaluate: bool,
+    /// With secure aggregation: the site's part in the round's protocol.
+    pub secagg: Option<SecAggRound>,
+}
+
+/// A site's id and the threshold of a round's secure aggregation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggRound {
+    /// Its Shamir evaluation point, 1-based.
+    pub id: u32,
+    pub threshold: u32,
+}
+
+/// The name of the masked backbone in a secure-aggregation update: every backbone tensor
+/// flattened in the model's order, encoded and masked, as one `I32` tensor (Z_2^32 words).
+pub const MASKED_BACKBONE: &str = "secagg/masked_backbone";
+
+/// site → coordinator: one stage of a round's secure aggregation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggRequest {
+    pub round: u32,
+    pub stage: SecAggStage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecAggStage {
+    /// Stage 0: its public keys.
+    Keys(AdvertiseKeys),
+    /// Stage 1: its shares, one encrypted to each other site.
+    Shares(Vec<EncryptedShare>),
+    /// Before stage 3: which sites survived (answered once the round's inputs are in).
+    UnmaskPoll,
+    /// Stage 3: its shares of the survivors' seeds and the dropped sites' keys.
+    Unmask(UnmaskShares),
+}
+
+/// coordinator → site: the answer to a [`SecAggRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecAggReply {
+    /// Every advertised site's keys (U1).
+    Peers(Vec<AdvertiseKeys>),
+    /// The ciphertexts addressed to the site.
+    Relayed(Vec<EncryptedShare>),
+    /// The sites whose masked input counts, and those that shared keys but sent none.
+    Unmasking {
+        survivors: Vec<u32>,
+        dropped: Vec<u32>,
+    },
+    Accepted,
 }
 
 /// site → coordinator: ask for the model `digest` (sent back on the same stream); `full` asks
@@ -234,6 +292,8 @@ pub enum Message {
     Admin(AdminRequest),
     AdminReply(AdminReply),
     Finished(Finished),
+    SecAgg(SecAggRequest),
+    SecAggReply(SecAggReply),
 }
 
 impl Message {
@@ -251,6 +311,8 @@ impl Message {
             Message::Admin(_) => "Admin",
             Message::AdminReply(_) => "AdminReply",
             Message::Finished(_) => "Finished",
+            Message::SecAgg(_) => "SecAgg",
+            Message::SecAggReply(_) => "SecAggReply",
         }
     }
 

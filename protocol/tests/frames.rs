@@ -51,7 +51,13 @@ pub fn sample_messages() -> Vec<Message> {
             step_offset: 1000,
             total_steps: 25000,
             evaluate: true,
+            secagg: Some(SecAggRound { id: 2, threshold: 2 }),
         }),
+        Message::SecAgg(SecAggRequest {
+            round: 4,
+            stage: SecAggStage::Keys(AdvertiseKeys { id: 2, c_pk: [1; 32], s_pk: [2; 32] }),
+        }),
+        Message::SecAggReply(SecAggReply::Unmasking { survivors: vec![1, 2], dropped: vec![3] }),
         Message::ModelRequest(ModelRequest { digest: "cd".repeat(32), full: false }),
         Message::UpdateHeader(UpdateHeader {
             round: 4,

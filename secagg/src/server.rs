@@ -184,6 +184,16 @@ impl Server {
         Ok(())
     }
 
+    /// How many sites advertised keys so far.
+    pub fn advertised(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// How many sites sent their shares so far.
+    pub fn shared(&self) -> usize {
+        self.shared.len()
+    }
+
     /// How many unmasking answers arrived (the round can finish with the threshold).
     pub fn answers(&self) -> usize {
         self.answers.len()

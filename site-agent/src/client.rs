@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::config::SiteConfig;
 use crate::curves::LocalCurves;
 use crate::local::{self, LocalData, LocalTrainer, TrainerSpec};
+use crate::secagg;
 
 /// Deliberately broken uploads, for the end-to-end tests of the coordinator's validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -327,6 +328,16 @@ impl Agent {
             training.download(conn, &start.model_digest).await?;
         }
         durations.download = started.elapsed().as_millis() as u64;
+        let mut secure = None;
+        let request = |m: Message| async move { conn::request(conn, &m).await };
+        if let Some(round) = start.secagg {
+            let net = &training.trainer.trainer.net;
+            match secagg::key_stages(&request, &training.plan, start.round, round, net).await? {
+                Some(s) => secure = Some(s),
+                // Dropped from the round's secure aggregation: it waits for the next round.
+                None => return Ok(()),
+            }
+        }
         let work = local::RoundWork {
             round: start.round,
             steps: start.local_steps,
@@ -339,7 +350,10 @@ impl Agent {
         let (dice, loss) = tokio::task::block_in_place(|| training.evaluate_and_train(&start, &work, &mut durations))?;
         training.loaded_digest = None; // the local network now holds the site's update
         let t = Instant::now();
-        let accepted = self.upload(conn, training, start.round, loss, dice, durations).await?;
+        let accepted = self.upload(conn, training, start.round, loss, dice, durations, secure.as_mut()).await?;
+        if let Some(secure) = secure.filter(|_| accepted) {
+            secure.unmask(&request).await?;
+        }
         let path = match conn {
             Connection::Quic(c) => Some(c.stats().path),
             Connection::Tcp(_) => None,
@@ -360,6 +374,7 @@ impl Agent {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn upload(
         &self,
         conn: &Connection,
@@ -368,11 +383,16 @@ impl Agent {
         loss: f32,
         dice: Vec<(String, f32)>,
         durations: PhaseTimings,
+        secure: Option<&mut secagg::SiteSecAgg>,
     ) -> Result<bool> {
         // A class with neither prediction nor label in the validation cases has no Dice (NaN);
         // the coordinator refuses non-finite metrics, so such a class is left out of the report.
         let dice: Vec<(String, f32)> = dice.into_iter().filter(|(_, d)| d.is_finite()).collect();
-        let mut set = wire::parts_to_wire(&training.trainer.trainer.net, &training.trainer.selection);
+        let (net, selection) = (&training.trainer.trainer.net, &training.trainer.selection);
+        let mut set = match secure {
+            Some(s) => s.masked_upload(&training.plan, net, selection, self.n_train)?,
+            None => wire::parts_to_wire(net, selection),
+        };
         let mut sent_round = round;
         if let Some(fault) = self.options.fault {
             warn!(?fault, "injecting a fault into this upload (test mode)");

@@ -11,6 +11,7 @@ mod import;
 mod local;
 mod postprocess;
 mod predict;
+mod secagg;
 mod train;
 
 use std::path::PathBuf;

@@ -399,6 +399,44 @@ impl LocalFederation {
 }
 
 impl RoundUploads {
+    /// `[plan.privacy]`'s DP check of a round whose global model before it was `before`: the
+    /// global backbone minus (the previous one plus the sqrt(n)-weighted sum of each site's
+    /// change clipped to `clip_norm`), the noise the coordinator added, has std `noise_std` to 5 %
+    /// and mean zero (to 5 standard errors).
+    pub fn assert_dp_noise(&self, before: &[(String, tch::Tensor)], clip_norm: f64, noise_std: f64) {
+        let backbone = |name: &str| !name.starts_with("seg_outputs");
+        // Each site's change and its norm over the backbone, as it is clipped.
+        let changes: Vec<Vec<tch::Tensor>> = self
+            .locals
+            .iter()
+            .map(|local| {
+                before
+                    .iter()
+                    .filter(|(n, _)| backbone(n))
+                    .map(|(n, b)| tensor(local, n).to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+                    .collect()
+            })
+            .collect();
+        let mut residuals = Vec::new();
+        for (i, (name, b)) in before.iter().filter(|(n, _)| backbone(n)).enumerate() {
+            let mut expected = b.to_kind(tch::Kind::Double);
+            for (change, w) in changes.iter().zip(&self.weights) {
+                let norm: f64 = change
+                    .iter()
+                    .map(|t| f64::try_from(t.square().sum(tch::Kind::Double)).unwrap())
+                    .sum::<f64>()
+                    .sqrt();
+                expected += &change[i] * (*w * (clip_norm / norm).min(1.0));
+            }
+            residuals.push((tensor(&self.global, name).to_kind(tch::Kind::Double) - expected).flatten(0, -1));
+        }
+        let residual = tch::Tensor::cat(&residuals, 0);
+        let std = f64::try_from(residual.std(true)).unwrap();
+        assert!((std / noise_std - 1.0).abs() < 0.05, "residual std {std} vs the stated noise {noise_std}");
+        let mean = f64::try_from(residual.mean(tch::Kind::Double)).unwrap();
+        assert!(mean.abs() < 5.0 * noise_std / (residual.numel() as f64).sqrt(), "residual mean {mean}");
+    }
+
     /// Asserts that every global tensor for which `shared(name)` holds is the weighted mean of the
     /// uploads (float64, to 1e-6); returns how many tensors were compared.
     pub fn assert_weighted_mean(&self, shared: impl Fn(&str) -> bool) -> usize {

@@ -200,8 +200,7 @@ fn check_the_preview(fed: &LocalFederation) {
 #[test]
 fn private_backbone_stops_at_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let privacy =
-        fedtalent_vocab::Privacy { clip_norm: 0.05, noise_multiplier: 1.0, delta: 1e-5, epsilon_budget: None };
+    let privacy = fedtalent_vocab::Privacy::dp(0.05, 1.0);
     let budget = (privacy.epsilon(2) + privacy.epsilon(3)) / 2.0;
     let plan = Plan {
         rounds: 3,
@@ -226,36 +225,7 @@ fn private_backbone_stops_at_the_budget() {
     let noise_std = spent[1]["noise_std"].as_f64().unwrap();
     let uploads = fed.round_uploads(2);
     let before = fedtalent_tests::read_tensors(&fed.state_dir().join("rounds/round-000001/model.safetensors"));
-    let backbone = |name: &str| !name.starts_with("seg_outputs");
-    // Each site's change and its norm over the backbone, as the coordinator clips it.
-    let changes: Vec<Vec<tch::Tensor>> = uploads
-        .locals
-        .iter()
-        .map(|local| {
-            before
-                .iter()
-                .filter(|(n, _)| backbone(n))
-                .map(|(n, b)| get(local, n).to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
-                .collect()
-        })
-        .collect();
-    let mut residuals = Vec::new();
-    for (i, (name, b)) in before.iter().filter(|(n, _)| backbone(n)).enumerate() {
-        let mut expected = b.to_kind(tch::Kind::Double);
-        for (change, w) in changes.iter().zip(&uploads.weights) {
-            let norm: f64 =
-                change.iter().map(|t| f64::try_from(t.square().sum(tch::Kind::Double)).unwrap()).sum::<f64>().sqrt();
-            expected += &change[i] * (*w * (0.05 / norm).min(1.0));
-        }
-        residuals.push((get(&uploads.global, name).to_kind(tch::Kind::Double) - expected).flatten(0, -1));
-    }
-    let residual = tch::Tensor::cat(&residuals, 0);
-    let std = f64::try_from(residual.std(true)).unwrap();
-    assert!((std / noise_std - 1.0).abs() < 0.05, "residual std {std} vs the stated noise {noise_std}");
-    assert!(
-        f64::try_from(residual.mean(tch::Kind::Double)).unwrap().abs()
-            < 5.0 * noise_std / (residual.numel() as f64).sqrt()
-    );
+    uploads.assert_dp_noise(&before, 0.05, noise_std);
 
     let status = fedtalent_tests::run_ok(
         std::process::Command::new(fedtalent_tests::binary("coordinator"))

@@ -17,6 +17,12 @@
 //! averaged), which destroys them at any useful σ. They leave the coordinator only in the
 //! exported model, which is therefore covered for the backbone only: share the exported
 //! backbone, not the heads, with parties outside the federation.
+//!
+//! `secure_aggregation = true` (off by default; with or without the DP keys) masks each site's
+//! backbone change so that the coordinator learns only the sqrt(n)-weighted sum (SecAgg, crate
+//! `fedtalent-secagg`). The coordinator then cannot clip per update: with both on, each site
+//! clips its own change to `clip_norm` before masking (Flower's client-side fixed clipping) and
+//! the coordinator adds the noise to the unmasked sum, so ε is the same.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,8 +31,11 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct Privacy {
     /// C: the L2 bound on one site's backbone change per round (over all backbone tensors).
+    /// 0 (absent) with `noise_multiplier` 0: no differential privacy.
+    #[serde(default)]
     pub clip_norm: f64,
     /// σ: the noise std relative to one site's largest possible contribution, max_k w_k·C.
+    #[serde(default)]
     pub noise_multiplier: f64,
     /// δ of the reported (ε, δ); well below 1 / (number of sites).
     #[serde(default = "Privacy::default_delta")]
@@ -34,6 +43,22 @@ pub struct Privacy {
     /// The federation stops after the last round whose ε stays within this budget.
     #[serde(default)]
     pub epsilon_budget: Option<f64>,
+    /// Secure aggregation of the backbone (the coordinator sees only the weighted sum).
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// R: each coordinate of a site's backbone change is clamped to [−R, R] before masking.
+    #[serde(default = "Privacy::default_secagg_clip_range")]
+    pub secagg_clip_range: f32,
+    /// f: the fixed-point unit is 2^-f (before the sqrt(n) weight).
+    #[serde(default = "Privacy::default_secagg_frac_bits")]
+    pub secagg_frac_bits: u32,
+    /// t: the sites any stage needs (and the shares that rebuild a secret); absent: a majority
+    /// of the sites in the round, at least 2.
+    #[serde(default)]
+    pub secagg_threshold: Option<u32>,
+    /// How long the key stages wait for the sites (and the unmasking after the round's inputs).
+    #[serde(default = "Privacy::default_secagg_stage_timeout_s")]
+    pub secagg_stage_timeout_s: u64,
 }
 
 /// The Rényi orders the accountant minimises over: Opacus' `DEFAULT_ALPHAS` and larger ones,
@@ -47,8 +72,90 @@ impl Privacy {
         1e-5
     }
 
+    fn default_secagg_clip_range() -> f32 {
+        1.0
+    }
+
+    fn default_secagg_frac_bits() -> u32 {
+        20
+    }
+
+    fn default_secagg_stage_timeout_s() -> u64 {
+        120
+    }
+
+    /// Differential privacy (DP-FedAvg) of `clip_norm` and `noise_multiplier`, without secure
+    /// aggregation.
+    pub fn dp(clip_norm: f64, noise_multiplier: f64) -> Self {
+        Privacy {
+            clip_norm,
+            noise_multiplier,
+            delta: Self::default_delta(),
+            epsilon_budget: None,
+            secure_aggregation: false,
+            secagg_clip_range: Self::default_secagg_clip_range(),
+            secagg_frac_bits: Self::default_secagg_frac_bits(),
+            secagg_threshold: None,
+            secagg_stage_timeout_s: Self::default_secagg_stage_timeout_s(),
+        }
+    }
+
+    /// Secure aggregation at its defaults, without differential privacy.
+    pub fn secure_aggregation_only() -> Self {
+        Privacy { secure_aggregation: true, ..Self::dp(0.0, 0.0) }
+    }
+
+    /// `[plan.privacy]` of the command-line flags: DP where its flags are given, secure
+    /// aggregation where asked; None without either.
+    pub fn of_flags(dp: Option<Privacy>, secure_aggregation: bool) -> Option<Privacy> {
+        match dp {
+            Some(p) => Some(Privacy { secure_aggregation, ..p }),
+            None if secure_aggregation => Some(Self::secure_aggregation_only()),
+            None => None,
+        }
+    }
+
+    /// Whether differential privacy is on (`clip_norm` and `noise_multiplier` set).
+    pub fn differential(&self) -> bool {
+        self.clip_norm != 0.0 || self.noise_multiplier != 0.0
+    }
+
+    /// The threshold of a round of `sites` sites: `secagg_threshold`, or a majority (at least 2).
+    pub fn secagg_threshold_of(&self, sites: usize) -> usize {
+        self.secagg_threshold.map_or((sites / 2 + 1).max(2), |t| t as usize)
+    }
+
     /// Checks the values; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.differential() && !self.secure_aggregation {
+            return Err("[plan.privacy] sets neither clip_norm and noise_multiplier nor secure_aggregation".into());
+        }
+        if self.secure_aggregation {
+            if !(self.secagg_clip_range > 0.0 && self.secagg_clip_range.is_finite()) {
+                return Err(format!("[plan.privacy].secagg_clip_range = {} must be positive", self.secagg_clip_range));
+            }
+            if self.secagg_frac_bits > 30
+                || self.secagg_clip_range as f64 * (self.secagg_frac_bits as f64).exp2() >= 2f64.powi(31)
+            {
+                return Err(format!(
+                    "[plan.privacy].secagg_frac_bits = {} with secagg_clip_range {} does not fit 31 bits",
+                    self.secagg_frac_bits, self.secagg_clip_range
+                ));
+            }
+            if self.secagg_threshold.is_some_and(|t| t < 2) {
+                return Err("[plan.privacy].secagg_threshold must be at least 2".into());
+            }
+            if self.secagg_stage_timeout_s == 0 {
+                return Err("[plan.privacy].secagg_stage_timeout_s must be at least 1".into());
+            }
+            if !self.differential() {
+                return if self.epsilon_budget.is_some() {
+                    Err("[plan.privacy].epsilon_budget needs clip_norm and noise_multiplier".into())
+                } else {
+                    Ok(())
+                };
+            }
+        }
         if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
             return Err(format!("[plan.privacy].clip_norm = {} must be positive", self.clip_norm));
         }
@@ -102,7 +209,7 @@ mod tests {
     use super::*;
 
     fn privacy(sigma: f64, budget: Option<f64>) -> Privacy {
-        Privacy { clip_norm: 1.0, noise_multiplier: sigma, delta: 1e-5, epsilon_budget: budget }
+        Privacy { epsilon_budget: budget, ..Privacy::dp(1.0, sigma) }
     }
 
     #[test]
@@ -144,5 +251,27 @@ mod tests {
             assert!(e.contains(field), "{e}");
         }
         assert!(privacy(1.0, Some(3.0)).validate().is_ok());
+    }
+
+    /// `secure_aggregation` stands alone (no DP keys) or goes with DP; DP keys half set, or
+    /// a fixed-point range over 31 bits, are refused by name.
+    #[test]
+    fn secure_aggregation_alone_or_with_dp() {
+        let alone = Privacy::secure_aggregation_only();
+        assert!(alone.validate().is_ok() && !alone.differential());
+        assert_eq!(alone.secagg_threshold_of(3), 2);
+        assert_eq!(alone.secagg_threshold_of(10), 6);
+        let both = Privacy { secure_aggregation: true, ..privacy(1.0, None) };
+        assert!(both.validate().is_ok() && both.differential());
+        for (p, field) in [
+            (Privacy { clip_norm: 1.0, ..alone }, "noise_multiplier"),
+            (Privacy { secagg_frac_bits: 31, ..alone }, "secagg_frac_bits"),
+            (Privacy { secagg_threshold: Some(1), ..alone }, "secagg_threshold"),
+            (Privacy { epsilon_budget: Some(1.0), ..alone }, "epsilon_budget"),
+            (Privacy { secure_aggregation: false, ..alone }, "secure_aggregation"),
+        ] {
+            let e = p.validate().unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

@@ -50,8 +50,7 @@ fn epsilon_matches_opacus() {
     let theirs: Vec<f64> = String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(theirs.len(), cases.len());
     for ((sigma, rounds, delta), opacus) in cases.iter().zip(theirs) {
-        let ours =
-            Privacy { clip_norm: 1.0, noise_multiplier: *sigma, delta: *delta, epsilon_budget: None }.epsilon(*rounds);
+        let ours = Privacy { delta: *delta, ..Privacy::dp(1.0, *sigma) }.epsilon(*rounds);
         assert!(
             (ours - opacus).abs() <= 0.01 * opacus,
             "σ {sigma}, {rounds} rounds, δ {delta:e}: ε {ours} here, {opacus} in Opacus"

@@ -59,7 +59,9 @@ impl Coordinator {
             }
             // The protocol version was checked by `read_frame` (see `refusal_of_frame_error`).
             Message::Hello(hello) => Some(self.hello(&peer, hello).await),
-            Message::Heartbeat | Message::ModelRequest(_) | Message::UpdateHeader(_) if !member => {
+            Message::Heartbeat | Message::ModelRequest(_) | Message::UpdateHeader(_) | Message::SecAgg(_)
+                if !member =>
+            {
                 warn!(site = %peer, "refused a {} request: the site has not joined", request.kind());
                 let _ = recv.stop(close::REFUSED);
                 Some(Message::refusal(
@@ -79,6 +81,7 @@ impl Coordinator {
                 self.model_reply(&peer, &digest, false, &mut send).await
             }
             Message::UpdateHeader(header) => Some(self.receive_update(&peer, header, &mut recv).await),
+            Message::SecAgg(request) => Some(self.secagg_request(&peer, request).await),
             other => Some(Message::refusal(ErrorKind::BadMessage, format!("unexpected {} request", other.kind()))),
         };
         if let Some(reply) = reply {

@@ -21,6 +21,7 @@ mod export;
 mod join;
 mod publish;
 mod round;
+mod secagg;
 mod setup;
 mod start_from;
 

@@ -14,11 +14,12 @@ use anyhow::{anyhow, Context, Result};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::MultiTalentNet;
 use fedtalent_protocol::{
-    close, recv_tensors_digest, Ack, ErrorKind, Finished, Message, RecvLimits, Refusal, RoundStart, TensorDigests,
-    UpdateHeader,
+    close, recv_tensors_digest, Ack, DType, ErrorKind, Finished, Message, RecvLimits, Refusal, RoundStart, SecAggRound,
+    TensorDigests, UpdateHeader, MASKED_BACKBONE,
 };
 use tracing::{info, warn};
 
+use super::secagg::SecAggRound as SecAggState;
 use super::setup::digest_global;
 use super::{Coordinator, Federation, Inner};
 use crate::aggregate::{self, Aggregated, PrivateRound, ServerState, ServerStep, Update};
@@ -43,8 +44,9 @@ pub(super) struct OpenRound {
     /// Sites whose update of this round was refused for the tensors it holds (NaN, a wrong
     /// shape, another site's heads, ...): they answered and may not send another one this
     /// round, as a failed client result in Flower. A refused header or a payload cut in transit
-    /// is not here: that site may send again.
-    refused: BTreeSet<String>,
+    /// is not here: that site may send again. With secure aggregation also the sites that
+    /// dropped out of its key stages.
+    pub(super) refused: BTreeSet<String>,
     /// Sites handed this round's `RoundStart`. A site works one round at a time (its previous
     /// upload was acknowledged before it polled for this one), so an update of an older round
     /// from one of them is no late arrival but a broken site: that answers this round for it.
@@ -55,6 +57,8 @@ pub(super) struct OpenRound {
     /// Bytes of the model streamed to each site during the round (a site that fetched twice,
     /// after a broken stream, counts both).
     downloads: BTreeMap<String, u64>,
+    /// With `[plan.privacy].secure_aggregation`: the round's protocol state.
+    pub(super) secagg: Option<SecAggState>,
 }
 
 impl OpenRound {
@@ -68,6 +72,16 @@ impl OpenRound {
             handed: BTreeSet::new(),
             refusals: Vec::new(),
             downloads: BTreeMap::new(),
+            secagg: None,
+        }
+    }
+
+    /// Whether the round has every input it waits for: `target` answers, or with secure
+    /// aggregation an answer of every site that shared its keys (no other site can contribute).
+    fn inputs_complete(&self, target: usize) -> bool {
+        match self.secagg.as_ref().and_then(|s| s.shared_sites()) {
+            Some(shared) => shared.iter().all(|s| self.answered(s)),
+            None => self.answers() >= target,
         }
     }
 
@@ -140,12 +154,28 @@ impl Coordinator {
     /// Opens `round`, waits for its updates, and closes it.
     async fn run_round(&self, round: u32) {
         let deadline = Instant::now() + Duration::from_secs(self.config.plan.round_deadline_s);
-        let opened = OpenRound::new(round);
+        let mut opened = OpenRound::new(round);
+        let secure = self.config.plan.privacy.filter(|p| p.secure_aggregation);
+        if let Some(privacy) = &secure {
+            match self.secagg_round(round, privacy) {
+                Ok(state) => opened.secagg = Some(state),
+                Err(e) => {
+                    tracing::error!(round, "round not opened: {e}");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    return;
+                }
+            }
+        }
         if let Some(federation) = self.lock().running_mut() {
             federation.open = Some(opened);
         }
         self.changed();
         info!(round, "round opened");
+        if secure.is_some() && !self.secagg_key_stages(round).await {
+            self.lock().running_mut().and_then(|f| f.open.take());
+            self.changed();
+            return;
+        }
         // A round closes early once every site still in the federation answered (its update
         // accepted or refused) and at least `min_sites` answered; removed sites are not waited
         // for (their updates were dropped). Too few accepted updates then repeat the round.
@@ -153,9 +183,27 @@ impl Coordinator {
         let wait = deadline.saturating_duration_since(Instant::now());
         self.wait_for(wait, |i| {
             let target = self.active_sites(i).max(min_sites);
-            i.running()?.open.as_ref().filter(|o| o.answers() >= target).map(|_| ())
+            i.running()?.open.as_ref().filter(|o| o.inputs_complete(target)).map(|_| ())
         })
         .await;
+        let mut masked_mean = None;
+        if secure.is_some() {
+            let counted: Vec<(String, u32)> = {
+                let inner = self.lock();
+                let open = inner.running().and_then(|f| f.open.as_ref());
+                open.map(|o| o.updates.values().map(|u| (u.site.clone(), u.header.n_cases)).collect())
+                    .unwrap_or_default()
+            };
+            match self.secagg_unmask(round, &counted).await {
+                Ok(mean) => masked_mean = Some(mean),
+                Err(e) => {
+                    warn!(round, "round aborted, it will be repeated: {e}");
+                    self.lock().running_mut().and_then(|f| f.open.take());
+                    self.changed();
+                    return;
+                }
+            }
+        }
         let Some(open) = self.lock().running_mut().and_then(|f| f.open.take()) else {
             return;
         };
@@ -165,7 +213,24 @@ impl Coordinator {
             warn!(round, reported, min_sites, "round closed without enough updates; it will be repeated");
             return;
         }
-        self.close_round(open).await;
+        self.close_round(open, masked_mean).await;
+    }
+
+    /// The secure aggregation of `round` over the sites in the federation now.
+    fn secagg_round(&self, round: u32, privacy: &fedtalent_vocab::Privacy) -> Result<SecAggState> {
+        let inner = self.lock();
+        let federation = inner.running().context("the federation is not set up")?;
+        let sites: Vec<(String, u32, u32)> = self
+            .active_site_names(&inner)
+            .into_iter()
+            .filter_map(|s| {
+                let id = self.config.federation.sites.iter().position(|c| *c == s)? as u32 + 1;
+                let cases = federation.setup.cases_of(&s)?;
+                Some((s, id, cases))
+            })
+            .collect();
+        let len = aggregate::backbone_len(&federation.global);
+        SecAggState::new(round, privacy, &sites, len).map_err(|e| anyhow!("secure aggregation: {e}"))
     }
 
     /// A site's long poll for work: its `RoundStart` while a round is open that it has not
@@ -185,7 +250,13 @@ impl Coordinator {
                 if open.answered(peer) {
                     return None;
                 }
+                // A site not in the round's secure aggregation waits for the next round.
+                let secagg = match &open.secagg {
+                    Some(s) => Some(SecAggRound { id: s.id_of(peer)?, threshold: s.threshold() as u32 }),
+                    None => None,
+                };
                 Some(Message::RoundStart(RoundStart {
+                    secagg,
                     round: open.round,
                     model_digest: federation.digest.clone(),
                     local_steps: plan.local_steps,
@@ -311,6 +382,9 @@ impl Coordinator {
                 ));
             }
         };
+        // With secure aggregation the backbone arrived as one masked tensor.
+        let mut set = set;
+        let masked = set.tensors.iter().position(|t| t.name == MASKED_BACKBONE).map(|i| set.tensors.remove(i));
         // Decoding the payload's tensors is the large part of the work: outside the lock.
         let parts = Parts::from_wire(&set).map_err(|e| {
             self.mark_refused(peer, round);
@@ -319,13 +393,24 @@ impl Coordinator {
         let mut inner = self.lock();
         let joined = inner.sites.get(peer).is_some_and(|s| s.joined);
         let federation = inner.running_mut().ok_or_else(|| late(format!("round {round} is closed")))?;
-        let checked = aggregate::validate(
-            &federation.global,
-            &federation.selection,
-            peer,
-            &parts,
-            self.config.plan.max_update_norm,
-        );
+        let secure = federation.open.as_ref().filter(|o| o.round == round).is_some_and(|o| o.secagg.is_some());
+        let checked = match (&masked, secure) {
+            // Not checkable per update under secure aggregation: recorded as 0.
+            (Some(_), true) => {
+                aggregate::validate_masked(&federation.global, &federation.selection, peer, &parts).map(|()| 0.0)
+            }
+            (None, true) => {
+                Err(anyhow!("site {peer}: round {round} aggregates the backbone securely: no {MASKED_BACKBONE}"))
+            }
+            (Some(_), false) => Err(anyhow!("site {peer}: a masked backbone in round {round}, which is not secure")),
+            (None, false) => aggregate::validate(
+                &federation.global,
+                &federation.selection,
+                peer,
+                &parts,
+                self.config.plan.max_update_norm,
+            ),
+        };
         let backbone_norm = match checked {
             Ok(norm) => norm,
             Err(e) => {
@@ -344,6 +429,13 @@ impl Coordinator {
             .as_mut()
             .filter(|o| o.round == round)
             .ok_or_else(|| late(format!("round {round} closed while the update was arriving")))?;
+        if let (Some(secagg), Some(masked)) = (open.secagg.as_mut(), &masked) {
+            // The masked input counts iff the update does: both under this lock.
+            if let Err(e) = secagg.masked_input(peer, masked) {
+                open.refused.insert(peer.to_string());
+                return Err(Refusal::new(ErrorKind::BadUpdate, e));
+            }
+        }
         let upload_ms = receiving.elapsed().as_millis() as u64;
         let n_cases = header.n_cases;
         let loss = header.train_loss;
@@ -380,7 +472,15 @@ impl Coordinator {
         // The manifest names every class's heads (so that another site's heads reach
         // `validate` and are refused by name); which of them must be there, each with every
         // tensor, is `validate`'s check.
-        let mut limits = RecvLimits::for_manifest(wire::parts_manifest(&federation.global, &federation.selection));
+        let mut manifest = wire::parts_manifest(&federation.global, &federation.selection);
+        if federation.open.as_ref().is_some_and(|o| o.round == round && o.secagg.is_some()) {
+            for (name, _) in federation.global.params().backbone() {
+                manifest.remove(&name);
+            }
+            let len = aggregate::backbone_len(&federation.global) as u64;
+            manifest.insert(MASKED_BACKBONE.to_string(), (DType::I32, vec![len]));
+        }
+        let mut limits = RecvLimits::for_manifest(manifest);
         limits.require_all = false;
         limits.expected_digest = Some(header.payload_digest.clone());
         let open = match federation.open.as_mut() {
@@ -416,10 +516,10 @@ impl Coordinator {
     /// writable) must not stop `serve` nor leave the in-memory model ahead of the disk: the
     /// global model stays the previous round's until the checkpoint is written, and the commit
     /// is retried with back-off, keeping the sites' updates (they poll `Heartbeat` meanwhile).
-    async fn close_round(&self, open: OpenRound) {
+    async fn close_round(&self, open: OpenRound, masked_mean: Option<Vec<f32>>) {
         let round = open.round;
         let closing = Instant::now();
-        let next = match self.aggregate_round(&open) {
+        let next = match self.aggregate_round(&open, masked_mean.as_deref()) {
             Ok(next) => next,
             Err(e) => {
                 warn!(round, "round dropped, it will be repeated: aggregation failed: {e:#}");
@@ -449,7 +549,7 @@ impl Coordinator {
 
     /// The aggregate of `open`'s updates, computed on copies of the global model and the server
     /// optimizer's state (the originals are untouched until [`Coordinator::commit_round`]).
-    fn aggregate_round(&self, open: &OpenRound) -> Result<NextGlobal> {
+    fn aggregate_round(&self, open: &OpenRound, masked_mean: Option<&[f32]>) -> Result<NextGlobal> {
         let (mut net, mut server, selection, classes) = {
             let inner = self.lock();
             let federation = inner.running().context("the federation is not set up")?;
@@ -465,9 +565,12 @@ impl Coordinator {
         let step = ServerStep {
             optimizer: &self.config.plan.server,
             state: &mut server,
-            privacy: self.config.plan.privacy.as_ref(),
+            privacy: self.config.plan.privacy.as_ref().filter(|p| p.differential()),
         };
-        let Aggregated { weights, privacy } = aggregate::aggregate(&mut net, &updates, step, &selection)?;
+        let Aggregated { weights, privacy } = match masked_mean {
+            Some(mean) => aggregate::aggregate_masked(&mut net, &updates, step, &selection, mean)?,
+            None => aggregate::aggregate(&mut net, &updates, step, &selection)?,
+        };
         let (digest, wire_digests) = digest_global(self.config.plan.transport, &selection, &net);
         let contributions: Vec<Contribution> = updates
             .iter()
@@ -487,7 +590,7 @@ impl Coordinator {
 
     /// `[plan.privacy]`'s account once `round` is released (logged, and for the metrics).
     fn privacy_spent(&self, round: u32, updates: &[&Update], private: Option<&PrivateRound>) -> Option<PrivacySpent> {
-        let (plan, private) = (self.config.plan.privacy?, private?);
+        let (plan, private) = (self.config.plan.privacy.filter(|p| p.differential())?, private?);
         let clipped: Vec<String> = updates
             .iter()
             .zip(&private.clip_factors)
