@@ -1,7 +1,8 @@
 //! A userspace link emulator on loopback for tests and benchmarks (this machine has no netem):
 //! a UDP relay between a client and a server with, per direction, one-way delay, jitter,
 //! random loss, a bandwidth cap behind a bounded drop-tail queue, a WAN MTU and scheduled cuts,
-//! deterministic per seed.
+//! deterministic per seed; and a TCP relay ([`TcpRelay`]) with delay, bandwidth and cuts for the
+//! TLS-over-TCP fallback, which cannot emulate packet loss (see its docs).
 //!
 //! ```no_run
 //! # async fn f(server: std::net::SocketAddr) -> std::io::Result<()> {
@@ -21,6 +22,8 @@
 
 mod relay;
 mod shaper;
+mod tcp;
 
 pub use relay::{LinkStats, Relay};
 pub use shaper::{Cut, DirectionStats, Drop, LinkSpec, Shaper, Verdict, WAN_MTU};
+pub use tcp::{TcpLinkStats, TcpRelay};
