@@ -12,7 +12,9 @@
 //!
 //! On stderr: wall and CPU time per phase, and each connection's datagram size and losses.
 //!
-//! `--wan`: QUIC alone, each site through its own emulated WAN link (`fedtalent-link`: delay,
+//! `--wan`: QUIC alone (and, for the loss-free conditions, the TLS-over-TCP fallback through a
+//! `TcpRelay` of the same delay and rate, in the same run, one more JSON line with
+//! `"transport":"tls-over-tcp"`; `--no-tcp` leaves it out), each site through its own emulated WAN link (`fedtalent-link`: delay,
 //! random loss, a bottleneck rate behind a one-BDP drop-tail queue, a 1472-byte MTU) at the
 //! conditions of issue 18, one JSON line per condition × congestion controller, with goodput as
 //! a fraction of the link rate (see [`wan_sweep`]). `--cc newreno,cubic,bbr` (default all),
@@ -29,8 +31,10 @@ use fedtalent_certs::{
     client_config, client_endpoint, server_config, server_endpoint, transport_config_with, Allowlist, Congestion,
     FederationCa, SiteKey, CONGESTION,
 };
-use fedtalent_link::{LinkSpec, LinkStats, Relay, WAN_MTU};
+use fedtalent_link::{LinkSpec, LinkStats, Relay, TcpRelay, WAN_MTU};
+use fedtalent_protocol::conn::{send_tensors_shared, Connection};
 use fedtalent_protocol::quic::{recv_tensors_uni, send_tensors_uni};
+use fedtalent_protocol::tcp::TcpConnection;
 use fedtalent_protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -252,6 +256,88 @@ async fn tcp_run(total: usize) -> (Phase, Phase) {
     (results.pop().unwrap(), up)
 }
 
+/// The TLS-over-TCP fallback through the emulated link: `sites` sites, each through its own
+/// [`TcpRelay`] (delay and rate of `link`; a byte-stream relay has no loss), with the
+/// federation's mutual TLS and the request-stream multiplexer the coordinator and site agent
+/// use. Down: each site opens a stream and the coordinator streams the model on it; up: each
+/// site streams it on a stream of its own. Returns (down, up).
+async fn tls_tcp_run(
+    set: Arc<TensorSet>,
+    transport: Transport,
+    link: &LinkSpec,
+    sites: usize,
+    seed: u64,
+) -> (Phase, Phase) {
+    let ca = FederationCa::create("bench").unwrap();
+    let (cert, key) = ca.issue_coordinator(&["localhost".into()], 1).unwrap();
+    let names: Vec<String> = (0..sites).map(|i| format!("site{i}")).collect();
+    let tls = fedtalent_certs::server_tls_config(ca.cert_pem(), &cert, &key, Allowlist::new(names.clone())).unwrap();
+    let acceptor = fedtalent_certs::tcp_acceptor(tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (mut pairs, mut relays) = (Vec::new(), Vec::new());
+    for (i, name) in names.iter().enumerate() {
+        let k = SiteKey::generate(name).unwrap();
+        let c = ca.sign_site_csr(&k.csr_pem, 1).unwrap();
+        let client = fedtalent_certs::client_tls_config(ca.cert_pem(), &c, &k.key_pem, fedtalent_certs::ALPN).unwrap();
+        let relay = TcpRelay::start(addr, link.clone(), link.clone(), seed + i as u64).await.unwrap();
+        let connecting = fedtalent_certs::tcp_connect(relay.addr(), "localhost", Arc::new(client));
+        let accepting = async {
+            let (socket, remote) = listener.accept().await.unwrap();
+            (fedtalent_certs::tcp_accept(&acceptor, socket).await.unwrap().0, remote)
+        };
+        let (client, (server, remote)) = tokio::join!(connecting, accepting);
+        let server = Connection::Tcp(TcpConnection::server(server, remote));
+        let client = Connection::Tcp(TcpConnection::client(client.unwrap(), relay.addr()));
+        pairs.push((server, client));
+        relays.push(relay);
+    }
+    let mut digests = TensorDigests::new(transport);
+    set.wire_digest_cached(&mut digests);
+    let limits = RecvLimits::for_manifest(set.manifest());
+    let mut phases = Vec::new();
+    for down in [true, false] {
+        let (t, c) = (Instant::now(), cpu_seconds());
+        let mut tasks = Vec::new();
+        for (server, client) in &pairs {
+            let (server, client, set, limits) = (server.clone(), client.clone(), set.clone(), limits.clone());
+            let mut digests = digests.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut cs, mut cr) = client.open_bi().await.unwrap();
+                cs.write_all(b"go").await.unwrap();
+                let (mut ss, mut sr) = server.accept_bi().await.unwrap();
+                let mut go = [0u8; 2];
+                sr.read_exact(&mut go).await.unwrap();
+                let (sent, got) = if down {
+                    let sending = async {
+                        let d = send_tensors_shared(&mut ss, set, &mut digests).await.unwrap();
+                        ss.finish().unwrap();
+                        d
+                    };
+                    tokio::join!(sending, recv_tensors_digest(&mut cr, &limits))
+                } else {
+                    let sending = async {
+                        let d = send_tensors_shared(&mut cs, set, &mut digests).await.unwrap();
+                        cs.finish().unwrap();
+                        d
+                    };
+                    tokio::join!(sending, recv_tensors_digest(&mut sr, &limits))
+                };
+                assert_eq!(sent, got.unwrap().1);
+                t.elapsed().as_secs_f64()
+            }));
+        }
+        let mut sites_s = Vec::new();
+        for task in tasks {
+            sites_s.push(task.await.unwrap());
+        }
+        let bytes = set.total_bytes() as f64 * pairs.len() as f64;
+        phases.push(Phase { bytes, wall_s: t.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c, sites_s });
+    }
+    let up = phases.pop().unwrap();
+    (phases.pop().unwrap(), up)
+}
+
 /// Single-core rates (GB/s) of the per-byte cryptography a QUIC transfer cannot skip, on this
 /// machine: the receiver's SHA-256 of the payload, and AES-256-GCM (what rustls negotiates
 /// first) sealing at the sender and opening at the receiver, in 64 KB records like the
@@ -377,6 +463,32 @@ fn wan_sweep(rt: &tokio::runtime::Runtime, set: Arc<TensorSet>, transport: Trans
                 drops(|l| l.down.dropped_queue + l.up.dropped_queue),
                 drops(|l| l.down.dropped_loss + l.up.dropped_loss),
                 r3(dropped as f64 / offered as f64),
+                load1(),
+            );
+        }
+        // The TLS-over-TCP fallback over the same delay and rate, in the same run (a TCP relay
+        // has no loss: only the loss-free conditions).
+        if link.loss == 0.0 && !args.iter().any(|a| a == "--no-tcp") {
+            let load = load1();
+            let tcp_link = LinkSpec { mtu: usize::MAX, ..link.clone() };
+            let (down, up) = rt.block_on(tls_tcp_run(set.clone(), transport, &tcp_link, sites, seed));
+            let goodput = |t: f64| per_site * 8.0 / t / 1e6;
+            let fraction = |t: f64| mbit.map(|m| r3(goodput(t) / m));
+            let per_site_fractions = |p: &Phase| json_list(p.sites_s.iter().map(|&t| fraction(t)));
+            println!(
+                "{{{label},\"link_mbit\":{},\"transport\":\"tls-over-tcp\",\"model_bytes\":{},\"sites\":{sites},\
+\"down_fraction\":{},\"up_fraction\":{},\"down_fraction_sites\":{},\"up_fraction_sites\":{},\
+\"down_mbit\":{},\"up_mbit\":{},\"down_s\":{},\"up_s\":{},\"load1_before\":{load},\"load1_after\":{}}}",
+                mbit.map_or("null".into(), |m| m.to_string()),
+                set.total_bytes(),
+                json_num(fraction(down.wall_s)),
+                json_num(fraction(up.wall_s)),
+                per_site_fractions(&down),
+                per_site_fractions(&up),
+                r1(goodput(down.wall_s)),
+                r1(goodput(up.wall_s)),
+                r3(down.wall_s),
+                r3(up.wall_s),
                 load1(),
             );
         }
