@@ -404,6 +404,16 @@ impl RoundUploads {
     /// change clipped to `clip_norm`), the noise the coordinator added, has std `noise_std` to 5 %
     /// and mean zero (to 5 standard errors).
     pub fn assert_dp_noise(&self, before: &[(String, tch::Tensor)], clip_norm: f64, noise_std: f64) {
+        let (residual, _) = self.dp_residual(before, clip_norm);
+        let std = f64::try_from(residual.std(true)).unwrap();
+        assert!((std / noise_std - 1.0).abs() < 0.05, "residual std {std} vs the stated noise {noise_std}");
+        let mean = f64::try_from(residual.mean(tch::Kind::Double)).unwrap();
+        assert!(mean.abs() < 5.0 * noise_std / (residual.numel() as f64).sqrt(), "residual mean {mean}");
+    }
+
+    /// The global backbone minus (`before`'s plus the sqrt(n)-weighted sum of each site's change
+    /// clipped to `clip_norm`), flattened (f64), and each site's change norm.
+    pub fn dp_residual(&self, before: &[(String, tch::Tensor)], clip_norm: f64) -> (tch::Tensor, Vec<f64>) {
         let backbone = |name: &str| !name.starts_with("seg_outputs");
         // Each site's change and its norm over the backbone, as it is clipped.
         let changes: Vec<Vec<tch::Tensor>> = self
@@ -417,24 +427,21 @@ impl RoundUploads {
                     .collect()
             })
             .collect();
+        let norms: Vec<f64> = changes
+            .iter()
+            .map(|change| {
+                change.iter().map(|t| f64::try_from(t.square().sum(tch::Kind::Double)).unwrap()).sum::<f64>().sqrt()
+            })
+            .collect();
         let mut residuals = Vec::new();
         for (i, (name, b)) in before.iter().filter(|(n, _)| backbone(n)).enumerate() {
             let mut expected = b.to_kind(tch::Kind::Double);
-            for (change, w) in changes.iter().zip(&self.weights) {
-                let norm: f64 = change
-                    .iter()
-                    .map(|t| f64::try_from(t.square().sum(tch::Kind::Double)).unwrap())
-                    .sum::<f64>()
-                    .sqrt();
+            for ((change, w), norm) in changes.iter().zip(&self.weights).zip(&norms) {
                 expected += &change[i] * (*w * (clip_norm / norm).min(1.0));
             }
             residuals.push((tensor(&self.global, name).to_kind(tch::Kind::Double) - expected).flatten(0, -1));
         }
-        let residual = tch::Tensor::cat(&residuals, 0);
-        let std = f64::try_from(residual.std(true)).unwrap();
-        assert!((std / noise_std - 1.0).abs() < 0.05, "residual std {std} vs the stated noise {noise_std}");
-        let mean = f64::try_from(residual.mean(tch::Kind::Double)).unwrap();
-        assert!(mean.abs() < 5.0 * noise_std / (residual.numel() as f64).sqrt(), "residual mean {mean}");
+        (tch::Tensor::cat(&residuals, 0), norms)
     }
 
     /// Asserts that every global tensor for which `shared(name)` holds is the weighted mean of the

@@ -6,17 +6,19 @@ use std::time::Duration;
 use fedtalent_tests::{wait_child, Children, LocalFederation, Plan};
 
 /// Three sites, two rounds, `[plan.privacy]` with secure aggregation and DP (the sites clip
-/// their changes to C = 0.05, the coordinator adds noise to the unmasked sum). The last global
-/// backbone is the previous one plus the sqrt(n)-weighted sum of the sites' clipped changes
-/// (recomputed from what each site trained) plus noise of the stated std: the residual has that
-/// std to 5 % and mean zero. A wrong unmasking leaves masks of the size of the whole 32-bit
-/// ring in the sum, and a missing clip changes the residual's std.
-/// The round records name the three sites, each with a backbone norm of 0 (not visible to the
-/// coordinator), and the metrics carry ε with no site named as clipped (only the sites know).
+/// their changes to C = 0.002, below every site's change, the coordinator adds noise of σ = 1e-6
+/// to the unmasked sum: negligible, so that what is left is checkable). The last global backbone
+/// is the previous one plus the sqrt(n)-weighted sum of the sites' clipped changes (recomputed
+/// from what each site trained) to 1e-6 per coordinate (the fixed-point precision is ~2.5e-7,
+/// the noise 1.2e-9): a site that did not clip, or a wrong unmasking (masks as large as the
+/// 32-bit ring), fails it. The round records name the three sites, each with a backbone norm of
+/// 0 (not visible to the coordinator), and the metrics carry ε with no site named as clipped
+/// (only the sites know).
 #[test]
 fn secure_aggregation_with_dp() {
+    const CLIP: f64 = 0.002;
     let dir = tempfile::tempdir().unwrap();
-    let privacy = fedtalent_vocab::Privacy { secure_aggregation: true, ..fedtalent_vocab::Privacy::dp(0.05, 1.0) };
+    let privacy = fedtalent_vocab::Privacy { secure_aggregation: true, ..fedtalent_vocab::Privacy::dp(CLIP, 1e-6) };
     let plan = Plan { rounds: 2, local_steps: 5, cases: 4, privacy: Some(privacy), ..Plan::default() };
     let sites = ["liver", "pancreas", "multiorgan"];
     let fed = LocalFederation::create(dir.path(), &sites, plan);
@@ -44,11 +46,14 @@ fn secure_aggregation_with_dp() {
         assert_eq!(p["clipped"].as_array().map(Vec::len), Some(0), "{p}");
     }
     let noise_std = spent[1]["noise_std"].as_f64().unwrap();
+    assert!(noise_std < 1e-8, "{noise_std}");
     let uploads = fed.round_uploads(2);
     let contributions = uploads.record["contributions"].as_array().unwrap();
     assert_eq!(contributions.len(), 3);
     assert!(contributions.iter().all(|c| c["backbone_norm"].as_f64() == Some(0.0)), "{contributions:?}");
     let before = fedtalent_tests::read_tensors(&fed.state_dir().join("rounds/round-000001/model.safetensors"));
-    // The sites clipped their changes (C = 0.05) as the coordinator would have.
-    uploads.assert_dp_noise(&before, 0.05, noise_std);
+    let (residual, norms) = uploads.dp_residual(&before, CLIP);
+    assert!(norms.iter().all(|&n| n > 2.0 * CLIP), "every site's change is clipped: {norms:?}");
+    let worst = f64::try_from(residual.abs().max()).unwrap();
+    assert!(worst < 1e-6, "the global backbone differs from the clipped weighted sum by {worst:e}");
 }
