@@ -417,9 +417,10 @@ fn print_status(r: &StatusReport) {
         if r.running { ", a round is open" } else { "" }
     );
     println!("model digest {}", r.model_digest);
-    let header = ["site", "connected", "transport", "allowed", "cases", "last round", "loss"];
+    // The transport after `allowed`: scripts and tests read the first columns by position.
+    let header = ["site", "connected", "allowed", "transport", "cases", "last round", "loss"];
     println!(
-        "{:<20} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10}",
+        "{:<20} {:>9} {:>8} {:>9} {:>7} {:>10} {:>10}",
         header[0], header[1], header[2], header[3], header[4], header[5], header[6]
     );
     for s in &r.sites {
@@ -427,8 +428,8 @@ fn print_status(r: &StatusReport) {
         let loss = s.last_train_loss.map_or("-".into(), |v| format!("{v:.4}"));
         let transport = s.transport.map_or("-", |t| t.name());
         println!(
-            "{:<20} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10}",
-            s.site, s.connected, transport, s.allowed, s.n_cases, round, loss
+            "{:<20} {:>9} {:>8} {:>9} {:>7} {:>10} {:>10}",
+            s.site, s.connected, s.allowed, transport, s.n_cases, round, loss
         );
     }
     if !r.dice.is_empty() {
