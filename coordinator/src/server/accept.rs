@@ -65,9 +65,18 @@ impl Coordinator {
         let tcp = match tcp.filter(|_| choice.tcp()) {
             Some(tls) => {
                 let addr = self.config.federation.tcp_listen_addr();
-                let listener = TcpListener::bind(addr).await.with_context(|| format!("listening on TCP {addr}"))?;
-                info!(addr = %listener.local_addr()?, federation = %self.config.federation.name, "coordinator listening (TLS over TCP)");
-                Some((listener, fedtalent_certs::tcp_acceptor(tls)))
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        info!(addr = %listener.local_addr()?, federation = %self.config.federation.name, "coordinator listening (TLS over TCP)");
+                        Some((listener, fedtalent_certs::tcp_acceptor(tls)))
+                    }
+                    // With `auto`, QUIC still serves: a busy TCP port only costs the fallback.
+                    Err(e) if endpoint.is_some() => {
+                        warn!("not listening on TCP {addr} ({e}): sites whose network blocks UDP cannot connect; set [federation].tcp_listen to a free port");
+                        None
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("listening on TCP {addr}"))),
+                }
             }
             None => None,
         };
