@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, Result};
 use fedtalent_model::wire;
 use fedtalent_model::MultiTalentNet;
 use fedtalent_protocol::{
-    DType, EncryptedShare, Message, Plan, SecAggReply, SecAggRequest, SecAggRound, SecAggStage,
-    TensorSet, WireTensor, MASKED_BACKBONE,
+    DType, EncryptedShare, Message, Plan, SecAggReply, SecAggRequest, SecAggRound, SecAggStage, TensorSet, WireTensor,
+    MASKED_BACKBONE,
 };
 use fedtalent_secagg::{Client, Encoding, Params};
 use tch::{Kind, Tensor};
