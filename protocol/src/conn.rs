@@ -372,7 +372,7 @@ async fn dial_tcp(d: &Dial<'_>) -> Result<Dialed, DialError> {
     let connecting = fedtalent_certs::tcp_connect(d.tcp_addr, d.server_name, Arc::new(d.tls.clone()));
     match tokio::time::timeout(CONNECT_WAIT, connecting).await {
         Err(_) => Err(DialError::Failed(format!("no TCP answer from {} within {CONNECT_WAIT:?}", d.tcp_addr))),
-        Ok(Err(e)) => match crate::tcp::tls_refusal(&e) {
+        Ok(Err(e)) => match fedtalent_certs::tls_refusal(&e) {
             Some(r) => Err(DialError::Refused(format!("handshake: {r}"))),
             None => Err(DialError::Failed(format!("connecting to {} over TCP: {e}", d.tcp_addr))),
         },

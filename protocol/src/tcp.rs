@@ -84,20 +84,6 @@ pub enum TcpClosed {
     Lost(String),
 }
 
-/// The TLS failure behind an I/O error of a TLS-over-TCP connection (an alert from the peer,
-/// a certificate this side refused, no common ALPN): retrying cannot help. `None` for anything
-/// else (a lost or reset connection).
-pub fn tls_refusal(e: &io::Error) -> Option<String> {
-    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
-    match inner {
-        rustls::Error::AlertReceived(_)
-        | rustls::Error::InvalidCertificate(_)
-        | rustls::Error::NoApplicationProtocol
-        | rustls::Error::PeerIncompatible(_) => Some(inner.to_string()),
-        _ => None,
-    }
-}
-
 enum Out {
     Open(u32),
     Data {
@@ -636,7 +622,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, shared: Arc<Shared>, mut shu
         };
         let (kind, id, payload) = match frame {
             Err(_) => break TcpClosed::Lost(format!("nothing heard for {IDLE_TIMEOUT:?}")),
-            Ok(Err(e)) => match tls_refusal(&e) {
+            Ok(Err(e)) => match fedtalent_certs::tls_refusal(&e) {
                 Some(refusal) => break TcpClosed::Refused(refusal),
                 None => break TcpClosed::Lost(e.to_string()),
             },
