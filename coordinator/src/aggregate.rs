@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use fedtalent_model::noise::GaussianNoise;
 use fedtalent_model::params::Role;
 use fedtalent_model::wire::{owner_of, Parts, Selection};
 use fedtalent_model::MultiTalentNet;
@@ -312,20 +313,22 @@ fn aggregate_backbone(
     let ServerStep { optimizer, state, privacy } = server;
     let weights = sqrt_weights(&updates.iter().map(|u| u.header.n_cases).collect::<Vec<_>>());
     let current = global.params().backbone();
+    let max_weight = weights.iter().copied().fold(0.0, f64::max);
+    // Local DP: each site clipped and noised its own change, so the coordinator adds no noise,
+    // and clipping a noisy change again would only distort it.
+    let coordinator_noise = |p: &Privacy| if p.noised_by_sites() { 0.0 } else { p.noise_std(max_weight) };
     let private = match privacy {
         None => None,
         // The sites clipped their own changes, which only they see.
-        Some(p) if masked.is_some() => Some(PrivateRound {
-            clip_factors: Vec::new(),
-            noise_std: p.noise_std(weights.iter().copied().fold(0.0, f64::max)),
-        }),
+        Some(p) if masked.is_some() => Some(PrivateRound { clip_factors: Vec::new(), noise_std: coordinator_noise(p) }),
+        Some(p) if p.noised_by_sites() => Some(PrivateRound { clip_factors: vec![1.0; updates.len()], noise_std: 0.0 }),
         Some(p) => {
             // The norms are measured here, not taken from validation: the clip is what the
             // guarantee rests on.
             let norms = updates.iter().map(|u| backbone_distance(&current, &u.parts)).collect::<Result<Vec<_>>>()?;
             Some(PrivateRound {
                 clip_factors: norms.iter().map(|&n| clip_factor(n, p.clip_norm)).collect(),
-                noise_std: p.noise_std(weights.iter().copied().fold(0.0, f64::max)),
+                noise_std: coordinator_noise(p),
             })
         }
     };
@@ -335,7 +338,7 @@ fn aggregate_backbone(
     };
     // Noise from the operating system's entropy, never from a seed a site could know: noise
     // that can be regenerated can be subtracted.
-    let mut noise = private.as_ref().map(|p| GaussianNoise::from_entropy(p.noise_std));
+    let mut noise = private.as_ref().filter(|p| p.noise_std > 0.0).map(|p| GaussianNoise::from_entropy(p.noise_std));
     let with_momentum = optimizer.momentum > 0.0;
     if with_momentum && state.velocity.len() != current.len() {
         state.velocity = current.iter().map(|(n, t)| (n.clone(), t.zeros_like().to_kind(Kind::Double))).collect();
@@ -384,38 +387,6 @@ fn clip_factor(norm: f64, clip_norm: f64) -> f64 {
         clip_norm / norm
     } else {
         1.0
-    }
-}
-
-/// N(0, std²) samples from a cryptographic generator seeded by the operating system (Box–Muller
-/// in f64).
-struct GaussianNoise {
-    rng: rand::rngs::StdRng,
-    std: f64,
-}
-
-impl GaussianNoise {
-    fn from_entropy(std: f64) -> Self {
-        use rand::SeedableRng;
-        Self { rng: rand::rngs::StdRng::from_entropy(), std }
-    }
-
-    /// A tensor of noise with `like`'s shape, f64, on the CPU then moved to its device.
-    fn like(&mut self, like: &Tensor) -> Tensor {
-        use rand::Rng;
-        let n = like.numel();
-        let mut values = Vec::with_capacity(n + 1);
-        while values.len() < n {
-            // u1 in (0, 1]: ln(u1) is finite.
-            let u1: f64 = 1.0 - self.rng.gen::<f64>();
-            let u2: f64 = self.rng.gen();
-            let r = (-2.0 * u1.ln()).sqrt() * self.std;
-            let theta = std::f64::consts::TAU * u2;
-            values.push(r * theta.cos());
-            values.push(r * theta.sin());
-        }
-        values.truncate(n);
-        Tensor::from_slice(&values).view(like.size().as_slice()).to_device(like.device())
     }
 }
 

@@ -317,11 +317,16 @@ momentum = {server_momentum:?}
 # the largest sqrt(n) weight on their weighted sum; (epsilon, delta) in the metrics and
 # `coordinator status`; the federation stops before a round would exceed epsilon_budget. With
 # few sites the noise needed for a small epsilon outweighs the signal (see the README).
+# noise = "sites" (local DP; default "server"): each site clips its own change and adds noise of
+# noise_multiplier x clip_norm to it before uploading, so not even the coordinator sees an
+# un-noised change; the coordinator then neither clips nor adds noise (same epsilon per site,
+# more noise on the mean).
 # [plan.privacy]
 # clip_norm = 1.0
 # noise_multiplier = 1.0
 # delta = 1e-5
 # epsilon_budget = 10.0
+# noise = "server"
 #
 # Secure aggregation of the backbone (SecAgg; off by default, with or without the DP keys above):
 # each site masks its sqrt(n)-weighted backbone change, encoded in 32-bit fixed point, with masks

@@ -162,6 +162,10 @@ struct SimulateArgs {
     /// [plan.privacy].epsilon_budget.
     #[arg(long, requires = "dp_noise_multiplier")]
     dp_epsilon_budget: Option<f64>,
+    /// [plan.privacy].noise: who adds the noise, the coordinator (server: central DP) or each
+    /// site to its own clipped change (sites: local DP).
+    #[arg(long, requires = "dp_noise_multiplier", default_value = "server", value_parser = ["server", "sites"])]
+    dp_noise_at: String,
     /// [plan.privacy].secure_aggregation: the coordinator sees only the weighted sum of the
     /// sites' backbone changes (SecAgg masks; with the --dp-* flags the sites clip).
     #[arg(long)]
@@ -225,6 +229,11 @@ impl SimulateArgs {
                     fedtalent_vocab::Privacy {
                         delta: self.dp_delta,
                         epsilon_budget: self.dp_epsilon_budget,
+                        noise: if self.dp_noise_at == "sites" {
+                            fedtalent_vocab::NoiseAt::Sites
+                        } else {
+                            fedtalent_vocab::NoiseAt::Server
+                        },
                         ..fedtalent_vocab::Privacy::dp(clip_norm, noise_multiplier)
                     }
                 }),

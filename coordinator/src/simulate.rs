@@ -208,6 +208,9 @@ fn federation_toml(opts: &SimulateOptions, listen: SocketAddr, sites: &[String],
         if let Some(budget) = p.epsilon_budget {
             let _ = writeln!(text, "epsilon_budget = {budget:?}");
         }
+        if p.noise == fedtalent_vocab::NoiseAt::Sites {
+            let _ = writeln!(text, "noise = \"sites\"");
+        }
         if p.secure_aggregation {
             let _ = writeln!(text, "secure_aggregation = true");
         }
@@ -356,6 +359,7 @@ mod tests {
             delta: 1e-6,
             epsilon_budget: Some(50.0),
             secure_aggregation: true,
+            noise: fedtalent_vocab::NoiseAt::Sites,
             ..fedtalent_vocab::Privacy::dp(0.25, 0.5)
         };
         let opts = SimulateOptions { privacy: Some(privacy), ..options(dir.path(), "tiny", false) };

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod network;
 mod nnunet;
 pub mod nnunet_import;
+pub mod noise;
 pub mod optim;
 pub mod params;
 pub mod postprocess;

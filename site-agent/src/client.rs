@@ -24,14 +24,14 @@ use fedtalent_protocol::{
     PhaseTimings, Plan, RecvLimits, RoundStart, TensorDigests, TensorSet, UpdateHeader, Welcome, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
-use fedtalent_vocab::{class_id, CtNormalization};
+use fedtalent_vocab::{class_id, CtNormalization, Privacy};
 use tch::Device;
 use tracing::{info, warn};
 
 use crate::config::SiteConfig;
 use crate::curves::LocalCurves;
 use crate::local::{self, LocalData, LocalTrainer, TrainerSpec};
-use crate::secagg;
+use crate::{local_dp, secagg};
 
 /// Deliberately broken uploads, for the end-to-end tests of the coordinator's validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -338,6 +338,9 @@ impl Agent {
                 None => return Ok(()),
             }
         }
+        // Local DP: the change leaves the site clipped and noised, measured from this model.
+        let local_dp = training.plan.privacy.filter(Privacy::noised_by_sites);
+        let round_start = local_dp.map(|_| local_dp::RoundStartBackbone::of(&training.trainer.trainer.net));
         let work = local::RoundWork {
             round: start.round,
             steps: start.local_steps,
@@ -349,6 +352,16 @@ impl Agent {
         // worker's other tasks (QUIC keep-alives) to the runtime's other threads meanwhile.
         let (dice, loss) = tokio::task::block_in_place(|| training.evaluate_and_train(&start, &work, &mut durations))?;
         training.loaded_digest = None; // the local network now holds the site's update
+        if let (Some(p), Some(round_start)) = (local_dp, &round_start) {
+            let norm = round_start.privatize(&mut training.trainer.trainer.net, &p)?;
+            info!(
+                round = start.round,
+                norm,
+                clip_norm = p.clip_norm,
+                noise_std = p.site_noise_std(),
+                "backbone change clipped and noised (local DP)"
+            );
+        }
         let t = Instant::now();
         let accepted = self.upload(conn, training, start.round, loss, dice, durations, secure.as_mut()).await?;
         if let Some(secure) = secure.filter(|_| accepted) {

@@ -9,6 +9,7 @@ mod evaluate;
 mod finetune;
 mod import;
 mod local;
+mod local_dp;
 mod postprocess;
 mod predict;
 mod secagg;

@@ -104,7 +104,9 @@ impl SiteSecAgg {
             let d = (now.detach().to_kind(Kind::Float) - before.to_kind(Kind::Float)).to_device(tch::Device::Cpu);
             change.extend(Vec::<f32>::try_from(d.flatten(0, -1))?);
         }
-        if let Some(p) = plan.privacy.filter(|p| p.differential()) {
+        // Under local DP the change was clipped (and noised) before: clipping it again would
+        // distort the noise.
+        if let Some(p) = plan.privacy.filter(|p| p.differential() && !p.noised_by_sites()) {
             let norm = change.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
             if norm > p.clip_norm {
                 let factor = (p.clip_norm / norm) as f32;

@@ -193,6 +193,41 @@ fn check_the_preview(fed: &LocalFederation) {
     assert!(width > 3 * 200, "three slices side by side: {width} px");
 }
 
+/// Local DP (`noise = "sites"`): every site's upload is its change clipped to C plus noise of
+/// std σ·C that it added itself, and the coordinator adds nothing: the global backbone is the
+/// plain weighted mean of the uploads, and each upload's change from the round's start has the
+/// sites' noise std. ε is reported as for central DP.
+#[test]
+fn sites_noise_their_own_changes_under_local_dp() {
+    let dir = tempfile::tempdir().unwrap();
+    let privacy =
+        fedtalent_vocab::Privacy { noise: fedtalent_vocab::NoiseAt::Sites, ..fedtalent_vocab::Privacy::dp(0.002, 0.5) };
+    let plan = Plan { rounds: 2, local_steps: 5, cases: 4, privacy: Some(privacy), ..Plan::default() };
+    let sites = ["liver", "pancreas"];
+    let fed = LocalFederation::create(dir.path(), &sites, plan);
+    run_to_the_end(&fed, Duration::from_secs(600));
+    assert_eq!(fed.completed_rounds(), vec![1, 2]);
+    let uploads = fed.round_uploads(2);
+    let backbone = |name: &str| !name.starts_with("seg_outputs");
+    assert!(uploads.assert_weighted_mean(backbone) > 10, "the coordinator changed the sites' noised mean");
+    let before = fedtalent_tests::read_tensors(&fed.state_dir().join("rounds/round-000001/model.safetensors"));
+    for (site, local) in sites.iter().zip(&uploads.locals) {
+        let changes: Vec<tch::Tensor> = before
+            .iter()
+            .filter(|(n, _)| backbone(n))
+            .map(|(n, t)| (fedtalent_tests::tensor(local, n) - t).to_kind(tch::Kind::Double).flatten(0, -1))
+            .collect();
+        let change = tch::Tensor::cat(&changes, 0);
+        let std = f64::try_from(change.std(true)).unwrap();
+        let expected = privacy.site_noise_std();
+        assert!((std / expected - 1.0).abs() < 0.05, "{site}: change std {std}, the sites' noise is {expected}");
+    }
+    let metrics = fed.metrics();
+    let last = metrics.iter().rfind(|m| m["kind"] == "round").unwrap();
+    let epsilon = last["privacy"]["epsilon"].as_f64().unwrap();
+    assert!((epsilon - privacy.epsilon(2)).abs() < 1e-9, "ε {epsilon}");
+}
+
 /// `[plan.privacy]` end to end: two sites, three planned rounds and an ε budget that two of
 /// them fit. The federation stops after round 2; each round's metrics carry the accountant's ε;
 /// the last global backbone is the previous one plus the weighted sum of the clipped changes

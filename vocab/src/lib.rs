@@ -30,7 +30,7 @@ pub use norm::CtNormalization;
 pub use plan::{
     DiceMode, InitNormalization, LocalOptimizer, LocalPolicy, OptimizerState, Plan, ServerOptimizer, Transport,
 };
-pub use privacy::Privacy;
+pub use privacy::{NoiseAt, Privacy};
 
 /// ALPN protocol identifier of the federation protocol (TLS), `fedtalent/1`: the coordinator
 /// offers only this one and a site asks for only this one.

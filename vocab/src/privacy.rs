@@ -23,8 +23,26 @@
 //! `fedtalent-secagg`). The coordinator then cannot clip per update: with both on, each site
 //! clips its own change to `clip_norm` before masking (Flower's client-side fixed clipping) and
 //! the coordinator adds the noise to the unmasked sum, so ε is the same.
+//!
+//! `noise = "sites"` (local DP; default `"server"`): each site clips its own change to C and adds
+//! Gaussian noise of std σ·C to it before it uploads (or masks) it, so no one — the coordinator
+//! included — ever sees an un-noised change; the coordinator neither clips nor adds noise. Each
+//! site's release is then a Gaussian mechanism of sensitivity C and noise multiplier σ, so the
+//! same accountant gives its ε; the weighted mean carries σ·C·sqrt(Σ w_k²) ≥ σ·C·max w_k of
+//! noise, more than the central mechanism's, which is the price of trusting no aggregator.
 
 use serde::{Deserialize, Serialize};
+
+/// Where differential privacy's Gaussian noise is added (`[plan.privacy].noise`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseAt {
+    /// The coordinator clips each change and noises their weighted sum (central DP).
+    #[default]
+    Server,
+    /// Each site clips its own change and noises it before uploading (local DP).
+    Sites,
+}
 
 /// `[plan.privacy]`; absent: no differential privacy.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -43,6 +61,9 @@ pub struct Privacy {
     /// The federation stops after the last round whose ε stays within this budget.
     #[serde(default)]
     pub epsilon_budget: Option<f64>,
+    /// Who adds the noise: the coordinator (`"server"`, the default) or each site (`"sites"`).
+    #[serde(default)]
+    pub noise: NoiseAt,
     /// Secure aggregation of the backbone (the coordinator sees only the weighted sum).
     #[serde(default)]
     pub secure_aggregation: bool,
@@ -92,6 +113,7 @@ impl Privacy {
             noise_multiplier,
             delta: Self::default_delta(),
             epsilon_budget: None,
+            noise: NoiseAt::Server,
             secure_aggregation: false,
             secagg_clip_range: Self::default_secagg_clip_range(),
             secagg_frac_bits: Self::default_secagg_frac_bits(),
@@ -120,6 +142,16 @@ impl Privacy {
         self.clip_norm != 0.0 || self.noise_multiplier != 0.0
     }
 
+    /// Whether each site clips and noises its own change (local DP).
+    pub fn noised_by_sites(&self) -> bool {
+        self.differential() && self.noise == NoiseAt::Sites
+    }
+
+    /// The per-coordinate noise std each site adds to its clipped change under local DP: σ·C.
+    pub fn site_noise_std(&self) -> f64 {
+        self.noise_multiplier * self.clip_norm
+    }
+
     /// The threshold of a round of `sites` sites: `secagg_threshold`, or a majority (at least 2).
     pub fn secagg_threshold_of(&self, sites: usize) -> usize {
         self.secagg_threshold.map_or((sites / 2 + 1).max(2), |t| t as usize)
@@ -127,6 +159,9 @@ impl Privacy {
 
     /// Checks the values; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
+        if self.noise == NoiseAt::Sites && !self.differential() {
+            return Err("[plan.privacy].noise = \"sites\" needs clip_norm and noise_multiplier".into());
+        }
         if !self.differential() && !self.secure_aggregation {
             return Err("[plan.privacy] sets neither clip_norm and noise_multiplier nor secure_aggregation".into());
         }
@@ -246,11 +281,16 @@ mod tests {
             (Privacy { noise_multiplier: f64::NAN, ..privacy(1.0, None) }, "noise_multiplier"),
             (Privacy { delta: 1.0, ..privacy(1.0, None) }, "delta"),
             (privacy(1.0, Some(-1.0)), "epsilon_budget"),
+            (Privacy { noise: NoiseAt::Sites, ..Privacy::secure_aggregation_only() }, "noise = \"sites\""),
         ] {
             let e = p.validate().unwrap_err();
             assert!(e.contains(field), "{e}");
         }
         assert!(privacy(1.0, Some(3.0)).validate().is_ok());
+        let local = Privacy { noise: NoiseAt::Sites, ..privacy(2.0, None) };
+        assert!(local.validate().is_ok() && local.noised_by_sites());
+        assert_eq!(local.site_noise_std(), 2.0);
+        assert!(!privacy(2.0, None).noised_by_sites());
     }
 
     /// `secure_aggregation` stands alone (no DP keys) or goes with DP; DP keys half set, or
