@@ -36,7 +36,7 @@ pub use tensor::{
 /// typed phase timings and `Ack` a structured refusal. 3: `Hello` carries the site's input
 /// channels and whether its classes are exclusive, `[plan]` the federation's channels and
 /// local optimizer. 4: secure aggregation (`RoundStart.secagg`, the `SecAgg` messages,
-/// `[plan.privacy]`'s secure-aggregation keys) and `[plan].site_encoder_stages`.
+/// `[plan.privacy]`'s secure-aggregation keys and `noise`) and `[plan].site_encoder_stages`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 pub use fedtalent_vocab::ALPN;
