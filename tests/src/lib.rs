@@ -284,6 +284,17 @@ impl LocalFederation {
         serde_json::from_str(&fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
     }
 
+    /// The sites whose updates round `round` aggregated, in its record's order.
+    pub fn round_sites(&self, round: u32) -> Vec<String> {
+        let record = self.round_record(round);
+        record["contributions"].as_array().unwrap().iter().map(|c| c["site"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Each completed round's `privacy` entry of the metrics, in round order.
+    pub fn round_privacy(&self) -> Vec<serde_json::Value> {
+        self.metrics().into_iter().filter(|m| m["kind"] == "round").map(|m| m["privacy"].clone()).collect()
+    }
+
     pub fn metrics(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(self.state_dir().join("metrics.jsonl"))
             .unwrap_or_default()

@@ -222,9 +222,8 @@ fn sites_noise_their_own_changes_under_local_dp() {
         let expected = privacy.site_noise_std();
         assert!((std / expected - 1.0).abs() < 0.05, "{site}: change std {std}, the sites' noise is {expected}");
     }
-    let metrics = fed.metrics();
-    let last = metrics.iter().rfind(|m| m["kind"] == "round").unwrap();
-    let epsilon = last["privacy"]["epsilon"].as_f64().unwrap();
+    let spent = fed.round_privacy();
+    let epsilon = spent.last().unwrap()["epsilon"].as_f64().unwrap();
     assert!((epsilon - privacy.epsilon(2)).abs() < 1e-9, "ε {epsilon}");
 }
 
@@ -249,9 +248,7 @@ fn private_backbone_stops_at_the_budget() {
     run_to_the_end(&fed, Duration::from_secs(600));
     assert_eq!(fed.completed_rounds(), vec![1, 2], "the budget allows two rounds");
 
-    let metrics = fed.metrics();
-    let spent: Vec<&serde_json::Value> =
-        metrics.iter().filter(|m| m["kind"] == "round").map(|m| &m["privacy"]).collect();
+    let spent = fed.round_privacy();
     assert_eq!(spent.len(), 2);
     for (round, p) in spent.iter().enumerate() {
         let epsilon = p["epsilon"].as_f64().unwrap_or_else(|| panic!("round {} has no ε: {p}", round + 1));

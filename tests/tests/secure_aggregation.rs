@@ -37,9 +37,7 @@ fn secure_aggregation_with_dp() {
     let log = fed.log("coordinator");
     assert!(log.contains("secure aggregation: sum unmasked"), "{log}");
 
-    let metrics = fed.metrics();
-    let spent: Vec<&serde_json::Value> =
-        metrics.iter().filter(|m| m["kind"] == "round").map(|m| &m["privacy"]).collect();
+    let spent = fed.round_privacy();
     assert_eq!(spent.len(), 2);
     for (round, p) in spent.iter().enumerate() {
         let epsilon = p["epsilon"].as_f64().unwrap_or_else(|| panic!("round {} has no ε: {p}", round + 1));

@@ -41,9 +41,7 @@ fn a_site_behind_a_udp_blocking_firewall_falls_back_to_tcp_and_trains() {
     assert!(status.success(), "coordinator failed:\n{}", fed.log("coordinator"));
     assert_eq!(fed.completed_rounds(), vec![1, 2]);
     for round in [1, 2] {
-        let r = fed.round_record(round);
-        let sites: Vec<&str> =
-            r["contributions"].as_array().unwrap().iter().map(|c| c["site"].as_str().unwrap()).collect();
+        let sites = fed.round_sites(round);
         assert_eq!(sites, vec!["liver", "pancreas"], "round {round}");
     }
     let log = fed.log("coordinator");
