@@ -3,6 +3,7 @@
 # the exact version tch 0.24.0 links against) and the Python oracles the tests use.
 # Prints nothing but progress; re-running it skips whatever is already in place.
 set -euo pipefail
+# No pip cache: the venv is made once, and a cached torch wheel would only hold gigabytes of disk.
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
 python="${PYTHON:-python3}"
@@ -18,7 +19,7 @@ fi
 
 if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION (about 4.6 GB, a few minutes)"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION"
 fi
 
 missing=()
@@ -27,7 +28,7 @@ for pkg in "${ORACLES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing oracles: ${missing[*]}"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${missing[@]}"
 fi
 # nnU-Net v1's own network classes (Generic_UNet, FabiansUNet), the oracle of the checkpoint
 # import. Without nnunet's declared requirements (SimpleITK, medpy, dicom2nifti, matplotlib,
@@ -36,14 +37,14 @@ NNUNET=(nnunet==1.7.1 batchgenerators==0.25.5)
 NNUNET_IMPORTS=(scipy scikit-image pandas)
 if ! "$venv/bin/python" -c "import nnunet.network_architecture.generic_modular_residual_UNet" >/dev/null 2>&1; then
   echo "setup: installing the nnU-Net v1 oracle: ${NNUNET[*]}"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${NNUNET[@]}"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${NNUNET_IMPORTS[@]}" 2>&1 \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "${NNUNET[@]}"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${NNUNET_IMPORTS[@]}" 2>&1 \
     | grep -v "dependency resolver\|nnunet 1.7.1 requires" || true
 fi
 # Opacus, the oracle of the differential-privacy accountant (its RDP analysis is numpy and
 # scipy; the package's other modules import torch, which is here): without its requirements.
 if ! "$venv/bin/python" -c "import opacus.accountants.analysis.rdp" >/dev/null 2>&1; then
   echo "setup: installing the privacy accountant oracle: opacus==1.5.4"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps opacus==1.5.4
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps opacus==1.5.4
 fi
 echo "setup: venv ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 . scripts/env.sh
+# A whole-suite run builds every test binary once: incremental caches would only take disk
+# (gigabytes for ~50 libtorch-linked binaries; CI once ran out of space while linking).
+export CARGO_INCREMENTAL=0
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
