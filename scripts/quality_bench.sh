@@ -70,13 +70,41 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 started=$(date +%s)
 
+# Every arm is a job on a pool of single-threaded slots (BENCH_JOBS, default twice the cores):
+# a federation takes one slot per site agent, a training or an evaluation one. One libtorch
+# process with a thread per core keeps 2 cores ~65 % busy on the small preset; the same work in
+# single-threaded processes side by side keeps them full (a federation's three 1-thread agents ran
+# 1.5x the steps per second of one 2-thread `site-agent train`). Seeds run side by side, so the
+# next seed's federation overlaps the last one's alone and pooled arms.
+export OMP_NUM_THREADS=1
+SLOTS="${BENCH_JOBS:-$(( $(nproc) * 2 ))}"
+mkfifo "$OUT/.slots"
+exec 9<>"$OUT/.slots"
+for ((i = 0; i < SLOTS; i++)); do printf x >&9; done
+# Whole-job acquisition under a lock: two federations each holding part of their slots would
+# otherwise wait on each other forever.
+acquire() { local _; ( flock 7; read -r -N "$1" -u 9 _ ) 7>"$OUT/.slots.lock"; }
+release() { local i; for ((i = 0; i < $1; i++)); do printf x >&9; done; }
+job() { # slots, command...: runs the command on that many slots
+  local n=$1 rc=0
+  [ "$n" -le "$SLOTS" ] || n=$SLOTS
+  shift
+  acquire "$n"
+  "$@" || rc=$?
+  release "$n"
+  return $rc
+}
+# Background jobs, waited for one by one so that a failed arm fails the benchmark.
+wait_all() { local pid rc=0; for pid in "$@"; do wait "$pid" || rc=1; done; return $rc; }
+
 evaluate() { # model dir, seed, json prefix
   for dataset in "$OUT/heldout-$2"/Dataset*; do
     local site="${dataset##*/}"; site="${site#Dataset*_}"
     [ -f "$1/model.json" ] || continue
     if grep -q "\"site\": \"$site\"" "$1/model.json"; then
       "$BIN/site-agent" evaluate --model "$1" --data "$dataset" --site "$site" --device "$DEVICE" \
-        --json "$3_$site.json" >/dev/null 2>>"$OUT/log.txt"
+        --json "$3_$site.json" >/dev/null 2>>"$OUT/log.txt" \
+        || { echo "   evaluation of $1 on $site FAILED (see $OUT/log.txt)" >&2; return 1; }
     fi
   done
 }
@@ -85,8 +113,9 @@ train_arm() { # seed, label, output folder, `site-agent train` flags...
   local seed=$1 label=$2 dir=$3 t
   shift 3
   t=$(date +%s)
-  "$BIN/site-agent" train "$@" --seed "$seed" --device "$DEVICE" --out "$dir" >/dev/null 2>>"$OUT/log.txt"
-  echo "   $label: $(( $(date +%s) - t )) s"
+  "$BIN/site-agent" train "$@" --seed "$seed" --device "$DEVICE" --out "$dir" >/dev/null 2>>"$OUT/log.txt" \
+    || { echo "   seed $seed, $label FAILED (see $OUT/log.txt)" >&2; return 1; }
+  echo "   seed $seed, $label: $(( $(date +%s) - t )) s"
   evaluate "$dir/model" "$seed" "$dir/heldout"
 }
 
@@ -95,35 +124,61 @@ federate() { # seed, folder prefix, label, simulate flags...
   shift 3
   t=$(date +%s)
   "$BIN/coordinator" simulate --out "$dir" --preset "$PRESET" --sites "$SITES" --seed "$seed" \
-    --rounds "$FED_ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "$@" >/dev/null 2>>"$OUT/log.txt"
-  echo "   $label: $(( $(date +%s) - t )) s"
-  evaluate "$dir/model" "$seed" "$dir/heldout"
-  [ "$FINETUNE" -gt 0 ] || return 0
-  for site in "${SITE_LIST[@]}"; do
-    train_arm "$seed" "$label, $site fine-tuned" "$OUT/${prefix}ft-$seed-$site" \
-      --init "$dir/model" --site "$dir/$site/site.toml" --steps "$FINETUNE"
-  done
+    --rounds "$FED_ROUNDS" --local-steps "$STEPS" --cases "$CASES" --device "$DEVICE" "$@" >/dev/null 2>>"$OUT/log.txt" \
+    || { echo "   seed $seed, $label FAILED (see $OUT/log.txt)" >&2; return 1; }
+  echo "   seed $seed, $label: $(( $(date +%s) - t )) s"
 }
 
-for seed in "${SEEDS[@]}"; do
-  echo "== seed $seed: $TOTAL steps per site ($FED_ROUNDS rounds x $STEPS federated, $FINETUNE fine-tuned);" \
-    "held-out phantoms of seed $((1000 + seed))"
+fine_tune() { # seed, folder prefix, label
+  local seed=$1 prefix=$2 dir="$OUT/$2-$1" label=$3 site pids=()
+  [ "$FINETUNE" -gt 0 ] || return 0
+  for site in "${SITE_LIST[@]}"; do
+    job 1 train_arm "$seed" "$label, $site fine-tuned" "$OUT/${prefix}ft-$seed-$site" \
+      --init "$dir/model" --site "$dir/$site/site.toml" --steps "$FINETUNE" &
+    pids+=($!)
+  done
+  wait_all "${pids[@]}"
+}
+
+run_seed() { # seed: its federation, then the arms that read its site configs, side by side
+  local seed=$1 site pids=() site_args=()
   "$BIN/site-agent" synth --out "$OUT/heldout-$seed" --seed $((1000 + seed)) --cases "$HELDOUT" \
-    --sites "$SITES" >/dev/null 2>>"$OUT/log.txt"
-  # The alone and pooled arms read the federation's site configs (and its preprocessing cache).
-  federate "$seed" fed federated "${FED_ARGS[@]}"
-  [ "$COMPARE" = none ] || federate "$seed" fedb "federated-b ($COMPARE)" "${COMPARE_ARGS[@]}"
+    --sites "$SITES" >/dev/null 2>>"$OUT/log.txt" || return 1
+  if [ "$COMPARE" != none ]; then
+    { job "${#SITE_LIST[@]}" federate "$seed" fedb "federated-b ($COMPARE)" "${COMPARE_ARGS[@]}" \
+        && job 1 evaluate "$OUT/fedb-$seed/model" "$seed" "$OUT/fedb-$seed/heldout" \
+        && fine_tune "$seed" fedb "federated-b"; } &
+    pids+=($!)
+  fi
+  job "${#SITE_LIST[@]}" federate "$seed" fed federated "${FED_ARGS[@]}" || { wait_all "${pids[@]}"; return 1; }
+  job 1 evaluate "$OUT/fed-$seed/model" "$seed" "$OUT/fed-$seed/heldout" &
+  pids+=($!)
+  fine_tune "$seed" fed federated &
+  pids+=($!)
   # The same phantoms and site configs as the federation (and its preprocessing cache).
-  site_args=()
   for site in "${SITE_LIST[@]}"; do
     site_args+=(--site "$OUT/fed-$seed/$site/site.toml")
     [[ "$ARMS" == *" alone "* ]] || continue
-    train_arm "$seed" "alone $site" "$OUT/alone-$seed-$site" \
-      --site "$OUT/fed-$seed/$site/site.toml" --preset "$PRESET" --steps "$TOTAL"
+    job 1 train_arm "$seed" "alone $site" "$OUT/alone-$seed-$site" \
+      --site "$OUT/fed-$seed/$site/site.toml" --preset "$PRESET" --steps "$TOTAL" &
+    pids+=($!)
   done
-  [[ "$ARMS" == *" pooled "* ]] || continue
-  train_arm "$seed" pooled "$OUT/pooled-$seed" "${site_args[@]}" --preset "$PRESET" --steps $((TOTAL * ${#SITE_LIST[@]}))
+  if [[ "$ARMS" == *" pooled "* ]]; then
+    job 1 train_arm "$seed" pooled "$OUT/pooled-$seed" "${site_args[@]}" --preset "$PRESET" \
+      --steps $((TOTAL * ${#SITE_LIST[@]})) &
+    pids+=($!)
+  fi
+  wait_all "${pids[@]}"
+}
+
+echo "== seeds ${SEEDS[*]}: $TOTAL steps per site ($FED_ROUNDS rounds x $STEPS federated, $FINETUNE fine-tuned);" \
+  "held-out phantoms of seed 1000 + seed; $SLOTS single-threaded slots"
+seed_pids=()
+for seed in "${SEEDS[@]}"; do
+  run_seed "$seed" &
+  seed_pids+=($!)
 done
+wait_all "${seed_pids[@]}"
 echo "== total $(( $(date +%s) - started )) s"
 
 "$VIRTUAL_ENV/bin/python" scripts/quality_table.py "$OUT" "${SEEDS[@]}" ${BENCH_REUSE:+--reuse "$BENCH_REUSE"}
