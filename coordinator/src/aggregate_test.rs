@@ -46,6 +46,7 @@ pub(super) fn update(site: &str, n_cases: u32, parts: Parts) -> Update {
         dice: Vec::new(),
         payload_digest: String::new(),
         durations_ms: PhaseTimings::default(),
+        resume: false,
     };
     Update { site: site.into(), header, bytes: 0, upload_ms: 0, backbone_norm: 0.0, parts }
 }

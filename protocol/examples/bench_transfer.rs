@@ -38,6 +38,10 @@ use fedtalent_protocol::tcp::TcpConnection;
 use fedtalent_protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "common/model.rs"]
+mod common_model;
+use common_model::model;
+
 const SITES: usize = 3;
 
 /// CPU seconds (user + system) this process has used so far, from /proc/self/stat.
@@ -46,30 +50,6 @@ fn cpu_seconds() -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn model(total_bytes: usize) -> TensorSet {
-    // ~120 MB in tensors of at most 4 MiB (the unet's largest convolutions are ~3.5 MiB).
-    let per = 1usize << 20; // f32 elements per tensor
-    let mut left = total_bytes / 4;
-    let mut set = TensorSet::default();
-    let mut i = 0u32;
-    let mut x = 0x1234_5678u32;
-    while left > 0 {
-        let n = left.min(per);
-        let vals: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x as f32 / u32::MAX as f32) - 0.5
-            })
-            .collect();
-        set.push(WireTensor::from_f32(format!("layer{i}.weight"), vec![n as u64], &vals));
-        left -= n;
-        i += 1;
-    }
-    set
 }
 
 /// One timed direction: bytes delivered, wall time and the process's CPU time (all threads),
@@ -310,14 +290,14 @@ async fn tls_tcp_run(
                 sr.read_exact(&mut go).await.unwrap();
                 let (sent, got) = if down {
                     let sending = async {
-                        let d = send_tensors_shared(&mut ss, set, &mut digests).await.unwrap();
+                        let d = send_tensors_shared(&mut ss, set, &mut digests, &Held::default()).await.unwrap().digest;
                         ss.finish().unwrap();
                         d
                     };
                     tokio::join!(sending, recv_tensors_digest(&mut cr, &limits))
                 } else {
                     let sending = async {
-                        let d = send_tensors_shared(&mut cs, set, &mut digests).await.unwrap();
+                        let d = send_tensors_shared(&mut cs, set, &mut digests, &Held::default()).await.unwrap().digest;
                         cs.finish().unwrap();
                         d
                     };

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::frame::{read_frame, write_frame_capped};
 use crate::quic::QuicError;
 use crate::tcp::{TcpClosed, TcpConnection, TcpRecvStream, TcpSendStream};
-use crate::tensor::{stream_tensors, TensorDigests, TensorSet, TensorSink, TensorSource};
+use crate::tensor::{stream_tensors, Held, Sent, TensorDigests, TensorSet, TensorSink, TensorSource};
 use crate::{close, Message, MAX_FRAME_BYTES};
 
 /// Which transport carries a connection.
@@ -247,14 +247,16 @@ pub async fn request(conn: &Connection, request: &Message) -> Result<Message, Qu
 }
 
 /// Streams `set` on `send` (a tensor stream, see [`crate::tensor`]) with the transport of
-/// `digests`, hashing only what `digests` does not know, without copying the tensors' bytes.
-/// Does not finish the stream. Returns the set digest of what was sent.
+/// `digests`, hashing only what `digests` does not know, without copying the tensors' bytes,
+/// and each tensor only from where the receiver's `held` copy ends (a resumed transfer). Does
+/// not finish the stream. Returns the set digest and the tensor bytes sent.
 pub async fn send_tensors_shared(
     send: &mut SendStream,
     set: Arc<TensorSet>,
     digests: &mut TensorDigests,
-) -> Result<String, QuicError> {
-    Ok(stream_tensors(send, TensorSource::Shared(set), digests).await?)
+    held: &Held,
+) -> Result<Sent, QuicError> {
+    Ok(stream_tensors(send, TensorSource::Shared(set), digests, held).await?)
 }
 
 /// `transport` of a site's (or the coordinator's) configuration: which transports to use.

@@ -7,7 +7,8 @@
 //! * [`tensor`]: tensors travel on their own QUIC stream as a header frame (names, dtypes,
 //!   shapes, byte lengths), then the raw little-endian bytes of each tensor followed by its
 //!   SHA-256, then the SHA-256 of the whole set ([`TensorSet::digest`]), which names a model
-//!   version. Optional bf16 transport of f32 tensors.
+//!   version. Optional bf16 transport of f32 tensors. A cut transfer resumes from what the
+//!   receiver kept and checked ([`PartialSet`], [`Held`]).
 //! * [`conn`]: one connection type over both transports (QUIC, and TLS over TCP where UDP is
 //!   blocked), and framed request/response over it; [`quic`]: QUIC-only helpers.
 //! * [`tcp`]: request streams over one TLS-over-TCP connection (a minimal multiplexer).
@@ -27,8 +28,8 @@ pub use frame::{
 pub use messages::*;
 pub use tensor::{
     bf16_bits_to_f32, bf16_to_f32_bytes, f32_to_bf16_bits, f32_to_bf16_bytes, recv_tensors, recv_tensors_digest,
-    send_tensors, send_tensors_cached, DType, Manifest, RecvLimits, TensorDigests, TensorError, TensorSet, Transport,
-    WireTensor,
+    recv_tensors_resumable, send_tensors, send_tensors_cached, send_tensors_resumed, DType, Held, Manifest, PartialSet,
+    Received, RecvLimits, Sent, TensorDigests, TensorError, TensorSet, Transport, WireTensor,
 };
 
 /// Version of the federation protocol, sent in [`Hello`]; a coordinator refuses a different
@@ -37,7 +38,11 @@ pub use tensor::{
 /// channels and whether its classes are exclusive, `[plan]` the federation's channels and
 /// local optimizer. 4: secure aggregation (`RoundStart.secagg`, the `SecAgg` messages,
 /// `[plan.privacy]`'s secure-aggregation keys and `noise`) and `[plan].site_encoder_stages`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: resumable transfers: each tensor stream header entry says where the sender resumes it
+/// (`resume_at`), `ModelRequest.held` and `UpdateHeader.resume` say what the receiver kept of
+/// a cut transfer, and the coordinator answers a resumed upload's header with
+/// [`Message::Resume`] (see [`tensor`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 pub use fedtalent_vocab::ALPN;
 

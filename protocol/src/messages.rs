@@ -5,7 +5,11 @@
 //! 2. site → `Heartbeat` (a long poll); coordinator → [`RoundStart`] | `Heartbeat` | [`Finished`].
 //!    A site lacking the model with `model_digest` sends [`ModelRequest`] and receives the
 //!    tensors on the same stream (see `tensor`).
+//!    After a cut download, the request says what the site [`Held`] of it; the stream carries
+//!    only the rest.
 //! 3. site → [`UpdateHeader`] followed by the tensors on the same stream; coordinator → [`Ack`].
+//!    Re-sending an update whose upload was cut, the site sets `resume`: the coordinator first
+//!    answers [`Message::Resume`] (what it kept of that update), then the site streams the rest.
 //! 4. `Admin`/`AdminReply` for the operator's CLI.
 //!
 //! With `[plan.privacy].secure_aggregation`, a round's `RoundStart` carries the site's
@@ -27,6 +31,8 @@
 //! exactly as a variant with those fields inline.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::tensor::Held;
 
 pub use fedtalent_secagg::{AdvertiseKeys, EncryptedShare, UnmaskShares};
 pub use fedtalent_vocab::{
@@ -133,6 +139,8 @@ pub enum SecAggReply {
 pub struct ModelRequest {
     pub digest: String,
     pub full: bool,
+    /// What the site kept of an earlier, cut download of `digest` (empty: send everything).
+    pub held: Held,
 }
 
 /// How long a site spent on each phase of a round, in milliseconds. The metrics log writes it
@@ -166,6 +174,9 @@ pub struct UpdateHeader {
     /// Digest of the tensor payload that follows ([`crate::TensorSet::digest`] of what is sent).
     pub payload_digest: String,
     pub durations_ms: PhaseTimings,
+    /// The same update (`payload_digest`) was cut in transit before: the coordinator answers
+    /// [`Message::Resume`] with what it kept before the payload follows.
+    pub resume: bool,
 }
 
 /// A refusal: what kind, and a reason naming the site and the offending field.
@@ -294,6 +305,9 @@ pub enum Message {
     Finished(Finished),
     SecAgg(SecAggRequest),
     SecAggReply(SecAggReply),
+    /// coordinator → site, to an [`UpdateHeader`] with `resume`: send the payload, each tensor
+    /// from where this says the coordinator's kept copy ends.
+    Resume(Held),
 }
 
 impl Message {
@@ -313,6 +327,7 @@ impl Message {
             Message::Finished(_) => "Finished",
             Message::SecAgg(_) => "SecAgg",
             Message::SecAggReply(_) => "SecAggReply",
+            Message::Resume(_) => "Resume",
         }
     }
 

@@ -6,7 +6,8 @@ use bytes::Bytes;
 
 use crate::frame::FrameError;
 use crate::tensor::{
-    recv_tensors_digest, stream_tensors, RecvLimits, TensorDigests, TensorError, TensorSet, TensorSink, TensorSource,
+    recv_tensors_digest, stream_tensors, Held, RecvLimits, TensorDigests, TensorError, TensorSet, TensorSink,
+    TensorSource,
 };
 use crate::Message;
 
@@ -53,7 +54,7 @@ pub async fn send_tensors_shared(
     set: Arc<TensorSet>,
     digests: &mut TensorDigests,
 ) -> Result<String, QuicError> {
-    Ok(stream_tensors(send, TensorSource::Shared(set), digests).await?)
+    Ok(stream_tensors(send, TensorSource::Shared(set), digests, &Held::default()).await?.digest)
 }
 
 /// Opens a unidirectional stream, streams `set` on it as [`send_tensors_shared`] does and

@@ -16,6 +16,14 @@
 //! The receiver checks every header entry (known name, dtype, shape, byte length =
 //! elements × dtype size, total under the cap) before allocating, and both digests before
 //! returning anything.
+//!
+//! Resuming (protocol 5): a receiver whose stream was cut keeps what it received in a
+//! [`PartialSet`] bound to the set digest it was announced, and tells the sender on the next
+//! try what it [`Held`] (bytes per tensor). Each header entry then says where the sender starts
+//! that tensor (`resume_at`): only the bytes after it travel, then the tensor's SHA-256 as
+//! always; the receiver hashes the kept prefix with the new bytes, so a tensor is checked whole
+//! whichever attempts carried it, and the set digest over everything. Nothing kept is handed
+//! out before both digests checked; a digest mismatch drops what was kept.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -139,6 +147,9 @@ struct TensorHeader {
     byte_len: u64,
     /// bf16 on the wire, f32 in memory.
     widen_to_f32: bool,
+    /// Wire bytes of this tensor the receiver holds from an earlier attempt: the stream carries
+    /// only the bytes after them (0: all of them).
+    resume_at: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +297,7 @@ fn headers_for(set: &TensorSet, transport: Transport) -> Vec<TensorHeader> {
                 shape: t.shape.clone(),
                 byte_len: if widen { t.data.len() as u64 / 2 } else { t.data.len() as u64 },
                 widen_to_f32: widen,
+                resume_at: 0,
             }
         })
         .collect()
@@ -460,10 +472,21 @@ pub async fn send_tensors_cached<W: AsyncWrite + Unpin + ?Sized>(
     set: &TensorSet,
     digests: &mut TensorDigests,
 ) -> Result<String, TensorError> {
-    let digest = stream_tensors(&mut WriterSink(&mut *w), TensorSource::Borrowed(set), digests).await?;
+    Ok(send_tensors_resumed(w, set, digests, &Held::default()).await?.digest)
+}
+
+/// As [`send_tensors_cached`], each tensor only from where the receiver's `held` copy ends (a
+/// resumed transfer, see the module docs). Returns the set digest and the tensor bytes sent.
+pub async fn send_tensors_resumed<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    set: &TensorSet,
+    digests: &mut TensorDigests,
+    held: &Held,
+) -> Result<Sent, TensorError> {
+    let sent = stream_tensors(&mut WriterSink(&mut *w), TensorSource::Borrowed(set), digests, held).await?;
     // A buffered writer must not keep the stream's tail.
     w.flush().await?;
-    Ok(digest)
+    Ok(sent)
 }
 
 /// The tensors to stream: borrowed (their bytes are copied into the writer) or shared (a QUIC
@@ -514,13 +537,22 @@ impl<W: AsyncWrite + Unpin + ?Sized> TensorSink for WriterSink<'_, W> {
     }
 }
 
+/// What a tensor stream carried: the set digest, and how many tensor bytes travelled (less than
+/// the set's wire size when the receiver held some from an earlier attempt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub digest: String,
+    pub bytes: u64,
+}
+
 /// Streams the tensors of `source` into `sink`: header, chunks + per-tensor SHA-256, set digest
-/// (see the module docs). Returns the hex set digest of what was sent.
+/// (see the module docs), each tensor from where `held` says the receiver's copy ends.
 pub(crate) async fn stream_tensors<S: TensorSink>(
     sink: &mut S,
     source: TensorSource<'_>,
     digests: &mut TensorDigests,
-) -> Result<String, TensorError> {
+    held: &Held,
+) -> Result<Sent, TensorError> {
     let set = source.set();
     for t in &set.tensors {
         if !t.is_consistent() {
@@ -531,48 +563,88 @@ pub(crate) async fn stream_tensors<S: TensorSink>(
             });
         }
     }
-    let headers = headers_for(set, digests.transport);
+    let mut headers = headers_for(set, digests.transport);
+    for h in &mut headers {
+        // An offset past the tensor is not what this sender sent: all of it goes again.
+        h.resume_at = held.of(&h.name).filter(|&at| at <= h.byte_len).unwrap_or(0);
+    }
     let header = StreamHeader { magic: STREAM_MAGIC, tensors: headers };
     sink.put_shared(Bytes::from(encode_value_frame(&header, usize::MAX >> 1).map_err(TensorError::Header)?)).await?;
     let mut ctx = set_digest_ctx(&header.tensors);
+    let mut bytes = 0;
     for (index, (t, h)) in set.tensors.iter().zip(&header.tensors).enumerate() {
         let known = digests.by_name.get(&t.name).copied();
-        let mut tctx = known.is_none().then(|| Context::new(&SHA256));
-        let shared = match &source {
-            TensorSource::Shared(set) if !h.widen_to_f32 => {
-                Some(Bytes::from_owner(SharedTensorBytes { set: set.clone(), index }))
-            }
-            _ => None,
-        };
-        for start in (0..t.data.len()).step_by(CHUNK_BYTES) {
-            let end = (start + CHUNK_BYTES).min(t.data.len());
-            let chunk = &t.data[start..end];
-            if h.widen_to_f32 {
-                let bf16 = f32_to_bf16_bytes(chunk);
-                if let Some(tctx) = tctx.as_mut() {
-                    tctx.update(&bf16);
-                }
-                sink.put_shared(Bytes::from(bf16)).await?;
-            } else {
-                if let Some(tctx) = tctx.as_mut() {
-                    tctx.update(chunk);
-                }
-                match &shared {
-                    Some(bytes) => sink.put_shared(bytes.slice(start..end)).await?,
-                    None => sink.put_slice(chunk).await?,
+        let td = match known {
+            // Held whole and hashed before: only its digest travels.
+            Some(td) if h.resume_at == h.byte_len => td,
+            _ => {
+                let (hashed, n) = stream_tensor(sink, &source, index, h, known.is_none()).await?;
+                bytes += n;
+                match hashed {
+                    Some(d) => digests.insert(&t.name, d),
+                    None => known.expect("a tensor is hashed unless its digest is known"),
                 }
             }
-        }
-        let td = match tctx {
-            Some(tctx) => digests.insert(&t.name, tctx.finish()),
-            None => known.expect("a tensor is hashed unless its digest is known"),
         };
         sink.put_slice(&td).await?;
         ctx.update(&td);
     }
     let d = ctx.finish();
     sink.put_slice(d.as_ref()).await?;
-    Ok(hex::encode(d.as_ref()))
+    Ok(Sent { digest: hex::encode(d.as_ref()), bytes })
+}
+
+/// Streams the wire bytes of tensor `index` after `h.resume_at` (hashing all of them when
+/// `hash`); returns the digest if hashed and the bytes sent.
+async fn stream_tensor<S: TensorSink>(
+    sink: &mut S,
+    source: &TensorSource<'_>,
+    index: usize,
+    h: &TensorHeader,
+    hash: bool,
+) -> Result<(Option<ring::digest::Digest>, u64), TensorError> {
+    let t = &source.set().tensors[index];
+    let mut tctx = hash.then(|| Context::new(&SHA256));
+    let shared = match source {
+        TensorSource::Shared(set) if !h.widen_to_f32 => {
+            Some(Bytes::from_owner(SharedTensorBytes { set: set.clone(), index }))
+        }
+        _ => None,
+    };
+    // Wire bytes per in-memory byte: bf16 transport halves an f32 tensor.
+    let ratio = if h.widen_to_f32 { 2 } else { 1 };
+    let skip = h.resume_at as usize;
+    let mut sent = 0u64;
+    for start in (0..t.data.len()).step_by(CHUNK_BYTES) {
+        let end = (start + CHUNK_BYTES).min(t.data.len());
+        let (wire_start, wire_end) = (start / ratio, end / ratio);
+        if tctx.is_none() && wire_end <= skip {
+            continue; // held by the receiver, and its digest is known
+        }
+        let from = skip.clamp(wire_start, wire_end) - wire_start;
+        let chunk = &t.data[start..end];
+        if h.widen_to_f32 {
+            let bf16 = Bytes::from(f32_to_bf16_bytes(chunk));
+            if let Some(tctx) = tctx.as_mut() {
+                tctx.update(&bf16);
+            }
+            if from < bf16.len() {
+                sink.put_shared(bf16.slice(from..)).await?;
+            }
+        } else {
+            if let Some(tctx) = tctx.as_mut() {
+                tctx.update(chunk);
+            }
+            if from < chunk.len() {
+                match &shared {
+                    Some(bytes) => sink.put_shared(bytes.slice(start + from..end)).await?,
+                    None => sink.put_slice(&chunk[from..]).await?,
+                }
+            }
+        }
+        sent += (wire_end - wire_start - from) as u64;
+    }
+    Ok((tctx.map(Context::finish), sent))
 }
 
 /// Receives a tensor stream, checks it against `limits` and both digests, and returns the
@@ -664,6 +736,134 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     limits: &RecvLimits,
 ) -> Result<(TensorSet, String), TensorError> {
+    let received = recv_tensors_resumable(r, limits, &mut PartialSet::default()).await?;
+    Ok((received.set, received.digest))
+}
+
+/// What a receiver holds of a tensor set from an interrupted transfer: wire bytes per tensor
+/// name. It travels in the next request for the set ([`crate::ModelRequest::held`],
+/// [`crate::Message::Resume`]); the sender starts each tensor there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub tensors: Vec<(String, u64)>,
+}
+
+impl Held {
+    /// The bytes held of tensor `name`, if any.
+    pub fn of(&self, name: &str) -> Option<u64> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
+    }
+    /// Bytes held in all.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// What a receiver kept of a tensor set whose transfer was cut, to resume it: the received wire
+/// bytes of each tensor, bound to the set digest the transfer was announced with (its key).
+/// Bounded by the receive limits of the transfer (only tensors of an accepted header are kept,
+/// at most their declared length); a new key, a digest mismatch or a completed transfer empties
+/// it. Nothing in it is used before the whole set's digests checked.
+#[derive(Debug, Default)]
+pub struct PartialSet {
+    /// The announced set digest the kept bytes belong to.
+    key: Option<String>,
+    tensors: HashMap<String, KeptTensor>,
+    /// Tensor bytes received over every attempt of this transfer.
+    received: u64,
+    attempts: u32,
+}
+
+#[derive(Debug, Default)]
+struct KeptTensor {
+    /// Wire bytes received, from the tensor's start.
+    data: Vec<u8>,
+    /// Its SHA-256, once the whole tensor arrived and matched the sender's.
+    checked: Option<[u8; 32]>,
+}
+
+impl PartialSet {
+    /// What is held, for the sender of the transfer announced as `digest` (nothing for another).
+    pub fn held(&self, digest: &str) -> Held {
+        if self.key.as_deref() != Some(digest) {
+            return Held::default();
+        }
+        let mut tensors: Vec<(String, u64)> = self
+            .tensors
+            .iter()
+            .filter(|(_, t)| !t.data.is_empty())
+            .map(|(n, t)| (n.clone(), t.data.len() as u64))
+            .collect();
+        tensors.sort();
+        Held { tensors }
+    }
+
+    /// Bytes kept in all.
+    pub fn kept_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.data.len() as u64).sum()
+    }
+
+    /// The announced digest of the transfer kept, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    pub fn clear(&mut self) {
+        *self = PartialSet::default();
+    }
+
+    /// Starts an attempt of the transfer announced as `key`: what was kept of another is dropped.
+    fn begin(&mut self, key: Option<&str>) {
+        if key.is_none() || self.key.as_deref() != key {
+            self.clear();
+            self.key = key.map(str::to_string);
+        }
+        self.attempts += 1;
+    }
+}
+
+/// A tensor set received whole and checked, and what its transfer cost.
+#[derive(Debug)]
+pub struct Received {
+    pub set: TensorSet,
+    /// Its set digest.
+    pub digest: String,
+    /// Wire bytes of its tensors.
+    pub wire_bytes: u64,
+    /// Tensor bytes received over every attempt (more than `wire_bytes` when a cut attempt's
+    /// bytes were not all kept, e.g. a tensor that failed its digest).
+    pub received_bytes: u64,
+    /// Attempts it took (1: no cut).
+    pub attempts: u32,
+}
+
+/// As [`recv_tensors_digest`], resuming the transfer kept in `partial` when `limits` announces
+/// the same set digest (the sender must have been told [`PartialSet::held`]). A cut leaves what
+/// arrived in `partial` for the next attempt; a digest mismatch drops it; success empties it.
+/// Without an announced digest nothing is kept across attempts (there is no key to bind it to).
+pub async fn recv_tensors_resumable<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    limits: &RecvLimits,
+    partial: &mut PartialSet,
+) -> Result<Received, TensorError> {
+    partial.begin(limits.expected_digest.as_deref());
+    let result = recv_into(r, limits, partial).await;
+    match &result {
+        Ok(_) => partial.clear(),
+        Err(e) if !matches!(e, TensorError::Truncated { .. } | TensorError::Io(_) | TensorError::Header(_)) => {
+            partial.clear()
+        }
+        Err(_) if partial.key.is_none() => partial.clear(),
+        Err(_) => {}
+    }
+    result
+}
+
+async fn recv_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    limits: &RecvLimits,
+    partial: &mut PartialSet,
+) -> Result<Received, TensorError> {
     let payload = read_payload(r, limits.max_header_bytes)
         .await
         .map_err(TensorError::Header)?
@@ -674,30 +874,54 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
         return Err(TensorError::BadHeader(format!("bad magic {:#010x}", header.magic)));
     }
     validate_headers(&header.tensors, limits)?;
+    // Only the tensors of this (accepted) header are kept, each from where the sender resumes.
+    partial.tensors.retain(|name, _| header.tensors.iter().any(|h| &h.name == name));
+    for h in &header.tensors {
+        let kept = partial.tensors.entry(h.name.clone()).or_default();
+        if h.resume_at == 0 {
+            *kept = KeptTensor::default();
+        } else if h.resume_at != kept.data.len() as u64 || h.resume_at > h.byte_len {
+            return Err(TensorError::BadTensor {
+                name: h.name.clone(),
+                reason: format!("the sender resumes at byte {} but {} are held", h.resume_at, kept.data.len()),
+            });
+        }
+    }
 
     let mut ctx = set_digest_ctx(&header.tensors);
-    let mut tensors = Vec::with_capacity(header.tensors.len());
+    let mut buf = vec![0u8; CHUNK_BYTES];
     for h in &header.tensors {
-        let mut data = vec![0u8; h.byte_len as usize];
-        let mut filled = 0usize;
+        let kept = partial.tensors.get_mut(&h.name).expect("every header tensor has an entry");
         let mut tctx = Context::new(&SHA256);
-        while filled < data.len() {
-            let end = (filled + CHUNK_BYTES).min(data.len());
-            let n = r.read(&mut data[filled..end]).await?;
+        if kept.checked.is_none() {
+            tctx.update(&kept.data);
+        }
+        kept.data.reserve_exact(h.byte_len as usize - kept.data.len());
+        while (kept.data.len() as u64) < h.byte_len {
+            let want = (h.byte_len as usize - kept.data.len()).min(CHUNK_BYTES);
+            let n = r.read(&mut buf[..want]).await?;
             if n == 0 {
-                return Err(TensorError::Truncated { name: h.name.clone(), got: filled as u64, expected: h.byte_len });
+                return Err(TensorError::Truncated {
+                    name: h.name.clone(),
+                    got: kept.data.len() as u64,
+                    expected: h.byte_len,
+                });
             }
-            tctx.update(&data[filled..filled + n]);
-            filled += n;
+            tctx.update(&buf[..n]);
+            kept.data.extend_from_slice(&buf[..n]);
+            partial.received += n as u64;
         }
         let mut sent = [0u8; 32];
         read_exact_named(r, &mut sent, &format!("{} (its SHA-256)", h.name)).await?;
-        let td = tctx.finish();
-        if td.as_ref() != sent {
+        let td: [u8; 32] = match kept.checked {
+            Some(td) => td,
+            None => tctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes"),
+        };
+        if td != sent {
             return Err(TensorError::TensorDigestMismatch { name: h.name.clone() });
         }
-        ctx.update(td.as_ref());
-        tensors.push(data);
+        kept.checked = Some(td);
+        ctx.update(&td);
     }
     let mut sent = [0u8; 32];
     read_exact_named(r, &mut sent, "<set digest>").await?;
@@ -711,12 +935,13 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
             return Err(TensorError::NotAnnounced { announced: announced.clone(), received: computed });
         }
     }
+    let wire_bytes = header.tensors.iter().map(|h| h.byte_len).sum();
     let set = TensorSet {
         tensors: header
             .tensors
             .into_iter()
-            .zip(tensors)
-            .map(|(h, data)| {
+            .map(|h| {
+                let data = partial.tensors.remove(&h.name).map(|k| k.data).unwrap_or_default();
                 if h.widen_to_f32 {
                     WireTensor { name: h.name, dtype: DType::F32, shape: h.shape, data: bf16_to_f32_bytes(&data) }
                 } else {
@@ -725,5 +950,5 @@ pub async fn recv_tensors_digest<R: AsyncRead + Unpin + ?Sized>(
             })
             .collect(),
     };
-    Ok((set, computed))
+    Ok(Received { set, digest: computed, wire_bytes, received_bytes: partial.received, attempts: partial.attempts })
 }

@@ -58,7 +58,13 @@ pub fn sample_messages() -> Vec<Message> {
             stage: SecAggStage::Keys(AdvertiseKeys { id: 2, c_pk: [1; 32], s_pk: [2; 32] }),
         }),
         Message::SecAggReply(SecAggReply::Unmasking { survivors: vec![1, 2], dropped: vec![3] }),
-        Message::ModelRequest(ModelRequest { digest: "cd".repeat(32), full: false }),
+        Message::ModelRequest(ModelRequest { digest: "cd".repeat(32), full: false, held: Default::default() }),
+        Message::ModelRequest(ModelRequest {
+            digest: "cd".repeat(32),
+            full: false,
+            held: Held { tensors: vec![("a.weight".into(), 4096), ("b.bias".into(), 12)] },
+        }),
+        Message::Resume(Held { tensors: vec![("a.weight".into(), 1 << 20)] }),
         Message::UpdateHeader(UpdateHeader {
             round: 4,
             n_cases: 80,
@@ -66,6 +72,7 @@ pub fn sample_messages() -> Vec<Message> {
             dice: vec![("alpha/liver".into(), 0.9)],
             payload_digest: "ef".repeat(32),
             durations_ms: PhaseTimings { download: 12, evaluate: 0, train: 1234 },
+            resume: false,
         }),
         Message::Ack(Ack { round: 4, refusal: Some(Refusal::new(ErrorKind::LateUpdate, "late")) }),
         Message::Ack(Ack { round: 5, refusal: None }),

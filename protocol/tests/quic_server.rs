@@ -144,8 +144,12 @@ async fn honest_site(f: &Fixture, site: &str) {
     let (_ep, conn) = f.connect(site).await;
     assert_eq!(request(&conn, &hello(PROTOCOL_VERSION)).await.unwrap(), welcome());
     // Model download (bf16 transport), checked against the expected digest.
-    let reply =
-        request(&conn, &Message::ModelRequest(ModelRequest { digest: model().digest(), full: false })).await.unwrap();
+    let reply = request(
+        &conn,
+        &Message::ModelRequest(ModelRequest { digest: model().digest(), full: false, held: Default::default() }),
+    )
+    .await
+    .unwrap();
     assert!(matches!(reply, Message::Ack(Ack { refusal: None, .. })));
     let limits = RecvLimits {
         expected_digest: Some(model().wire_digest(Transport::Bf16)),
@@ -170,6 +174,7 @@ async fn honest_site(f: &Fixture, site: &str) {
         dice: vec![],
         payload_digest: digest.clone(),
         durations_ms: PhaseTimings::default(),
+        resume: false,
     });
     assert_eq!(request(&conn, &header).await.unwrap(), Message::Ack(Ack { round: 1, refusal: None }));
     assert_eq!(up.await.unwrap(), digest);
@@ -231,6 +236,7 @@ async fn upload_raw(conn: &quinn::Connection, bytes: Vec<u8>, digest: String) ->
         dice: vec![],
         payload_digest: digest,
         durations_ms: PhaseTimings::default(),
+        resume: false,
     });
     request(conn, &header).await.unwrap()
 }

@@ -112,8 +112,9 @@ fn bf16_rounding_is_nearest_even() {
 type Entry<'a> = (&'a str, DType, Vec<u64>, u64, bool);
 
 fn raw_stream(entries: Vec<Entry<'_>>, body: &[u8]) -> Vec<u8> {
-    let entries: Vec<(String, DType, Vec<u64>, u64, bool)> =
-        entries.into_iter().map(|(n, d, s, l, w)| (n.to_string(), d, s, l, w)).collect();
+    // The last field of each entry, `resume_at`: a fresh stream sends every byte.
+    let entries: Vec<(String, DType, Vec<u64>, u64, bool, u64)> =
+        entries.into_iter().map(|(n, d, s, l, w)| (n.to_string(), d, s, l, w, 0)).collect();
     let payload = bincode::serde::encode_to_vec((0x4654_5431u32, entries), bincode::config::standard()).unwrap();
     let mut out = (payload.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&payload);

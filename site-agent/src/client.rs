@@ -20,9 +20,9 @@ use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::Topology;
 use fedtalent_protocol::conn::{self, Connection, Dial, DialError, Dialed};
 use fedtalent_protocol::{
-    close, quic, read_frame, recv_tensors_digest, write_frame, Ack, Finished, Hello, Message, ModelRequest,
-    PhaseTimings, Plan, RecvLimits, RoundStart, TensorDigests, TensorSet, UpdateHeader, Welcome, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
+    close, quic, read_frame, recv_tensors_resumable, write_frame, Ack, Finished, Held, Hello, Message, ModelRequest,
+    PartialSet, PhaseTimings, Plan, RecvLimits, RoundStart, TensorDigests, TensorSet, UpdateHeader, Welcome,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use fedtalent_vocab::{class_id, CtNormalization, Privacy};
 use tch::Device;
@@ -94,6 +94,21 @@ struct Training {
     /// A class of another site (what the foreign-heads fault claims to send).
     foreign_class: Option<String>,
     rounds_trained: u32,
+    /// What arrived of a cut download, resumed by the next request for the same model.
+    download: PartialSet,
+    /// The update whose upload was cut in transit, sent again (resumed) when its round is offered again.
+    pending: Option<PendingUpdate>,
+}
+
+/// An update whose upload was cut in transit. When its round is offered again after the
+/// reconnection, this very update (same payload digest) is sent again instead of training
+/// anew, so that the coordinator resumes it from what it kept and it counts once, in its
+/// round. Dropped once acknowledged, or when another round is offered.
+struct PendingUpdate {
+    round: u32,
+    header: UpdateHeader,
+    set: Arc<TensorSet>,
+    digests: TensorDigests,
 }
 
 enum SessionEnd {
@@ -282,6 +297,8 @@ impl Agent {
             val: std::mem::take(&mut data.val),
             loaded_digest: None,
             rounds_trained: 0,
+            download: PartialSet::default(),
+            pending: None,
         };
         Ok((session, training))
     }
@@ -320,8 +337,27 @@ impl Agent {
         }
     }
 
-    /// One round: download the global model if needed, evaluate it if asked, train, upload.
+    /// One round: download the global model if needed, evaluate it if asked, train, upload; or,
+    /// when this round's upload was cut, resume that upload.
     async fn round(&self, conn: &Connection, training: &mut Training, start: RoundStart) -> Result<()> {
+        if let Some(pending) = training.pending.take() {
+            if pending.round == start.round {
+                let accepted = send_update(conn, &mut training.pending, pending).await?;
+                info!(round = start.round, accepted, transport = %conn.kind(), "round done (its cut upload resumed)");
+                training.trainer.save(start.round)?;
+                training.rounds_trained += 1;
+                return Ok(());
+            }
+            warn!(
+                round = pending.round,
+                open = start.round,
+                "dropped the update whose upload was cut: its round is over"
+            );
+        }
+        // What arrived of a cut download of an older model is of no use any more.
+        if training.download.key().is_some_and(|k| k != start.model_digest) {
+            training.download.clear();
+        }
         let mut durations = PhaseTimings::default();
         let started = Instant::now();
         if training.loaded_digest.as_deref() != Some(start.model_digest.as_str()) {
@@ -363,7 +399,7 @@ impl Agent {
             );
         }
         let t = Instant::now();
-        let accepted = self.upload(conn, training, start.round, loss, dice, durations, secure.as_mut()).await?;
+        let accepted = self.upload(conn, training, start.round, loss, dice, durations, &mut secure).await?;
         if let Some(secure) = secure.filter(|_| accepted) {
             secure.unmask(&request).await?;
         }
@@ -387,22 +423,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Uploads the round's update. Without secure aggregation a cut upload stays pending in
+    /// `training`, to be resumed (with secure aggregation the key stages cannot be replayed:
+    /// the site drops out of that round).
     #[allow(clippy::too_many_arguments)]
     async fn upload(
         &self,
         conn: &Connection,
-        training: &Training,
+        training: &mut Training,
         round: u32,
         loss: f32,
         dice: Vec<(String, f32)>,
         durations: PhaseTimings,
-        secure: Option<&mut secagg::SiteSecAgg>,
+        secure: &mut Option<secagg::SiteSecAgg>,
     ) -> Result<bool> {
         // A class with neither prediction nor label in the validation cases has no Dice (NaN);
         // the coordinator refuses non-finite metrics, so such a class is left out of the report.
         let dice: Vec<(String, f32)> = dice.into_iter().filter(|(_, d)| d.is_finite()).collect();
         let (net, selection) = (&training.trainer.trainer.net, &training.trainer.selection);
-        let mut set = match secure {
+        let mut set = match secure.as_mut() {
             Some(s) => s.masked_upload(&training.plan, net, selection, self.n_train)?,
             None => wire::parts_to_wire(net, selection),
         };
@@ -420,21 +459,62 @@ impl Agent {
             dice,
             payload_digest: set.wire_digest_cached(&mut digests),
             durations_ms: durations,
+            resume: false,
         };
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &Message::UpdateHeader(header)).await?;
-        // The coordinator may refuse (a stale round) before reading the payload.
-        let sent = conn::send_tensors_shared(&mut send, Arc::new(set), &mut digests).await;
-        let _ = send.finish();
-        match read_frame(&mut recv, MAX_FRAME_BYTES).await {
-            Ok(Message::Ack(Ack { refusal: None, .. })) => Ok(true),
-            Ok(Message::Ack(Ack { refusal: Some(refusal), .. })) => {
-                warn!(round, "update refused: {refusal}");
-                Ok(false)
-            }
-            Ok(other) => Err(refusal_of(other)),
-            Err(e) => Err(anyhow!("no acknowledgement of the update ({e}; sending: {sent:?})")),
+        let update = PendingUpdate { round, header, set: Arc::new(set), digests };
+        let mut pending = None;
+        let sent = send_update(conn, &mut pending, update).await;
+        if secure.is_none() {
+            training.pending = pending;
         }
+        sent
+    }
+}
+
+/// Sends `update` (resuming it when an earlier upload of it was cut) and reads its `Ack`:
+/// whether it was accepted. A failure in transit leaves it in `pending`, marked for resumption.
+async fn send_update(conn: &Connection, pending: &mut Option<PendingUpdate>, update: PendingUpdate) -> Result<bool> {
+    let round = update.round;
+    let mut update = update;
+    let result = try_send_update(conn, &mut update).await;
+    if result.is_err() {
+        update.header.resume = true;
+        *pending = Some(update);
+    }
+    match result? {
+        Ack { refusal: None, .. } => Ok(true),
+        Ack { refusal: Some(refusal), .. } => {
+            warn!(round, "update refused: {refusal}");
+            Ok(false)
+        }
+    }
+}
+
+async fn try_send_update(conn: &Connection, update: &mut PendingUpdate) -> Result<Ack> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &Message::UpdateHeader(update.header.clone())).await?;
+    // Resuming, the coordinator says first what it kept of this update (or refuses it).
+    let held = if update.header.resume {
+        match read_frame(&mut recv, MAX_FRAME_BYTES).await? {
+            Message::Resume(held) => held,
+            Message::Ack(ack) => return Ok(ack),
+            other => return Err(refusal_of(other)),
+        }
+    } else {
+        Held::default()
+    };
+    // The coordinator may refuse (a stale round) before reading the payload.
+    let sent = conn::send_tensors_shared(&mut send, update.set.clone(), &mut update.digests, &held).await;
+    let _ = send.finish();
+    if let Ok(sent) = &sent {
+        if update.header.resume {
+            info!(round = update.round, held_bytes = held.bytes(), sent_bytes = sent.bytes, "resumed the cut upload");
+        }
+    }
+    match read_frame(&mut recv, MAX_FRAME_BYTES).await {
+        Ok(Message::Ack(ack)) => Ok(ack),
+        Ok(other) => Err(refusal_of(other)),
+        Err(e) => Err(anyhow!("no acknowledgement of the update ({e}; sending: {:?})", sent.map(|s| s.bytes))),
     }
 }
 
@@ -444,16 +524,26 @@ impl Training {
         let net = &mut self.trainer.trainer.net;
         let manifest = wire::parts_manifest(net, &self.trainer.selection);
         let (mut send, mut recv) = conn.open_bi().await?;
-        let request = ModelRequest { digest: digest.to_string(), full: false };
+        // What arrived of a cut download of this model is not asked for again.
+        let held = self.download.held(digest);
+        let request = ModelRequest { digest: digest.to_string(), full: false, held: held.clone() };
         write_frame(&mut send, &Message::ModelRequest(request)).await?;
         send.finish()?;
         // Bound to the announcement: a stream of any other model is refused (the session
-        // ends with this error and is retried after its back-off).
+        // ends with this error and is retried after its back-off, resuming from what arrived).
         let limits = RecvLimits { expected_digest: Some(digest.to_string()), ..RecvLimits::for_manifest(manifest) };
-        let (set, _) = recv_tensors_digest(&mut recv, &limits)
+        let received = recv_tensors_resumable(&mut recv, &limits, &mut self.download)
             .await
             .with_context(|| format!("downloading the global model {digest} announced in RoundStart"))?;
-        Parts::from_wire(&set)?.apply(net, &self.trainer.selection)?;
+        info!(
+            digest,
+            model_bytes = received.wire_bytes,
+            received_bytes = received.received_bytes,
+            attempts = received.attempts,
+            held_bytes = held.bytes(),
+            "global model downloaded"
+        );
+        Parts::from_wire(&received.set)?.apply(net, &self.trainer.selection)?;
         self.loaded_digest = Some(digest.to_string());
         Ok(())
     }

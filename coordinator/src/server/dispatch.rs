@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedtalent_protocol::{
-    close, read_frame, write_frame, AdminReply, AdminRequest, ErrorKind, FrameError, Message, ModelRequest, RecvStream,
-    SendStream, SiteStatus, StatusReport, MAX_FRAME_BYTES,
+    close, read_frame, write_frame, AdminReply, AdminRequest, ErrorKind, FrameError, Held, Message, ModelRequest,
+    RecvStream, SendStream, SiteStatus, StatusReport, MAX_FRAME_BYTES,
 };
 use tracing::warn;
 
@@ -51,8 +51,8 @@ impl Coordinator {
         let reply = match request {
             Message::Admin(req) if is_admin => Some(self.admin(req)),
             // The whole model (every site's heads and decoders) is the operator's only.
-            Message::ModelRequest(ModelRequest { digest, full: true }) if is_admin => {
-                self.model_reply(&peer, &digest, true, &mut send).await
+            Message::ModelRequest(ModelRequest { digest, full: true, held }) if is_admin => {
+                self.model_reply(&peer, &digest, true, &held, &mut send).await
             }
             _ if is_admin => {
                 Some(Message::refusal(ErrorKind::BadMessage, "the admin identity only sends admin requests"))
@@ -77,10 +77,10 @@ impl Coordinator {
                     format!("site {peer}: only the operator may download every site's heads (full = true)"),
                 ))
             }
-            Message::ModelRequest(ModelRequest { digest, full: false }) => {
-                self.model_reply(&peer, &digest, false, &mut send).await
+            Message::ModelRequest(ModelRequest { digest, full: false, held }) => {
+                self.model_reply(&peer, &digest, false, &held, &mut send).await
             }
-            Message::UpdateHeader(header) => Some(self.receive_update(&peer, header, &mut recv).await),
+            Message::UpdateHeader(header) => Some(self.receive_update(&peer, header, &mut send, &mut recv).await),
             Message::SecAgg(request) => Some(self.secagg_request(&peer, request).await),
             other => Some(Message::refusal(ErrorKind::BadMessage, format!("unexpected {} request", other.kind()))),
         };
@@ -92,9 +92,17 @@ impl Coordinator {
         let _ = send.finish();
     }
 
-    /// Streams the model, or the refusal to answer instead.
-    async fn model_reply(&self, peer: &str, digest: &str, full: bool, send: &mut SendStream) -> Option<Message> {
-        match self.send_model(peer, digest, full, send).await {
+    /// Streams the model (from where the requester's `held` copy of a cut download ends), or
+    /// the refusal to answer instead.
+    async fn model_reply(
+        &self,
+        peer: &str,
+        digest: &str,
+        full: bool,
+        held: &Held,
+        send: &mut SendStream,
+    ) -> Option<Message> {
+        match self.send_model(peer, digest, full, held, send).await {
             Ok(()) => None,
             Err(reason) => {
                 warn!(site = %peer, "model request refused: {reason:#}");

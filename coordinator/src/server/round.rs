@@ -14,8 +14,8 @@ use anyhow::{anyhow, Context, Result};
 use fedtalent_model::wire::{self, Parts};
 use fedtalent_model::MultiTalentNet;
 use fedtalent_protocol::{
-    close, recv_tensors_digest, Ack, DType, ErrorKind, Finished, Message, RecvLimits, Refusal, RoundStart, SecAggRound,
-    TensorDigests, UpdateHeader, MASKED_BACKBONE,
+    close, recv_tensors_resumable, write_frame, Ack, DType, ErrorKind, Finished, Held, Message, PartialSet, Received,
+    RecvLimits, RecvStream, Refusal, RoundStart, SecAggRound, SendStream, TensorDigests, UpdateHeader, MASKED_BACKBONE,
 };
 use tracing::{info, warn};
 
@@ -55,8 +55,12 @@ pub(super) struct OpenRound {
     /// reason: the round's participation in the metrics log.
     refusals: Vec<RefusalNote>,
     /// Bytes of the model streamed to each site during the round (a site that fetched twice,
-    /// after a broken stream, counts both).
+    /// after a broken stream, counts both; a resumed download only what was resent).
     downloads: BTreeMap<String, u64>,
+    /// Updates of this round cut in transit, by site: what arrived of each (bound to its
+    /// payload digest), so that the site's resumed upload sends only the rest. One per site,
+    /// each within the round's manifest; dropped with the round when it closes.
+    partials: BTreeMap<String, PartialSet>,
     /// With `[plan.privacy].secure_aggregation`: the round's protocol state.
     pub(super) secagg: Option<SecAggState>,
 }
@@ -72,6 +76,7 @@ impl OpenRound {
             handed: BTreeSet::new(),
             refusals: Vec::new(),
             downloads: BTreeMap::new(),
+            partials: BTreeMap::new(),
             secagg: None,
         }
     }
@@ -284,12 +289,14 @@ impl Coordinator {
         Message::RoundStart(RoundStart { model_digest: federation.site_digest(peer), ..start })
     }
 
-    /// Streams the current global model's backbone plus the site's heads (all heads if `full`).
+    /// Streams the current global model's backbone plus the site's heads (all heads if `full`),
+    /// each tensor from where the site's `held` copy of a cut download ends.
     pub(super) async fn send_model(
         &self,
         peer: &str,
         digest: &str,
         full: bool,
+        held: &Held,
         send: &mut fedtalent_protocol::SendStream,
     ) -> Result<()> {
         let (set, mut digests, version) = {
@@ -306,10 +313,13 @@ impl Coordinator {
             let set = wire::parts_to_wire(&federation.global, &selection);
             (set, federation.wire_digests.clone(), federation.digest.clone())
         };
-        let bytes = set.total_bytes();
-        fedtalent_protocol::conn::send_tensors_shared(send, Arc::new(set), &mut digests)
+        let sent = fedtalent_protocol::conn::send_tensors_shared(send, Arc::new(set), &mut digests, held)
             .await
             .map_err(|e| anyhow!("streaming the model to {peer}: {e}"))?;
+        let bytes = sent.bytes;
+        if !held.tensors.is_empty() {
+            info!(site = %peer, held_bytes = held.bytes(), sent_bytes = bytes, "resumed a cut model download");
+        }
         if let Some(federation) = self.lock().running_mut().filter(|f| f.digest == version) {
             federation.wire_digests.merge(digests);
             // A site's download is part of the round it works on; the operator's is not.
@@ -325,10 +335,11 @@ impl Coordinator {
         &self,
         peer: &str,
         header: UpdateHeader,
-        recv: &mut fedtalent_protocol::RecvStream,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
     ) -> Message {
         let round = header.round;
-        let refusal = self.admit_update(peer, header, recv).await.err();
+        let refusal = self.admit_update(peer, header, send, recv).await.err();
         if let Some(refusal) = &refusal {
             warn!(site = %peer, round, "update refused: {}", refusal.reason);
             if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()) {
@@ -347,28 +358,38 @@ impl Coordinator {
         &self,
         peer: &str,
         header: UpdateHeader,
-        recv: &mut fedtalent_protocol::RecvStream,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
     ) -> std::result::Result<(), Refusal> {
         let round = header.round;
-        let (_slot, limits, until) = match self.reserve_slot(peer, &header) {
+        let (_slot, limits, until, mut partial) = match self.reserve_slot(peer, &header) {
             Ok(reserved) => reserved,
             Err(refusal) => {
                 let _ = recv.stop(close::REFUSED);
                 return Err(refusal);
             }
         };
+        if header.resume {
+            let held = partial.held(&header.payload_digest);
+            info!(site = %peer, round, held_bytes = held.bytes(), "resuming a cut update");
+            if let Err(e) = write_frame(send, &Message::Resume(held)).await {
+                return Err(Refusal::new(ErrorKind::BadUpdate, format!("site {peer}: resuming its update: {e}")));
+            }
+        }
         // A stalled payload would hold its slot (and this task) forever: it must arrive before
         // the round closes, when it could not count any more. No shorter stall timeout: until
         // the deadline a stalled upload is an absent site, which the round waits for anyway, as
         // for a site still training; a shorter one would only drop slow honest links.
         let receiving = Instant::now();
-        let (set, digest) = match tokio::time::timeout_at(until.into(), recv_tensors_digest(recv, &limits)).await {
+        let receiving_payload = recv_tensors_resumable(recv, &limits, &mut partial);
+        let received = match tokio::time::timeout_at(until.into(), receiving_payload).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = recv.stop(close::REFUSED);
                 if !e.is_transport() {
                     self.mark_refused(peer, round);
                 }
+                self.keep_partial(peer, round, partial);
                 return Err(Refusal::new(ErrorKind::BadUpdate, format!("payload: {e}")));
             }
             Err(_) => {
@@ -382,8 +403,8 @@ impl Coordinator {
                 ));
             }
         };
+        let Received { mut set, digest, wire_bytes, received_bytes, attempts } = received;
         // With secure aggregation the backbone arrived as one masked tensor.
-        let mut set = set;
         let masked = set.tensors.iter().position(|t| t.name == MASKED_BACKBONE).map(|i| set.tensors.remove(i));
         // Decoding the payload's tensors is the large part of the work: outside the lock.
         let parts = Parts::from_wire(&set).map_err(|e| {
@@ -446,8 +467,20 @@ impl Coordinator {
         );
         drop(inner);
         self.changed();
-        info!(site = %peer, round, n_cases, loss, "update accepted");
+        info!(site = %peer, round, n_cases, loss, wire_bytes, received_bytes, attempts, "update accepted");
         Ok(())
+    }
+
+    /// Keeps what arrived of `peer`'s cut update of `round` for its resumed upload, while that
+    /// round is open (a refused or completed one has nothing kept: `partial` is empty then).
+    fn keep_partial(&self, peer: &str, round: u32, partial: PartialSet) {
+        if partial.kept_bytes() == 0 {
+            return;
+        }
+        if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()).filter(|o| o.round == round) {
+            info!(site = %peer, round, kept_bytes = partial.kept_bytes(), "kept a cut update for its resumption");
+            open.partials.insert(peer.to_string(), partial);
+        }
     }
 
     /// Records that `peer`'s update of `round` was refused for what it holds (see
@@ -459,12 +492,13 @@ impl Coordinator {
     }
 
     /// Checks an update's header against the open round and takes the site's arriving slot in
-    /// it; returns the slot, the payload's limits and the time by which it must have arrived.
+    /// it; returns the slot, the payload's limits, the time by which it must have arrived, and
+    /// what was kept of this very update (its payload digest) from a cut upload.
     fn reserve_slot(
         &self,
         peer: &str,
         header: &UpdateHeader,
-    ) -> std::result::Result<(Slot<'_>, RecvLimits, Instant), Refusal> {
+    ) -> std::result::Result<(Slot<'_>, RecvLimits, Instant, PartialSet), Refusal> {
         let bad = |reason: String| Refusal::new(ErrorKind::BadUpdate, reason);
         let round = header.round;
         let mut inner = self.lock();
@@ -508,7 +542,9 @@ impl Coordinator {
             return Err(bad(format!("site {peer}: another update of round {round} is already arriving")));
         }
         let until = open.opened + Duration::from_secs(self.config.plan.round_deadline_s);
-        Ok((Slot { coordinator: self, site: peer.to_string(), round }, limits, until))
+        // Another update of the site (another digest) makes what was kept of the last useless.
+        let partial = open.partials.remove(peer).filter(|p| p.key() == Some(header.payload_digest.as_str()));
+        Ok((Slot { coordinator: self, site: peer.to_string(), round }, limits, until, partial.unwrap_or_default()))
     }
 
     /// Aggregates the round into a copy of the global model and commits it. An aggregation

@@ -127,7 +127,12 @@ impl Peer {
     /// As [`Peer::download`], also returning the set digest the stream carried.
     pub async fn download_digest(&self, digest: &str, full: bool) -> Result<(TensorSet, String), Message> {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Message::ModelRequest(ModelRequest { digest: digest.into(), full })).await.unwrap();
+        write_frame(
+            &mut send,
+            &Message::ModelRequest(ModelRequest { digest: digest.into(), full, held: Default::default() }),
+        )
+        .await
+        .unwrap();
         send.finish().unwrap();
         let mut reply = Vec::new();
         let mut buf = [0u8; 1 << 16];
@@ -167,6 +172,7 @@ impl Peer {
             dice: m.dice,
             payload_digest: set.wire_digest_cached(&mut digests),
             durations_ms: m.durations_ms,
+            resume: false,
         });
         let (mut send, recv) = self.conn.open_bi().await.unwrap();
         write_frame(&mut send, &header).await.unwrap();

@@ -12,7 +12,9 @@
 //! reads leaves the bottleneck after the ones ahead of it at the link rate, arrives one delay
 //! later, and waits for the end of a cut that covers its departure (a cut holds bytes, it cannot
 //! drop them: TCP would resend them once the link is back; a cut without end holds them for
-//! good, and the connection goes silent, as behind a dead link).
+//! good, and the connection goes silent, as behind a dead link). [`TcpRelay::reset`] breaks
+//! the connections relayed now, as a middlebox that drops its state (a NAT or firewall reboot):
+//! both ends see their connection end, and new ones are relayed as before.
 //!
 //! Deterministic per seed: the jitter of each chunk is drawn from a seeded ChaCha8 per
 //! direction and connection; chunk boundaries come from the sockets, so exact times are not.
@@ -27,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::LinkSpec;
@@ -50,6 +52,8 @@ pub struct TcpRelay {
     addr: SocketAddr,
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
+    /// Bumped by [`TcpRelay::reset`]: every connection relayed before is dropped.
+    resets: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
 
@@ -69,6 +73,8 @@ impl TcpRelay {
         let (up_bytes, down_bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (u, d) = (up_bytes.clone(), down_bytes.clone());
         let start = Instant::now();
+        let (resets, _) = watch::channel(0);
+        let reset = resets.clone();
         let task = tokio::spawn(async move {
             let mut n = 0u64;
             while let Ok((client, _)) = listener.accept().await {
@@ -78,12 +84,19 @@ impl TcpRelay {
                 let (sr, sw) = server.into_split();
                 // Each connection and direction its own stream of draws.
                 let base = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(n * 2);
-                tokio::spawn(pump(cr, sw, up.clone(), base, start, u.clone()));
-                tokio::spawn(pump(sr, cw, down.clone(), base + 1, start, d.clone()));
+                let (ru, rd) = (reset.subscribe(), reset.subscribe());
+                tokio::spawn(until_reset(ru, pump(cr, sw, up.clone(), base, start, u.clone())));
+                tokio::spawn(until_reset(rd, pump(sr, cw, down.clone(), base + 1, start, d.clone())));
                 n += 1;
             }
         });
-        Ok(TcpRelay { addr, up: up_bytes, down: down_bytes, task })
+        Ok(TcpRelay { addr, up: up_bytes, down: down_bytes, resets, task })
+    }
+
+    /// Breaks every connection relayed now (both sockets of each are closed, with whatever the
+    /// relay held for them); later connections are relayed as before.
+    pub fn reset(&self) {
+        self.resets.send_modify(|n| *n += 1);
     }
 
     /// Where clients connect.
@@ -138,6 +151,23 @@ impl Schedule {
     }
 }
 
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs `pump` until the relay is reset; dropping it closes its sockets.
+async fn until_reset(mut reset: watch::Receiver<u64>, pump: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = pump => {}
+        _ = reset.changed() => {}
+    }
+}
+
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
@@ -148,7 +178,8 @@ async fn pump(
 ) {
     let queue = Arc::new(Semaphore::new(spec.queue_bytes.clamp(MIN_QUEUE, 64 << 20)));
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, OwnedSemaphorePermit)>();
-    let writer = tokio::spawn(async move {
+    // Aborted with the pump (a reset): what the link held for the connection is lost with it.
+    let mut writer = AbortOnDrop(tokio::spawn(async move {
         while let Some((at, bytes, _permit)) = rx.recv().await {
             tokio::time::sleep_until(at.into()).await;
             if to.write_all(&bytes).await.is_err() {
@@ -157,7 +188,7 @@ async fn pump(
             delivered.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         let _ = to.shutdown().await;
-    });
+    }));
     let now = Instant::now();
     let mut schedule = Schedule { spec, start, rng: ChaCha8Rng::seed_from_u64(seed), free: now, last: now };
     let mut buf = vec![0u8; CHUNK];
@@ -177,7 +208,7 @@ async fn pump(
         }
     }
     drop(tx);
-    let _ = writer.await;
+    let _ = (&mut writer.0).await;
 }
 
 #[cfg(test)]
