@@ -76,8 +76,9 @@ started=$(date +%s)
 # single-threaded processes side by side keeps them full (a federation's three 1-thread agents ran
 # 1.5x the steps per second of one 2-thread `site-agent train`). Seeds run side by side, so the
 # next seed's federation overlaps the last one's alone and pooled arms.
-export OMP_NUM_THREADS=1
+# (nproc before OMP_NUM_THREADS is set: GNU nproc reports that variable, not the cores.)
 SLOTS="${BENCH_JOBS:-$(( $(nproc) * 2 ))}"
+export OMP_NUM_THREADS=1
 mkfifo "$OUT/.slots"
 exec 9<>"$OUT/.slots"
 for ((i = 0; i < SLOTS; i++)); do printf x >&9; done
