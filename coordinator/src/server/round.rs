@@ -362,6 +362,9 @@ impl Coordinator {
         recv: &mut RecvStream,
     ) -> std::result::Result<(), Refusal> {
         let round = header.round;
+        if header.resume {
+            self.wait_for_cut_upload(peer, round).await;
+        }
         let (_slot, limits, until, mut partial) = match self.reserve_slot(peer, &header) {
             Ok(reserved) => reserved,
             Err(refusal) => {
@@ -469,6 +472,20 @@ impl Coordinator {
         self.changed();
         info!(site = %peer, round, n_cases, loss, wire_bytes, received_bytes, attempts, "update accepted");
         Ok(())
+    }
+
+    /// A site that resumes its cut upload may have reconnected before this side noticed that
+    /// the cut stream ended (a link that went silent, not reset): that stream still holds the
+    /// site's slot in the round. It ends at the latest when its connection idles out; until
+    /// then the resumed upload waits for the slot rather than being refused for it.
+    async fn wait_for_cut_upload(&self, peer: &str, round: u32) {
+        let free = |i: &Inner| {
+            let open = i.running().and_then(|f| f.open.as_ref()).filter(|o| o.round == round);
+            (!open.is_some_and(|o| o.arriving.contains(peer))).then_some(())
+        };
+        if self.wait_for(fedtalent_protocol::tcp::IDLE_TIMEOUT, free).await.is_none() {
+            warn!(site = %peer, round, "its cut upload still holds its slot; the resumed one is refused");
+        }
     }
 
     /// Keeps what arrived of `peer`'s cut update of `round` for its resumed upload, while that
@@ -719,6 +736,9 @@ impl Drop for Slot<'_> {
         if let Some(open) = inner.running_mut().and_then(|f| f.open.as_mut()).filter(|o| o.round == self.round) {
             open.arriving.remove(&self.site);
         }
+        drop(inner);
+        // A resumed upload of the site may be waiting for the slot.
+        self.coordinator.changed();
     }
 }
 
