@@ -148,11 +148,11 @@ impl Optimizer {
             .collect()
     }
 
-    /// Global L2 norm of all gradients (a device scalar, no host sync).
+    /// Global L2 norm of all gradients (a device scalar, no host sync): the norm of the
+    /// per-gradient norms, as `clip_grad_norm_` computes it, with no temporary of a gradient's size.
     pub fn grad_norm(&self) -> Tensor {
-        let grads = self.grads();
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
+        let norms: Vec<Tensor> = self.grads().iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+        Tensor::stack(&norms, 0).norm()
     }
 
     /// Scales gradients so that their global norm is at most `max_norm`
@@ -177,18 +177,31 @@ impl Optimizer {
         });
     }
 
-    /// One step with learning rate `lr` on every parameter that has a gradient and is not frozen.
+    /// One step with learning rate `lr` on every parameter that has a gradient and is not frozen,
+    /// in place: no update allocates a tensor the size of a parameter (only a parameter's first
+    /// step allocates its state), and the gradients are consumed (each ends up holding its
+    /// parameter's update direction; the next step's `zero_grad` clears them).
+    ///
+    /// One parameter at a time, all of its updates together: tch 0.24 does not bind torch's
+    /// multi-tensor `_foreach_*` ops, and on the CPU those are a loop over the same per-tensor
+    /// kernels anyway, whereas a parameter-major loop keeps small parameters in cache between
+    /// their updates.
     pub fn step(&mut self, lr: f64) {
+        let mut scalars = match &self.config {
+            OptimizerConfig::Sgd(c) => sgd_scalars(c, lr),
+            OptimizerConfig::Adam(c) => adam_scalars(c, lr),
+        };
         tch::no_grad(|| {
             for (name, p) in &mut self.params {
-                let grad = p.grad();
+                let mut grad = p.grad();
                 if !grad.defined() || self.frozen.contains(name) {
                     continue;
                 }
+                let s = scalars.for_param(p);
                 let state = self.state.get_mut(name);
                 let fresh = match &self.config {
-                    OptimizerConfig::Sgd(c) => sgd_update(c, p, &grad, state, lr),
-                    OptimizerConfig::Adam(c) => adam_update(c, p, &grad, state, lr),
+                    OptimizerConfig::Sgd(c) => sgd_update(c, s, p, &mut grad, state),
+                    OptimizerConfig::Adam(c) => adam_update(c, s, p, &mut grad, state),
                 };
                 if let Some(fresh) = fresh {
                     self.state.insert(name.clone(), fresh);
@@ -275,56 +288,96 @@ impl Optimizer {
     }
 }
 
-/// `grad + wd·p`: L2 weight decay folded into the gradient, as both torch optimizers do.
-fn with_weight_decay(grad: &Tensor, p: &Tensor, weight_decay: f64) -> Tensor {
-    if weight_decay != 0.0 {
-        grad + p * weight_decay
-    } else {
-        grad.shallow_clone()
+/// One step's scalar factors as 0-dim tensors on the parameters' device and kind: with them
+/// `x.addcmul_(y, s)` is `x += s·y` in one in-place pass (torch's `add_(y, alpha=s)`; tch 0.24
+/// binds neither `alpha` nor torch's `_foreach_*` / `_fused_*` ops), so no update allocates a
+/// temporary the size of a parameter. Made once per step, remade only for a parameter on
+/// another device or of another kind.
+struct StepScalars {
+    values: Vec<f64>,
+    made: Option<((tch::Device, Kind), Vec<Tensor>)>,
+}
+
+impl StepScalars {
+    fn new(values: Vec<f64>) -> Self {
+        Self { values, made: None }
     }
+
+    fn for_param(&mut self, p: &Tensor) -> &[Tensor] {
+        let key = (p.device(), p.kind());
+        if self.made.as_ref().map(|(k, _)| *k) != Some(key) {
+            let tensors = self.values.iter().map(|&v| Tensor::scalar_tensor(v, (key.1, key.0))).collect();
+            self.made = Some((key, tensors));
+        }
+        self.made.as_ref().map_or(&[], |(_, tensors)| tensors.as_slice())
+    }
+}
+
+/// The step's scalars of SGD: `[wd, μ, −lr]`.
+fn sgd_scalars(c: &SgdConfig, lr: f64) -> StepScalars {
+    StepScalars::new(vec![c.weight_decay, c.momentum, -lr])
 }
 
 /// `torch.optim.SGD`: `g += wd·p; buf = μ·buf + g; p -= lr·(g + μ·buf)` (Nesterov) or
-/// `p -= lr·buf`. Returns the state to insert when the parameter had none.
+/// `p -= lr·buf`, every update in place (`grad` ends up holding the step's direction). Returns
+/// the state to insert when the parameter had none (its momentum buffer: a copy of `g`, as torch
+/// clones it on the first step).
 fn sgd_update(
     c: &SgdConfig,
+    s: &[Tensor],
     p: &mut Tensor,
-    grad: &Tensor,
+    grad: &mut Tensor,
     state: Option<&mut ParamState>,
-    lr: f64,
 ) -> Option<ParamState> {
-    let mut d = with_weight_decay(grad, p, c.weight_decay);
-    let mut fresh = None;
-    if c.momentum != 0.0 {
-        let buf = match state {
-            Some(ParamState::Momentum(buf)) => {
-                let _ = buf.g_mul_scalar_(c.momentum).g_add_(&d);
-                buf.shallow_clone()
-            }
-            // Never Adam state: `load` refuses it and `step` only creates the configured rule's.
-            _ => {
-                let buf = d.detach().copy();
-                fresh = Some(ParamState::Momentum(buf.shallow_clone()));
-                buf
-            }
-        };
-        d = if c.nesterov { d + buf * c.momentum } else { buf };
+    let (wd, mu, neg_lr) = (&s[0], &s[1], &s[2]);
+    if c.weight_decay != 0.0 {
+        let _ = grad.addcmul_(p, wd);
     }
-    let _ = p.g_sub_(&(d * lr));
+    if c.momentum == 0.0 {
+        let _ = p.addcmul_(grad, neg_lr);
+        return None;
+    }
+    let mut fresh = None;
+    let buf = match state {
+        Some(ParamState::Momentum(buf)) => {
+            let _ = buf.g_mul_scalar_(c.momentum).g_add_(grad);
+            buf.shallow_clone()
+        }
+        // Never Adam state: `load` refuses it and `step` only creates the configured rule's.
+        _ => {
+            let buf = grad.detach().copy();
+            fresh = Some(ParamState::Momentum(buf.shallow_clone()));
+            buf
+        }
+    };
+    if c.nesterov {
+        let _ = grad.addcmul_(&buf, mu);
+        let _ = p.addcmul_(grad, neg_lr);
+    } else {
+        let _ = p.addcmul_(&buf, neg_lr);
+    }
     fresh
 }
 
-/// `torch.optim.Adam` (single-tensor path, amsgrad off): `g += wd·p; t += 1;
-/// m = lerp(m, g, 1−β1); v = β2·v + (1−β2)·g²; p -= lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε)`.
-/// Returns the state to insert when the parameter had none.
+/// The step's scalars of Adam: `[wd, −lr]` (the step size's bias correction is per parameter).
+fn adam_scalars(c: &AdamConfig, lr: f64) -> StepScalars {
+    StepScalars::new(vec![c.weight_decay, -lr])
+}
+
+/// `torch.optim.Adam` (amsgrad off): `g += wd·p; t += 1; m = lerp(m, g, 1−β1);
+/// v = β2·v + (1−β2)·g²; p -= lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε)`, every update in place
+/// (`grad` is reused for `√(1−β2)·g` and then the step's direction). Returns the state to insert
+/// when the parameter had none.
 fn adam_update(
     c: &AdamConfig,
+    s: &[Tensor],
     p: &mut Tensor,
-    grad: &Tensor,
+    grad: &mut Tensor,
     state: Option<&mut ParamState>,
-    lr: f64,
 ) -> Option<ParamState> {
-    let g = with_weight_decay(grad, p, c.weight_decay);
+    if c.weight_decay != 0.0 {
+        let _ = grad.addcmul_(p, &s[0]);
+    }
     let mut fresh = None;
     let (step, exp_avg, exp_avg_sq) = match state {
         Some(ParamState::Adam { step, exp_avg, exp_avg_sq }) => (step, exp_avg, exp_avg_sq),
@@ -339,13 +392,19 @@ fn adam_update(
         }
     };
     *step += 1;
-    let _ = exp_avg.lerp_(&g, 1.0 - c.beta1);
-    let _ = exp_avg_sq.g_mul_scalar_(c.beta2).g_add_(&(&g * &g * (1.0 - c.beta2)));
+    let _ = exp_avg.lerp_(grad, 1.0 - c.beta1);
+    // v·β2 + (√(1−β2)·g)², the gradient's last use.
+    let _ = grad.g_mul_scalar_((1.0 - c.beta2).sqrt());
+    let _ = exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(grad, grad);
     let t = *step as i32;
-    let step_size = lr / (1.0 - c.beta1.powi(t));
+    let bias_correction1 = 1.0 - c.beta1.powi(t);
     let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-    let denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + c.eps;
-    let _ = p.g_sub_(&(&*exp_avg / denom * step_size));
+    // m / ((1−β1^t)·(√v/√(1−β2^t) + ε)) into the gradient's memory, then p += −lr · that: torch's
+    // step size lr/(1−β1^t) folded into the denominator, so that −lr is one scalar for all.
+    let _ = exp_avg_sq.sqrt_out(grad);
+    let _ = grad.g_mul_scalar_(bias_correction1 / bias_correction2_sqrt).g_add_scalar_(c.eps * bias_correction1);
+    let _ = exp_avg.div_out(grad, grad);
+    let _ = p.addcmul_(grad, &s[1]);
     fresh
 }
 

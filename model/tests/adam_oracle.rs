@@ -1,5 +1,5 @@
-//! The local Adam equals `torch.optim.Adam` (Python in the venv) step for step: same parameters,
-//! gradients and per-step learning rates (the poly schedule), one parameter frozen for the
+//! The local Adam and SGD (Nesterov) equal `torch.optim.Adam` / `torch.optim.SGD` (Python in the
+//! venv, their per-parameter `foreach=False` paths) step for step: same parameters, gradients and per-step learning rates (the poly schedule), one parameter frozen for the
 //! first steps (so its bias correction lags, as PyTorch's per-parameter step count does), and a
 //! save/load of the optimizer state in the middle (a site restart between rounds).
 
@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::HashSet;
 
+use common::{named, set_grads, shallow};
 use fedtalent_model::optim::{poly_lr, AdamConfig, Optimizer, OptimizerConfig, SgdConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -20,8 +21,12 @@ from safetensors.torch import load_file, save_file
 d = load_file(sys.argv[1]); meta = json.loads(sys.argv[2])
 names = meta["names"]
 params = [torch.nn.Parameter(d["init/" + n].clone()) for n in names]
-opt = torch.optim.Adam(params, lr=meta["lrs"][0], betas=(meta["beta1"], meta["beta2"]), eps=meta["eps"],
-                       weight_decay=meta["weight_decay"], foreach=False)
+if meta["rule"] == "adam":
+    opt = torch.optim.Adam(params, lr=meta["lrs"][0], betas=(meta["beta1"], meta["beta2"]), eps=meta["eps"],
+                           weight_decay=meta["weight_decay"], foreach=False)
+else:
+    opt = torch.optim.SGD(params, lr=meta["lrs"][0], momentum=meta["momentum"], nesterov=meta["nesterov"],
+                          weight_decay=meta["weight_decay"], foreach=False)
 for step, lr in enumerate(meta["lrs"]):
     for group in opt.param_groups:
         group["lr"] = lr
@@ -32,28 +37,30 @@ for step, lr in enumerate(meta["lrs"]):
 save_file({n: p.detach().contiguous() for n, p in zip(names, params)}, sys.argv[3])
 "#;
 
-fn named(prefix: &str, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    tensors.iter().map(|(n, t)| (format!("{prefix}{n}"), t.shallow_clone())).collect()
-}
-
-fn shallow(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    named("", tensors)
-}
-
-/// Gives every parameter in `grads` exactly that gradient: backward of `Σ <p, g>`.
-fn set_grads(opt: &mut Optimizer, params: &[(String, Tensor)], grads: &[(String, Tensor)]) {
-    opt.zero_grad();
-    let terms: Vec<Tensor> = params
-        .iter()
-        .zip(grads)
-        .filter(|((_, p), _)| p.requires_grad())
-        .map(|((_, p), (_, g))| (p * g).sum(Kind::Float))
-        .collect();
-    Tensor::stack(&terms, 0).sum(Kind::Float).backward();
-}
-
 #[test]
 fn adam_matches_torch_optim_adam_across_a_save_and_load() {
+    let config = AdamConfig { weight_decay: 1e-2, ..AdamConfig::default() };
+    let meta = serde_json::json!({
+        "rule": "adam", "beta1": config.beta1, "beta2": config.beta2, "eps": config.eps,
+        "weight_decay": config.weight_decay,
+    });
+    matches_torch_optim_across_a_save_and_load(OptimizerConfig::Adam(config), 3e-4, meta);
+}
+
+/// SGD with Nesterov momentum as the benchmark's PyTorch peer runs it (and as nnU-Net trains),
+/// with a weight decay large enough to matter within six steps.
+#[test]
+fn sgd_matches_torch_optim_sgd_across_a_save_and_load() {
+    let config = SgdConfig { weight_decay: 1e-2, ..SgdConfig::default() };
+    let meta = serde_json::json!({
+        "rule": "sgd", "momentum": config.momentum, "nesterov": config.nesterov,
+        "weight_decay": config.weight_decay,
+    });
+    matches_torch_optim_across_a_save_and_load(OptimizerConfig::Sgd(config), 1e-2, meta);
+}
+
+/// Runs `config` and torch's optimizer named in `meta` over the same steps and compares.
+fn matches_torch_optim_across_a_save_and_load(config: OptimizerConfig, base_lr: f64, meta: serde_json::Value) {
     tch::manual_seed(3);
     let shapes: [(&str, &[i64]); 3] =
         [("conv.weight", &[4, 2, 3, 3, 3]), ("norm.bias", &[4]), ("seg_outputs.0.weight", &[2, 4, 1, 1, 1])];
@@ -61,20 +68,20 @@ fn adam_matches_torch_optim_adam_across_a_save_and_load() {
         shapes.iter().map(|(n, s)| (n.to_string(), Tensor::randn(*s, (Kind::Float, Device::Cpu)))).collect();
     let grads: Vec<Vec<(String, Tensor)>> =
         (0..STEPS).map(|_| init.iter().map(|(n, t)| (n.clone(), t.randn_like() * 0.1)).collect()).collect();
-    let lrs: Vec<f64> = (0..STEPS as u64).map(|t| poly_lr(3e-4, t, STEPS as u64 + 2)).collect();
+    let lrs: Vec<f64> = (0..STEPS as u64).map(|t| poly_lr(base_lr, t, STEPS as u64 + 2)).collect();
     let frozen = "seg_outputs.0.weight";
-    let config = AdamConfig::default();
+    let adam = matches!(config, OptimizerConfig::Adam(_));
 
     let params: Vec<(String, Tensor)> =
         init.iter().map(|(n, t)| (n.clone(), t.copy().set_requires_grad(true))).collect();
     let dir = tempfile::tempdir().unwrap();
     let state_file = dir.path().join("optimizer.safetensors");
-    let mut opt = Optimizer::new(shallow(&params), OptimizerConfig::Adam(config.clone()));
+    let mut opt = Optimizer::new(shallow(&params), config.clone());
     for (step, (lr, g)) in lrs.iter().zip(&grads).enumerate() {
         if step == SAVED_AFTER {
             // A restart: a fresh optimizer over the same parameters, its state read back.
             opt.save(&state_file).unwrap();
-            opt = Optimizer::new(shallow(&params), OptimizerConfig::Adam(config.clone()));
+            opt = Optimizer::new(shallow(&params), config.clone());
             opt.load(&state_file).unwrap();
         }
         let frozen_now: HashSet<String> =
@@ -83,8 +90,10 @@ fn adam_matches_torch_optim_adam_across_a_save_and_load() {
         set_grads(&mut opt, &params, g);
         opt.step(*lr);
     }
-    assert_eq!(opt.adam_steps("conv.weight"), Some(STEPS as u64));
-    assert_eq!(opt.adam_steps(frozen), Some((STEPS - FROZEN_STEPS) as u64));
+    if adam {
+        assert_eq!(opt.adam_steps("conv.weight"), Some(STEPS as u64));
+        assert_eq!(opt.adam_steps(frozen), Some((STEPS - FROZEN_STEPS) as u64));
+    }
 
     let mut tensors = named("init/", &init);
     for (step, g) in grads.iter().enumerate() {
@@ -93,17 +102,17 @@ fn adam_matches_torch_optim_adam_across_a_save_and_load() {
     let input = dir.path().join("in.safetensors");
     let output = dir.path().join("out.safetensors");
     fedtalent_model::io::write_tensors_atomic(&input, &tensors).unwrap();
-    let meta = serde_json::json!({
-        "names": shapes.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-        "lrs": lrs, "beta1": config.beta1, "beta2": config.beta2, "eps": config.eps,
-        "weight_decay": config.weight_decay, "frozen": frozen, "frozen_steps": FROZEN_STEPS,
-    });
+    let mut meta = meta;
+    meta["names"] = shapes.iter().map(|(n, _)| *n).collect::<Vec<_>>().into();
+    meta["lrs"] = lrs.into();
+    meta["frozen"] = frozen.into();
+    meta["frozen_steps"] = FROZEN_STEPS.into();
     common::run_python(ORACLE, &[input.to_str().unwrap(), &meta.to_string(), output.to_str().unwrap()]);
     let theirs = fedtalent_model::io::read_tensors(&output).unwrap();
     for (name, ours) in &params {
         let (_, t) = theirs.iter().find(|(n, _)| n == name).unwrap();
         let diff = f64::try_from((ours.detach() - t).abs().max()).unwrap();
-        assert!(diff < 1e-6, "{name}: ours and torch.optim.Adam differ by {diff}");
+        assert!(diff < 1e-6, "{name}: ours and torch.optim ({}) differ by {diff}", meta["rule"]);
         let moved = f64::try_from((ours.detach() - &init.iter().find(|(n, _)| n == name).unwrap().1).abs().max());
         assert!(moved.unwrap() > 1e-5, "{name} did not move: the comparison would prove nothing");
     }

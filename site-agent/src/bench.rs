@@ -35,6 +35,10 @@ pub struct TrainBench {
     /// fp16 (CUDA) or fp32.
     #[arg(long)]
     precision: Option<Precision>,
+    /// Also time the step's phases (forward, loss, backward, clip, optimizer) over `--steps` more
+    /// steps run phase by phase (fp32 only), reported as `split_ms`.
+    #[arg(long)]
+    split: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -74,14 +78,62 @@ fn train(b: TrainBench) -> Result<()> {
     sync(device);
     let per_step = started.elapsed().as_secs_f64() / b.steps as f64;
     let _ = peak_before;
+    let split = if b.split {
+        anyhow::ensure!(precision == Precision::Fp32, "--split times fp32 steps only");
+        Some(split_ms(&mut trainer, &x, &labels, &targets, b.steps, device)?)
+    } else {
+        None
+    };
     let line = serde_json::json!({
         "impl": "fedtalent", "device": format!("{device:?}"), "precision": precision, "preset": b.preset,
         "batch": b.batch, "patch": patch, "classes": b.classes, "params": params,
         "ms_per_step": (per_step * 1e5).round() / 100.0, "samples_per_s": ((b.batch as f64 / per_step) * 1000.0).round() / 1000.0,
-        "gpu_used_gib": gpu_used_gib(device),
+        "gpu_used_gib": gpu_used_gib(device), "split_ms": split,
     });
     println!("{line}");
     Ok(())
+}
+
+/// Mean milliseconds of each phase of `steps` fp32 steps run phase by phase, as
+/// [`Trainer::train_step`] runs them (with a device sync after each phase).
+fn split_ms(
+    trainer: &mut Trainer,
+    x: &Tensor,
+    labels: &Tensor,
+    targets: &BatchTargets,
+    steps: u32,
+    device: Device,
+) -> Result<serde_json::Value> {
+    const PHASES: [&str; 5] = ["forward", "loss", "backward", "clip", "optimizer"];
+    let mut total = [0f64; PHASES.len()];
+    let grad_clip = trainer.config().grad_clip;
+    for _ in 0..steps {
+        let mut marks = vec![Instant::now()];
+        let mut mark = |device| {
+            sync(device);
+            marks.push(Instant::now());
+        };
+        trainer.optimizer.zero_grad();
+        let outputs = trainer.net.forward_ds(x);
+        mark(device);
+        let loss = trainer.loss_fn().compute(&outputs, labels, targets)?;
+        mark(device);
+        loss.backward();
+        mark(device);
+        let norm = trainer.optimizer.clip_grad_norm(grad_clip);
+        anyhow::ensure!(norm.double_value(&[]).is_finite(), "non-finite gradient norm while timing the phases");
+        mark(device);
+        trainer.optimizer.step(1e-2);
+        mark(device);
+        for (t, w) in total.iter_mut().zip(marks.windows(2)) {
+            *t += (w[1] - w[0]).as_secs_f64();
+        }
+    }
+    let ms = |t: f64| (t / steps as f64 * 1e4).round() / 10.0;
+    let mut split: serde_json::Map<String, serde_json::Value> =
+        PHASES.iter().zip(total).map(|(name, t)| (name.to_string(), ms(t).into())).collect();
+    split.insert("total".into(), ms(total.iter().sum()).into());
+    Ok(split.into())
 }
 
 fn sync(device: Device) {
