@@ -81,6 +81,21 @@ impl OpenRound {
         }
     }
 
+    /// Refuses `site`'s update for what it holds, which answers the round for the site, and notes
+    /// the refusal in the same step: the round may close as soon as the site counts as answered,
+    /// so a note added afterwards could miss the round's participation record.
+    fn refuse(&mut self, site: &str, reason: &str) {
+        self.refused.insert(site.to_string());
+        self.note_refusal(site, reason);
+    }
+
+    /// Notes a refusal in the round's participation, once.
+    fn note_refusal(&mut self, site: &str, reason: &str) {
+        if !self.refusals.iter().any(|n| n.site == site && n.reason == reason) {
+            self.refusals.push(RefusalNote { site: site.to_string(), reason: reason.to_string() });
+        }
+    }
+
     /// Whether the round has every input it waits for: `target` answers, or with secure
     /// aggregation an answer of every site that shared its keys (no other site can contribute).
     fn inputs_complete(&self, target: usize) -> bool {
@@ -342,8 +357,9 @@ impl Coordinator {
         let refusal = self.admit_update(peer, header, send, recv).await.err();
         if let Some(refusal) = &refusal {
             warn!(site = %peer, round, "update refused: {}", refusal.reason);
+            // A refusal that answered the round was noted already, with the answer.
             if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()) {
-                open.refusals.push(RefusalNote { site: peer.to_string(), reason: refusal.reason.clone() });
+                open.note_refusal(peer, &refusal.reason);
             }
             // A refusal may have been the round's last answer: the round task re-checks.
             self.changed();
@@ -389,11 +405,12 @@ impl Coordinator {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let _ = recv.stop(close::REFUSED);
+                let reason = format!("payload: {e}");
                 if !e.is_transport() {
-                    self.mark_refused(peer, round);
+                    self.mark_refused(peer, round, &reason);
                 }
                 self.keep_partial(peer, round, partial);
-                return Err(Refusal::new(ErrorKind::BadUpdate, format!("payload: {e}")));
+                return Err(Refusal::new(ErrorKind::BadUpdate, reason));
             }
             Err(_) => {
                 let _ = recv.stop(close::REFUSED);
@@ -411,8 +428,9 @@ impl Coordinator {
         let masked = set.tensors.iter().position(|t| t.name == MASKED_BACKBONE).map(|i| set.tensors.remove(i));
         // Decoding the payload's tensors is the large part of the work: outside the lock.
         let parts = Parts::from_wire(&set).map_err(|e| {
-            self.mark_refused(peer, round);
-            Refusal::new(ErrorKind::BadUpdate, format!("{e:#}"))
+            let reason = format!("{e:#}");
+            self.mark_refused(peer, round, &reason);
+            Refusal::new(ErrorKind::BadUpdate, reason)
         })?;
         let mut inner = self.lock();
         let joined = inner.sites.get(peer).is_some_and(|s| s.joined);
@@ -438,10 +456,11 @@ impl Coordinator {
         let backbone_norm = match checked {
             Ok(norm) => norm,
             Err(e) => {
+                let reason = format!("{e:#}");
                 if let Some(open) = federation.open.as_mut().filter(|o| o.round == round) {
-                    open.refused.insert(peer.to_string());
+                    open.refuse(peer, &reason);
                 }
-                return Err(Refusal::new(ErrorKind::BadUpdate, format!("{e:#}")));
+                return Err(Refusal::new(ErrorKind::BadUpdate, reason));
             }
         };
         // The site may have been removed, or the round closed, while the payload was streaming.
@@ -456,7 +475,7 @@ impl Coordinator {
         if let (Some(secagg), Some(masked)) = (open.secagg.as_mut(), &masked) {
             // The masked input counts iff the update does: both under this lock.
             if let Err(e) = secagg.masked_input(peer, masked) {
-                open.refused.insert(peer.to_string());
+                open.refuse(peer, &e);
                 return Err(Refusal::new(ErrorKind::BadUpdate, e));
             }
         }
@@ -501,10 +520,10 @@ impl Coordinator {
     }
 
     /// Records that `peer`'s update of `round` was refused for what it holds (see
-    /// [`OpenRound::refused`]), if that round is still open.
-    fn mark_refused(&self, peer: &str, round: u32) {
+    /// [`OpenRound::refuse`]), if that round is still open.
+    fn mark_refused(&self, peer: &str, round: u32, reason: &str) {
         if let Some(open) = self.lock().running_mut().and_then(|f| f.open.as_mut()).filter(|o| o.round == round) {
-            open.refused.insert(peer.to_string());
+            open.refuse(peer, reason);
         }
     }
 
@@ -543,11 +562,10 @@ impl Coordinator {
             }
             Some(open) if open.round == round => open,
             Some(open) if round < open.round && open.handed.contains(peer) => {
-                open.refused.insert(peer.to_string());
-                return Err(bad(format!(
-                    "round {round} is not the open round {}, which site {peer} was handed already",
-                    open.round
-                )));
+                let reason =
+                    format!("round {round} is not the open round {}, which site {peer} was handed already", open.round);
+                open.refuse(peer, &reason);
+                return Err(bad(reason));
             }
             Some(open) => return Err(late(format!("round {round} is not the open round {}", open.round))),
             None => return Err(late(format!("round {round} is closed"))),
@@ -801,4 +819,28 @@ fn copy_net(net: &MultiTalentNet) -> Result<MultiTalentNet> {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OpenRound;
+
+    /// A refusal that answers the round is in the round's participation record the moment the
+    /// site counts as answered: the round may close right then (a refusal noted in a second
+    /// step was lost that way under load), and a repeated note is not a second refusal.
+    #[test]
+    fn a_refusal_answers_the_round_and_is_noted_together() {
+        let mut open = OpenRound::new(3);
+        open.refuse("liver", "tensor \"x\" holds NaN");
+        assert!(open.answered("liver"));
+        assert_eq!(open.refusals.len(), 1);
+        assert_eq!(
+            (open.refusals[0].site.as_str(), open.refusals[0].reason.as_str()),
+            ("liver", "tensor \"x\" holds NaN")
+        );
+        open.note_refusal("liver", "tensor \"x\" holds NaN");
+        open.note_refusal("kidney", "payload: shape");
+        assert_eq!(open.refusals.len(), 2);
+        assert!(!open.answered("kidney"), "a refused header does not answer the round");
+    }
 }
