@@ -24,10 +24,11 @@
 #        e.g. "--optimizer-state reset --head-warmup-steps 10"), BENCH_COMPARE_ARGS (a second
 #        federation per seed with these flags, appended after the others so they override them,
 #        shown as "federated-b": a policy comparison, e.g. "--per-site-decoders false" or
-#        "--rounds 10 --local-steps 40"; default "none": by the arms' measured times on 2 cores
-#        at the small preset (federation ~8 min, each alone ~4 min, pooled ~12 min, evaluation
-#        ~5 min per seed) three seeds of three arms take about 2 hours, and a fourth arm adds
-#        ~25 min more),
+#        "--rounds 10 --local-steps 40"; default "none": run one after the other on 2 cores at the
+#        small preset, the arms took ~8 min (federation), ~4 min (each alone), ~12 min (pooled)
+#        and ~5 min (evaluation) per seed, ~2 hours for three seeds of three arms; a fourth arm
+#        adds a federation per seed),
+#        BENCH_JOBS (single-threaded slots of the job pool, default twice the cores),
 #        BENCH_FINETUNE_STEPS (0: steps of the fine-tuned arm, a multiple of BENCH_STEPS),
 #        BENCH_ARMS ("alone pooled": the arms besides the federation, which always runs since
 #        the others read its site configs; e.g. "alone" or "" to compare federation policies),
