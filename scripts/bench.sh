@@ -2,7 +2,7 @@
 # Every speed benchmark in one run, each next to its peer measured in the same run, collected
 # into one JSON file: the first thing to run on a GPU machine.
 #
-#   scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--flower] [--out DIR]
+#   scripts/bench.sh [--device auto|cpu|cuda] [--quick | --smoke] [--flower] [--out DIR]
 #
 #   train step   `site-agent bench train` (unet, 47 classes) vs PyTorch eager
 #                (model/tests/reference/torch_reference.py), same batch, patch and precision
@@ -25,34 +25,71 @@
 # --quick: CPU-sized shapes (minutes on 2 cores); without it the shapes are the paper's (for a
 # GPU: sized for under 8 minutes on one). Writes DIR/bench.json (default bench-out/) and prints
 # each figure with its peer's and the ratio (peer time / ours: > 1 means we are faster).
+# --smoke: the test of this script, run by scripts/test.sh (so by CI) after `cargo test`: every
+# benchmark above but round_flower, and every peer, once at the smallest shapes that still run
+# their code (CPU unless --device says otherwise), with the dev-profile binaries and examples
+# that `cargo test` has already built (no release build). Its figures are not performance
+# figures: bench.json says "smoke": true. Exits non-zero when a benchmark or its peer produced
+# no figure (no speed thresholds). About 2 minutes on 2 cores.
+# BENCH_PROFILE=dev|release: which build runs (default: dev with --smoke, release otherwise).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-DEVICE=auto QUICK=0 FLOWER=0 OUT="$PWD/bench-out"
+DEVICE="" QUICK=0 SMOKE=0 FLOWER=0 OUT="$PWD/bench-out"
+usage="usage: scripts/bench.sh [--device auto|cpu|cuda] [--quick | --smoke] [--flower] [--out DIR]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --smoke) SMOKE=1; shift ;;
     --flower) FLOWER=1; shift ;;
     --out) OUT=$2; shift 2 ;;
-    *) echo "usage: scripts/bench.sh [--device auto|cpu|cuda] [--quick] [--flower] [--out DIR]" >&2; exit 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
+if [ $SMOKE = 1 ] && [ $FLOWER = 1 ]; then
+  echo "bench: --flower is not part of the smoke (it installs flwr from PyPI)" >&2; exit 2
+fi
+[ -n "$DEVICE" ] || DEVICE=$([ $SMOKE = 1 ] && echo cpu || echo auto)
+PROFILE=${BENCH_PROFILE:-$([ $SMOKE = 1 ] && echo dev || echo release)}
+case "$PROFILE" in
+  dev | debug) PROFILE=dev BIN="$PWD/target/debug" ;;
+  release) BIN="$PWD/target/release" ;;
+  *) echo "bench: BENCH_PROFILE=$PROFILE: dev or release" >&2; exit 2 ;;
+esac
+START=$(date +%s)
 scripts/setup.sh >/dev/null
 . scripts/env.sh
 PY="$VIRTUAL_ENV/bin/python"
 if [ "$DEVICE" = auto ]; then
   DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 fi
-echo "bench: device $DEVICE, $([ $QUICK = 1 ] && echo quick || echo full) shapes; building (release)"
-cargo build --release --quiet --bins
-cargo build --release --quiet -p fedtalent-model --example bench_predict --example bench_arch
-cargo build --release --quiet -p fedtalent-data --example bench_data
-cargo build --release --quiet -p fedtalent-protocol --example bench_transfer
-BIN="$PWD/target/release"
+SHAPES=$([ $SMOKE = 1 ] && echo "smoke (not performance figures)" || { [ $QUICK = 1 ] && echo quick || echo full; })
+echo "bench: device $DEVICE, $SHAPES shapes; building ($PROFILE)"
+if [ $PROFILE = release ]; then
+  cargo build --release --quiet --bins
+  cargo build --release --quiet -p fedtalent-model --example bench_predict --example bench_arch
+  cargo build --release --quiet -p fedtalent-data --example bench_data
+  cargo build --release --quiet -p fedtalent-protocol --example bench_transfer
+else
+  # The whole workspace's binaries and examples at once, as `cargo test --workspace` builds them
+  # (same features, same CARGO_INCREMENTAL as scripts/test.sh): after it, nothing to build. A
+  # `-p` build of one example would resolve other features and rebuild dependencies (minutes).
+  CARGO_INCREMENTAL=0 cargo build --quiet --workspace --bins --examples
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-if [ $QUICK = 1 ]; then
+ROUND=(--cases 3)
+if [ $SMOKE = 1 ]; then
+  # The smallest that runs: one step and no warm-up; the unet's bottleneck needs more than one
+  # voxel (instance norm); the tiny preset's tile is 16x48x48; the WAN sweep's 3 conditions, each
+  # with 5 MB; phantom sites of 2 cases (one to train, one to validate), no post-processing step.
+  PATCH=(16 64 64) BATCHES=(2) STEPS=1 WARMUP=0 PRECISIONS=(fp32)
+  PREDICT=(--preset tiny --classes 3 --shape 32 96 96)
+  DATA=(--threads 2 --batches 2 --cases 1 --patch 32 64 64) DATA_PEER=(--threads 2 --batches 2 --patch 32 64 64)
+  ARCH=(--patch 16,64,64 --steps 1 --warmup 0) MB=5
+  ROUND=(--cases 2 --shape 32 64 64 --postprocess false)
+elif [ $QUICK = 1 ]; then
   PATCH=(32 64 64) BATCHES=(2) STEPS=3 WARMUP=1 PRECISIONS=(fp32)
   PREDICT=(--preset tiny --classes 3 --shape 48 128 128) DATA=(--threads 2 --batches 4 --cases 2)
   DATA_PEER=(--threads 2 --batches 4)
@@ -94,9 +131,7 @@ run predict_torch "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --
 # Ours runs channels-last on the CPU by default; the peer the same way, for reference.
 run predict_torch_cl "$PY" model/examples/bench_predict_torch.py "${PREDICT[@]}" --device "$DEVICE" \
   ${OUR_PATCH:+--patch $OUR_PATCH} --channels-last
-# The data path, then nnU-Net's on the very cases ours preprocessed (batchgenerators' worker pool
-# needs threadpoolctl, which setup.sh's --no-deps install of it leaves out).
-"$PY" -c "import threadpoolctl" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check threadpoolctl
+# The data path, then nnU-Net's on the very cases ours preprocessed.
 run data "$BIN/examples/bench_data" --device "$DEVICE" "${DATA[@]}" --keep "$OUT/data-cases"
 run data_nnunet "$PY" scripts/bench_data_nnunet.py --cache "$OUT/data-cases/cache" "${DATA_PEER[@]}"
 rm -rf "$OUT/data-cases"
@@ -104,13 +139,14 @@ run arch "$BIN/examples/bench_arch" --presets firenet,unet --device "$DEVICE" "$
 run transfer "$BIN/examples/bench_transfer" --mb "$MB"
 run transfer_wan "$BIN/examples/bench_transfer" --wan --mb "$MB" --cc bbr
 t=$(date +%s)
-if "$BIN/coordinator" simulate --out "$OUT/simulate" --preset tiny --rounds 2 --local-steps 1 --cases 3 \
+if "$BIN/coordinator" simulate --out "$OUT/simulate" --preset tiny --rounds 2 --local-steps 1 "${ROUND[@]}" \
   --device "$DEVICE" > /dev/null 2>> "$OUT/log.txt"; then
-  echo "{\"rounds\": 2, \"local_steps\": 1, \"sites\": 3, \"wall_s\": $(( $(date +%s) - t ))}" > "$OUT/round.json"
+  echo "{\"rounds\": 2, \"local_steps\": 1, \"sites\": 3, \"args\": \"${ROUND[*]}\", \"wall_s\": $(( $(date +%s) - t ))}" > "$OUT/round.json"
+  echo "   round: $(( $(date +%s) - t )) s"
 else
   echo '{"error": "failed"}' > "$OUT/round.json"
+  echo "   round: FAILED (see $OUT/log.txt)"
 fi
-echo "   round: $(( $(date +%s) - t )) s"
 if [ $FLOWER = 1 ]; then
   # Ours first: Flower's array gets the byte count our sites downloaded.
   run round_ours "$PY" scripts/bench_round.py fedtalent --bin "$BIN" --rounds 4 --work "$OUT/round-work"
@@ -125,15 +161,17 @@ if [ $FLOWER = 1 ]; then
   rm -rf "$OUT/round-work"
 fi
 
-"$PY" - "$OUT" "$DEVICE" "$QUICK" <<'EOF'
+"$PY" - "$OUT" "$DEVICE" "$QUICK" "$SMOKE" "$PROFILE" "$(( $(date +%s) - START ))" <<'EOF'
 import glob, json, os, platform, sys
-out, device, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+out, device, quick, smoke, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[5]
+wall_s = int(sys.argv[6])
 
 def load(name):
     lines = [json.loads(l) for l in open(f"{out}/{name}.json") if l.strip()] if os.path.exists(f"{out}/{name}.json") else []
     return lines if len(lines) != 1 else lines[0]
 
-result = {"device": device, "quick": quick, "machine": platform.machine(), "cores": os.cpu_count(), "benchmarks": {}}
+result = {"device": device, "quick": quick, "smoke": smoke, "profile": profile, "machine": platform.machine(),
+          "cores": os.cpu_count(), "load1": os.getloadavg()[0], "wall_s": wall_s, "benchmarks": {}}
 rows = []
 def pair(name, ours, peer, key, unit, rate=False):
     # rate: key is a throughput (higher is better), so peer time / ours = ours / peer.
@@ -161,11 +199,53 @@ if os.path.exists(f"{out}/round_ours.json"):
                      f"{round(p['peak_rss_mib'] / o['peak_rss_mib'], 3)}x"))
 for name in ["arch", "transfer", "transfer_wan", "round"]:
     result["benchmarks"][name] = {"ours": load(name), "peer": None}
+
+
+# Every benchmark and its peer must have produced its figure (what --smoke checks).
+def lines(v):
+    return v if isinstance(v, list) else [v] if isinstance(v, dict) else []
+
+def has(v, *keys):
+    return bool(lines(v)) and all(all(l.get(k) is not None for k in keys) for l in lines(v))
+
+d = result["benchmarks"]
+missing = []
+def expect(name, ok):
+    if not ok:
+        missing.append(name)
+
+train = [n for n in d if n.startswith("train step")]
+expect("train step", train)
+for n in train:
+    expect(f"{n} (ours)", has(d[n]["ours"], "ms_per_step"))
+    expect(f"{n} (PyTorch)", has(d[n]["peer"], "ms_per_step"))
+for n, peer in [("sliding-window predict", "PyTorch"), ("  vs PyTorch channels-last", "PyTorch channels-last")]:
+    expect(f"{n.strip()} (ours)", has(d[n]["ours"], "seconds_per_volume"))
+    expect(f"{n.strip()} ({peer})", has(d[n]["peer"], "seconds_per_volume"))
+expect("data path (ours)", has(d["data path (samples/s)"]["ours"], "samples_per_s"))
+expect("data path (nnU-Net)", has(d["data path (samples/s)"]["peer"], "samples_per_s"))
+expect("arch", has(d["arch"]["ours"], "step_ms") and len(lines(d["arch"]["ours"])) == 2)
+expect("transfer", has(d["transfer"]["ours"], "quic_down_MBps", "tcp_down_MBps"))
+wan = lines(d["transfer_wan"]["ours"])
+expect("transfer_wan", has(wan, "down_s", "up_s") and any(l.get("congestion") for l in wan)
+       and any(l.get("transport") == "tls-over-tcp" for l in wan))
+expect("round", has(d["round"]["ours"], "wall_s"))
+if "deployed round, no training" in d:
+    expect("deployed round (ours)", has(d["deployed round, no training"]["ours"], "median_round_s"))
+    expect("deployed round (Flower)", has(d["deployed round, no training"]["peer"], "median_round_s"))
+result["missing"] = missing
 json.dump(result, open(f"{out}/bench.json", "w"), indent=1)
 print(f"\n{'benchmark':<40}{'fedtalent':>14}{'peer':>14}{'peer/ours':>11}")
 for r in rows:
     print(f"{r[0]:<40}{r[1]:>14}{r[2]:>14}{r[3]:>11}")
-d = result["benchmarks"]
 print(f"architectures: {d['arch']['ours']}\ntransfer: {d['transfer']['ours']}\ntransfer_wan: {d['transfer_wan']['ours']}\nround: {d['round']['ours']}")
-print(f"\n{out}/bench.json")
+print(f"\n{out}/bench.json ({wall_s} s with the build, load average {os.getloadavg()[0]:.2f})")
+if missing:
+    print(f"bench: no figure from: {', '.join(missing)} (see {out}/log.txt)")
+    if smoke and os.path.exists(f"{out}/log.txt"):  # CI shows only this output: the log's end
+        print("".join(open(f"{out}/log.txt", errors="replace").readlines()[-40:]), file=sys.stderr)
+if smoke:
+    print("bench: a smoke run (dev build, smallest shapes): these are not performance figures; "
+          + ("FAILED" if missing else "every benchmark and its peer produced its figure"))
+    sys.exit(1 if missing else 0)
 EOF

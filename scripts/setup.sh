@@ -9,22 +9,46 @@ venv="$repo/.venv"
 python="${PYTHON:-python3}"
 
 TORCH_VERSION="2.11.0"
-# tensorboard: its event reader is the oracle of the TensorBoard event writer.
-ORACLES=(nibabel numpy safetensors tensorboard)
+# tensorboard: its event reader is the oracle of the TensorBoard event writer. threadpoolctl:
+# batchgenerators' worker pool needs it (nnU-Net's data path, the peer of `scripts/bench.sh`'s
+# data benchmark, which scripts/test.sh runs as a smoke), and its --no-deps install below leaves it out.
+ORACLES=(nibabel numpy safetensors tensorboard threadpoolctl)
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating venv at $venv"
   "$python" -m venv "$venv"
 fi
 
-if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+# What is missing, checked in one Python process (each import of torch costs seconds, and
+# scripts/bench.sh runs this again after scripts/test.sh did): "torch" (absent or another
+# version), the oracles' import names, "nnunet", "opacus"; everything when the check itself fails.
+missing_all=" $("$venv/bin/python" - "$TORCH_VERSION" "${ORACLES[@]}" 2>/dev/null <<'EOF' || true
+import contextlib, io, sys
+
+def imports(stmt):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnunet prints a citation notice
+            exec(stmt, {})
+        return True
+    except Exception:
+        return False
+
+missing = [] if imports(f"import torch; assert torch.__version__.split('+')[0] == {sys.argv[1]!r}") else ["torch"]
+missing += [m for m in sys.argv[2:] if not imports(f"import {m}")]
+missing += [] if imports("import nnunet.network_architecture.generic_modular_residual_UNet") else ["nnunet"]
+missing += [] if imports("import opacus.accountants.analysis.rdp") else ["opacus"]
+print(*missing, "checked")
+EOF
+) "
+[[ $missing_all == *" checked "* ]] || missing_all=" torch ${ORACLES[*]} nnunet opacus "
+if [[ $missing_all == *" torch "* ]]; then
   echo "setup: installing torch==$TORCH_VERSION (about 4.6 GB, a few minutes)"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION"
 fi
 
 missing=()
 for pkg in "${ORACLES[@]}"; do
-  "$venv/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$pkg")
+  [[ $missing_all != *" $pkg "* ]] || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing oracles: ${missing[*]}"
@@ -35,7 +59,7 @@ fi
 # scikit-learn … for its pipelines): only what its network modules import.
 NNUNET=(nnunet==1.7.1 batchgenerators==0.25.5)
 NNUNET_IMPORTS=(scipy scikit-image pandas)
-if ! "$venv/bin/python" -c "import nnunet.network_architecture.generic_modular_residual_UNet" >/dev/null 2>&1; then
+if [[ $missing_all == *" nnunet "* ]]; then
   echo "setup: installing the nnU-Net v1 oracle: ${NNUNET[*]}"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "${NNUNET[@]}"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${NNUNET_IMPORTS[@]}" 2>&1 \
@@ -43,8 +67,8 @@ if ! "$venv/bin/python" -c "import nnunet.network_architecture.generic_modular_r
 fi
 # Opacus, the oracle of the differential-privacy accountant (its RDP analysis is numpy and
 # scipy; the package's other modules import torch, which is here): without its requirements.
-if ! "$venv/bin/python" -c "import opacus.accountants.analysis.rdp" >/dev/null 2>&1; then
+if [[ $missing_all == *" opacus "* ]]; then
   echo "setup: installing the privacy accountant oracle: opacus==1.5.4"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps opacus==1.5.4
 fi
-echo "setup: venv ready ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
+echo "setup: venv ready ($("$venv/bin/python" -c 'import importlib.metadata as m; print("torch", m.version("torch"))'))"

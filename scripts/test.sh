@@ -20,3 +20,7 @@ echo "== cargo test"
 # spinning in libgomp). Passive waiting sleeps instead; it changes no result.
 export OMP_WAIT_POLICY=PASSIVE
 cargo test --workspace --quiet
+echo "== benchmark smoke (scripts/bench.sh --smoke: every benchmark and its peer once, tiny shapes, no thresholds)"
+# The dev-profile binaries and examples cargo test has just built; its figures are not
+# performance figures. Fails when a benchmark or its peer produces none. About 2 minutes.
+scripts/bench.sh --smoke --out "$PWD/target/bench-smoke"

@@ -5,6 +5,8 @@
 //! `cargo run --release -p fedtalent-data --example bench_data -- --device cpu|cuda --threads 4`
 //! `--keep DIR` writes the generated cases and their preprocessed cache (`DIR/cache/*.ftp`) into
 //! DIR and keeps them, so a peer (scripts/bench_data_nnunet.py) can read the very same cases.
+//! `--patch Z Y X` (default 96 192 192): another patch, e.g. the small one of `scripts/bench.sh
+//! --smoke`; the peer takes the same `--patch`.
 //! The training-step figure to compare against comes from the model crate's benchmark.
 
 use std::time::Instant;
@@ -18,6 +20,7 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
+/// The default patch: the `unet` preset's.
 const PATCH: [usize; 3] = [96, 192, 192];
 
 /// Samples/s of `batches` batches from a loader with the default augmentation (after two
@@ -26,13 +29,14 @@ const PATCH: [usize; 3] = [96, 192, 192];
 /// of the whole path on `device`.
 fn samples_per_s(
     cases: Vec<PreprocessedCase>,
+    patch: [usize; 3],
     batch: usize,
     threads: usize,
     device: Device,
     whole: bool,
     batches: usize,
 ) -> Result<f64> {
-    let opts = LoaderOptions::new(PATCH, batch, CtNormalization::PAPER, 7, threads, device);
+    let opts = LoaderOptions::new(patch, batch, CtNormalization::PAPER, 7, threads, device);
     let mut loader = BatchLoader::new(cases, opts)?;
     for _ in 0..2 {
         loader.next_batch()?;
@@ -64,6 +68,12 @@ fn main() -> Result<()> {
     let threads: usize = arg(&args, "--threads", "4").parse().context("--threads")?;
     let batches: usize = arg(&args, "--batches", "20").parse().context("--batches")?;
     let cases: usize = arg(&args, "--cases", "3").parse().context("--cases")?;
+    let mut patch = PATCH;
+    if let Some(i) = args.iter().position(|a| a == "--patch") {
+        for (a, p) in patch.iter_mut().enumerate() {
+            *p = args.get(i + 1 + a).context("--patch needs 3 values")?.parse().context("--patch Z Y X")?;
+        }
+    }
     // The augmentation's CPU fallback should not use more threads than the data path may.
     tch::set_num_threads(threads as i32);
 
@@ -98,16 +108,16 @@ fn main() -> Result<()> {
     // The CPU stage alone (memory-mapped load, crop, sample, normalize, context regions for the
     // spatial transform; background threads), then the whole path with the augmentation on
     // `device`.
-    let cpu_stage = samples_per_s(prepped, batch, threads, device, false, batches)?;
+    let cpu_stage = samples_per_s(prepped, patch, batch, threads, device, false, batches)?;
     // A second loader over the same cache (preprocessing finds every case cached).
     let (prepped, _) = preprocess_cases(&ds.cases, &opts, &cfg.cache_dir, threads);
-    let whole = samples_per_s(prepped, batch, threads, device, true, batches)?;
+    let whole = samples_per_s(prepped, patch, batch, threads, device, true, batches)?;
     let line = serde_json::json!({
         "bench": "data_path",
         "device": format!("{device:?}"),
         "threads": threads,
         "batch": batch,
-        "patch": PATCH,
+        "patch": patch,
         "batches": batches,
         "cpu_stage_samples_per_s": cpu_stage,
         "samples_per_s": whole,
