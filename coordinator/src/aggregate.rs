@@ -59,10 +59,19 @@ pub fn validate(
     check_owners(selection, sender, parts)?;
     check_complete(global, sender, parts, selection.decoder_of(sender), false)?;
     check_owned_finite(sender, parts)?;
-    for (name, theirs) in &parts.backbone {
-        ensure!(all_finite(theirs), "site {sender}: tensor {name:?} holds NaN or infinite values");
+    let global_backbone = global.params().backbone();
+    let mut squared = 0f64;
+    for ((name, theirs), (_, ours)) in parts.backbone.iter().zip(&global_backbone) {
+        // One pass: a non-finite value of the upload makes the tensor's sum non-finite (an f32
+        // difference squared cannot overflow an f64), and only then is the tensor scanned again.
+        let tensor_squared = squared_distance(theirs, ours)?;
+        ensure!(
+            tensor_squared.is_finite() || all_finite(theirs),
+            "site {sender}: tensor {name:?} holds NaN or infinite values"
+        );
+        squared += tensor_squared;
     }
-    let norm = backbone_distance(&global.params().backbone(), parts)?;
+    let norm = squared.sqrt();
     ensure!(norm <= max_norm, "site {sender}: update norm {norm:.3e} exceeds the bound {max_norm:.3e}");
     Ok(norm)
 }
@@ -101,10 +110,89 @@ fn check_owned_finite(sender: &str, parts: &Parts) -> Result<()> {
 fn backbone_distance(global: &[(String, Tensor)], parts: &Parts) -> Result<f64> {
     let mut squared = 0f64;
     for ((_, theirs), (_, ours)) in parts.backbone.iter().zip(global) {
-        squared +=
-            f64::try_from((theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double)).square().sum(Kind::Double))?;
+        squared += squared_distance(theirs, ours)?;
     }
     Ok(squared.sqrt())
+}
+
+/// The values of a CPU float32 tensor laid out contiguously, borrowed: what the coordinator's
+/// models and the decoded uploads are. `None` for anything else (the caller computes with
+/// tensor operations then).
+fn f32_values(t: &Tensor) -> Option<&[f32]> {
+    if t.kind() != Kind::Float || t.device() != tch::Device::Cpu || !t.is_contiguous() {
+        return None;
+    }
+    let n = t.numel();
+    if n == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: a contiguous CPU float tensor holds `n` initialised f32 values at `data_ptr`
+    // (storage offset included); the storage lives as long as the tensor `t` borrows, and the
+    // coordinator writes no tensor in place while a slice of it is read.
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) })
+}
+
+/// Σ (theirs − ours)² over two same-shaped tensors, in f64: in one pass over the float32
+/// values (four partial sums, no temporaries); with tensor operations if either is not a
+/// contiguous CPU float32 tensor.
+fn squared_distance(theirs: &Tensor, ours: &Tensor) -> Result<f64> {
+    let (Some(a), Some(b)) = (f32_values(theirs), f32_values(ours)) else {
+        return Ok(f64::try_from(
+            (theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double)).square().sum(Kind::Double),
+        )?);
+    };
+    ensure!(a.len() == b.len(), "tensors of {} and {} values", a.len(), b.len());
+    let mut sums = [0f64; 4];
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (a4.remainder(), b4.remainder());
+    for (x, y) in a4.zip(b4) {
+        for k in 0..4 {
+            let d = x[k] as f64 - y[k] as f64;
+            sums[k] += d * d;
+        }
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        let d = *x as f64 - *y as f64;
+        sums[0] += d * d;
+    }
+    Ok((sums[0] + sums[1]) + (sums[2] + sums[3]))
+}
+
+/// One backbone tensor's FedAvg step without server momentum or noise, in one pass over the
+/// float32 values: `old + lr · Σ_k scale_k (x_k − old)`, each operation in f64 in the order of
+/// the tensor version (so the result is the same to the bit) and rounded to f32 once. `None`
+/// if a tensor is not a contiguous CPU float32 tensor.
+fn fused_step(old: &Tensor, theirs: &[&Tensor], scales: &[f64], lr: f64) -> Option<Tensor> {
+    const BLOCK: usize = 4096;
+    let o = f32_values(old)?;
+    let xs: Vec<&[f32]> = theirs.iter().map(|t| f32_values(t).filter(|x| x.len() == o.len())).collect::<Option<_>>()?;
+    let (first, rest) = xs.split_first()?;
+    let out = Tensor::empty(old.size().as_slice(), (Kind::Float, tch::Device::Cpu));
+    if o.is_empty() {
+        return Some(out);
+    }
+    // SAFETY: `out` is a fresh contiguous CPU float tensor of `o.len()` values that nothing
+    // else references while this slice lives.
+    let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, o.len()) };
+    // Block by block, so that each update's pass vectorises; per value the operations are those
+    // of the tensor formula, in its order.
+    let mut change = [0f64; BLOCK];
+    for (start, dst) in (0..o.len()).step_by(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+        let olds = &o[start..start + dst.len()];
+        let change = &mut change[..dst.len()];
+        for ((c, &x), &old) in change.iter_mut().zip(&first[start..]).zip(olds) {
+            *c = (x as f64 - old as f64) * scales[0];
+        }
+        for (x, &scale) in rest.iter().zip(&scales[1..]) {
+            for ((c, &x), &old) in change.iter_mut().zip(&x[start..]).zip(olds) {
+                *c += (x as f64 - old as f64) * scale;
+            }
+        }
+        for ((d, &c), &old) in dst.iter_mut().zip(change.iter()).zip(olds) {
+            *d = (old as f64 + c * lr) as f32;
+        }
+    }
+    Some(out)
 }
 
 /// The sender sent heads of exactly its own classes and no decoder but its own.
@@ -345,7 +433,16 @@ fn aggregate_backbone(
     }
     let mut stepped = Vec::with_capacity(current.len());
     let mut offset = 0;
+    // FedAvg (no momentum, no noise, the backbone in plain view): one pass per tensor.
+    let fused = masked.is_none() && noise.is_none() && !with_momentum;
     for (i, (name, old)) in current.iter().enumerate() {
+        if fused {
+            let theirs: Vec<&Tensor> = updates.iter().map(|u| &u.parts.backbone[i].1).collect();
+            if let Some(new) = fused_step(old, &theirs, &scales, optimizer.lr) {
+                stepped.push((name.clone(), new));
+                continue;
+            }
+        }
         let old = old.to_kind(Kind::Double);
         let mut change: Option<Tensor> = None;
         if let Some(mean) = masked {

@@ -173,3 +173,73 @@ fn an_update_farther_than_the_bound_is_refused() {
     let err = format!("{:#}", validate(&net, &selection, "a", &parts, norm * 0.999).unwrap_err());
     assert!(err.contains("exceeds the bound"), "{err}");
 }
+
+/// `site`'s upload whose backbone is the global one moved by uniform noise of `spread`.
+fn jittered(net: &MultiTalentNet, selection: &Selection, site: &str, spread: f64) -> Parts {
+    let mut parts = Parts::from_wire(&wire::parts_to_wire(net, &selection.of_site(site))).unwrap();
+    let _rng = crate::torch_rng();
+    for (_, t) in &mut parts.backbone {
+        *t = &*t + (t.rand_like() - 0.5) * spread;
+    }
+    parts
+}
+
+/// The FedAvg step taken in one pass over the float32 values is the tensor formula in f64
+/// (`old + lr · Σ w_k (x_k − old)`, rounded to f32 once) to the bit, also for an update whose
+/// tensors are not laid out contiguously (which takes the tensor path).
+#[test]
+fn the_one_pass_fedavg_step_is_the_f64_tensor_formula_to_the_bit() {
+    for contiguous in [true, false] {
+        let (mut net, selection) = global();
+        let before: Vec<Tensor> = net.params().backbone().iter().map(|(_, t)| t.copy()).collect();
+        let mut c = jittered(&net, &selection, "a", 0.3);
+        if !contiguous {
+            for (_, t) in &mut c.backbone {
+                let last = t.dim() as i64 - 1;
+                *t = t.transpose(0, last).contiguous().transpose(0, last);
+            }
+        }
+        let (a, b, c) = (
+            update("a", 1, jittered(&net, &selection, "a", 0.1)),
+            update("b", 4, jittered(&net, &selection, "b", 2.0)),
+            update("a", 9, c),
+        );
+        let updates = [&a, &b, &c];
+        let optimizer = ServerOptimizer { lr: 0.7, momentum: 0.0 };
+        let step = ServerStep { optimizer: &optimizer, state: &mut ServerState::default(), privacy: None };
+        let weights = aggregate(&mut net, &updates, step, &selection).unwrap().weights;
+        for (i, ((name, after), old)) in net.params().backbone().iter().zip(&before).enumerate() {
+            let old = old.to_kind(Kind::Double);
+            let mut change = (updates[0].parts.backbone[i].1.to_kind(Kind::Double) - &old) * weights[0];
+            for (u, w) in updates.iter().zip(&weights).skip(1) {
+                change += (u.parts.backbone[i].1.to_kind(Kind::Double) - &old) * *w;
+            }
+            let expected = (old + change * optimizer.lr).to_kind(Kind::Float);
+            assert!(after.equal(&expected), "{name} (contiguous {contiguous}) differs from the tensor formula");
+        }
+    }
+}
+
+/// The update norm measured in one pass is the f64 distance; an infinite value anywhere in
+/// the backbone is refused naming its tensor.
+#[test]
+fn the_update_norm_is_the_f64_distance_and_an_infinity_anywhere_is_refused() {
+    let (net, selection) = global();
+    let parts = jittered(&net, &selection, "a", 0.5);
+    let squared: f64 = parts
+        .backbone
+        .iter()
+        .zip(net.params().backbone())
+        .map(|((_, theirs), (_, ours))| {
+            f64::try_from((theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double)).square().sum(Kind::Double))
+                .unwrap()
+        })
+        .sum();
+    let reported = validate(&net, &selection, "a", &parts, 1e9).unwrap();
+    assert!((reported - squared.sqrt()).abs() <= 1e-12 * reported, "{reported} vs {}", squared.sqrt());
+    let middle = parts.backbone.len() / 2;
+    let name = parts.backbone[middle].0.clone();
+    let _ = parts.backbone[middle].1.flatten(0, -1).get(-1).fill_(f64::NEG_INFINITY);
+    let err = format!("{:#}", validate(&net, &selection, "a", &parts, 1e9).unwrap_err());
+    assert!(err.contains("NaN or infinite") && err.contains(&name), "{err}");
+}

@@ -253,7 +253,7 @@ impl Decoder {
 }
 
 /// The FIRENet forward graph over a [`ParamStore`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FireGraph {
     stem: ConvNorm,
     /// Encoder stages 1.. (residual blocks).

@@ -25,7 +25,7 @@ pub(crate) enum Outputs {
 }
 
 /// The forward graph of a layout.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Graph {
     /// [`Layout::GenericUnet`] and [`Layout::ResidualEncoder`]. Both variants are boxed: the
     /// graphs differ in size by hundreds of bytes (clippy's `large_enum_variant`).
@@ -57,6 +57,17 @@ impl MultiTalentNet {
             Layout::FireNet => Graph::FireNet(Box::new(crate::firenet::build(topology, classes, &root)?)),
         };
         Ok(Self { topology: topology.clone(), classes, params: store.into_inner(), graph })
+    }
+
+    /// A deep copy: the same topology and graph, every parameter's values copied into storage
+    /// of its own (no fresh initialisation to overwrite, as `new` + `load_named` would do).
+    pub fn deep_copy(&self) -> Self {
+        Self {
+            topology: self.topology.clone(),
+            classes: self.classes,
+            params: self.params.deep_copy(),
+            graph: self.graph.clone(),
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -124,5 +135,35 @@ impl MultiTalentNet {
     /// shares one decoder.
     pub fn site_decoders(&self) -> &[Vec<i64>] {
         &self.topology.site_decoders
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Kind;
+
+    use super::*;
+
+    /// A deep copy holds every parameter (names, aliases, values, grad flag) in storage of its
+    /// own and computes what the original computes.
+    #[test]
+    fn a_deep_copy_is_equal_and_independent() {
+        let net = MultiTalentNet::new(&Topology::preset("tiny").unwrap(), 2, Device::Cpu).unwrap();
+        let copy = net.deep_copy();
+        let (ours, theirs) = (net.params().named_tensors(true), copy.params().named_tensors(true));
+        assert_eq!(ours.len(), theirs.len());
+        for ((a, x), (b, y)) in ours.iter().zip(&theirs) {
+            assert_eq!(a, b);
+            assert!(x.equal(y), "{a}: values differ");
+            assert_eq!(x.requires_grad(), y.requires_grad(), "{a}");
+        }
+        let x = Tensor::rand([1, 1, 16, 16, 16], (Kind::Float, Device::Cpu));
+        assert!(tch::no_grad(|| net.forward(&x).equal(&copy.forward(&x))), "the copy computes otherwise");
+        let first = copy.params().iter().next().unwrap().tensor.shallow_clone();
+        tch::no_grad(|| {
+            let _ = first.shallow_clone().fill_(7.0);
+        });
+        let original = &net.params().iter().next().unwrap().tensor;
+        assert!(!original.equal(&first), "writing the copy wrote the original");
     }
 }

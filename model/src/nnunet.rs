@@ -95,7 +95,7 @@ impl Branch {
 }
 
 /// The forward graph of both nnU-Net layouts.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct UnetGraph {
     /// FabiansUNet's initial conv; Generic_UNet has none.
     stem: Option<ConvNorm>,

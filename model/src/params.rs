@@ -74,6 +74,22 @@ impl ParamStore {
         self.params.len() - 1
     }
 
+    /// Every parameter with its values copied into storage of its own (names, roles, aliases
+    /// and whether it requires grad as they are).
+    pub fn deep_copy(&self) -> Self {
+        let params = self
+            .params
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                tensor: tch::no_grad(|| p.tensor.detach().copy()).set_requires_grad(p.tensor.requires_grad()),
+                role: p.role,
+                aliases: p.aliases.clone(),
+            })
+            .collect();
+        Self { params, by_name: self.by_name.clone() }
+    }
+
     pub fn add_alias(&mut self, id: ParamId, alias: impl Into<String>) {
         self.params[id].aliases.push(alias.into());
     }

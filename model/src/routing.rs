@@ -18,6 +18,13 @@ pub(crate) struct SiteRouting {
     inverse: Tensor,
 }
 
+impl Clone for SiteRouting {
+    /// Index tensors of their own (a network's deep copy shares no storage with it).
+    fn clone(&self) -> Self {
+        Self { rows: self.rows.iter().map(Tensor::copy).collect(), inverse: self.inverse.copy() }
+    }
+}
+
 impl SiteRouting {
     pub(crate) fn new(sites: &[Vec<i64>], device: tch::Device) -> Self {
         let order: Vec<i64> = sites.iter().flatten().copied().collect();

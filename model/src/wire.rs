@@ -98,10 +98,17 @@ pub fn parse_head_name(name: &str) -> Option<(&str, &str)> {
     name.strip_prefix(HEAD_PREFIX)?.rsplit_once('/').filter(|(class, _)| parse_class_id(class).is_some())
 }
 
-/// A CPU f32 copy of `t` as a wire tensor.
+/// A CPU f32 copy of `t` as a wire tensor. On a little-endian host the tensor's bytes are the
+/// wire's (f32 little-endian) and are copied once; elsewhere value by value.
 pub fn to_wire(name: &str, t: &Tensor) -> WireTensor {
     let cpu = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let shape: Vec<u64> = cpu.size().iter().map(|&d| d as u64).collect();
+    if cfg!(target_endian = "little") {
+        let numel = cpu.numel();
+        let mut data = vec![0u8; numel * 4];
+        cpu.copy_data_u8(&mut data, numel);
+        return WireTensor { name: name.to_string(), dtype: DType::F32, shape, data };
+    }
     let values = Vec::<f32>::try_from(cpu.flatten(0, -1)).expect("f32 tensor converts");
     WireTensor::from_f32(name, shape, &values)
 }
@@ -109,15 +116,21 @@ pub fn to_wire(name: &str, t: &Tensor) -> WireTensor {
 /// A CPU f32 tensor from a wire tensor (refuses other dtypes and inconsistent lengths by name).
 pub fn from_wire(w: &WireTensor) -> Result<Tensor> {
     ensure!(w.dtype == DType::F32, "tensor {:?}: dtype {:?}, expected F32", w.name, w.dtype);
-    let values = w.to_f32().with_context(|| format!("tensor {:?}: byte length does not fit f32", w.name))?;
+    ensure!(w.data.len().is_multiple_of(4), "tensor {:?}: byte length does not fit f32", w.name);
     let shape: Vec<i64> = w.shape.iter().map(|&d| d as i64).collect();
+    let numel = w.data.len() / 4;
     ensure!(
-        values.len() as i64 == shape.iter().product::<i64>(),
+        numel as i64 == shape.iter().product::<i64>(),
         "tensor {:?}: {} values for shape {:?}",
         w.name,
-        values.len(),
+        numel,
         shape
     );
+    if cfg!(target_endian = "little") {
+        // The wire's f32 little-endian bytes are the tensor's: one copy.
+        return Ok(Tensor::from_data_size(&w.data, &shape, Kind::Float));
+    }
+    let values = w.to_f32().with_context(|| format!("tensor {:?}: byte length does not fit f32", w.name))?;
     Ok(Tensor::from_slice(&values).view(shape.as_slice()))
 }
 
@@ -265,5 +278,31 @@ mod tests {
         assert_eq!(parse_head_name(&name), Some(("liver/liver_tumour", "seg_outputs.4.weight")));
         assert_eq!(parse_head_name("head/liver/seg_outputs.4.weight"), None, "a class id has a site part");
         assert_eq!(parse_head_name("conv.weight"), None);
+    }
+
+    /// A tensor's wire bytes are its f32 values little-endian (as `WireTensor::from_f32` writes
+    /// them), whatever its layout, and come back bit for bit (NaN payloads, -0.0, subnormals).
+    #[test]
+    fn wire_tensors_are_little_endian_f32_and_round_trip_bit_exactly() {
+        let values =
+            [0.0f32, -0.0, 1.5, f32::MIN_POSITIVE / 4.0, f32::from_bits(0x7fc0_1234), f32::INFINITY, -3.25, 7e30];
+        let t = Tensor::from_slice(&values).view([2, 4]);
+        let w = to_wire("x", &t);
+        assert_eq!(w, WireTensor::from_f32("x", vec![2, 4], &values));
+        let back = from_wire(&w).unwrap();
+        assert_eq!(back.size(), [2, 4]);
+        let bits: Vec<u32> = Vec::<f32>::try_from(back.flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(bits, values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        // A transposed (non-contiguous) tensor travels in its logical order.
+        let transposed = to_wire("y", &t.tr());
+        let logical: Vec<f32> = (0..4).flat_map(|c| [values[c], values[4 + c]]).collect();
+        assert_eq!(transposed, WireTensor::from_f32("y", vec![4, 2], &logical));
+        // A byte length that is no whole number of f32 values, or not the shape's, is refused.
+        let mut short = w.clone();
+        short.data.pop();
+        assert!(from_wire(&short).is_err());
+        let mut wrong = w;
+        wrong.shape = vec![3, 3];
+        assert!(from_wire(&wrong).is_err());
     }
 }

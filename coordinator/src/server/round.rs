@@ -626,7 +626,7 @@ impl Coordinator {
             let federation = inner.running().context("the federation is not set up")?;
             let velocity = federation.server.velocity.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
             (
-                copy_net(&federation.global)?,
+                federation.global.deep_copy(),
                 ServerState { velocity },
                 federation.selection.clone(),
                 federation.setup.classes.clone(),
@@ -808,13 +808,6 @@ fn check_metrics(peer: &str, header: &UpdateHeader, setup: &Setup) -> std::resul
         ));
     }
     Ok(())
-}
-
-/// A deep copy of `net` (same topology, every parameter's values copied).
-fn copy_net(net: &MultiTalentNet) -> Result<MultiTalentNet> {
-    let mut copy = MultiTalentNet::new(net.topology(), net.classes(), net.device())?;
-    copy.params_mut().load_named(&net.params().named_tensors(false), true)?;
-    Ok(copy)
 }
 
 fn unix_now() -> u64 {
