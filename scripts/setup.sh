@@ -14,6 +14,39 @@ TORCH_VERSION="2.11.0"
 # data benchmark, which scripts/test.sh runs as a smoke), and its --no-deps install below leaves it out.
 ORACLES=(nibabel numpy safetensors tensorboard threadpoolctl)
 
+pip_install() {
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$@"
+}
+
+# torch from PyPI is the CUDA build: ~4 GB installed, most of it NVIDIA's libraries, which
+# libtorch_cpu/libtorch_cuda name as NEEDED, so even a CPU-only machine must have them. One
+# `pip install torch` downloads every wheel (~3 GB) before it unpacks any, and that peak once
+# filled a CI machine's disk. So: torch without its requirements, then each requirement (the
+# CUDA toolkit's extras one by one) in its own pip call, which keeps the peak near the installed
+# size plus one wheel. triton (~0.6 GB) is left out: it serves only torch.compile, which neither
+# the product nor the oracles use.
+install_torch() {
+  echo "setup: installing torch==$TORCH_VERSION (about 4 GB with NVIDIA's libraries, a few minutes;" \
+    "$(df -h --output=avail "$repo" | tail -1 | tr -d ' ') free on this disk)"
+  pip_install --no-warn-conflicts --no-deps "torch==$TORCH_VERSION"
+  local requirement
+  while IFS= read -r requirement; do
+    pip_install --no-warn-conflicts "$requirement"
+  done < <("$venv/bin/python" - <<'EOF'
+import importlib.metadata as metadata
+from pip._vendor.packaging.requirements import Requirement
+
+for text in metadata.requires("torch") or []:
+    req = Requirement(text)
+    if req.name == "triton" or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    spec = str(req.specifier)
+    for extra in sorted(req.extras) or [None]:
+        print(f"{req.name}[{extra}]{spec}" if extra else f"{req.name}{spec}")
+EOF
+)
+}
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating venv at $venv"
   "$python" -m venv "$venv"
@@ -42,8 +75,7 @@ EOF
 ) "
 [[ $missing_all == *" checked "* ]] || missing_all=" torch ${ORACLES[*]} nnunet opacus "
 if [[ $missing_all == *" torch "* ]]; then
-  echo "setup: installing torch==$TORCH_VERSION (about 4.6 GB, a few minutes)"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION"
+  install_torch
 fi
 
 missing=()
