@@ -27,11 +27,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 mod ca;
+mod congestion;
 mod identity;
 mod tcp;
 mod tls;
 mod transport;
 pub use ca::{write_keygen, FederationCa, SiteKey};
+pub use congestion::{DeliveryRate, RateWindow, RateWindowConfig, INITIAL_WINDOW_PACKETS, WINDOW_GAIN};
 pub use identity::{peer_site_name, site_name_from_cert_der, Allowlist};
 pub use tcp::{
     tcp_accept, tcp_acceptor, tcp_connect, tls_refusal, tune_tcp, ClientTlsStream, ServerTlsStream,

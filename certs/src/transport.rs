@@ -26,22 +26,25 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// costs a round trip and halves the congestion window, the larger buffer is the safe side.
 pub const UDP_BUFFER_BYTES: usize = 8 << 20;
 
-/// The congestion controllers quinn offers.
+/// The congestion controllers quinn offers, and BBR's model on a delivery-rate estimate
+/// ([`crate::RateWindow`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Congestion {
     NewReno,
     Cubic,
     Bbr,
+    RateWindow,
 }
 
 impl Congestion {
-    pub const ALL: [Congestion; 3] = [Congestion::NewReno, Congestion::Cubic, Congestion::Bbr];
+    pub const ALL: [Congestion; 4] = [Congestion::NewReno, Congestion::Cubic, Congestion::Bbr, Congestion::RateWindow];
 
     pub fn name(self) -> &'static str {
         match self {
             Congestion::NewReno => "newreno",
             Congestion::Cubic => "cubic",
             Congestion::Bbr => "bbr",
+            Congestion::RateWindow => "rate-window",
         }
     }
 
@@ -49,55 +52,47 @@ impl Congestion {
         Congestion::ALL.into_iter().find(|c| c.name() == name)
     }
 
-    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    pub fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
         match self {
             Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
             Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
             Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::RateWindow => Arc::new(crate::RateWindowConfig),
         }
     }
 }
 
 /// The congestion controller of every federation connection (both ends: each controls what it
-/// sends): BBR, chosen by measurement (issue 18; docs/transport-wan-2026-12-06.txt).
+/// sends): [`crate::RateWindow`], BBR's model on a delivery-rate estimate, chosen by
+/// measurement (issue 18; docs/transport-wan-rate-window-2026-12-06.txt).
 ///
 /// `bench_transfer --wan`: each site through its own emulated link (fedtalent-link: one-way
-/// delay RTT/2, random loss, bottleneck rate behind a one-BDP drop-tail queue, 1472-byte MTU).
-/// Goodput as a fraction of one site link's rate, down/up, on this 2-core machine shared with
-/// other jobs (load average 5–7, but 1.7–3.4 for the third BBR run):
+/// delay RTT/2, random loss, bottleneck rate behind a one-BDP drop-tail queue, 1472-byte MTU),
+/// 3 sites, 120 MB each way. Goodput as a fraction of each site's link rate, down / up, worst
+/// site of 3 relay seeds, on this 2-core machine quiet (load 0.4-0.9), rate-window and quinn's
+/// BBR side by side in each run; and the share of datagrams dropped at the bottleneck queue:
 ///
 /// ```text
-///                            NewReno      Cubic        BBR (3 runs, seeds 1, 2, 3)
-/// 3 sites, 120 MB each
-///   20 ms, 0 %,   200 Mbit/s  0.75/0.80    0.75/0.82    0.68/0.66  0.66/0.59  0.52/0.91 **
-///   80 ms, 0.5 %, 100 Mbit/s  0.02/0.02 *  0.02/0.02 *  0.61/0.88  0.92/0.90  0.95/0.89 **
-///   150 ms, 2 %,   50 Mbit/s  0.01/0.01 *  0.01/0.01 *  0.93/0.90  0.94/0.91  0.94/0.91
-/// 1 site, 50 MB
-///   20 ms, 0 %,   200 Mbit/s  0.82/0.81    0.87/0.81    0.96/0.85
-///   80 ms, 0.5 %, 100 Mbit/s                            0.94/0.83
-///   150 ms, 2 %,   50 Mbit/s                            0.92/0.87
-/// (* 5 MB per site: at 1–2 Mbit/s a 120 MB run takes 8–26 min per direction. ** the slowest
-/// site: in 2 of 9 runs one site was held at 0.52–0.61 while the other two got 0.95–0.97,
-/// not yet explained. With 3 sites at load 5–7 the 20 ms row is CPU-bound.)
+///                             rate-window            quinn BBR              target
+///   20 ms, 0 %,   200 Mbit/s  0.967 / 0.931  4 %     0.506 / 0.907  38-48 %  >= 0.9
+///   80 ms, 0.5 %, 100 Mbit/s  0.957 / 0.907  1 %     0.943 / 0.911  40-46 %  >= 0.8
+///   150 ms, 2 %,   50 Mbit/s  0.905 / 0.897  0 %     0.814 / 0.907  45-46 %  >= 0.6
 /// ```
 ///
 /// Loss-based controllers (NewReno, Cubic) take every random loss for congestion and halve their
 /// window: their rate is bounded by ~MSS/RTT·1.2/√p (Mathis et al.), 2.5 Mbit/s at 80 ms and
-/// 0.5 %, 0.7 Mbit/s at 150 ms and 2 %, whatever the link. BBR sizes its window from the
-/// measured bottleneck bandwidth and minimum RTT and does not shrink it on random loss, so a
-/// lossy hospital link still moves a model in seconds. At 20 ms without loss all three are
-/// CPU-bound here with 3 sites at load 5–7 (the relays with no limits carry 160–275 Mbit/s per
-/// site then, 400–420 at load 1.7); with one site BBR is the best there too.
-///
-/// The cost: quinn's BBR (a port of quiche's BBRv1, marked experimental) keeps the bottleneck
-/// queue full — 20–48 % of the datagrams it offers a one-BDP drop-tail buffer are dropped there
-/// (Cubic: 1–3 %), which costs sender CPU and takes more than a fair share from TCP flows
-/// sharing the hospital's uplink. A site on a clean, shared link would be better served by
-/// Cubic; making the controller a per-federation setting is left to the configuration.
+/// 0.5 %, 0.7 Mbit/s at 150 ms and 2 %, whatever the link (measured: 0.02 and 0.01 of the link,
+/// docs/transport-wan-2026-12-06.txt). BBR's model (window from the delivered rate and the
+/// minimum RTT, no halving on random loss) keeps a lossy hospital link at its rate. quinn's own
+/// BBR overestimates the rate twice over (its samples are ack-to-ack rates of ack bursts: the
+/// bottleneck drops ~45 % of what it sends, a burden on anyone sharing the uplink) and its
+/// window sticks below the path for whole transfers on some connections (the 0.506 and 0.814
+/// above: the first-connected site, 2 of 9 runs; 0.51 and 0.62 in earlier runs). A site on a
+/// clean, shared link would be served as well by Cubic (0.95-0.97 at 20 ms without loss).
 ///
 /// Flow-control windows were not varied: the largest bandwidth-delay product here is 1 MB
 /// (80 ms × 100 Mbit/s), 32× under the 32 MiB stream window, so they never limited a transfer.
-pub const CONGESTION: Congestion = Congestion::Bbr;
+pub const CONGESTION: Congestion = Congestion::RateWindow;
 
 /// QUIC transport parameters tuned for model transfer: large flow-control windows (so a
 /// 100+ MB model is not throttled by the receiver), keep-alives and an idle timeout.

@@ -38,6 +38,8 @@ use fedtalent_protocol::tcp::TcpConnection;
 use fedtalent_protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "common/cc_trace.rs"]
+mod cc_trace;
 #[path = "common/model.rs"]
 mod common_model;
 use common_model::model;
@@ -92,6 +94,8 @@ struct QuicOpts {
     sites: usize,
     /// Bytes per site of the untimed warm-up transfer.
     warm_bytes: usize,
+    /// `--trace-cc`: the coordinator's controllers wrapped by [`cc_trace::TracedFactory`].
+    trace: Option<Arc<cc_trace::TracedFactory>>,
 }
 
 /// Connections to `opts.sites` sites as (coordinator side, site side), each site through its own
@@ -104,7 +108,16 @@ async fn connect_sites(
     let names: Vec<String> = (0..opts.sites).map(|i| format!("site{i}")).collect();
     let transport = Arc::new(transport_config_with(opts.congestion));
     let mut cfg = server_config(ca.cert_pem(), &cert, &key, Allowlist::new(names.clone())).unwrap();
-    cfg.transport_config(transport.clone());
+    match &opts.trace {
+        Some(traced) => {
+            let mut server_transport = transport_config_with(opts.congestion);
+            server_transport.congestion_controller_factory(traced.clone());
+            cfg.transport_config(Arc::new(server_transport));
+        }
+        None => {
+            cfg.transport_config(transport.clone());
+        }
+    }
     let server = server_endpoint(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let (mut conns, mut endpoints, mut relays) = (Vec::new(), vec![server.clone()], Vec::new());
@@ -179,6 +192,10 @@ async fn quic_run(set: Arc<TensorSet>, transport: Transport, opts: &QuicOpts) ->
     let down = quic_phase(&down_pairs, &set, &digests).await;
     let up = quic_phase(&up_pairs, &set, &digests).await;
     let paths = down_pairs.iter().map(|(sc, cc)| (sc.stats().path, cc.stats().path)).collect();
+    if let Some(traced) = &opts.trace {
+        eprintln!("cc phases: down {:?} up {:?} (s after the first connection)", down.sites_s, up.sites_s);
+        cc_trace::print(traced);
+    }
     let links = relays.iter().map(Relay::stats).collect();
     for (_, cc) in &down_pairs {
         cc.close(0u32.into(), b"");
@@ -415,7 +432,14 @@ fn wan_sweep(rt: &tokio::runtime::Runtime, set: Arc<TensorSet>, transport: Trans
         let (link, mbit, label) = wan_condition(i);
         for &congestion in &controllers {
             let load = load1();
-            let opts = QuicOpts { link: Some(link.clone()), congestion, seed, sites, warm_bytes: warm_bytes(args) };
+            let opts = QuicOpts {
+                link: Some(link.clone()),
+                congestion,
+                seed,
+                sites,
+                warm_bytes: warm_bytes(args),
+                trace: trace_cc(args, congestion),
+            };
             let quic = rt.block_on(quic_run(set.clone(), transport, &opts));
             print_paths(&quic);
             let goodput = |t: f64| per_site * 8.0 / t / 1e6;
@@ -489,6 +513,17 @@ fn warm_bytes(args: &[String]) -> usize {
     arg::<f64>(args, "--warm-mb").map_or(8 << 20, |mb| (mb * 1e6) as usize)
 }
 
+/// `--trace-cc`: a tracing wrapper around the coordinator's controllers.
+fn trace_cc(args: &[String], congestion: Congestion) -> Option<Arc<cc_trace::TracedFactory>> {
+    args.iter().any(|a| a == "--trace-cc").then(|| {
+        Arc::new(cc_trace::TracedFactory {
+            inner: congestion.factory(),
+            traces: Default::default(),
+            start: Instant::now(),
+        })
+    })
+}
+
 fn r1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -510,7 +545,14 @@ fn main() {
     // With bf16 transport, throughput is counted in model bytes (f32), i.e. what is delivered.
     // `--cc NAME`: another congestion controller than the federation's.
     let congestion = arg::<String>(&args, "--cc").map_or(CONGESTION, |n| Congestion::from_name(&n).expect("--cc NAME"));
-    let opts = QuicOpts { link: None, congestion, seed: 0, sites: SITES, warm_bytes: warm_bytes(&args) };
+    let opts = QuicOpts {
+        link: None,
+        congestion,
+        seed: 0,
+        sites: SITES,
+        warm_bytes: warm_bytes(&args),
+        trace: trace_cc(&args, congestion),
+    };
     let quic = rt.block_on(quic_run(set, transport, &opts));
     print_paths(&quic);
     let (qd, qu) = (quic.down, quic.up);
