@@ -137,7 +137,7 @@ run data_nnunet "$PY" scripts/bench_data_nnunet.py --cache "$OUT/data-cases/cach
 rm -rf "$OUT/data-cases"
 run arch "$BIN/examples/bench_arch" --presets firenet,unet --device "$DEVICE" "${ARCH[@]}"
 run transfer "$BIN/examples/bench_transfer" --mb "$MB"
-run transfer_wan "$BIN/examples/bench_transfer" --wan --mb "$MB" --cc bbr
+run transfer_wan "$BIN/examples/bench_transfer" --wan --mb "$MB" --cc rate-window
 t=$(date +%s)
 if "$BIN/coordinator" simulate --out "$OUT/simulate" --preset tiny --rounds 2 --local-steps 1 "${ROUND[@]}" \
   --device "$DEVICE" > /dev/null 2>> "$OUT/log.txt"; then

@@ -17,7 +17,7 @@
 //! `"transport":"tls-over-tcp"`; `--no-tcp` leaves it out), each site through its own emulated WAN link (`fedtalent-link`: delay,
 //! random loss, a bottleneck rate behind a one-BDP drop-tail queue, a 1472-byte MTU) at the
 //! conditions of issue 18, one JSON line per condition × congestion controller, with goodput as
-//! a fraction of the link rate (see [`wan_sweep`]). `--cc newreno,cubic,bbr` (default all),
+//! a fraction of the link rate (see [`wan_sweep`]). `--cc newreno,cubic,bbr,rate-window` (default all),
 //! `--conditions 0,1,2` (20 ms/0 %/200 Mbit/s, 80 ms/0.5 %/100, 150 ms/2 %/50; `3`: the relays
 //! without limits, the CPU ceiling), `--sites N` (default 3), `--seed N`, `--warm-mb N`.
 //!
