@@ -7,8 +7,9 @@
 //! relay or NIC delivers them back to back), so the ack-to-ack rate of a burst is far above the
 //! link's, and the max filter keeps the highest sample. Traced through `bench_transfer --wan
 //! --trace-cc` (20 ms, 200 Mbit/s per site): its estimate settled at ~400 Mbit/s, twice the link,
-//! its window at 2–3 MB (the path holds 0.5 MB plus a 0.5 MB queue), and 42–49 % of the
-//! datagrams it offered were dropped at the bottleneck.
+//! its window at 2–3 MB (the path holds 0.5 MB plus a 0.5 MB queue), and 38–49 % of the
+//! datagrams it offered were dropped at the bottleneck. On some connections its window also
+//! stuck far below the path for a whole transfer (see [`RateWindow`]).
 //!
 //! [`DeliveryRate`] measures what BBR's model is defined over (draft-cheng-iccrg-delivery-rate-
 //! estimation, Linux's tcp_rate.c): for each acked packet, the bytes delivered since that packet
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-/// Window cap as a multiple of the estimated bandwidth-delay product. BBR's own cwnd gain is 2;
+/// The window as a multiple of the estimated bandwidth-delay product. BBR's cwnd gain is 2;
 /// quinn paces at 1.25 × window / smoothed RTT, so the window alone sets the rate, and 2 × BDP
 /// keeps the path full (and lets the estimate grow ×2 per round trip in startup) while the
 /// bottleneck queue holds at most one BDP.
