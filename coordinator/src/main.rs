@@ -253,6 +253,7 @@ impl SimulateArgs {
 }
 
 fn main() -> ExitCode {
+    fedtalent_data::alloc::keep_freed_memory();
     init_tracing();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -160,6 +160,7 @@ fn run_one(a: &Args, preset: &str) -> Result<serde_json::Value> {
 }
 
 fn main() -> Result<()> {
+    fedtalent_data::alloc::keep_freed_memory();
     let a = parse()?;
     if a.single {
         ensure!(a.presets.len() == 1, "--single runs one preset");

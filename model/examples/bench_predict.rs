@@ -27,6 +27,7 @@ fn peak_rss_gib() -> Option<f64> {
 }
 
 fn main() -> Result<()> {
+    fedtalent_data::alloc::keep_freed_memory();
     let mut preset = "unet".to_string();
     let mut classes = 47i64;
     let mut shape = [200i64, 512, 512];
@@ -86,11 +87,13 @@ fn main() -> Result<()> {
         channels_last,
         ..InferOptions::default()
     };
-    // Warm-up: one tile batch (cuDNN autotuning, allocator).
-    tch::no_grad(|| {
-        let x = Tensor::randn([tile_batch as i64, 1, patch[0], patch[1], patch[2]], (Kind::Float, device));
-        let _ = tch::autocast(device.is_cuda(), || net.forward(&x)).sum(Kind::Float).double_value(&[]);
-    });
+    // Warm-up: one tile batch through the same path as the timed run (its layout, so oneDNN's
+    // primitives for channels-last and cuDNN's autotuning are made here, as the PyTorch peer's
+    // warm-up makes them for its own layout).
+    let warm = Tensor::randn([1, patch[0], patch[1] * tile_batch as i64, patch[2]], (Kind::Float, Device::Cpu));
+    let _ = sliding_window_probabilities(&net, &warm, patch, &InferOptions { step: 1.0, ..opts.clone() })?
+        .sum(Kind::Float)
+        .double_value(&[]);
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = device.is_cuda().then(|| {

@@ -257,7 +257,10 @@ pub fn sliding_window_probabilities(
     let _layout = last.then(|| ChannelsLastWeights::apply(net));
     sliding_window_with(
         |x| {
-            let logits = if last { net.forward(&channels_last(x)) } else { net.forward(x) };
+            // Back to the plain layout once, on the small logits: the sigmoid, the Gaussian and the
+            // accumulation into the (plain) volume then run over contiguous rows instead of
+            // channel-strided ones.
+            let logits = if last { net.forward(&channels_last(x)).contiguous() } else { net.forward(x) };
             match &index {
                 Some(i) => logits.index_select(1, i),
                 None => logits,

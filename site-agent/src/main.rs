@@ -111,6 +111,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    fedtalent_data::alloc::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a log redirected to a file stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

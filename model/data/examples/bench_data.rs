@@ -54,6 +54,7 @@ fn samples_per_s(
 }
 
 fn main() -> Result<()> {
+    fedtalent_data::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let device = match arg(&args, "--device", "cpu").as_str() {
         "cpu" => Device::Cpu,

@@ -3,6 +3,7 @@
 //! Arrays are [z, y, x] everywhere; spacings are [z, y, x] in mm. Affines map voxel (x, y, z)
 //! indices to world coordinates, as nibabel's `img.affine`.
 
+pub mod alloc;
 pub mod case_image;
 pub mod dataset;
 pub mod nifti_io;
