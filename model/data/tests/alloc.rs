@@ -40,6 +40,10 @@ fn large_buffers_come_from_the_heap_and_stay_for_reuse() {
     fedtalent_data::alloc::keep_freed_memory();
     let before = mmapped_bytes();
     let buffers: Vec<Vec<u8>> = (0..4).map(|i| std::hint::black_box(vec![i as u8; SIZE])).collect();
-    assert!(mmapped_bytes() < before + SIZE, "16 MB buffers were still mmap'd: {} bytes more", mmapped_bytes() - before);
+    assert!(
+        mmapped_bytes() < before + SIZE,
+        "16 MB buffers were still mmap'd: {} bytes more",
+        mmapped_bytes() - before
+    );
     assert_eq!(buffers[3][SIZE - 1] + first[0], 4);
 }
