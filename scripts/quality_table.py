@@ -98,6 +98,17 @@ for site in sites + ["all"]:
     site_means[site] = {m: stats(per_seed[m]) for m in METHODS}
     print(f"{'mean ' + site:<28}" + "".join(f"{fmt(site_means[site][m]):>16}" for m in METHODS))
 
+# The same per seed: a mean that meets a target can hide a seed that does not.
+ran = [m for m in METHODS if any(runs[s][m] for s in seeds)]
+print(f"\nper seed, mean over each site's classes ({' / '.join(ran)})")
+for s in seeds:
+    cells = []
+    for site in sites + ["all"]:
+        own = [c for c in classes if site == "all" or c.startswith(site + "/")]
+        values = [statistics.mean([runs[s][m].get(c, 0.0) for c in own]) if runs[s][m] else None for m in ran]
+        cells.append(f"{site} " + " / ".join("-" if v is None else f"{v:.3f}" for v in values))
+    print(f"  seed {s}: " + "; ".join(cells))
+
 
 
 def num(v):
