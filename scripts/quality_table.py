@@ -72,6 +72,10 @@ def stats(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def num(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
 def fmt(mean_sd):
     m, sd = mean_sd
     return "   -        " if m is None else f"{m:.3f} ± {sd:.3f}"
@@ -87,32 +91,26 @@ for c in classes:
     table[c] = row
     print(f"{c:<28}" + "".join(f"{fmt(row[m]):>16}" for m in METHODS))
 
-# The mean over a site's classes, per seed, then over seeds.
-site_means = {}
-print()
+# The mean over a site's classes, per seed (None where the method did not run), then over seeds.
+by_seed = {}
 for site in sites + ["all"]:
     own = [c for c in classes if site == "all" or c.startswith(site + "/")]
-    per_seed = {
-        m: [statistics.mean([runs[s][m].get(c, 0.0) for c in own]) for s in seeds if runs[s][m]] for m in METHODS
+    by_seed[site] = {
+        m: {s: statistics.mean([runs[s][m].get(c, 0.0) for c in own]) if runs[s][m] else None for s in seeds}
+        for m in METHODS
     }
-    site_means[site] = {m: stats(per_seed[m]) for m in METHODS}
+site_means = {site: {m: stats(by_seed[site][m].values()) for m in METHODS} for site in by_seed}
+print()
+for site in by_seed:
     print(f"{'mean ' + site:<28}" + "".join(f"{fmt(site_means[site][m]):>16}" for m in METHODS))
 
 # The same per seed: a mean that meets a target can hide a seed that does not.
 ran = [m for m in METHODS if any(runs[s][m] for s in seeds)]
 print(f"\nper seed, mean over each site's classes ({' / '.join(ran)})")
 for s in seeds:
-    cells = []
-    for site in sites + ["all"]:
-        own = [c for c in classes if site == "all" or c.startswith(site + "/")]
-        values = [statistics.mean([runs[s][m].get(c, 0.0) for c in own]) if runs[s][m] else None for m in ran]
-        cells.append(f"{site} " + " / ".join("-" if v is None else f"{v:.3f}" for v in values))
+    cells = [f"{site} " + " / ".join(num(by_seed[site][m][s]) for m in ran) for site in by_seed]
     print(f"  seed {s}: " + "; ".join(cells))
 
-
-
-def num(v):
-    return "-" if v is None else f"{v:.3f}"
 
 
 def check(ok, text):

@@ -7,8 +7,9 @@
 //! 4 KB: measured on a 2-core CPU, a fifth of a `tiny` predict's CPU time was in the kernel
 //! (`clear_page_erms`, page faults, `unmap_page_range`). Keeping freed memory in the process for
 //! reuse (no mmap'd chunks, no trimming) made predict 1.3-1.5x and a `unet` training step
-//! 1.2-1.7x faster there (docs/bench-cpu-alloc-2026-12-07.txt). This is what PyTorch's CPU performance guide gets from swapping in jemalloc or
-//! tcmalloc, without a new allocator. The cost: the process keeps its peak heap until it exits.
+//! 1.2-1.7x faster there (docs/bench-cpu-alloc-2026-12-07.txt). This is what PyTorch's CPU
+//! performance guide gets from swapping in jemalloc or tcmalloc, without a new allocator.
+//! The cost: the process keeps its peak heap until it exits.
 //! (libtorch's own 64-byte-aligned allocations stay 64-byte aligned, so no result changes.)
 
 /// Keeps freed memory in the process for reuse (see the module doc). A no-op outside glibc, and
