@@ -40,8 +40,9 @@ SEEDS=(${BENCH_SEEDS:-1 2 3})
 # rose from 0.753 to 0.843 mean held-out Dice between 1,000 and 2,000 steps, seeds 2 and 3), so a
 # comparison there says more about how fast each arm learns than about the model it ends with.
 # Cost on a CPU: 9 trainings of 2,000 steps per seed (3 alone, pooled 6,000, 3 federated site
-# agents), ~0.7 CPU-s per `small` step on this 2-core VM: about 5 hours for three seeds;
-# BENCH_ROUNDS=100 halves that. On a GPU (BENCH_DEVICE auto picks it) the steps are cheap.
+# agents), ~0.7 CPU-s per `small` step on this 2-core VM. Timed whole there: ~1,180 s fixed
+# (mostly the held-out evaluations) + ~124 s per round for three seeds, about 7 h at 200 rounds
+# (docs/quality-bench-time-2026-12-07.txt). On a GPU (BENCH_DEVICE auto picks it) steps are cheap.
 ROUNDS="${BENCH_ROUNDS:-200}"
 STEPS="${BENCH_STEPS:-10}"
 CASES="${BENCH_CASES:-8}"
