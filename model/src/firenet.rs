@@ -48,7 +48,7 @@ use crate::blocks::{
 };
 use crate::network::Outputs;
 use crate::params::{Init, ParamId, ParamScope, ParamStore, Role};
-use crate::routing::{check_site_partition, SiteRouting};
+use crate::routing::{check_site_partition, decoder_features, head_logits, SiteRouting};
 use crate::topology::{FireNetSpec, Topology};
 
 /// Every FIRENet conv: `<scope>.conv`, `<scope>.norm`.
@@ -340,14 +340,16 @@ impl FireGraph {
         skips.pop(); // the bottleneck feeds the FRM
         let frm = self.frm.forward(p, &x);
         // Per decoder, the features of every decoder level, index = level.
-        let features: Vec<Vec<Option<Tensor>>> =
-            self.decoders.iter().map(|d| d.forward(p, &frm, &skips, outputs)).collect();
+        let features = decoder_features(self.routing.as_ref(), self.decoders.len(), outputs, |s| {
+            self.decoders[s].forward(p, &frm, &skips, outputs)
+        });
         let frm_level = self.heads.len() - 1;
         let decoded = match outputs {
             Outputs::AllLevels => frm_level,
-            Outputs::FullResolution => 1,
+            Outputs::FullResolution | Outputs::Classes(_) => 1,
         };
-        let mut logits: Vec<Tensor> = (0..decoded).map(|level| self.decoded_logits(p, &features, level)).collect();
+        let mut logits: Vec<Tensor> =
+            (0..decoded).map(|level| self.decoded_logits(p, &features, level, outputs)).collect();
         if outputs == Outputs::AllLevels {
             logits.push(self.heads[frm_level].forward(p, &frm));
         }
@@ -355,12 +357,15 @@ impl FireGraph {
     }
 
     /// The logits of decoder level `level`, from the shared decoder or each site's own.
-    fn decoded_logits(&self, p: &ParamStore, features: &[Vec<Option<Tensor>>], level: usize) -> Tensor {
-        let head = &self.heads[level];
-        let per_decoder: Vec<&Tensor> = features.iter().map(|f| f[level].as_ref().expect("decoded level")).collect();
-        match &self.routing {
-            None => head.forward(p, per_decoder[0]),
-            Some(routing) => routing.logits(p, head, &per_decoder),
-        }
+    fn decoded_logits(
+        &self,
+        p: &ParamStore,
+        features: &[Vec<Option<Tensor>>],
+        level: usize,
+        outputs: Outputs,
+    ) -> Tensor {
+        let per_decoder: Vec<Option<&Tensor>> =
+            features.iter().map(|f| f.get(level).and_then(Option::as_ref)).collect();
+        head_logits(p, &self.heads[level], self.routing.as_ref(), &per_decoder, outputs).expect("decoded level")
     }
 }

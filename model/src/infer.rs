@@ -251,7 +251,6 @@ pub fn sliding_window_probabilities(
             anyhow::bail!("output channel {bad} does not exist (the network has {classes})");
         }
     }
-    let index = opts.channels.as_ref().map(|c| Tensor::from_slice(c).to_device(opts.device));
     let channels = opts.channels.as_ref().map_or(classes, |c| c.len() as i64);
     let last = opts.channels_last.unwrap_or(opts.device == Device::Cpu);
     let _layout = last.then(|| ChannelsLastWeights::apply(net));
@@ -260,10 +259,16 @@ pub fn sliding_window_probabilities(
             // Back to the plain layout once, on the small logits: the sigmoid, the Gaussian and the
             // accumulation into the (plain) volume then run over contiguous rows instead of
             // channel-strided ones.
-            let logits = if last { net.forward(&channels_last(x)).contiguous() } else { net.forward(x) };
-            match &index {
-                Some(i) => logits.index_select(1, i),
-                None => logits,
+            let x = if last { channels_last(x) } else { x.shallow_clone() };
+            let logits = match &opts.channels {
+                // Only the selected classes' decoders run (per-site decoders); checked above.
+                Some(classes) => net.forward_classes(&x, classes).expect("output channels checked above"),
+                None => net.forward(&x),
+            };
+            if last {
+                logits.contiguous()
+            } else {
+                logits
             }
         },
         channels,

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Tensor};
 
 use crate::firenet::FireGraph;
@@ -17,11 +17,14 @@ use crate::topology::{Layout, Topology};
 
 /// Which head outputs a forward pass computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outputs {
+pub(crate) enum Outputs<'a> {
     /// Every level's, full resolution first (training with deep supervision).
     AllLevels,
     /// Only the full-resolution one (inference; no other head runs).
     FullResolution,
+    /// The full-resolution logits of these classes only, in this order (each below the network's
+    /// class count): with per-site decoders only the decoders of their sites run.
+    Classes(&'a [i64]),
 }
 
 /// The forward graph of a layout.
@@ -98,6 +101,18 @@ impl MultiTalentNet {
     /// Inference forward: only the full-resolution logits (no other head is computed).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.run(x, Outputs::FullResolution).swap_remove(0)
+    }
+
+    /// Inference forward of `classes` only (indices, in that order): `forward(x)`'s channels
+    /// `classes`, but with per-site decoders only the decoders of those classes' sites run, so
+    /// a site that predicts its own classes with a federation's model pays for one decoder, not
+    /// every site's.
+    pub fn forward_classes(&self, x: &Tensor, classes: &[i64]) -> Result<Tensor> {
+        ensure!(!classes.is_empty(), "no class selected");
+        if let Some(bad) = classes.iter().find(|&&c| c < 0 || c >= self.classes) {
+            bail!("class {bad} does not exist (the network has {})", self.classes);
+        }
+        Ok(self.run(x, Outputs::Classes(classes)).swap_remove(0))
     }
 
     fn run(&self, x: &Tensor, outputs: Outputs) -> Vec<Tensor> {

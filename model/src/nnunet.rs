@@ -22,7 +22,7 @@ use crate::blocks::{
 };
 use crate::network::Outputs;
 use crate::params::{Init, ParamScope, ParamStore, Role};
-use crate::routing::{check_site_partition, SiteRouting};
+use crate::routing::{check_site_partition, decoder_features, head_logits, SiteRouting};
 use crate::topology::{Stage, Topology};
 
 #[derive(Debug, Clone)]
@@ -121,19 +121,17 @@ impl UnetGraph {
             x = stage.forward(p, &x);
             skips.push(x.shallow_clone());
         }
-        let features: Vec<Vec<Option<Tensor>>> =
-            self.branches.iter().map(|b| b.forward(p, &x, &skips, outputs)).collect();
+        let features = decoder_features(self.routing.as_ref(), self.branches.len(), outputs, |s| {
+            self.branches[s].forward(p, &x, &skips, outputs)
+        });
         let mut logits: Vec<Tensor> = self
             .heads
             .iter()
             .enumerate()
             .filter_map(|(u, head)| {
-                let per_decoder: Option<Vec<&Tensor>> = features.iter().map(|f| f[u].as_ref()).collect();
-                let per_decoder = per_decoder?;
-                Some(match &self.routing {
-                    None => head.forward(p, per_decoder[0]),
-                    Some(routing) => routing.logits(p, head, &per_decoder),
-                })
+                let per_decoder: Vec<Option<&Tensor>> =
+                    features.iter().map(|f| f.get(u).and_then(Option::as_ref)).collect();
+                head_logits(p, head, self.routing.as_ref(), &per_decoder, outputs)
             })
             .collect();
         logits.reverse();
