@@ -246,10 +246,7 @@ pub fn sliding_window_probabilities(
     );
     let classes = net.classes();
     if let Some(ch) = &opts.channels {
-        ensure!(!ch.is_empty(), "no output channel selected");
-        if let Some(bad) = ch.iter().find(|&&c| c < 0 || c >= classes) {
-            anyhow::bail!("output channel {bad} does not exist (the network has {classes})");
-        }
+        net.check_classes(ch)?;
     }
     let channels = opts.channels.as_ref().map_or(classes, |c| c.len() as i64);
     let last = opts.channels_last.unwrap_or(opts.device == Device::Cpu);

@@ -108,11 +108,17 @@ impl MultiTalentNet {
     /// a site that predicts its own classes with a federation's model pays for one decoder, not
     /// every site's.
     pub fn forward_classes(&self, x: &Tensor, classes: &[i64]) -> Result<Tensor> {
+        self.check_classes(classes)?;
+        Ok(self.run(x, Outputs::Classes(classes)).swap_remove(0))
+    }
+
+    /// Refuses an empty selection and any class index the network lacks.
+    pub fn check_classes(&self, classes: &[i64]) -> Result<()> {
         ensure!(!classes.is_empty(), "no class selected");
         if let Some(bad) = classes.iter().find(|&&c| c < 0 || c >= self.classes) {
             bail!("class {bad} does not exist (the network has {})", self.classes);
         }
-        Ok(self.run(x, Outputs::Classes(classes)).swap_remove(0))
+        Ok(())
     }
 
     fn run(&self, x: &Tensor, outputs: Outputs) -> Vec<Tensor> {
